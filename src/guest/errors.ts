@@ -1,0 +1,21 @@
+/**
+ * Why a module cannot be deployed. `feature` names what is not supported and
+ * `where` says where it occurs (function, import, global, ...), so an operator
+ * can fix the guest rather than guess.
+ */
+export class UnsupportedModuleError extends Error {
+  override name = "UnsupportedModuleError";
+  readonly code = "UnsupportedModule";
+  constructor(
+    readonly feature: string,
+    readonly where: string,
+  ) {
+    super(`module cannot be protected: ${feature} (${where})`);
+  }
+}
+
+/** The bytes are not a valid WebAssembly module at all. */
+export class InvalidModuleError extends Error {
+  override name = "InvalidModuleError";
+  readonly code = "InvalidModule";
+}

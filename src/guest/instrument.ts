@@ -1,0 +1,733 @@
+/**
+ * Deploy-time instrumentation of a guest module with Binaryen.
+ *
+ * What it does to the module (see src/vm/layout.ts for the memory layout):
+ *  - Shifts every guest address up by BASE_BYTES so the low hypervisor region
+ *    (dirty map, globals save area) is out of the guest's reach: the shift is
+ *    folded into load/store offset immediates (free at run time) and added to
+ *    bulk-memory operands; memory.size / memory.grow report the guest's view.
+ *  - Write barrier on every store and bulk write: on the first write to a 4 KiB
+ *    page in an epoch it calls `cohort_hv.first_write(page)`, which records the
+ *    page as dirty and saves its pre-image (undo log). A per-function local
+ *    caches the last page known dirty, so a run of stores to one page costs a
+ *    subtract and a compare each. The cache is sound because checkpoints are
+ *    taken only between guest calls, when no function activation is live.
+ *  - Makes the memory imported (`cohort_hv.memory`) so a backup's image can be
+ *    instantiated in place (zero-copy promotion), turns active data segments
+ *    and the start function into an explicit `__cohort_boot` export that runs
+ *    only on first boot (never on restore), and adds `__cohort_save_globals` /
+ *    `__cohort_load_globals` that copy every mutable global bit-exactly to and
+ *    from the globals save area.
+ *  - Refuses what cannot be protected, naming the feature and where it occurs.
+ */
+import binaryen from "binaryen";
+import { InvalidModuleError, UnsupportedModuleError } from "./errors.js";
+import {
+  BASE_BYTES,
+  GLOBALS_MAX,
+  GLOBALS_OFFSET,
+  GLOBAL_SLOT_BYTES,
+  GUEST_WASM_PAGES_MAX,
+  PAGE_BYTES,
+  PAGE_SHIFT,
+  RESERVED_WASM_PAGES,
+  WASM_PAGE_BYTES,
+} from "../vm/layout.js";
+import { assert } from "../util/assert.js";
+
+/** Bump when the output of instrument() changes, so cached modules are rebuilt. */
+export const INSTRUMENTER_VERSION = 1;
+
+export const HV_MODULE = "cohort_hv";
+export const EXPORT_BOOT = "__cohort_boot";
+export const EXPORT_SAVE_GLOBALS = "__cohort_save_globals";
+export const EXPORT_LOAD_GLOBALS = "__cohort_load_globals";
+
+export type ValueTypeName = "i32" | "i64" | "f32" | "f64" | "v128";
+
+export interface ModuleInfo {
+  abi_version: 1;
+  instrumenter_version: number;
+  /** Guest's own memory, in 64 KiB pages (hypervisor region excluded). */
+  guest_initial_pages: number;
+  guest_maximum_pages: number;
+  /** Saved in this order, one 16-byte slot each, at GLOBALS_OFFSET. */
+  mutable_globals: { name: string; type: ValueTypeName }[];
+  /** Function exports of the guest (start, message, request, timer, cohort_inbox, ...). */
+  exports: string[];
+  /** "module.name" of every function import. */
+  imports: string[];
+}
+
+export interface InstrumentedModule {
+  wasm: Uint8Array;
+  info: ModuleInfo;
+}
+
+type Ref = number;
+const b = binaryen;
+const T = {
+  none: b.none,
+  i32: b.i32,
+  i64: b.i64,
+  f32: b.f32,
+  f64: b.f64,
+  v128: b.v128,
+};
+
+/** ABI v1 imports and their signatures ([params], result). */
+const ALLOWED_IMPORTS: Record<string, [number[], number]> = {
+  "cohort.log": [[T.i32, T.i32], T.i32],
+  "cohort.send": [[T.i32, T.i32, T.i32], T.i32],
+  "cohort.reply": [[T.i32, T.i32, T.i32, T.i32], T.i32],
+  "cohort.timer_set": [[T.i32, T.f64], T.i32],
+  "cohort.timer_cancel": [[T.i32], T.i32],
+  "cohort.clock_ms": [[], T.f64],
+  "cohort.random_fill": [[T.i32, T.i32], T.i32],
+  "cohort.rank": [[], T.i32],
+  "cohort.size": [[], T.i32],
+  "env.abort": [[T.i32, T.i32, T.i32, T.i32], T.none],
+  "env.seed": [[], T.f64],
+};
+
+/** Features V8 in Node 20 runs and the instrumenter understands. */
+const OUTPUT_FEATURES =
+  b.Features.MVP |
+  b.Features.MutableGlobals |
+  b.Features.NontrappingFPToInt |
+  b.Features.SIMD128 |
+  b.Features.BulkMemory |
+  b.Features.BulkMemoryOpt |
+  b.Features.SignExt |
+  b.Features.ReferenceTypes |
+  b.Features.Multivalue |
+  b.Features.ExceptionHandling |
+  b.Features.TailCall;
+
+const ID_NAMES: Record<number, string> = Object.fromEntries(
+  Object.entries(b)
+    .filter(([k, v]) => k.endsWith("Id") && typeof v === "number")
+    .map(([k, v]) => [v as number, k.slice(0, -2)]),
+);
+
+/** Child slots of each expression kind we accept: [getter, setter] pairs and operand lists. */
+interface ChildSpec {
+  one?: [string, string][];
+  list?: [string, string, string];
+}
+const CHILDREN: Record<number, ChildSpec> = {
+  [b.BlockId]: { list: ["getNumChildren", "getChildAt", "setChildAt"] },
+  [b.IfId]: { one: [["getCondition", "setCondition"], ["getIfTrue", "setIfTrue"], ["getIfFalse", "setIfFalse"]] },
+  [b.LoopId]: { one: [["getBody", "setBody"]] },
+  [b.BreakId]: { one: [["getCondition", "setCondition"], ["getValue", "setValue"]] },
+  [b.SwitchId]: { one: [["getCondition", "setCondition"], ["getValue", "setValue"]] },
+  [b.CallId]: { list: ["getNumOperands", "getOperandAt", "setOperandAt"] },
+  [b.CallIndirectId]: { one: [["getTarget", "setTarget"]], list: ["getNumOperands", "getOperandAt", "setOperandAt"] },
+  [b.LocalGetId]: {},
+  [b.LocalSetId]: { one: [["getValue", "setValue"]] },
+  [b.GlobalGetId]: {},
+  [b.GlobalSetId]: { one: [["getValue", "setValue"]] },
+  [b.LoadId]: { one: [["getPtr", "setPtr"]] },
+  [b.StoreId]: { one: [["getPtr", "setPtr"], ["getValue", "setValue"]] },
+  [b.ConstId]: {},
+  [b.UnaryId]: { one: [["getValue", "setValue"]] },
+  [b.BinaryId]: { one: [["getLeft", "setLeft"], ["getRight", "setRight"]] },
+  [b.SelectId]: { one: [["getIfTrue", "setIfTrue"], ["getIfFalse", "setIfFalse"], ["getCondition", "setCondition"]] },
+  [b.DropId]: { one: [["getValue", "setValue"]] },
+  [b.ReturnId]: { one: [["getValue", "setValue"]] },
+  [b.MemorySizeId]: {},
+  [b.MemoryGrowId]: { one: [["getDelta", "setDelta"]] },
+  [b.NopId]: {},
+  [b.UnreachableId]: {},
+  [b.SIMDExtractId]: { one: [["getVec", "setVec"]] },
+  [b.SIMDReplaceId]: { one: [["getVec", "setVec"], ["getValue", "setValue"]] },
+  [b.SIMDShuffleId]: { one: [["getLeft", "setLeft"], ["getRight", "setRight"]] },
+  [b.SIMDTernaryId]: { one: [["getA", "setA"], ["getB", "setB"], ["getC", "setC"]] },
+  [b.SIMDShiftId]: { one: [["getVec", "setVec"], ["getShift", "setShift"]] },
+  [b.SIMDLoadId]: { one: [["getPtr", "setPtr"]] },
+  [b.SIMDLoadStoreLaneId]: { one: [["getPtr", "setPtr"], ["getVec", "setVec"]] },
+  [b.MemoryInitId]: { one: [["getDest", "setDest"], ["getOffset", "setOffset"], ["getSize", "setSize"]] },
+  [b.DataDropId]: {},
+  [b.MemoryCopyId]: { one: [["getDest", "setDest"], ["getSource", "setSource"], ["getSize", "setSize"]] },
+  [b.MemoryFillId]: { one: [["getDest", "setDest"], ["getValue", "setValue"], ["getSize", "setSize"]] },
+  [b.RefNullId]: {},
+  [b.RefIsNullId]: { one: [["getValue", "setValue"]] },
+  [b.RefFuncId]: {},
+  [b.RefEqId]: { one: [["getLeft", "setLeft"], ["getRight", "setRight"]] },
+  [b.TableGetId]: { one: [["getIndex", "setIndex"]] },
+  [b.TableSizeId]: {},
+  [b.TryId]: { one: [["getBody", "setBody"]], list: ["getNumCatchBodies", "getCatchBodyAt", "setCatchBodyAt"] },
+  [b.ThrowId]: { list: ["getNumOperands", "getOperandAt", "setOperandAt"] },
+  [b.RethrowId]: {},
+  [b.TupleMakeId]: { list: ["getNumOperands", "getOperandAt", "setOperandAt"] },
+  [b.TupleExtractId]: { one: [["getTuple", "setTuple"]] },
+  [b.PopId]: {},
+};
+
+/** Expression kinds refused with a specific reason (anything else unknown is refused generically). */
+const REFUSED: Record<number, string> = {
+  [b.AtomicRMWId]: "atomics (threads)",
+  [b.AtomicCmpxchgId]: "atomics (threads)",
+  [b.AtomicWaitId]: "atomics (threads)",
+  [b.AtomicNotifyId]: "atomics (threads)",
+  [b.AtomicFenceId]: "atomics (threads)",
+  [b.TableSetId]: "runtime table mutation (table.set)",
+  [b.TableGrowId]: "runtime table mutation (table.grow)",
+  [b.CallRefId]: "typed function references (call_ref)",
+};
+
+// binaryen.js exposes per-kind accessors as static classes (binaryen.Store.getPtr, ...).
+type Accessor = (expr: Ref, ...args: number[]) => number;
+function kindClass(id: number): Record<string, Accessor> {
+  const cls = K[ID_NAMES[id]];
+  assert(cls, `binaryen class for ${ID_NAMES[id]}`);
+  return cls;
+}
+
+/** binaryen.js's per-kind accessor classes, which its type declarations omit. */
+const K = b as unknown as Record<string, Record<string, Accessor> & { getName: (f: Ref) => string }>;
+
+const addVar = (fn: Ref, type: number): number =>
+  (b as unknown as { _BinaryenFunctionAddVar: (f: Ref, t: number) => number })._BinaryenFunctionAddVar(fn, type);
+
+export function instrument(input: Uint8Array): InstrumentedModule {
+  const bytes = input as Uint8Array<ArrayBuffer>;
+  if (!WebAssembly.validate(bytes)) {
+    // Node's own validator gives the precise reason; Binaryen would abort the process on some inputs.
+    try {
+      new WebAssembly.Module(bytes);
+    } catch (error) {
+      throw new InvalidModuleError(`not a valid WebAssembly module: ${(error as Error).message}`);
+    }
+    throw new InvalidModuleError("not a valid WebAssembly module");
+  }
+  checkMemoryDeclarations(bytes);
+  const m = b.readBinary(input);
+  try {
+    m.setFeatures(b.Features.All);
+    return new Instrumenter(m).run();
+  } finally {
+    m.dispose();
+  }
+}
+
+/**
+ * Memory declarations are checked on the raw binary, before Binaryen: we need
+ * the count (multi-memory) and flags (shared, memory64) of every memory,
+ * imported or defined, and binaryen.js offers no way to enumerate memories.
+ */
+function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): void {
+  const imports = WebAssembly.Module.imports(new WebAssembly.Module(bytes));
+  for (const imp of imports) {
+    const where = `import "${imp.module}"."${imp.name}"`;
+    if (imp.kind === "memory") throw new UnsupportedModuleError("imported memory", where);
+    if (imp.kind === "table") throw new UnsupportedModuleError("imported table", where);
+    if (imp.kind === "global") throw new UnsupportedModuleError("imported global", where);
+    if ((imp.kind as string) === "tag") throw new UnsupportedModuleError("imported exception tag", where);
+  }
+  const memories = scanMemorySection(bytes);
+  if (memories.length > 1) throw new UnsupportedModuleError("multi-memory", `${memories.length} memories declared`);
+  const flags = memories[0];
+  if (flags !== undefined) {
+    if (flags & 0x02) throw new UnsupportedModuleError("shared memory (threads)", "memory 0");
+    if (flags & 0x04) throw new UnsupportedModuleError("memory64", "memory 0");
+  }
+}
+
+/** Returns the limits flags byte of each memory in the memory section (id 5). */
+function scanMemorySection(bytes: Uint8Array): number[] {
+  let pos = 8; // magic + version; validity was already checked by the engine
+  const leb = (): number => {
+    let result = 0;
+    let shift = 0;
+    for (;;) {
+      const byte = bytes[pos++];
+      result += (byte & 0x7f) * 2 ** shift;
+      if ((byte & 0x80) === 0) return result;
+      shift += 7;
+    }
+  };
+  while (pos < bytes.length) {
+    const id = bytes[pos++];
+    const size = leb();
+    const end = pos + size;
+    if (id === 5) {
+      const count = leb();
+      const flags: number[] = [];
+      for (let i = 0; i < count; i++) {
+        const flag = leb();
+        flags.push(flag);
+        leb(); // initial
+        if (flag & 0x01) leb(); // maximum
+        // memory64 limits are encoded the same way (LEB), so the scan stays in step.
+      }
+      return flags;
+    }
+    pos = end;
+  }
+  return [];
+}
+
+interface FunctionContext {
+  name: string;
+  fn: Ref;
+  cache: number; // local: start address of the last page known dirty in this activation
+  ptr: number; // local: scratch for a store's address
+}
+
+class Instrumenter {
+  private readonly m: binaryen.Module;
+  private memoryName = "";
+  private readonly dropFlags = new Map<string, string>(); // data segment -> generated "dropped" global
+
+  constructor(m: binaryen.Module) {
+    this.m = m;
+  }
+
+  run(): InstrumentedModule {
+    const m = this.m;
+    const imports = this.checkImports();
+    this.checkGlobalsAndTables();
+    const mem = this.memoryInfo();
+    const guestFunctions: Ref[] = [];
+    for (let i = 0; i < m.getNumFunctions(); i++) {
+      const fn = m.getFunctionByIndex(i);
+      if (b.getFunctionInfo(fn).module === "") guestFunctions.push(fn);
+    }
+    const exports = this.checkExports();
+
+    this.addHypervisorImports();
+    this.addBarrierFunctions();
+    for (const fn of guestFunctions) this.instrumentFunction(fn);
+    const activeSegments = this.makeSegmentsPassive(mem);
+    this.addBoot(activeSegments);
+    const mutableGlobals = this.addGlobalsSaveLoad();
+
+    m.setFeatures(OUTPUT_FEATURES);
+    if (!m.validate()) throw new InvalidModuleError("instrumented module failed validation (instrumenter bug)");
+    const wasm = m.emitBinary();
+    return {
+      wasm,
+      info: {
+        abi_version: 1,
+        instrumenter_version: INSTRUMENTER_VERSION,
+        guest_initial_pages: mem.initial,
+        guest_maximum_pages: mem.maximum,
+        mutable_globals: mutableGlobals,
+        exports,
+        imports,
+      },
+    };
+  }
+
+  private checkImports(): string[] {
+    const m = this.m;
+    const names: string[] = [];
+    for (let i = 0; i < m.getNumFunctions(); i++) {
+      const info = b.getFunctionInfo(m.getFunctionByIndex(i));
+      if (info.module === "") continue;
+      const key = `${info.module}.${info.base}`;
+      const sig = ALLOWED_IMPORTS[key];
+      if (!sig) throw new UnsupportedModuleError("import not in guest ABI v1", `import "${info.module}"."${info.base}"`);
+      const params = b.expandType(info.params);
+      if (params.length !== sig[0].length || params.some((t, j) => t !== sig[0][j]) || info.results !== sig[1]) {
+        throw new UnsupportedModuleError("import with the wrong signature for guest ABI v1", `import "${info.module}"."${info.base}"`);
+      }
+      names.push(key);
+    }
+    return names;
+  }
+
+  private checkGlobalsAndTables(): void {
+    const m = this.m;
+    for (let i = 0; i < m.getNumGlobals(); i++) {
+      const g = b.getGlobalInfo(m.getGlobalByIndex(i));
+      if (g.mutable && !typeName(g.type)) {
+        throw new UnsupportedModuleError("mutable global of reference type", `global ${g.name}`);
+      }
+    }
+  }
+
+  private checkExports(): string[] {
+    const m = this.m;
+    const functions: string[] = [];
+    const toRemove: string[] = [];
+    for (let i = 0; i < m.getNumExports(); i++) {
+      const e = b.getExportInfo(m.getExportByIndex(i));
+      if (e.name.startsWith("__cohort_")) throw new UnsupportedModuleError("reserved export name", `export "${e.name}"`);
+      if (e.kind === b.ExternalFunction) functions.push(e.name);
+      // The host owns the memory object; a guest export of it is dropped (the host never reads through it).
+      if (e.kind === b.ExternalMemory) toRemove.push(e.name);
+    }
+    for (const name of toRemove) m.removeExport(name);
+    return functions;
+  }
+
+  private memoryInfo(): { initial: number; maximum: number } {
+    const m = this.m;
+    if (!m.hasMemory()) {
+      this.memoryName = "__cohort_memory";
+      m.setMemory(0, 0, null, [], false, false, this.memoryName);
+      return { initial: 0, maximum: 0 };
+    }
+    this.memoryName = this.findMemoryName();
+    const info = m.getMemoryInfo(this.memoryName);
+    const maximum = Math.min(info.max ?? GUEST_WASM_PAGES_MAX, GUEST_WASM_PAGES_MAX);
+    if (info.initial > GUEST_WASM_PAGES_MAX) {
+      throw new UnsupportedModuleError(`initial memory above ${GUEST_WASM_PAGES_MAX} pages`, "memory 0");
+    }
+    return { initial: info.initial, maximum };
+  }
+
+  /** binaryen.js has no memory-name getter; a memory export or the text form names it. */
+  private findMemoryName(): string {
+    const m = this.m;
+    for (let i = 0; i < m.getNumExports(); i++) {
+      const e = b.getExportInfo(m.getExportByIndex(i));
+      if (e.kind === b.ExternalMemory) return e.value;
+    }
+    const match = /\(memory \$([^\s)]+)/.exec(m.emitText());
+    assert(match, "memory name in text form");
+    return match[1];
+  }
+
+  private addHypervisorImports(): void {
+    this.m.addFunctionImport("__cohort_first_write", HV_MODULE, "first_write", b.createType([T.i32]), T.none);
+  }
+
+  /**
+   * Two helpers in wasm (no JS call on the fast path):
+   *  __cohort_barrier(addr, width) -> new cache: marks the pages of [addr, addr+width).
+   *  __cohort_bulk_dest(guest_dest, len): bounds check (trap like the original
+   *     instruction would) then marks every page the bulk write touches.
+   */
+  private addBarrierFunctions(): void {
+    const m = this.m;
+    const i32 = m.i32;
+    const get = (i: number) => m.local.get(i, T.i32);
+    // Marks pages first..last (locals 2, 3) whose dirty byte is 0.
+    const markLoop = (first: number, last: number) =>
+      m.loop(
+        "mark",
+        m.block(null, [
+          m.if(i32.eqz(i32.load8_u(0, 1, get(first), this.memoryName)), m.call("__cohort_first_write", [get(first)], T.none)),
+          m.local.set(first, i32.add(get(first), i32.const(1))),
+          m.br("mark", i32.le_u(get(first), get(last))),
+        ]),
+      );
+    // params: addr(0) width(1); vars: first(2) last(3)
+    m.addFunction(
+      "__cohort_barrier",
+      b.createType([T.i32, T.i32]),
+      T.i32,
+      [T.i32, T.i32],
+      m.block(null, [
+        m.local.set(2, i32.shr_u(get(0), i32.const(PAGE_SHIFT))),
+        m.local.set(3, i32.shr_u(i32.sub(i32.add(get(0), get(1)), i32.const(1)), i32.const(PAGE_SHIFT))),
+        // A wrapped end means the store is out of bounds and will trap: mark only the first page.
+        m.if(i32.lt_u(get(3), get(2)), m.local.set(3, get(2))),
+        markLoop(2, 3),
+        m.return(i32.and(get(0), i32.const(~(PAGE_BYTES - 1)))),
+      ], T.none),
+    );
+    // params: dest(0) len(1); vars: first(2) last(3)
+    const guestBytes = m.i64.sub(
+      m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), m.i64.const(BigInt(WASM_PAGE_BYTES) as unknown as number)),
+      m.i64.const(BigInt(BASE_BYTES) as unknown as number),
+    );
+    m.addFunction(
+      "__cohort_bulk_dest",
+      b.createType([T.i32, T.i32]),
+      T.none,
+      [T.i32, T.i32],
+      m.block(null, [
+        m.if(m.i64.gt_u(m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))), guestBytes), m.unreachable()),
+        m.if(i32.eqz(get(1)), m.return()),
+        m.local.set(2, i32.shr_u(i32.add(get(0), i32.const(BASE_BYTES)), i32.const(PAGE_SHIFT))),
+        m.local.set(3, i32.shr_u(i32.sub(i32.add(i32.add(get(0), i32.const(BASE_BYTES)), get(1)), i32.const(1)), i32.const(PAGE_SHIFT))),
+        markLoop(2, 3),
+      ]),
+    );
+    // params: src(0) len(1): bounds check of a copy's source, so the shifted source cannot wrap into the hypervisor region.
+    const guestBytes2 = m.i64.sub(
+      m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), m.i64.const(BigInt(WASM_PAGE_BYTES) as unknown as number)),
+      m.i64.const(BigInt(BASE_BYTES) as unknown as number),
+    );
+    m.addFunction(
+      "__cohort_bulk_src",
+      b.createType([T.i32, T.i32]),
+      T.none,
+      [],
+      m.if(m.i64.gt_u(m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))), guestBytes2), m.unreachable()),
+    );
+  }
+
+  private instrumentFunction(fn: Ref): void {
+    const ctx: FunctionContext = {
+      name: K.Function.getName(fn),
+      fn,
+      cache: addVar(fn, T.i32),
+      ptr: addVar(fn, T.i32),
+    };
+    const body = K.Function.getBody(fn);
+    const replaced = this.visit(body, ctx);
+    if (replaced !== body) K.Function.setBody(fn, replaced);
+  }
+
+  /** Visits children first, then rewrites the node; returns the node to put in its place. */
+  private visit(e: Ref, ctx: FunctionContext): Ref {
+    if (e === 0) return e;
+    const id = b.getExpressionId(e);
+    const spec = CHILDREN[id];
+    if (!spec) {
+      const reason = REFUSED[id] ?? `instruction kind ${ID_NAMES[id] ?? id} not supported`;
+      throw new UnsupportedModuleError(reason, `function ${ctx.name}`);
+    }
+    if (!spec.one && !spec.list) return this.rewrite(e, id, ctx);
+    const cls = kindClass(id);
+    for (const [getter, setter] of spec.one ?? []) {
+      const child = cls[getter](e);
+      if (child === 0) continue;
+      const next = this.visit(child, ctx);
+      if (next !== child) cls[setter](e, next);
+    }
+    if (spec.list) {
+      const [count, getAt, setAt] = spec.list;
+      const n = cls[count](e);
+      for (let i = 0; i < n; i++) {
+        const child = cls[getAt](e, i);
+        const next = this.visit(child, ctx);
+        if (next !== child) cls[setAt](e, i, next);
+      }
+    }
+    return this.rewrite(e, id, ctx);
+  }
+
+  private rewrite(e: Ref, id: number, ctx: FunctionContext): Ref {
+    const m = this.m;
+    switch (id) {
+      case b.LoadId:
+        if (K.Load.isAtomic(e)) throw new UnsupportedModuleError("atomics (threads)", `function ${ctx.name}`);
+        K.Load.setOffset(e, shiftedOffset(K.Load.getOffset(e)));
+        return e;
+      case b.SIMDLoadId:
+        K.SIMDLoad.setOffset(e, shiftedOffset(K.SIMDLoad.getOffset(e)));
+        return e;
+      case b.StoreId: {
+        if (K.Store.isAtomic(e)) throw new UnsupportedModuleError("atomics (threads)", `function ${ctx.name}`);
+        const offset = shiftedOffset(K.Store.getOffset(e));
+        K.Store.setOffset(e, offset);
+        if (offset !== ALWAYS_TRAPS) K.Store.setPtr(e, this.barrier(K.Store.getPtr(e), offset, K.Store.getBytes(e), ctx));
+        return e;
+      }
+      case b.SIMDLoadStoreLaneId: {
+        const offset = shiftedOffset(K.SIMDLoadStoreLane.getOffset(e));
+        K.SIMDLoadStoreLane.setOffset(e, offset);
+        if (K.SIMDLoadStoreLane.isStore(e) && offset !== ALWAYS_TRAPS) {
+          K.SIMDLoadStoreLane.setPtr(e, this.barrier(K.SIMDLoadStoreLane.getPtr(e), offset, laneBytes(K.SIMDLoadStoreLane.getOp(e)), ctx));
+        }
+        return e;
+      }
+      case b.MemorySizeId:
+        return m.i32.sub(e, m.i32.const(RESERVED_WASM_PAGES));
+      case b.MemoryGrowId: {
+        const r = addVar(ctx.fn, T.i32);
+        return m.block(null, [
+          m.local.set(r, e),
+          m.select(m.i32.eq(m.local.get(r, T.i32), m.i32.const(-1)), m.i32.const(-1), m.i32.sub(m.local.get(r, T.i32), m.i32.const(RESERVED_WASM_PAGES))),
+        ], T.i32);
+      }
+      case b.MemoryFillId: {
+        const [d, n] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32)];
+        K.MemoryFill.setDest(e, this.shiftedTee(d, K.MemoryFill.getDest(e)));
+        K.MemoryFill.setSize(e, this.checkedSize(n, K.MemoryFill.getSize(e), [["__cohort_bulk_dest", d]]));
+        return e;
+      }
+      case b.MemoryCopyId: {
+        const [d, s, n] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32)];
+        K.MemoryCopy.setDest(e, this.shiftedTee(d, K.MemoryCopy.getDest(e)));
+        K.MemoryCopy.setSource(e, this.shiftedTee(s, K.MemoryCopy.getSource(e)));
+        K.MemoryCopy.setSize(e, this.checkedSize(n, K.MemoryCopy.getSize(e), [["__cohort_bulk_src", s], ["__cohort_bulk_dest", d]]));
+        return e;
+      }
+      case b.MemoryInitId: {
+        const [d, n] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32)];
+        K.MemoryInit.setDest(e, this.shiftedTee(d, K.MemoryInit.getDest(e)));
+        K.MemoryInit.setSize(e, this.checkedSize(n, K.MemoryInit.getSize(e), [["__cohort_bulk_dest", d]]));
+        return e;
+      }
+      case b.DataDropId: {
+        // Remember the drop in a mutable global, so a restored instance drops the segment too.
+        const flag = this.dropFlag(K.DataDrop.getSegment(e) as unknown as string);
+        return m.block(null, [e, m.global.set(flag, m.i32.const(1))]);
+      }
+      default:
+        return e;
+    }
+  }
+
+  /**
+   * The store's address expression becomes:
+   *   p = <address>; if ((p + offset) - cache >=u 4097 - width) cache = barrier(p + offset, width); p
+   * The barrier runs before the value operand is evaluated; marking early is
+   * safe (the pre-image is still the page's content at the start of the epoch).
+   */
+  private barrier(ptr: Ref, offset: number, width: number, ctx: FunctionContext): Ref {
+    const m = this.m;
+    const addr = () => m.i32.add(m.local.get(ctx.ptr, T.i32), m.i32.const(offset | 0));
+    return m.block(null, [
+      m.local.set(ctx.ptr, ptr),
+      m.if(
+        m.i32.ge_u(m.i32.sub(addr(), m.local.get(ctx.cache, T.i32)), m.i32.const(PAGE_BYTES + 1 - width)),
+        m.local.set(ctx.cache, m.call("__cohort_barrier", [addr(), m.i32.const(width)], T.i32)),
+      ),
+      m.local.get(ctx.ptr, T.i32),
+    ], T.i32);
+  }
+
+  private shiftedTee(local: number, value: Ref): Ref {
+    return this.m.i32.add(this.m.local.tee(local, value, T.i32), this.m.i32.const(BASE_BYTES));
+  }
+
+  private checkedSize(local: number, size: Ref, checks: [string, number][]): Ref {
+    const m = this.m;
+    return m.block(null, [
+      m.local.set(local, size),
+      ...checks.map(([fn, operand]) => m.call(fn, [m.local.get(operand, T.i32), m.local.get(local, T.i32)], T.none)),
+      m.local.get(local, T.i32),
+    ], T.i32);
+  }
+
+  private dropFlag(segment: string): string {
+    let flag = this.dropFlags.get(segment);
+    if (!flag) {
+      flag = `__cohort_dropped_${this.dropFlags.size}`;
+      this.m.addGlobal(flag, T.i32, true, this.m.i32.const(0));
+      this.dropFlags.set(segment, flag);
+    }
+    return flag;
+  }
+
+  /** Rebuilds the memory as imported, its size grown by the hypervisor region, all segments passive. */
+  private makeSegmentsPassive(mem: { initial: number; maximum: number }): { name: string; offset: number; bytes: number }[] {
+    const m = this.m;
+    const segments: binaryen.MemorySegment[] = [];
+    const active: { name: string; offset: number; bytes: number }[] = [];
+    // getNumDataSegments/getDataSegmentInfo exist in binaryen.js but not in its type declarations.
+    const mx = m as unknown as { getNumDataSegments(): number; getDataSegmentInfo(ref: Ref): unknown };
+    for (let i = 0; i < mx.getNumDataSegments(); i++) {
+      const info = mx.getDataSegmentInfo(m.getDataSegmentByIndex(i)) as {
+        name: string;
+        offset: number | null;
+        data: ArrayBuffer;
+        passive: boolean;
+      };
+      const data = new Uint8Array(info.data);
+      if (!info.passive) active.push({ name: info.name, offset: info.offset ?? 0, bytes: data.length });
+      segments.push({ name: info.name, data, passive: true, offset: 0 } as binaryen.MemorySegment);
+    }
+    m.setMemory(mem.initial + RESERVED_WASM_PAGES, mem.maximum + RESERVED_WASM_PAGES, null, segments, false, false, this.memoryName);
+    m.addMemoryImport(this.memoryName, HV_MODULE, "memory", false);
+    return active;
+  }
+
+  /**
+   * __cohort_boot: what instantiation and the start function did in the
+   * original module, run once on first boot and never on restore.
+   */
+  private addBoot(active: { name: string; offset: number; bytes: number }[]): void {
+    const m = this.m;
+    const body: Ref[] = [];
+    for (const seg of active) {
+      body.push(m.call("__cohort_bulk_dest", [m.i32.const(seg.offset), m.i32.const(seg.bytes)], T.none));
+      body.push(m.memory.init(seg.name, m.i32.const((seg.offset + BASE_BYTES) | 0), m.i32.const(0), m.i32.const(seg.bytes), this.memoryName));
+      body.push(m.data.drop(seg.name));
+      body.push(m.global.set(this.dropFlag(seg.name), m.i32.const(1)));
+    }
+    const start = m.getStart();
+    if (start) {
+      body.push(m.call(K.Function.getName(start), [], T.none));
+      // Instantiation must not run the guest's start again on restore: an empty start replaces it.
+      m.setStart(m.addFunction("__cohort_no_start", T.none, T.none, [], m.nop()));
+    }
+    m.addFunction(EXPORT_BOOT, T.none, T.none, [], m.block(null, body.length ? body : [m.nop()]));
+    m.addFunctionExport(EXPORT_BOOT, EXPORT_BOOT);
+  }
+
+  /** Bit-exact copies of every mutable global to/from 16-byte slots of the globals save area. */
+  private addGlobalsSaveLoad(): { name: string; type: ValueTypeName }[] {
+    const m = this.m;
+    const globals: { name: string; type: ValueTypeName; t: number }[] = [];
+    for (let i = 0; i < m.getNumGlobals(); i++) {
+      const g = b.getGlobalInfo(m.getGlobalByIndex(i));
+      if (!g.mutable) continue;
+      const type = typeName(g.type);
+      assert(type, `mutable global ${g.name} has a value type`);
+      globals.push({ name: g.name, type, t: g.type });
+    }
+    if (globals.length > GLOBALS_MAX) throw new UnsupportedModuleError(`more than ${GLOBALS_MAX} mutable globals`, `${globals.length} globals`);
+    const zero = () => m.i32.const(0);
+    const save: Ref[] = [];
+    const load: Ref[] = [];
+    globals.forEach((g, i) => {
+      const offset = GLOBALS_OFFSET + i * GLOBAL_SLOT_BYTES;
+      const ops = storeLoadOps(m, g.type);
+      save.push(ops.store(offset, zero(), m.global.get(g.name, g.t), this.memoryName));
+      load.push(m.global.set(g.name, ops.load(offset, zero(), this.memoryName)));
+    });
+    for (const [segment, flag] of this.dropFlags) {
+      load.push(m.if(m.global.get(flag, T.i32), m.data.drop(segment)));
+    }
+    m.addFunction(EXPORT_SAVE_GLOBALS, T.none, T.none, [], m.block(null, save.length ? save : [m.nop()]));
+    m.addFunction(EXPORT_LOAD_GLOBALS, T.none, T.none, [], m.block(null, load.length ? load : [m.nop()]));
+    m.addFunctionExport(EXPORT_SAVE_GLOBALS, EXPORT_SAVE_GLOBALS);
+    m.addFunctionExport(EXPORT_LOAD_GLOBALS, EXPORT_LOAD_GLOBALS);
+    return globals.map(({ name, type }) => ({ name, type }));
+  }
+}
+
+/** Offset that makes any access trap: the memory never reaches 4 GiB (MEMORY_WASM_PAGES_MAX). */
+const ALWAYS_TRAPS = 0xffffffff;
+
+function shiftedOffset(offset: number): number {
+  const shifted = offset + BASE_BYTES;
+  // The original access always trapped too: guest memory is at most 4 GiB - BASE_BYTES.
+  return shifted > 0xffffffff ? ALWAYS_TRAPS : shifted;
+}
+
+function laneBytes(op: number): number {
+  switch (op) {
+    case b.Store8LaneVec128:
+      return 1;
+    case b.Store16LaneVec128:
+      return 2;
+    case b.Store32LaneVec128:
+      return 4;
+    default:
+      return 8;
+  }
+}
+
+function typeName(t: number): ValueTypeName | undefined {
+  if (t === T.i32) return "i32";
+  if (t === T.i64) return "i64";
+  if (t === T.f32) return "f32";
+  if (t === T.f64) return "f64";
+  if (t === T.v128) return "v128";
+  return undefined;
+}
+
+function storeLoadOps(m: binaryen.Module, type: ValueTypeName) {
+  switch (type) {
+    case "i32":
+      return { store: (o: number, p: Ref, v: Ref, mem: string) => m.i32.store(o, 4, p, v, mem), load: (o: number, p: Ref, mem: string) => m.i32.load(o, 4, p, mem) };
+    case "i64":
+      return { store: (o: number, p: Ref, v: Ref, mem: string) => m.i64.store(o, 8, p, v, mem), load: (o: number, p: Ref, mem: string) => m.i64.load(o, 8, p, mem) };
+    case "f32":
+      return { store: (o: number, p: Ref, v: Ref, mem: string) => m.f32.store(o, 4, p, v, mem), load: (o: number, p: Ref, mem: string) => m.f32.load(o, 4, p, mem) };
+    case "f64":
+      return { store: (o: number, p: Ref, v: Ref, mem: string) => m.f64.store(o, 8, p, v, mem), load: (o: number, p: Ref, mem: string) => m.f64.load(o, 8, p, mem) };
+    case "v128":
+      return { store: (o: number, p: Ref, v: Ref, mem: string) => m.v128.store(o, 16, p, v, mem), load: (o: number, p: Ref, mem: string) => m.v128.load(o, 16, p, mem) };
+  }
+}
