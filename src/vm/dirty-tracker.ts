@@ -1,0 +1,121 @@
+/**
+ * The JS half of the write barrier: which 4 KiB pages were written this
+ * epoch, and their pre-images (undo log).
+ *
+ * The instrumented guest checks the dirty map byte itself and calls
+ * `firstWrite(page)` only on the first write to a page in an epoch, so this
+ * code runs once per dirty page per epoch, never per store. Everything here
+ * costs O(dirty pages); nothing scans the whole memory.
+ */
+import { DIRTY_MAP_BYTES, FIRST_GUEST_PAGE, PAGE_BYTES, PAGE_SHIFT } from "./layout.js";
+import { assert } from "../util/assert.js";
+
+/** Pre-images are kept in chunks so a growing log never copies what it already holds. */
+const UNDO_CHUNK_PAGES = 64;
+
+export class UndoLog {
+  readonly pages: number[] = [];
+  private readonly chunks: Uint8Array[] = [];
+
+  save(page: number, memory: Uint8Array): void {
+    const slot = this.pages.length;
+    const chunkIndex = Math.floor(slot / UNDO_CHUNK_PAGES);
+    if (chunkIndex === this.chunks.length) this.chunks.push(new Uint8Array(UNDO_CHUNK_PAGES * PAGE_BYTES));
+    const at = (slot % UNDO_CHUNK_PAGES) * PAGE_BYTES;
+    const from = page << PAGE_SHIFT;
+    this.chunks[chunkIndex].set(memory.subarray(from, from + PAGE_BYTES), at);
+    this.pages.push(page);
+  }
+
+  /** Writes every pre-image back (in place, bypassing the barrier) and clears the pages' dirty bytes. */
+  restoreInto(memory: Uint8Array): void {
+    for (let slot = this.pages.length - 1; slot >= 0; slot--) {
+      const page = this.pages[slot];
+      const chunk = this.chunks[Math.floor(slot / UNDO_CHUNK_PAGES)];
+      const at = (slot % UNDO_CHUNK_PAGES) * PAGE_BYTES;
+      // A page beyond the current size belongs to memory that a rollback across memory.grow discards.
+      if ((page << PAGE_SHIFT) + PAGE_BYTES <= memory.length) memory.set(chunk.subarray(at, at + PAGE_BYTES), page << PAGE_SHIFT);
+    }
+  }
+
+  get bytes(): number {
+    return this.chunks.length * UNDO_CHUNK_PAGES * PAGE_BYTES;
+  }
+}
+
+export class DirtyTracker {
+  private memory: WebAssembly.Memory;
+  private view: Uint8Array;
+  private dirty: Uint32Array = new Uint32Array(1024);
+  private count = 0;
+  /** Pre-images of the pages written in the current epoch. */
+  undo = new UndoLog();
+
+  constructor(memory: WebAssembly.Memory) {
+    this.memory = memory;
+    this.view = new Uint8Array(memory.buffer);
+  }
+
+  /** The current view of memory; memory.grow detaches the old buffer, so always go through here. */
+  bytes(): Uint8Array {
+    if (this.view.buffer !== this.memory.buffer) this.view = new Uint8Array(this.memory.buffer);
+    return this.view;
+  }
+
+  /** Called by the guest's barrier (import cohort_hv.first_write) and by host writes into guest memory. */
+  readonly firstWrite = (page: number): void => {
+    const mem = this.bytes();
+    // Out-of-range pages come from accesses that are about to trap; the hypervisor region is never guest-written.
+    if (page < FIRST_GUEST_PAGE || page << PAGE_SHIFT >= mem.length || page >= DIRTY_MAP_BYTES) return;
+    if (mem[page] !== 0) return;
+    mem[page] = 1;
+    if (this.count === this.dirty.length) {
+      const bigger = new Uint32Array(this.dirty.length * 2);
+      bigger.set(this.dirty);
+      this.dirty = bigger;
+    }
+    this.dirty[this.count++] = page;
+    this.undo.save(page, mem);
+  };
+
+  /** Marks [address, address + length) before the host writes there (inbox payloads). */
+  markRange(address: number, length: number): void {
+    if (length <= 0) return;
+    const last = (address + length - 1) >>> PAGE_SHIFT;
+    for (let page = address >>> PAGE_SHIFT; page <= last; page++) this.firstWrite(page);
+  }
+
+  get dirtyCount(): number {
+    return this.count;
+  }
+
+  /** The dirty pages of this epoch, in first-write order (a view; valid until reset). */
+  dirtyPages(): Uint32Array {
+    return this.dirty.subarray(0, this.count);
+  }
+
+  /**
+   * Ends the epoch: clears the dirty bytes of exactly the pages recorded (O(dirty)),
+   * hands back the epoch's undo log and starts an empty one.
+   */
+  endEpoch(): UndoLog {
+    const mem = this.bytes();
+    for (let i = 0; i < this.count; i++) mem[this.dirty[i]] = 0;
+    this.count = 0;
+    const finished = this.undo;
+    this.undo = new UndoLog();
+    return finished;
+  }
+
+  /** After a rollback or a restore the map must be clean: every recorded page is cleared. */
+  discardEpoch(): void {
+    this.endEpoch();
+  }
+
+  /** Swaps in a new memory (rollback across memory.grow re-creates it). */
+  rebind(memory: WebAssembly.Memory): void {
+    assert(this.count === 0, "rebind with pages still recorded as dirty");
+    this.memory = memory;
+    this.view = new Uint8Array(memory.buffer);
+  }
+}

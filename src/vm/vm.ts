@@ -1,0 +1,177 @@
+/**
+ * Host-thread handle of one VM replica running in its own worker thread.
+ * Requests are queued in order and answered in order by the worker; the
+ * handle also runs the per-call CPU watchdog (an infinite loop in a guest is
+ * stopped by terminating the worker, which crashes that VM and nothing else).
+ */
+import { EventEmitter } from "node:events";
+import { Worker } from "node:worker_threads";
+import { fileURLToPath } from "node:url";
+import { sealDelta } from "../checkpoint/format.js";
+import {
+  WATCHDOG_BUSY,
+  WATCHDOG_SEQ,
+  WATCHDOG_SLOTS,
+  type CaptureResult,
+  type GuestBundle,
+  type SerializedError,
+  type VmStatus,
+  type WorkerEvent,
+  type WorkerOp,
+  type WorkerOps,
+  type WorkerResponse,
+  type WorkerVmOptions,
+} from "./protocol.js";
+
+/**
+ * The worker runs compiled JavaScript. Under the TypeScript test runner this
+ * file is src/vm/vm.ts, so the compiled worker is found in dist/ (built by
+ * `npm run build`, which `npm test` runs first).
+ */
+const WORKER_URL = import.meta.url.endsWith(".ts")
+  ? new URL("../../dist/src/vm/worker.js", import.meta.url)
+  : new URL("./worker.js", import.meta.url);
+
+/** Requests queued to one worker at once; a host that outruns its VM gets an error, not unbounded memory. */
+export const VM_QUEUE_MAX = 10_000;
+
+export class VmRequestError extends Error {
+  readonly code: string;
+  constructor(error: SerializedError) {
+    super(error.message);
+    this.name = error.name;
+    this.code = error.code;
+  }
+}
+
+export class VmGoneError extends Error {
+  override name = "VmGoneError";
+  readonly code = "VmGone";
+}
+
+interface Pending {
+  resolve: (value: unknown) => void;
+  reject: (error: Error) => void;
+}
+
+export interface VmEvents {
+  crashed: [message: string];
+  outbox: [messages: WorkerOps["message"]["result"]];
+  output_pending: [epoch: number];
+}
+
+export class VmWorker extends EventEmitter<VmEvents> {
+  private readonly worker: Worker;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private readonly watchdog: Int32Array;
+  private readonly watchdogTimer: NodeJS.Timeout;
+  private gone: string | null = null;
+
+  private constructor(private readonly call_cpu_ms: number) {
+    super();
+    const shared = new SharedArrayBuffer(WATCHDOG_SLOTS * 4);
+    this.watchdog = new Int32Array(shared);
+    this.worker = new Worker(fileURLToPath(WORKER_URL), { workerData: { watchdog: shared } });
+    this.worker.on("message", (message: WorkerResponse) => this.onMessage(message));
+    this.worker.on("error", (error) => this.fail(`VM thread failed: ${error.message}`));
+    this.worker.on("exit", (code) => this.fail(`VM thread exited (code ${code})`));
+    let lastSeq = -1;
+    let since = Date.now();
+    // Poll at a quarter of the budget: a runaway call is stopped within 1.25x its budget.
+    this.watchdogTimer = setInterval(() => {
+      const seq = Atomics.load(this.watchdog, WATCHDOG_SEQ);
+      const busy = Atomics.load(this.watchdog, WATCHDOG_BUSY) === 1;
+      if (!busy || seq !== lastSeq) {
+        lastSeq = seq;
+        since = Date.now();
+      } else if (Date.now() - since > this.call_cpu_ms) {
+        this.fail(`cpu limit exceeded: a guest call ran longer than ${this.call_cpu_ms} ms`);
+      }
+    }, Math.max(5, Math.floor(call_cpu_ms / 4)));
+    this.watchdogTimer.unref();
+  }
+
+  static async boot(guest: GuestBundle, options: WorkerVmOptions): Promise<VmWorker> {
+    const vm = new VmWorker(options.limits.call_cpu_ms);
+    await vm.request("boot", { guest, options }).catch(async (error) => {
+      await vm.terminate();
+      throw error;
+    });
+    return vm;
+  }
+
+  static async restore(guest: GuestBundle, options: WorkerVmOptions, image: Uint8Array): Promise<VmWorker> {
+    const vm = new VmWorker(options.limits.call_cpu_ms);
+    await vm.request("restore", { guest, options, image });
+    return vm;
+  }
+
+  /** A backup replica: blank (cut 0) or from a full image. */
+  static async backup(guest: GuestBundle, options: WorkerVmOptions, image: Uint8Array | null): Promise<VmWorker> {
+    const vm = new VmWorker(options.limits.call_cpu_ms);
+    await vm.request("backup", { guest, options, image });
+    return vm;
+  }
+
+  /** Why this replica's thread is gone (crash, watchdog, terminate), or null while it runs. */
+  get goneReason(): string | null {
+    return this.gone;
+  }
+
+  request<K extends WorkerOp>(op: K, args: WorkerOps[K]["args"], transfer: ArrayBuffer[] = []): Promise<WorkerOps[K]["result"]> {
+    if (this.gone) return Promise.reject(new VmGoneError(this.gone));
+    if (this.pending.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
+      this.worker.postMessage({ id, op, args }, transfer);
+    });
+  }
+
+  /** Captures the current epoch; the delta comes back sealed (checksum computed on this thread). */
+  async capture(): Promise<CaptureResult> {
+    const result = await this.request("capture", {});
+    sealDelta(result.delta);
+    return result;
+  }
+
+  status(): Promise<VmStatus> {
+    return this.request("status", {});
+  }
+
+  async terminate(): Promise<void> {
+    this.fail("terminated");
+    await this.worker.terminate();
+  }
+
+  private onMessage(message: WorkerResponse): void {
+    if (message.kind === "event") {
+      this.onEvent(message.body);
+      return;
+    }
+    const pending = this.pending.get(message.id);
+    if (!pending) return;
+    this.pending.delete(message.id);
+    if (message.ok) pending.resolve(message.value);
+    else pending.reject(new VmRequestError(message.error));
+  }
+
+  private onEvent(body: WorkerEvent): void {
+    if (body.event === "crashed") this.emit("crashed", body.message);
+    else if (body.event === "outbox") this.emit("outbox", body.messages);
+    else this.emit("output_pending", body.epoch);
+  }
+
+  private fail(reason: string): void {
+    if (this.gone) return;
+    this.gone = reason;
+    clearInterval(this.watchdogTimer);
+    for (const pending of this.pending.values()) pending.reject(new VmGoneError(reason));
+    this.pending.clear();
+    if (reason !== "terminated") {
+      this.emit("crashed", reason);
+      void this.worker.terminate();
+    }
+  }
+}

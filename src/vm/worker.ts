@@ -1,0 +1,218 @@
+/**
+ * Worker-thread side of a VM replica. Holds either an executing VmCore
+ * (primary) or a BackupImage (backup); promotion turns the one into the other
+ * in place, with no memory copy. Requests are handled one at a time, so guest
+ * calls and checkpoints never interleave.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { BackupImage } from "../checkpoint/backup-image.js";
+import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
+import { RESERVED_WASM_PAGES } from "./layout.js";
+import { VmCore, type GuestModule, type VmOptions } from "./machine.js";
+import {
+  WATCHDOG_BUSY,
+  WATCHDOG_SEQ,
+  type GuestBundle,
+  type VmStatus,
+  type WorkerEvent,
+  type WorkerOps,
+  type WorkerRequest,
+  type WorkerResponse,
+  type WorkerVmOptions,
+} from "./protocol.js";
+import { assert, AssertionError } from "../util/assert.js";
+
+const port = parentPort;
+assert(port, "worker.ts runs in a worker thread");
+const watchdog = new Int32Array(workerData.watchdog as SharedArrayBuffer);
+
+let primary: VmCore | null = null;
+let backup: BackupImage | null = null;
+let timerMode: WorkerVmOptions["timers"] = "manual";
+let timerHandle: NodeJS.Timeout | null = null;
+let outputEpochSignalled = 0;
+
+function post(message: WorkerResponse, transfer: ArrayBuffer[] = []): void {
+  port!.postMessage(message, transfer);
+}
+
+function emit(body: WorkerEvent): void {
+  post({ kind: "event", body });
+}
+
+function vmOptions(options: WorkerVmOptions): VmOptions {
+  return { rank: options.rank, size: options.size, limits: options.limits, now: Date.now };
+}
+
+function guestOf(bundle: GuestBundle): GuestModule {
+  return { module: bundle.module, info: bundle.info, hash: bundle.hash };
+}
+
+function needPrimary(): VmCore {
+  if (!primary) throw new Error("this replica is not a primary");
+  return primary;
+}
+
+function needBackup(): BackupImage {
+  if (!backup) throw new Error("this replica is not a backup");
+  return backup;
+}
+
+function status(): VmStatus {
+  if (primary) {
+    return {
+      role: "primary",
+      epoch: primary.epoch,
+      committed: primary.committedEpoch,
+      memory_bytes: primary.memoryBytes,
+      dirty_pages: primary.dirtyPages,
+      pending_output: primary.pendingOutput().length,
+      crashed: primary.crashed,
+    };
+  }
+  const b = needBackup();
+  return { role: "backup", epoch: b.epoch, committed: b.epoch, memory_bytes: b.memoryBytes, dirty_pages: 0, pending_output: 0, crashed: null };
+}
+
+/** Marks a guest call for the watchdog; the host terminates this thread if one runs too long. */
+function guarded<T>(body: () => T): T {
+  Atomics.add(watchdog, WATCHDOG_SEQ, 1);
+  Atomics.store(watchdog, WATCHDOG_BUSY, 1);
+  try {
+    return body();
+  } finally {
+    Atomics.store(watchdog, WATCHDOG_BUSY, 0);
+    afterCall();
+  }
+}
+
+function afterCall(): void {
+  const vm = primary;
+  if (!vm) return;
+  if (vm.crashed) {
+    emit({ event: "crashed", message: vm.crashed });
+    return;
+  }
+  if (vm.pendingOutput().length > 0 && outputEpochSignalled !== vm.epoch) {
+    outputEpochSignalled = vm.epoch;
+    emit({ event: "output_pending", epoch: vm.epoch });
+  }
+  scheduleTimers();
+}
+
+function scheduleTimers(): void {
+  if (timerMode !== "auto" || !primary || primary.crashed) return;
+  if (timerHandle) clearTimeout(timerHandle);
+  timerHandle = null;
+  const next = primary.nextTimer();
+  if (!next) return;
+  timerHandle = setTimeout(() => {
+    timerHandle = null;
+    const vm = primary;
+    if (!vm || vm.crashed) return;
+    try {
+      guarded(() => vm.fireDueTimers(Date.now()));
+    } catch {
+      return; // crash already reported by afterCall
+    }
+    const outbox = vm.takeOutbox();
+    if (outbox.length) emit({ event: "outbox", messages: outbox });
+  }, Math.max(0, next[1] - Date.now()));
+}
+
+type Handlers = { [K in keyof WorkerOps]: (args: WorkerOps[K]["args"]) => WorkerOps[K]["result"] };
+
+const handlers: Handlers = {
+  boot({ guest, options }) {
+    timerMode = options.timers;
+    primary = guarded(() => VmCore.boot(guestOf(guest), vmOptions(options)));
+    return status();
+  },
+  restore({ guest, options, image }) {
+    timerMode = options.timers;
+    primary = guarded(() => VmCore.restore(guestOf(guest), decodeImage(image), vmOptions(options)));
+    return status();
+  },
+  backup({ guest, options, image }) {
+    timerMode = options.timers;
+    const g = guestOf(guest);
+    backup = image
+      ? BackupImage.fromImage(g, vmOptions(options), decodeImage(image))
+      : BackupImage.blank(g, vmOptions(options), RESERVED_WASM_PAGES + g.info.guest_initial_pages);
+    return status();
+  },
+  apply({ delta }) {
+    needBackup().apply(decodeDelta(delta));
+    return status();
+  },
+  promote() {
+    const b = needBackup();
+    primary = guarded(() => b.promote());
+    backup = null;
+    return status();
+  },
+  message({ from_rank, payload }) {
+    const vm = needPrimary();
+    guarded(() => vm.message(from_rank, payload));
+    return vm.takeOutbox();
+  },
+  request({ session, request_id, payload }) {
+    const vm = needPrimary();
+    guarded(() => vm.request(session, request_id, payload));
+    return vm.takeOutbox();
+  },
+  timer({ timer_id }) {
+    const vm = needPrimary();
+    guarded(() => vm.timer(timer_id));
+    return vm.takeOutbox();
+  },
+  fire_timers({ now_ms }) {
+    const vm = needPrimary();
+    const fired = guarded(() => vm.fireDueTimers(now_ms));
+    return { fired, outbox: vm.takeOutbox() };
+  },
+  invoke({ name, args }) {
+    const vm = needPrimary();
+    return guarded(() => vm.invoke(name, args));
+  },
+  capture() {
+    return needPrimary().capture();
+  },
+  commit({ epoch }) {
+    return needPrimary().commit(epoch);
+  },
+  rollback({ epoch }) {
+    const started = process.hrtime.bigint();
+    const result = needPrimary().rollback(epoch);
+    scheduleTimers();
+    return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
+  },
+  image() {
+    return encodeImage(primary ? primary.image() : needBackup().image());
+  },
+  status() {
+    return status();
+  },
+};
+
+/** Buffers we created here and hand over whole: moved to the host thread, not copied. */
+function transferables(value: unknown): ArrayBuffer[] {
+  if (value instanceof Uint8Array && value.byteOffset === 0 && value.byteLength === value.buffer.byteLength && value.buffer instanceof ArrayBuffer) {
+    return [value.buffer];
+  }
+  if (value && typeof value === "object" && "delta" in value) return transferables((value as { delta: unknown }).delta);
+  return [];
+}
+
+port.on("message", (request: WorkerRequest) => {
+  try {
+    const handler = handlers[request.op] as (args: unknown) => unknown;
+    const value = handler(request.args);
+    post({ kind: "result", id: request.id, ok: true, value }, transferables(value));
+  } catch (error) {
+    const e = error as Error & { code?: string };
+    post({ kind: "result", id: request.id, ok: false, error: { name: e.name ?? "Error", code: e.code ?? "Error", message: e.message } });
+    // A broken invariant is a bug: this replica's thread dies loudly rather than run on in a state nobody planned for.
+    if (error instanceof AssertionError) throw error;
+  }
+});

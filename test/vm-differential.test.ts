@@ -1,0 +1,242 @@
+/**
+ * Differential checkpoint tests, in-process (VmCore + BackupImage):
+ *  - every delta, applied to a backup image, makes the image equal the
+ *    primary's memory, globals and runtime state byte for byte at every cut;
+ *  - rollback in place to any uncommitted cut equals the image taken at that cut;
+ *  - restore-and-continue (zero-copy promotion or restore from an encoded image)
+ *    produces the same outputs as an uninterrupted run of a deterministic guest.
+ * Deltas and images go through the real binary format (seal, decode).
+ */
+import { describe, expect, it } from "vitest";
+import fc from "fast-check";
+import { BackupImage } from "../src/checkpoint/backup-image.js";
+import { decodeDelta, decodeImage, encodeImage, sealDelta } from "../src/checkpoint/format.js";
+import { VmCore, type GuestModule } from "../src/vm/machine.js";
+import { RESERVED_WASM_PAGES } from "../src/vm/layout.js";
+import type { OutputRecord } from "../src/vm/runtime-state.js";
+import { builtBytes, fixtureBytes, guestOf, options } from "./support/guests.js";
+
+type Op = { name: string; args: (number | bigint)[] };
+
+function shipDelta(vm: VmCore, backup: BackupImage): number {
+  const captured = vm.capture();
+  sealDelta(captured.delta);
+  backup.apply(decodeDelta(captured.delta));
+  return captured.epoch;
+}
+
+function imageBytes(source: { image(): ReturnType<VmCore["image"]> }): Buffer {
+  return Buffer.from(encodeImage(source.image()));
+}
+
+/**
+ * Runs epochs of ops on a primary, ships each delta to a backup, and checks
+ * image equality at every cut; then rolls back to a random cut, checks it,
+ * and continues with a backup rebuilt from that cut.
+ */
+async function differential(guest: GuestModule, epochs: Op[][], rollbackPick: number, tail: Op[][]): Promise<void> {
+  const opts = options();
+  const vm = VmCore.boot(guest, opts);
+  let backup = BackupImage.blank(guest, opts, RESERVED_WASM_PAGES + guest.info.guest_initial_pages);
+  const cuts: Buffer[] = [];
+  const runEpochs = (list: Op[][]) => {
+    for (const ops of list) {
+      for (const op of ops) vm.invoke(op.name, op.args);
+      const epoch = shipDelta(vm, backup);
+      const primaryImage = imageBytes(vm);
+      expect(imageBytes(backup).equals(primaryImage), `backup image equals primary at cut ${epoch}`).toBe(true);
+      cuts[epoch] = primaryImage;
+    }
+  };
+  runEpochs(epochs);
+  const cut = 1 + (rollbackPick % epochs.length);
+  vm.rollback(cut);
+  expect(imageBytes(vm).equals(cuts[cut]), `rollback to cut ${cut} equals the image at that cut`).toBe(true);
+  // Continue from the rolled-back state with a backup that holds that cut.
+  backup = BackupImage.fromImage(guest, opts, decodeImage(cuts[cut]));
+  runEpochs(tail);
+}
+
+const PAGE = 4096;
+/** Addresses biased towards 4 KiB page boundaries, where straddling stores live. */
+const address = (limit: number) =>
+  fc.oneof(
+    fc.integer({ min: 0, max: limit }),
+    fc.integer({ min: 1, max: Math.floor(limit / PAGE) }).chain((p) => fc.integer({ min: p * PAGE - 16, max: p * PAGE + 1 })),
+  );
+
+const epochsOf = (op: fc.Arbitrary<Op>) => fc.array(fc.array(op, { minLength: 0, maxLength: 12 }), { minLength: 1, maxLength: 6 });
+
+describe("checkpoint differential (WAT fixtures)", () => {
+  it("straddling stores of every width: backup equals primary at every cut, rollback equals the cut", async () => {
+    const guest = await guestOf(fixtureBytes("straddle"));
+    const memoryBytes = 2 * 65536;
+    const op: fc.Arbitrary<Op> = fc.oneof(
+      fc.record({ addr: address(memoryBytes - 16), kind: fc.integer({ min: 0, max: 7 }), value: fc.bigInt({ min: -(2n ** 63n), max: 2n ** 63n - 1n }) }).map(
+        ({ addr, kind, value }) => ({ name: "store", args: [addr, kind, value] }),
+      ),
+      fc.record({ addr: address(memoryBytes - 4093 - 8), value: fc.bigInt({ min: 0n, max: 2n ** 63n - 1n }) }).map(({ addr, value }) => ({ name: "store_offset", args: [addr, value] })),
+      fc.record({ addr: address(memoryBytes - 8), value: fc.bigInt({ min: 0n, max: 2n ** 63n - 1n }) }).map(({ addr, value }) => ({ name: "lane", args: [addr, value] })),
+    );
+    await fc.assert(fc.asyncProperty(epochsOf(op), fc.nat(), epochsOf(op), (e, pick, tail) => differential(guest, e, pick, tail)), { numRuns: 40 });
+  });
+
+  it("memory.fill / copy / init / data.drop across pages", async () => {
+    const guest = await guestOf(fixtureBytes("bulk"));
+    const memoryBytes = 4 * 65536;
+    const span = fc.integer({ min: 0, max: 3 * PAGE });
+    const op: fc.Arbitrary<Op> = fc.oneof(
+      fc.tuple(address(memoryBytes - 3 * PAGE), fc.integer({ min: 0, max: 255 }), span).map(([d, v, n]) => ({ name: "fill", args: [d, v, n] })),
+      fc.tuple(address(memoryBytes - 3 * PAGE), address(memoryBytes - 3 * PAGE), span).map(([d, s, n]) => ({ name: "copy", args: [d, s, n] })),
+      fc.tuple(address(memoryBytes - 64), fc.integer({ min: 0, max: 10 }), fc.integer({ min: 0, max: 26 })).map(([d, o, n]) => ({ name: "init", args: [d, o, n] })),
+    );
+    await fc.assert(fc.asyncProperty(epochsOf(op), fc.nat(), epochsOf(op), (e, pick, tail) => differential(guest, e, pick, tail)), { numRuns: 40 });
+  });
+
+  it("data.drop survives a checkpoint: a restored VM still traps on memory.init of a dropped segment", async () => {
+    const guest = await guestOf(fixtureBytes("bulk"));
+    const opts = options();
+    const vm = VmCore.boot(guest, opts);
+    const backup = BackupImage.blank(guest, opts, RESERVED_WASM_PAGES + guest.info.guest_initial_pages);
+    vm.invoke("init", [100, 0, 5]);
+    vm.invoke("drop", []);
+    shipDelta(vm, backup);
+    const promoted = backup.promote();
+    expect(() => promoted.invoke("init", [100, 0, 5])).toThrow(/out of bounds/);
+    expect(promoted.crashed).toMatch(/init/);
+  });
+
+  it("memory.grow mid-epoch: deltas carry the new size; rollback across a grow shrinks memory back", async () => {
+    const guest = await guestOf(fixtureBytes("grow"));
+    const op: fc.Arbitrary<Op> = fc.oneof(
+      fc.tuple(fc.integer({ min: 0, max: 2 }), fc.integer()).map(([p, v]) => ({ name: "grow_and_write", args: [p, v] })),
+      fc.tuple(address(65536 - 4), fc.integer()).map(([a, v]) => ({ name: "poke", args: [a, v] })),
+    );
+    await fc.assert(fc.asyncProperty(epochsOf(op), fc.nat(), epochsOf(op), (e, pick, tail) => differential(guest, e, pick, tail)), { numRuns: 30 });
+  });
+
+  it("mutable globals of every type (i32, i64, f32 and f64 NaN payloads, v128) are bit-exact across cuts", async () => {
+    const guest = await guestOf(fixtureBytes("globals"));
+    const op: fc.Arbitrary<Op> = fc.bigInt({ min: -(2n ** 63n), max: 2n ** 63n - 1n }).map((x) => ({ name: "mix", args: [x] }));
+    await fc.assert(fc.asyncProperty(epochsOf(op), fc.nat(), epochsOf(op), (e, pick, tail) => differential(guest, e, pick, tail)), { numRuns: 30 });
+    // And the guest's own view agrees: digest after promotion equals the uninterrupted run.
+    const opts = options();
+    const a = VmCore.boot(guest, opts);
+    const b = VmCore.boot(guest, opts);
+    const backup = BackupImage.blank(guest, opts, RESERVED_WASM_PAGES + guest.info.guest_initial_pages);
+    const xs = [3n, -1n, 0x7ff8000000000001n, 12345678901234n];
+    for (const x of xs) {
+      a.invoke("mix", [x]);
+      b.invoke("mix", [x]);
+    }
+    shipDelta(b, backup);
+    const promoted = backup.promote();
+    a.invoke("mix", [99n]);
+    promoted.invoke("mix", [99n]);
+    expect(promoted.invoke("digest", [])).toBe(a.invoke("digest", []));
+  });
+});
+
+/** kv requests as the guest's clients would send them. */
+function kvRequests(count: number, seed: number): string[] {
+  let x = seed >>> 0 || 1;
+  const next = () => (x = (Math.imul(x, 1103515245) + 12345) >>> 0);
+  const out: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const key = `k${next() % 16}`;
+    const r = next() % 3;
+    out.push(r === 0 ? `put ${key} v${i} with spaces` : r === 1 ? `get ${key}` : `del ${key}`);
+  }
+  return out;
+}
+
+const text = (records: readonly OutputRecord[]) => records.map((r) => `${r.seq}:${Buffer.from(r.bytes).toString()}`);
+
+describe("restore-and-continue equals an uninterrupted run (kv guest)", () => {
+  it.each(["promote", "restore"] as const)("failover by %s at a random cut", async (how) => {
+    const guest = await guestOf(builtBytes("kv"));
+    await fc.assert(
+      fc.asyncProperty(fc.integer({ min: 5, max: 60 }), fc.integer({ min: 1, max: 8 }), fc.nat(), fc.integer({ min: 0, max: 7 }), async (count, perEpoch, seed, extra) => {
+        const requests = kvRequests(count, seed);
+        const opts = options();
+        // Uninterrupted run.
+        const a = VmCore.boot(guest, opts);
+        requests.forEach((r, i) => a.request(1, i, Buffer.from(r)));
+        a.capture();
+        const expected = text(a.commit(a.epoch - 1));
+        // Protected run: checkpoint every `perEpoch` requests, commit each cut, then lose the primary.
+        const b = VmCore.boot(guest, opts);
+        const backup = BackupImage.blank(guest, opts, RESERVED_WASM_PAGES + guest.info.guest_initial_pages);
+        const released: OutputRecord[] = [];
+        let delivered = 0; // requests covered by the last committed cut
+        for (let i = 0; i < requests.length; i++) {
+          b.request(1, i, Buffer.from(requests[i]));
+          if ((i + 1) % perEpoch === 0 && i + 1 < requests.length) {
+            const epoch = shipDelta(b, backup);
+            released.push(...b.commit(epoch));
+            delivered = i + 1;
+          }
+        }
+        // The primary ran `extra` more requests past the cut, then died: their effects must not survive.
+        const survivor = how === "promote" ? backup.promote() : VmCore.restore(guest, decodeImage(encodeImage(backup.image())), opts);
+        for (let i = delivered; i < requests.length; i++) survivor.request(1, i, Buffer.from(requests[i]));
+        survivor.capture();
+        released.push(...survivor.commit(survivor.epoch - 1));
+        // A sink keeps each sequence number once: re-released records of the cut are dropped by seq.
+        const seen = new Set<number>();
+        const stream = released.filter((r) => !seen.has(r.seq) && seen.add(r.seq));
+        expect(text(stream)).toEqual(expected);
+        void extra;
+      }),
+      { numRuns: 25 },
+    );
+  });
+
+  it("rollback in place discards uncommitted epochs and re-execution matches", async () => {
+    const guest = await guestOf(builtBytes("kv"));
+    const opts = options();
+    const vm = VmCore.boot(guest, opts);
+    const requests = kvRequests(40, 7);
+    requests.slice(0, 20).forEach((r, i) => vm.request(1, i, Buffer.from(r)));
+    vm.capture();
+    const committed = vm.commit(vm.epoch - 1);
+    const cutImage = imageBytes(vm);
+    const cut = vm.epoch - 1;
+    // Two uncommitted epochs of writes, then roll back.
+    requests.slice(20, 30).forEach((r, i) => vm.request(1, 20 + i, Buffer.from(r)));
+    vm.capture();
+    requests.slice(30).forEach((r, i) => vm.request(1, 30 + i, Buffer.from(r)));
+    const { pages_restored } = vm.rollback(cut);
+    expect(pages_restored).toBeGreaterThan(0);
+    expect(imageBytes(vm).equals(cutImage)).toBe(true);
+    expect(vm.pendingOutput()).toEqual([]);
+    // Re-executing gives the same replies as a run that never rolled back.
+    requests.slice(20).forEach((r, i) => vm.request(1, 20 + i, Buffer.from(r)));
+    vm.capture();
+    const after = vm.commit(vm.epoch - 1);
+    const straight = VmCore.boot(guest, opts);
+    requests.forEach((r, i) => straight.request(1, i, Buffer.from(r)));
+    straight.capture();
+    expect(text([...committed, ...after])).toEqual(text(straight.commit(straight.epoch - 1)));
+  });
+});
+
+describe("output commit in the runtime", () => {
+  it("releases a ticker's output only at commit, in order, each count once", async () => {
+    const guest = await guestOf(builtBytes("ticker"));
+    let now = 0;
+    const vm = VmCore.boot(guest, options({ now: () => now }));
+    const released: string[] = [];
+    for (let epoch = 0; epoch < 10; epoch++) {
+      now += 10;
+      vm.fireDueTimers(now);
+      const pending = vm.pendingOutput().length;
+      expect(pending).toBe(1);
+      const captured = vm.capture();
+      // Nothing leaves before its cut commits.
+      expect(released.length).toBe(epoch);
+      released.push(...vm.commit(captured.epoch).map((r) => Buffer.from(r.bytes).toString()));
+    }
+    expect(released).toEqual(Array.from({ length: 10 }, (_, i) => `${i + 1}\n`));
+  });
+});
