@@ -126,11 +126,13 @@ const handlers: Handlers = {
   boot({ guest, options }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.boot(guestOf(guest), vmOptions(options)));
+    afterCall();
     return status();
   },
   restore({ guest, options, image }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.restore(guestOf(guest), decodeImage(image), vmOptions(options)));
+    afterCall();
     return status();
   },
   backup({ guest, options, image }) {
@@ -149,6 +151,7 @@ const handlers: Handlers = {
     const b = needBackup();
     primary = guarded(() => b.promote());
     backup = null;
+    afterCall();
     return status();
   },
   message({ from_rank, payload }) {
@@ -188,7 +191,11 @@ const handlers: Handlers = {
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
   },
   image() {
-    return encodeImage(primary ? primary.image() : needBackup().image());
+    if (!primary) return encodeImage(needBackup().image());
+    // A primary's full copy is taken at a fresh cut: capture (the delta is not needed, the
+    // image supersedes it), then the image of that cut. The caller commits it once stored.
+    primary.capture();
+    return encodeImage(primary.image());
   },
   status() {
     return status();

@@ -1,0 +1,83 @@
+/**
+ * The `cohort` command line. Each subcommand lives in its own module; this
+ * file only parses arguments (commander) and prints.
+ */
+import { Command, InvalidArgumentError, Option } from "commander";
+import { readFile, writeFile } from "node:fs/promises";
+import { CHECKPOINT_BENCH_DEFAULTS, formatCheckpointReport, runCheckpointBench } from "../bench/checkpoint.js";
+import { instrument } from "../guest/instrument.js";
+import { resolveGuest } from "../guest/examples.js";
+import { runGuest } from "./run.js";
+
+const int = (name: string) => (value: string) => {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`${name} must be a non-negative integer`);
+  return n;
+};
+const intList = (name: string) => (value: string) => value.split(",").map((v) => int(name)(v.trim()));
+
+const program = new Command()
+  .name("cohort")
+  .description("Group VM fault tolerance for WebAssembly virtual machines")
+  .version("0.1.0");
+
+program
+  .command("run")
+  .description("run a guest protected by a backup replica in this process: checkpoints every interval, output released at commit")
+  .argument("<guest>", "a built example (ticker, kv, bank) or a path to a .wasm module")
+  .option("--interval-ms <ms>", "epoch length", int("--interval-ms"), 20)
+  .option("--duration-ms <ms>", "how long to run", int("--duration-ms"), 2000)
+  .option("--failover-at-ms <ms>", "kill the primary's thread at this time and promote the backup", int("--failover-at-ms"))
+  .option("--json", "print one JSON summary instead of the released output")
+  .option("--quiet", "print only the summary")
+  .action(async (guest: string, opts: { intervalMs: number; durationMs: number; failoverAtMs?: number; json?: boolean; quiet?: boolean }) => {
+    const summary = await runGuest(
+      guest,
+      { interval_ms: opts.intervalMs, duration_ms: opts.durationMs, failover_at_ms: opts.failoverAtMs ?? null, json: !!opts.json, quiet: !!opts.quiet },
+      (line) => console.log(line),
+    );
+    if (opts.json) console.log(JSON.stringify(summary));
+    else {
+      console.log(
+        `-- ${summary.epochs} epochs, ${summary.released} output records released (contiguous: ${summary.output_contiguous}), ` +
+          `pause p50 ${summary.pause_us_p50} µs, commit p50 ${summary.commit_ms_p50} ms`,
+      );
+    }
+    if (!summary.output_contiguous) process.exitCode = 1;
+  });
+
+program
+  .command("instrument")
+  .description("instrument a module for Cohort (write barrier, address shift) or say why it cannot be protected")
+  .argument("<module>", "path to a .wasm module, or a built example name")
+  .option("-o, --output <file>", "write the instrumented module here")
+  .action(async (module: string, opts: { output?: string }) => {
+    const result = instrument(new Uint8Array(await readFile(resolveGuest(module))));
+    if (opts.output) await writeFile(opts.output, result.wasm);
+    console.log(JSON.stringify({ bytes: result.wasm.length, ...result.info }, null, 2));
+  });
+
+const bench = program.command("bench").description("benchmarks (print JSON with --json)");
+bench
+  .command("checkpoint")
+  .description("write-barrier overhead per workload and checkpoint pause by memory size and dirty pages")
+  .option("--json", "print one JSON object")
+  .option("--memory-mib <list>", "memory sizes", intList("--memory-mib"), CHECKPOINT_BENCH_DEFAULTS.memory_mib)
+  .option("--dirty-pages <list>", "dirty 4 KiB pages per checkpoint", intList("--dirty-pages"), CHECKPOINT_BENCH_DEFAULTS.dirty_pages)
+  .option("--samples <n>", "checkpoints measured per case", int("--samples"), CHECKPOINT_BENCH_DEFAULTS.samples)
+  .addOption(new Option("--barrier-runs <n>", "interleaved runs per barrier workload").argParser(int("--barrier-runs")).default(CHECKPOINT_BENCH_DEFAULTS.barrier_runs))
+  .action(async (opts: { json?: boolean; memoryMib: number[]; dirtyPages: number[]; samples: number; barrierRuns: number }) => {
+    const report = await runCheckpointBench({
+      memory_mib: opts.memoryMib,
+      dirty_pages: opts.dirtyPages,
+      samples: opts.samples,
+      barrier_runs: opts.barrierRuns,
+      progress: (line) => process.stderr.write(`${line}\n`),
+    });
+    console.log(opts.json ? JSON.stringify(report) : formatCheckpointReport(report));
+  });
+
+program.parseAsync().catch((error: Error & { code?: string }) => {
+  console.error(`cohort: ${error.message}`);
+  process.exitCode = 1;
+});
