@@ -8,10 +8,12 @@
  *    bulk-memory operands; memory.size / memory.grow report the guest's view.
  *  - Write barrier on every store and bulk write: on the first write to a 4 KiB
  *    page in an epoch it calls `cohort_hv.first_write(page)`, which records the
- *    page as dirty and saves its pre-image (undo log). A per-function local
- *    caches the last page known dirty, so a run of stores to one page costs a
- *    subtract and a compare each. The cache is sound because checkpoints are
- *    taken only between guest calls, when no function activation is live.
+ *    page as dirty and saves its pre-image (undo log). Each store site keeps
+ *    the last page it found dirty in a local, so a run of stores to one page
+ *    costs an add, a subtract and a compare each; on a miss the dirty map byte
+ *    is checked inline, and only a page's first write in the epoch calls out.
+ *    The cache is sound because checkpoints are taken only between guest
+ *    calls, when no function activation (and so no cached page) is live.
  *  - Makes the memory imported (`cohort_hv.memory`) so a backup's image can be
  *    instantiated in place (zero-copy promotion), turns active data segments
  *    and the start function into an explicit `__cohort_boot` export that runs
@@ -36,7 +38,7 @@ import {
 import { assert } from "../util/assert.js";
 
 /** Bump when the output of instrument() changes, so cached modules are rebuilt. */
-export const INSTRUMENTER_VERSION = 1;
+export const INSTRUMENTER_VERSION = 2;
 
 export const HV_MODULE = "cohort_hv";
 export const EXPORT_BOOT = "__cohort_boot";
@@ -271,9 +273,18 @@ function scanMemorySection(bytes: Uint8Array): number[] {
 interface FunctionContext {
   name: string;
   fn: Ref;
-  cache: number; // local: start address of the last page known dirty in this activation
+  cache: number; // local shared by store sites past SITE_CACHES_MAX: start of the last page known dirty
   ptr: number; // local: scratch for a store's address
+  sites: number; // store sites given a cache local of their own so far
 }
+
+/**
+ * Each store site gets its own "last dirty page" local, so two pointers that
+ * alternate between pages (a partition loop, a hash table's buckets and
+ * entries) do not evict each other. Beyond this many sites per function they
+ * share one, to bound the number of locals.
+ */
+const SITE_CACHES_MAX = 8;
 
 class Instrumenter {
   private readonly m: binaryen.Module;
@@ -468,6 +479,7 @@ class Instrumenter {
       fn,
       cache: addVar(fn, T.i32),
       ptr: addVar(fn, T.i32),
+      sites: 0,
     };
     const body = K.Function.getBody(fn);
     const replaced = this.visit(body, ctx);
@@ -575,11 +587,21 @@ class Instrumenter {
   private barrier(ptr: Ref, offset: number, width: number, ctx: FunctionContext): Ref {
     const m = this.m;
     const addr = () => m.i32.add(m.local.get(ctx.ptr, T.i32), m.i32.const(offset | 0));
+    const cache = ctx.sites++ < SITE_CACHES_MAX ? addVar(ctx.fn, T.i32) : ctx.cache;
     return m.block(null, [
       m.local.set(ctx.ptr, ptr),
       m.if(
-        m.i32.ge_u(m.i32.sub(addr(), m.local.get(ctx.cache, T.i32)), m.i32.const(PAGE_BYTES + 1 - width)),
-        m.local.set(ctx.cache, m.call("__cohort_barrier", [addr(), m.i32.const(width)], T.i32)),
+        m.i32.ge_u(m.i32.sub(addr(), m.local.get(cache, T.i32)), m.i32.const(PAGE_BYTES + 1 - width)),
+        // Cache miss: if the page(s) are already dirty this epoch (another site wrote them), only
+        // refresh the cache inline; the call is made only for a page's first write in the epoch.
+        m.if(
+          m.i32.and(
+            m.i32.load8_u(0, 1, m.i32.shr_u(addr(), m.i32.const(PAGE_SHIFT)), this.memoryName),
+            m.i32.load8_u(0, 1, m.i32.shr_u(m.i32.add(addr(), m.i32.const(width - 1)), m.i32.const(PAGE_SHIFT)), this.memoryName),
+          ),
+          m.local.set(cache, m.i32.and(addr(), m.i32.const(~(PAGE_BYTES - 1)))),
+          m.local.set(cache, m.call("__cohort_barrier", [addr(), m.i32.const(width)], T.i32)),
+        ),
       ),
       m.local.get(ctx.ptr, T.i32),
     ], T.i32);
@@ -690,7 +712,7 @@ class Instrumenter {
 const ALWAYS_TRAPS = 0xffffffff;
 
 function shiftedOffset(offset: number): number {
-  const shifted = offset + BASE_BYTES;
+  const shifted = (offset >>> 0) + BASE_BYTES; // binaryen.js getOffset() returns the u32 immediate as a signed i32
   // The original access always trapped too: guest memory is at most 4 GiB - BASE_BYTES.
   return shifted > 0xffffffff ? ALWAYS_TRAPS : shifted;
 }
