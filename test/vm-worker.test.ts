@@ -1,0 +1,145 @@
+/**
+ * The VM runtime across the real worker-thread boundary: typed requests,
+ * crash containment (a trap, a runaway loop, an output flood, a memory grab
+ * each stop one VM and nothing else), promotion of a backup thread, and the
+ * in-process primary/backup pair used by `cohort run`.
+ */
+import { afterEach, describe, expect, it } from "vitest";
+import { decodeDelta, decodeImage } from "../src/checkpoint/format.js";
+import { instrument } from "../src/guest/instrument.js";
+import { compileGuest } from "../src/guest/module-cache.js";
+import { DEFAULT_LIMITS, type VmLimits } from "../src/vm/machine.js";
+import type { GuestBundle, WorkerVmOptions } from "../src/vm/protocol.js";
+import { VmWorker } from "../src/vm/vm.js";
+import { LocalPair } from "../src/protect/local-pair.js";
+import { builtBytes, watBytes } from "./support/guests.js";
+
+const started: VmWorker[] = [];
+afterEach(async () => {
+  await Promise.all(started.splice(0).map((vm) => vm.terminate()));
+});
+
+async function bundle(bytes: Uint8Array): Promise<GuestBundle> {
+  return compileGuest(instrument(bytes));
+}
+
+function opts(limits: Partial<VmLimits> = {}): WorkerVmOptions {
+  return { rank: 0, size: 1, limits: { ...DEFAULT_LIMITS, ...limits }, timers: "manual" };
+}
+
+async function boot(guest: GuestBundle, o = opts()): Promise<VmWorker> {
+  const vm = await VmWorker.boot(guest, o);
+  started.push(vm);
+  return vm;
+}
+
+const HOSTILE = watBytes(`(module
+  (import "cohort" "log" (func $log (param i32 i32) (result i32)))
+  (memory 1 1000)
+  (data (i32.const 0) "x")
+  (func (export "spin") (loop $forever (br $forever)))
+  (func (export "trap") (unreachable))
+  (func (export "flood") (loop $l (drop (call $log (i32.const 0) (i32.const 1))) (br $l)))
+  (func (export "grab") (result i32) (memory.grow (i32.const 900)))
+  (func (export "bump") (result i32) (i32.store (i32.const 8) (i32.add (i32.load (i32.const 8)) (i32.const 1))) (i32.load (i32.const 8))))`);
+
+describe("VM worker", () => {
+  it("kv over the worker boundary: requests, capture, apply on a backup thread, promote, same replies", async () => {
+    const guest = await bundle(builtBytes("kv"));
+    const primary = await boot(guest);
+    const backup = await VmWorker.backup(guest, opts(), null);
+    started.push(backup);
+    await primary.request("request", { session: 1, request_id: 1, payload: Buffer.from("put a 1") });
+    const captured = await primary.capture();
+    expect(decodeDelta(captured.delta).epoch).toBe(captured.epoch); // sealed: decodes with a valid checksum
+    await backup.request("apply", { delta: captured.delta });
+    const released = await primary.request("commit", { epoch: captured.epoch });
+    expect(released.map((r) => Buffer.from(r.bytes).toString())).toEqual(["ok"]);
+    // Uncommitted work on the primary dies with it.
+    await primary.request("request", { session: 1, request_id: 2, payload: Buffer.from("put a 2") });
+    await primary.terminate();
+    const status = await backup.request("promote", {});
+    expect(status.role).toBe("primary");
+    await backup.request("request", { session: 1, request_id: 3, payload: Buffer.from("get a") });
+    const after = await backup.capture();
+    const out = await backup.request("commit", { epoch: after.epoch });
+    expect(out.map((r) => Buffer.from(r.bytes).toString()).at(-1)).toBe("1");
+  });
+
+  it("a trap crashes only that VM, with the trap's message", async () => {
+    const guest = await bundle(HOSTILE);
+    const [bad, good] = [await boot(guest), await boot(guest)];
+    const crashed = new Promise<string>((resolve) => bad.once("crashed", resolve));
+    await expect(bad.request("invoke", { name: "trap", args: [] })).rejects.toThrow(/unreachable/);
+    expect(await crashed).toMatch(/trap: unreachable/);
+    expect((await bad.status()).crashed).toMatch(/unreachable/);
+    await expect(bad.request("invoke", { name: "bump", args: [] })).rejects.toThrow(/crashed/);
+    expect(await good.request("invoke", { name: "bump", args: [] })).toBe(1);
+  });
+
+  it("an infinite loop is stopped by the per-call CPU limit; other VMs keep running", async () => {
+    const guest = await bundle(HOSTILE);
+    const bad = await boot(guest, opts({ call_cpu_ms: 200 }));
+    const good = await boot(guest);
+    const crashed = new Promise<string>((resolve) => bad.once("crashed", resolve));
+    const t0 = Date.now();
+    await expect(bad.request("invoke", { name: "spin", args: [] })).rejects.toThrow(/cpu limit exceeded/);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(await crashed).toMatch(/cpu limit/);
+    expect(bad.goneReason).toMatch(/cpu limit/);
+    expect(await good.request("invoke", { name: "bump", args: [] })).toBe(1);
+  });
+
+  it("unreleased output beyond the limit crashes the VM instead of growing without bound", async () => {
+    const guest = await bundle(HOSTILE);
+    const vm = await boot(guest, opts({ output_bytes_max: 1000 }));
+    await expect(vm.request("invoke", { name: "flood", args: [] })).rejects.toThrow(/output limit exceeded/);
+  });
+
+  it("memory.grow past the VM's memory limit fails in the guest (returns -1)", async () => {
+    const guest = await bundle(HOSTILE);
+    const vm = await boot(guest, opts({ memory_pages_max: 100 }));
+    expect(await vm.request("invoke", { name: "grab", args: [] })).toBe(-1);
+    const roomy = await boot(guest, opts({ memory_pages_max: 1000 }));
+    expect(await roomy.request("invoke", { name: "grab", args: [] })).toBe(1);
+  });
+
+  it("rollback through the worker restores the cut and reports the pages moved", async () => {
+    const guest = await bundle(HOSTILE);
+    const vm = await boot(guest);
+    await vm.request("invoke", { name: "bump", args: [] });
+    const cut = await vm.capture();
+    await vm.request("invoke", { name: "bump", args: [] });
+    await vm.request("invoke", { name: "bump", args: [] });
+    const result = await vm.request("rollback", { epoch: cut.epoch });
+    expect(result.pages_restored).toBe(1);
+    expect(await vm.request("invoke", { name: "bump", args: [] })).toBe(2);
+  });
+});
+
+describe("local primary/backup pair", () => {
+  it("ticker: output released only at commit, contiguous across a failover", async () => {
+    const guest = await bundle(builtBytes("ticker"));
+    const released: string[] = [];
+    const pair = await LocalPair.start(guest, { ...opts(), timers: "auto" }, { onRelease: (r) => released.push(...r.map((x) => Buffer.from(x.bytes).toString().trim())) });
+    try {
+      for (let i = 0; i < 10; i++) {
+        await new Promise((r) => setTimeout(r, 15));
+        await pair.checkpoint();
+      }
+      const before = released.length;
+      const failover = await pair.failover();
+      expect(failover.cut).toBeGreaterThan(0);
+      for (let i = 0; i < 10; i++) {
+        await new Promise((r) => setTimeout(r, 15));
+        await pair.checkpoint();
+      }
+      expect(released.length).toBeGreaterThan(before);
+      expect(released).toEqual(released.map((_, i) => String(i + 1)));
+      const image = decodeImage(await pair.primaryWorker.request("image", {}));
+      expect(image.epoch).toBeGreaterThan(failover.cut);
+    } finally {
+      await pair.stop();
+    }
+  });
+});
