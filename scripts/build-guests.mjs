@@ -7,7 +7,6 @@
 // entry file's directory for examples, the SDK, and this script, which holds
 // the flags). Exits non-zero if any guest fails to compile.
 
-/* global console, process, performance */
 import asc from "assemblyscript/asc";
 import fs from "node:fs";
 import path from "node:path";
