@@ -40,7 +40,7 @@ export class BackupImage {
     const memory = newMemory(guest.info, options.limits, image.memory_pages);
     const bytes = new Uint8Array(memory.buffer);
     for (let i = 0; i < image.page_indices.length; i++) {
-      bytes.set(image.page_data.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES), image.page_indices[i] << PAGE_SHIFT);
+      bytes.set(image.page_data.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES), image.page_indices[i] * PAGE_BYTES);
     }
     return new BackupImage(guest, options, memory, image.epoch, image.globals.slice(), image.runtime_state.slice());
   }
@@ -65,7 +65,7 @@ export class BackupImage {
     const { page_indices, page_data } = delta;
     assert(page_data.length === page_indices.length * PAGE_BYTES, "page data matches page count");
     for (let i = 0; i < page_indices.length; i++) {
-      const at = page_indices[i] << PAGE_SHIFT;
+      const at = page_indices[i] * PAGE_BYTES;
       assert(at + PAGE_BYTES <= bytes.length, `page ${page_indices[i]} inside memory`);
       bytes.set(page_data.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES), at);
     }

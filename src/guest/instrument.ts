@@ -38,7 +38,7 @@ import {
 import { assert } from "../util/assert.js";
 
 /** Bump when the output of instrument() changes, so cached modules are rebuilt. */
-export const INSTRUMENTER_VERSION = 2;
+export const INSTRUMENTER_VERSION = 3;
 
 export const HV_MODULE = "cohort_hv";
 export const EXPORT_BOOT = "__cohort_boot";
@@ -177,6 +177,12 @@ const REFUSED: Record<number, string> = {
   [b.TableGrowId]: "runtime table mutation (table.grow)",
   [b.CallRefId]: "typed function references (call_ref)",
 };
+// binaryen.js exports these ids only as functions.
+const bx = b as unknown as Record<string, () => number>;
+REFUSED[bx._BinaryenTableFillId()] = "runtime table mutation (table.fill)";
+REFUSED[bx._BinaryenTableCopyId()] = "runtime table mutation (table.copy)";
+REFUSED[bx._BinaryenTableInitId()] = "runtime table mutation (table.init)";
+REFUSED[bx._BinaryenElemDropId()] = "runtime table mutation (elem.drop)";
 
 // binaryen.js exposes per-kind accessors as static classes (binaryen.Store.getPtr, ...).
 type Accessor = (expr: Ref, ...args: number[]) => number;
@@ -204,9 +210,17 @@ export function instrument(input: Uint8Array): InstrumentedModule {
     throw new InvalidModuleError("not a valid WebAssembly module");
   }
   checkMemoryDeclarations(bytes);
-  const m = b.readBinary(input);
+  let m: binaryen.Module;
+  try {
+    m = b.readBinary(input);
+  } catch (error) {
+    // Binaryen throws plain objects, not Errors, for inputs it cannot read (e.g. a malformed name section).
+    throw new InvalidModuleError(`module cannot be read: ${(error as { message?: string })?.message ?? String(error)}`);
+  }
   try {
     m.setFeatures(b.Features.All);
+    // Dead code after an unconditional branch is stack-polymorphic; removing it first keeps every rewritten node well-typed.
+    m.runPasses(["dce"]);
     return new Instrumenter(m).run();
   } finally {
     m.dispose();
@@ -289,10 +303,28 @@ const SITE_CACHES_MAX = 8;
 class Instrumenter {
   private readonly m: binaryen.Module;
   private memoryName = "";
+  /** Internal names of what we add, made unique against the guest's own (its name section may use any name). */
+  private readonly names: Record<"first_write" | "barrier" | "bulk_dest" | "bulk_src" | "no_start" | "boot" | "save" | "load", string>;
   private readonly dropFlags = new Map<string, string>(); // data segment -> generated "dropped" global
 
   constructor(m: binaryen.Module) {
     this.m = m;
+    this.names = {
+      first_write: this.fresh("__cohort_first_write"),
+      barrier: this.fresh("__cohort_barrier"),
+      bulk_dest: this.fresh("__cohort_bulk_dest"),
+      bulk_src: this.fresh("__cohort_bulk_src"),
+      no_start: this.fresh("__cohort_no_start"),
+      boot: this.fresh(EXPORT_BOOT),
+      save: this.fresh(EXPORT_SAVE_GLOBALS),
+      load: this.fresh(EXPORT_LOAD_GLOBALS),
+    };
+  }
+
+  private fresh(base: string): string {
+    let name = base;
+    for (let i = 1; this.m.getFunction(name) || this.m.getGlobal(name); i++) name = `${base}_${i}`;
+    return name;
   }
 
   run(): InstrumentedModule {
@@ -403,7 +435,7 @@ class Instrumenter {
   }
 
   private addHypervisorImports(): void {
-    this.m.addFunctionImport("__cohort_first_write", HV_MODULE, "first_write", b.createType([T.i32]), T.none);
+    this.m.addFunctionImport(this.names.first_write, HV_MODULE, "first_write", b.createType([T.i32]), T.none);
   }
 
   /**
@@ -421,14 +453,14 @@ class Instrumenter {
       m.loop(
         "mark",
         m.block(null, [
-          m.if(i32.eqz(i32.load8_u(0, 1, get(first), this.memoryName)), m.call("__cohort_first_write", [get(first)], T.none)),
+          m.if(i32.eqz(i32.load8_u(0, 1, get(first), this.memoryName)), m.call(this.names.first_write, [get(first)], T.none)),
           m.local.set(first, i32.add(get(first), i32.const(1))),
           m.br("mark", i32.le_u(get(first), get(last))),
         ]),
       );
     // params: addr(0) width(1); vars: first(2) last(3)
     m.addFunction(
-      "__cohort_barrier",
+      this.names.barrier,
       b.createType([T.i32, T.i32]),
       T.i32,
       [T.i32, T.i32],
@@ -447,7 +479,7 @@ class Instrumenter {
       m.i64.const(BigInt(BASE_BYTES) as unknown as number),
     );
     m.addFunction(
-      "__cohort_bulk_dest",
+      this.names.bulk_dest,
       b.createType([T.i32, T.i32]),
       T.none,
       [T.i32, T.i32],
@@ -465,7 +497,7 @@ class Instrumenter {
       m.i64.const(BigInt(BASE_BYTES) as unknown as number),
     );
     m.addFunction(
-      "__cohort_bulk_src",
+      this.names.bulk_src,
       b.createType([T.i32, T.i32]),
       T.none,
       [],
@@ -552,20 +584,20 @@ class Instrumenter {
       case b.MemoryFillId: {
         const [d, n] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32)];
         K.MemoryFill.setDest(e, this.shiftedTee(d, K.MemoryFill.getDest(e)));
-        K.MemoryFill.setSize(e, this.checkedSize(n, K.MemoryFill.getSize(e), [["__cohort_bulk_dest", d]]));
+        K.MemoryFill.setSize(e, this.checkedSize(n, K.MemoryFill.getSize(e), [[this.names.bulk_dest, d]]));
         return e;
       }
       case b.MemoryCopyId: {
         const [d, s, n] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32)];
         K.MemoryCopy.setDest(e, this.shiftedTee(d, K.MemoryCopy.getDest(e)));
         K.MemoryCopy.setSource(e, this.shiftedTee(s, K.MemoryCopy.getSource(e)));
-        K.MemoryCopy.setSize(e, this.checkedSize(n, K.MemoryCopy.getSize(e), [["__cohort_bulk_src", s], ["__cohort_bulk_dest", d]]));
+        K.MemoryCopy.setSize(e, this.checkedSize(n, K.MemoryCopy.getSize(e), [[this.names.bulk_src, s], [this.names.bulk_dest, d]]));
         return e;
       }
       case b.MemoryInitId: {
         const [d, n] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, T.i32)];
         K.MemoryInit.setDest(e, this.shiftedTee(d, K.MemoryInit.getDest(e)));
-        K.MemoryInit.setSize(e, this.checkedSize(n, K.MemoryInit.getSize(e), [["__cohort_bulk_dest", d]]));
+        K.MemoryInit.setSize(e, this.checkedSize(n, K.MemoryInit.getSize(e), [[this.names.bulk_dest, d]]));
         return e;
       }
       case b.DataDropId: {
@@ -600,7 +632,7 @@ class Instrumenter {
             m.i32.load8_u(0, 1, m.i32.shr_u(m.i32.add(addr(), m.i32.const(width - 1)), m.i32.const(PAGE_SHIFT)), this.memoryName),
           ),
           m.local.set(cache, m.i32.and(addr(), m.i32.const(~(PAGE_BYTES - 1)))),
-          m.local.set(cache, m.call("__cohort_barrier", [addr(), m.i32.const(width)], T.i32)),
+          m.local.set(cache, m.call(this.names.barrier, [addr(), m.i32.const(width)], T.i32)),
         ),
       ),
       m.local.get(ctx.ptr, T.i32),
@@ -623,7 +655,7 @@ class Instrumenter {
   private dropFlag(segment: string): string {
     let flag = this.dropFlags.get(segment);
     if (!flag) {
-      flag = `__cohort_dropped_${this.dropFlags.size}`;
+      flag = this.fresh(`__cohort_dropped_${this.dropFlags.size}`);
       this.m.addGlobal(flag, T.i32, true, this.m.i32.const(0));
       this.dropFlags.set(segment, flag);
     }
@@ -661,7 +693,7 @@ class Instrumenter {
     const m = this.m;
     const body: Ref[] = [];
     for (const seg of active) {
-      body.push(m.call("__cohort_bulk_dest", [m.i32.const(seg.offset), m.i32.const(seg.bytes)], T.none));
+      body.push(m.call(this.names.bulk_dest, [m.i32.const(seg.offset), m.i32.const(seg.bytes)], T.none));
       body.push(m.memory.init(seg.name, m.i32.const((seg.offset + BASE_BYTES) | 0), m.i32.const(0), m.i32.const(seg.bytes), this.memoryName));
       body.push(m.data.drop(seg.name));
       body.push(m.global.set(this.dropFlag(seg.name), m.i32.const(1)));
@@ -670,10 +702,10 @@ class Instrumenter {
     if (start) {
       body.push(m.call(K.Function.getName(start), [], T.none));
       // Instantiation must not run the guest's start again on restore: an empty start replaces it.
-      m.setStart(m.addFunction("__cohort_no_start", T.none, T.none, [], m.nop()));
+      m.setStart(m.addFunction(this.names.no_start, T.none, T.none, [], m.nop()));
     }
-    m.addFunction(EXPORT_BOOT, T.none, T.none, [], m.block(null, body.length ? body : [m.nop()]));
-    m.addFunctionExport(EXPORT_BOOT, EXPORT_BOOT);
+    m.addFunction(this.names.boot, T.none, T.none, [], m.block(null, body.length ? body : [m.nop()]));
+    m.addFunctionExport(this.names.boot, EXPORT_BOOT);
   }
 
   /** Bit-exact copies of every mutable global to/from 16-byte slots of the globals save area. */
@@ -700,10 +732,10 @@ class Instrumenter {
     for (const [segment, flag] of this.dropFlags) {
       load.push(m.if(m.global.get(flag, T.i32), m.data.drop(segment)));
     }
-    m.addFunction(EXPORT_SAVE_GLOBALS, T.none, T.none, [], m.block(null, save.length ? save : [m.nop()]));
-    m.addFunction(EXPORT_LOAD_GLOBALS, T.none, T.none, [], m.block(null, load.length ? load : [m.nop()]));
-    m.addFunctionExport(EXPORT_SAVE_GLOBALS, EXPORT_SAVE_GLOBALS);
-    m.addFunctionExport(EXPORT_LOAD_GLOBALS, EXPORT_LOAD_GLOBALS);
+    m.addFunction(this.names.save, T.none, T.none, [], m.block(null, save.length ? save : [m.nop()]));
+    m.addFunction(this.names.load, T.none, T.none, [], m.block(null, load.length ? load : [m.nop()]));
+    m.addFunctionExport(this.names.save, EXPORT_SAVE_GLOBALS);
+    m.addFunctionExport(this.names.load, EXPORT_LOAD_GLOBALS);
     return globals.map(({ name, type }) => ({ name, type }));
   }
 }

@@ -22,7 +22,7 @@ export class UndoLog {
     const chunkIndex = Math.floor(slot / UNDO_CHUNK_PAGES);
     if (chunkIndex === this.chunks.length) this.chunks.push(new Uint8Array(UNDO_CHUNK_PAGES * PAGE_BYTES));
     const at = (slot % UNDO_CHUNK_PAGES) * PAGE_BYTES;
-    const from = page << PAGE_SHIFT;
+    const from = page * PAGE_BYTES;
     this.chunks[chunkIndex].set(memory.subarray(from, from + PAGE_BYTES), at);
     this.pages.push(page);
   }
@@ -34,7 +34,8 @@ export class UndoLog {
       const chunk = this.chunks[Math.floor(slot / UNDO_CHUNK_PAGES)];
       const at = (slot % UNDO_CHUNK_PAGES) * PAGE_BYTES;
       // A page beyond the current size belongs to memory that a rollback across memory.grow discards.
-      if ((page << PAGE_SHIFT) + PAGE_BYTES <= memory.length) memory.set(chunk.subarray(at, at + PAGE_BYTES), page << PAGE_SHIFT);
+      // page * PAGE_BYTES, not a shift: page numbers above 2^19 would turn negative.
+      if (page * PAGE_BYTES + PAGE_BYTES <= memory.length) memory.set(chunk.subarray(at, at + PAGE_BYTES), page * PAGE_BYTES);
     }
   }
 
@@ -66,7 +67,7 @@ export class DirtyTracker {
   readonly firstWrite = (page: number): void => {
     const mem = this.bytes();
     // Out-of-range pages come from accesses that are about to trap; the hypervisor region is never guest-written.
-    if (page < FIRST_GUEST_PAGE || page << PAGE_SHIFT >= mem.length || page >= DIRTY_MAP_BYTES) return;
+    if (page < FIRST_GUEST_PAGE || page * PAGE_BYTES >= mem.length || page >= DIRTY_MAP_BYTES) return;
     if (mem[page] !== 0) return;
     mem[page] = 1;
     if (this.count === this.dirty.length) {

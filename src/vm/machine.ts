@@ -137,7 +137,7 @@ export class VmCore implements AbiHost {
     const memory = newMemory(guest.info, options.limits, image.memory_pages);
     const bytes = new Uint8Array(memory.buffer);
     for (let i = 0; i < image.page_indices.length; i++) {
-      bytes.set(image.page_data.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES), image.page_indices[i] << PAGE_SHIFT);
+      bytes.set(image.page_data.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES), image.page_indices[i] * PAGE_BYTES);
     }
     return VmCore.resume(guest, options, memory, image.globals, image.runtime_state, image.epoch);
   }
@@ -298,7 +298,7 @@ export class VmCore implements AbiHost {
     const mem = this.tracker.bytes();
     regions.page_indices.set(pages);
     for (let i = 0; i < pages.length; i++) {
-      const from = pages[i] << PAGE_SHIFT;
+      const from = pages[i] * PAGE_BYTES;
       regions.page_data.set(mem.subarray(from, from + PAGE_BYTES), i * PAGE_BYTES);
     }
     regions.globals.set(globals);
