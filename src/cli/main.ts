@@ -8,6 +8,7 @@ import { CHECKPOINT_BENCH_DEFAULTS, formatCheckpointReport, runCheckpointBench }
 import { instrument } from "../guest/instrument.js";
 import { resolveGuest } from "../guest/examples.js";
 import { runGuest } from "./run.js";
+import { registerClusterCommands } from "./cluster-commands.js";
 
 const int = (name: string) => (value: string) => {
   const n = Number(value);
@@ -56,6 +57,8 @@ program
     if (opts.output) await writeFile(opts.output, result.wasm);
     console.log(JSON.stringify({ bytes: result.wasm.length, ...result.info }, null, 2));
   });
+
+registerClusterCommands(program);
 
 const bench = program.command("bench").description("benchmarks (print JSON with --json)");
 bench

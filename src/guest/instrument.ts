@@ -37,34 +37,18 @@ import {
 } from "../vm/layout.js";
 import { assert } from "../util/assert.js";
 
-/** Bump when the output of instrument() changes, so cached modules are rebuilt. */
-export const INSTRUMENTER_VERSION = 3;
+import {
+  EXPORT_BOOT,
+  EXPORT_LOAD_GLOBALS,
+  EXPORT_SAVE_GLOBALS,
+  HV_MODULE,
+  INSTRUMENTER_VERSION,
+  type InstrumentedModule,
+  type ModuleInfo,
+  type ValueTypeName,
+} from "./module-info.js";
 
-export const HV_MODULE = "cohort_hv";
-export const EXPORT_BOOT = "__cohort_boot";
-export const EXPORT_SAVE_GLOBALS = "__cohort_save_globals";
-export const EXPORT_LOAD_GLOBALS = "__cohort_load_globals";
-
-export type ValueTypeName = "i32" | "i64" | "f32" | "f64" | "v128";
-
-export interface ModuleInfo {
-  abi_version: 1;
-  instrumenter_version: number;
-  /** Guest's own memory, in 64 KiB pages (hypervisor region excluded). */
-  guest_initial_pages: number;
-  guest_maximum_pages: number;
-  /** Saved in this order, one 16-byte slot each, at GLOBALS_OFFSET. */
-  mutable_globals: { name: string; type: ValueTypeName }[];
-  /** Function exports of the guest (start, message, request, timer, cohort_inbox, ...). */
-  exports: string[];
-  /** "module.name" of every function import. */
-  imports: string[];
-}
-
-export interface InstrumentedModule {
-  wasm: Uint8Array;
-  info: ModuleInfo;
-}
+export { INSTRUMENTER_VERSION, type InstrumentedModule, type ModuleInfo } from "./module-info.js";
 
 type Ref = number;
 const b = binaryen;

@@ -8,7 +8,8 @@
 import { createHash } from "node:crypto";
 import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { instrument, INSTRUMENTER_VERSION, type InstrumentedModule, type ModuleInfo } from "./instrument.js";
+import { INSTRUMENTER_VERSION, type InstrumentedModule, type ModuleInfo } from "./module-info.js";
+import { instrumentOffThread } from "./instrument-worker.js";
 import type { GuestModule } from "../vm/machine.js";
 
 export function sha256(bytes: Uint8Array): Uint8Array {
@@ -17,7 +18,7 @@ export function sha256(bytes: Uint8Array): Uint8Array {
 
 /** Instruments `wasm`, reusing a cached result in `cache_dir` when there is one. */
 export async function instrumentCached(wasm: Uint8Array, cache_dir: string | null): Promise<InstrumentedModule> {
-  if (!cache_dir) return instrument(wasm);
+  if (!cache_dir) return instrumentOffThread(wasm);
   const key = `${Buffer.from(sha256(wasm)).toString("hex")}-v${INSTRUMENTER_VERSION}`;
   const wasmPath = join(cache_dir, `${key}.wasm`);
   const infoPath = join(cache_dir, `${key}.json`);
@@ -27,7 +28,7 @@ export async function instrumentCached(wasm: Uint8Array, cache_dir: string | nul
   } catch {
     // Not cached yet (or a partial entry): instrument and write it.
   }
-  const result = instrument(wasm);
+  const result = await instrumentOffThread(wasm);
   await mkdir(cache_dir, { recursive: true });
   // Write-then-rename so a concurrent reader never sees half a file.
   const tmp = `.${process.pid}-${Date.now()}`;

@@ -17,7 +17,7 @@ import {
   type OutputRecord,
   type RuntimeState,
 } from "./runtime-state.js";
-import { EXPORT_BOOT, EXPORT_LOAD_GLOBALS, EXPORT_SAVE_GLOBALS, HV_MODULE, type ModuleInfo } from "../guest/instrument.js";
+import { EXPORT_BOOT, EXPORT_LOAD_GLOBALS, EXPORT_SAVE_GLOBALS, HV_MODULE, type ModuleInfo } from "../guest/module-info.js";
 import { deltaByteLength, layoutDelta, type ImageParts } from "../checkpoint/format.js";
 import { assert } from "../util/assert.js";
 
@@ -433,7 +433,7 @@ export class VmCore implements AbiHost {
       // Unbounded held-back output would let one guest exhaust its host; the VM stops instead.
       throw new Error(`output limit exceeded: ${this.state.output_bytes + bytes.length} bytes unreleased > ${this.options.limits.output_bytes_max}`);
     }
-    this.state.output.push({ kind, epoch: this.state.epoch, seq: this.state.output_seq++, session, request_id, bytes });
+    this.state.output.push({ kind, epoch: this.state.epoch, seq: this.state.output_seq++, session, request_id, bytes, produced_ms: this.options.now() });
     this.state.output_bytes += bytes.length;
     return E_OK;
   }

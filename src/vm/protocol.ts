@@ -3,7 +3,7 @@
  * sandbox boundary, in one file. Binary payloads (deltas, images, request
  * bodies) cross as Uint8Array and are transferred, never copied through JSON.
  */
-import type { ModuleInfo } from "../guest/instrument.js";
+import type { ModuleInfo } from "../guest/module-info.js";
 import type { OutputRecord } from "./runtime-state.js";
 import type { OutboxMessage, VmLimits } from "./machine.js";
 

@@ -23,6 +23,8 @@ export interface OutputRecord {
   session: number;
   request_id: number;
   bytes: Uint8Array;
+  /** Wall clock when the guest produced it: release latency = release time - this. */
+  produced_ms: number;
 }
 
 export interface RuntimeState {

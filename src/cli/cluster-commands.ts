@@ -1,0 +1,186 @@
+/**
+ * Commands that run or talk to a cluster: host, up, down, deploy, status,
+ * logs, demo.
+ */
+import { type Command, InvalidArgumentError } from "commander";
+import { readFile } from "node:fs/promises";
+import { resolve } from "node:path";
+import { defaultStateDir, down, up } from "../cluster/local-cluster.js";
+import { loadManifest } from "../cluster/manifest.js";
+import { Host, HOST_DEFAULTS } from "../host/host.js";
+import type { GroupRecord, VmRecord } from "../host/records.js";
+import { EmbeddedStore } from "../store/embedded.js";
+import { clusterOrFail, LogFollower, requestAny } from "./client.js";
+import { hostCommand, runDemo } from "./demo.js";
+
+const int = (name: string) => (value: string) => {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`${name} must be a non-negative integer`);
+  return n;
+};
+
+export function registerClusterCommands(program: Command): void {
+  const stateOption = (c: Command) => c.option("--state-dir <dir>", "cluster state directory (default: $COHORT_STATE_DIR or ./.cohort)");
+  const stateDir = (opts: { stateDir?: string }) => resolve(opts.stateDir ?? defaultStateDir());
+
+  stateOption(
+    program
+      .command("host")
+      .description("run one host daemon (normally started by `cohort up`)")
+      .requiredOption("--id <id>", "host id, e.g. h1")
+      .option("--listen <address>", "address to listen on", "127.0.0.1")
+      .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
+      .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
+      .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms),
+  ).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; stateDir?: string }) => {
+    const state_dir = stateDir(opts);
+    const host = new Host(
+      { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs },
+      new EmbeddedStore(state_dir),
+    );
+    const shutdown = (signal: string) => {
+      host.log.info({ signal }, "shutting down");
+      host.stop().then(
+        () => process.exit(0),
+        () => process.exit(1),
+      );
+    };
+    process.once("SIGTERM", () => shutdown("SIGTERM"));
+    process.once("SIGINT", () => shutdown("SIGINT"));
+    await host.start();
+  });
+
+  stateOption(
+    program
+      .command("up")
+      .description("start a local cluster of host processes on loopback; returns once they are ready")
+      .option("--hosts <n>", "number of hosts", int("--hosts"), 3)
+      .option("--detect-ms <ms>", "failure detection timeout of each host", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+      .option("--json", "print the cluster as JSON"),
+  ).action(async (opts: { hosts: number; detectMs: number; json?: boolean; stateDir?: string }) => {
+    const cluster = await up({ hosts: opts.hosts, state_dir: stateDir(opts), host_command: hostCommand(), extra_args: ["--detect-ms", String(opts.detectMs)] });
+    if (opts.json) console.log(JSON.stringify(cluster));
+    else for (const h of cluster.hosts) console.log(`${h.id}  ${h.address}  pid ${h.pid}`);
+  });
+
+  stateOption(program.command("down").description("stop exactly the host processes `cohort up` started (by pid)")).action(async (opts: { stateDir?: string }) => {
+    const result = await down({ state_dir: stateDir(opts) });
+    console.log(`stopped ${result.stopped.length} host(s)${result.already_gone.length ? `, ${result.already_gone.length} already gone` : ""}`);
+  });
+
+  stateOption(
+    program
+      .command("deploy")
+      .description("deploy a group from a YAML or JSON manifest")
+      .argument("<manifest>", "manifest file")
+      .option("--json", "print the placement as JSON"),
+  ).action(async (file: string, opts: { json?: boolean; stateDir?: string }) => {
+    const manifest = await loadManifest(file);
+    const cluster = await clusterOrFail(stateDir(opts));
+    const result = await requestAny<{ group: string; vms: VmRecord[] }>(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
+    if (opts.json) console.log(JSON.stringify(result));
+    else for (const vm of result.vms) console.log(`${vm.vm}  primary ${vm.primary}  backup ${vm.backup ?? "-"}  mode ${vm.mode}`);
+  });
+
+  stateOption(program.command("status").description("hosts, groups, VMs and where each replica is").option("--json", "print JSON")).action(
+    async (opts: { json?: boolean; stateDir?: string }) => {
+      const state_dir = stateDir(opts);
+      const cluster = await clusterOrFail(state_dir);
+      const store = new EmbeddedStore(state_dir);
+      const [groups, vms] = await Promise.all([store.list<GroupRecord>("groups/"), store.list<VmRecord>("vms/")]);
+      await store.close();
+      const hosts = await Promise.all(
+        cluster.hosts.map(async (h) => {
+          try {
+            return { ...h, up: true, status: await requestAny<HostStatus>(cluster, "status", {}, undefined, h.id) };
+          } catch {
+            return { ...h, up: false, status: null };
+          }
+        }),
+      );
+      const report = {
+        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up })),
+        groups: groups.map((g) => ({
+          group: g.value.group,
+          mode: g.value.mode,
+          vms: vms
+            .filter((v) => v.value.group === g.value.group)
+            .map((v) => {
+              const primary = hosts.find((h) => h.id === v.value.primary)?.status?.primaries.find((p) => p.vm === v.value.vm);
+              const healthy = !!primary?.protected || v.value.mode === "none";
+              return {
+                vm: v.value.vm,
+                primary: v.value.primary,
+                backup: primary?.backup ?? v.value.backup,
+                incarnation: v.value.incarnation,
+                epoch: primary?.epochs ?? null,
+                committed: primary?.committed ?? null,
+                released_seq: primary?.released_seq ?? null,
+                health: primary ? (healthy ? "healthy" : "degraded") : "unreachable",
+              };
+            }),
+        })),
+      };
+      if (opts.json) {
+        console.log(JSON.stringify(report));
+        return;
+      }
+      console.log("HOSTS");
+      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? "up" : "DOWN"}`);
+      for (const g of report.groups) {
+        console.log(`GROUP ${g.group} (mode ${g.mode})`);
+        for (const v of g.vms) {
+          console.log(`  ${v.vm}  primary ${v.primary}  backup ${v.backup ?? "-"}  epoch ${v.epoch ?? "?"}  committed ${v.committed ?? "?"}  incarnation ${v.incarnation}  ${v.health}`);
+        }
+      }
+    },
+  );
+
+  stateOption(
+    program
+      .command("logs")
+      .description("show a VM's released output (only output whose checkpoint committed)")
+      .argument("<vm>", "VM name, e.g. ticker-0")
+      .option("--follow", "keep following, across failovers")
+      .option("--from <seq>", "first output sequence number", int("--from"), 1),
+  ).action(async (vm: string, opts: { follow?: boolean; from: number; stateDir?: string }) => {
+    const state_dir = stateDir(opts);
+    const follower = new LogFollower(state_dir, vm, opts.from, (r) => process.stdout.write(r.text.endsWith("\n") ? r.text : `${r.text}\n`), (line) => console.error(line));
+    if (!opts.follow) {
+      // One pass: print what the primary has, then stop.
+      setTimeout(() => follower.stop(), 300);
+    } else {
+      process.once("SIGINT", () => follower.stop());
+    }
+    await follower.run();
+  });
+
+  program
+    .command("demo")
+    .description("start a 3-host local cluster, deploy a guest, kill -9 its primary's host, check the released output")
+    .option("--scenario <name>", "ticker", "ticker")
+    .option("--hosts <n>", "hosts in the cluster", int("--hosts"), 3)
+    .option("--detect-ms <ms>", "failure detection timeout", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+    .option("--json", "print one JSON object")
+    .action(async (opts: { scenario: string; hosts: number; detectMs: number; json?: boolean }) => {
+      if (opts.scenario !== "ticker") throw new InvalidArgumentError(`unknown scenario ${opts.scenario} (available: ticker)`);
+      const report = await runDemo(
+        { scenario: "ticker", hosts: opts.hosts, run_before_kill_ms: 1500, run_after_kill_ms: 1500, detect_ms: opts.detectMs, interval_ms: 20 },
+        (line) => {
+          if (!opts.json) console.log(line);
+        },
+      );
+      if (opts.json) console.log(JSON.stringify(report));
+      else {
+        console.log(`released ${report.released} outputs; lost ${report.lost}, duplicated ${report.duplicated}; failover ${report.failover_ms} ms (detection timeout ${report.detect_ms} ms)`);
+        console.log(`release latency (produced → released): p50 ${report.release_latency_ms_p50} ms, p99 ${report.release_latency_ms_p99} ms at ${report.interval_ms} ms epochs`);
+        for (const [check, ok] of Object.entries(report.checks)) console.log(`  ${ok ? "ok  " : "FAIL"} ${check}`);
+      }
+      if (!Object.values(report.checks).every(Boolean)) process.exitCode = 1;
+    });
+}
+
+interface HostStatus {
+  id: string;
+  primaries: { vm: string; backup: string | null; protected: boolean; epochs: number; committed: number; released_seq: number }[];
+}

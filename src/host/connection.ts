@@ -1,0 +1,146 @@
+/**
+ * One TCP connection carrying peer frames, either direction. A malformed or
+ * oversized frame (or a message that does not parse) closes this connection
+ * with a logged reason; nothing else is affected.
+ */
+import { connect, type Socket } from "node:net";
+import { EventEmitter } from "node:events";
+import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES_DEFAULT } from "../transport/frame.js";
+import { decodePayload, encodePayload, MSG, type Reply, type Request } from "./messages.js";
+
+export interface ConnectionEvents {
+  message: [type: number, header: Record<string, unknown>, body: Uint8Array];
+  close: [reason: string];
+}
+
+/** Bytes queued in the socket before we stop sending: a slow peer costs memory up to this, not more. */
+export const SEND_BUFFER_MAX_BYTES = 256 * 1024 * 1024;
+export const REQUEST_TIMEOUT_MS_DEFAULT = 30_000;
+
+export class Connection extends EventEmitter<ConnectionEvents> {
+  private readonly decoder: FrameDecoder;
+  private closed: string | null = null;
+  private nextRequestId = 1;
+  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+
+  constructor(
+    readonly socket: Socket,
+    readonly label: string,
+    max_frame_bytes = MAX_FRAME_BYTES_DEFAULT,
+  ) {
+    super();
+    this.decoder = new FrameDecoder({ max_frame_bytes });
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    socket.on("error", (error) => this.close(`socket error: ${error.message}`));
+    socket.on("close", () => this.close("peer closed the connection"));
+  }
+
+  static open(address: string, label: string, timeout_ms = 2000): Promise<Connection> {
+    const [host, port] = splitAddress(address);
+    return new Promise((resolve, reject) => {
+      const socket = connect({ host, port });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`connect to ${address} timed out after ${timeout_ms} ms`));
+      }, timeout_ms);
+      socket.once("connect", () => {
+        clearTimeout(timer);
+        resolve(new Connection(socket, label));
+      });
+      socket.once("error", (error) => {
+        clearTimeout(timer);
+        reject(error);
+      });
+    });
+  }
+
+  get isClosed(): boolean {
+    return this.closed !== null;
+  }
+
+  get closeReason(): string | null {
+    return this.closed;
+  }
+
+  send(type: number, header: unknown, body?: Uint8Array): boolean {
+    if (this.closed) return false;
+    if (this.socket.writableLength > SEND_BUFFER_MAX_BYTES) {
+      this.close(`send buffer above ${SEND_BUFFER_MAX_BYTES} bytes: peer too slow`);
+      return false;
+    }
+    const parts = encodeFrame(type, encodePayload(header, body));
+    this.socket.cork();
+    for (const part of parts) this.socket.write(part);
+    this.socket.uncork();
+    return true;
+  }
+
+  /** A request/reply exchange (control plane). */
+  request<T>(op: string, args: Record<string, unknown>, body?: Uint8Array, timeout_ms = REQUEST_TIMEOUT_MS_DEFAULT): Promise<T> {
+    if (this.closed) return Promise.reject(new Error(`${this.label}: connection closed (${this.closed})`));
+    const id = this.nextRequestId++;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new Error(`${this.label}: ${op} timed out after ${timeout_ms} ms`));
+      }, timeout_ms);
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
+      this.send(MSG.REQUEST, { id, op, args } satisfies Request, body);
+    });
+  }
+
+  reply(id: number, result: { ok: true; value: unknown } | { ok: false; error: { code: string; message: string } }): void {
+    this.send(MSG.REPLY, { id, ...result } satisfies Reply);
+  }
+
+  close(reason: string): void {
+    if (this.closed) return;
+    this.closed = reason;
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(new Error(`${this.label}: connection closed (${reason})`));
+    }
+    this.pending.clear();
+    this.socket.destroy();
+    this.emit("close", reason);
+  }
+
+  private onData(chunk: Buffer): void {
+    let frames;
+    try {
+      frames = this.decoder.push(chunk);
+    } catch (error) {
+      this.close(`malformed frame: ${(error as Error).message}`);
+      return;
+    }
+    for (const frame of frames) {
+      if (this.closed) return;
+      let decoded;
+      try {
+        decoded = decodePayload<Record<string, unknown>>(frame.payload);
+      } catch (error) {
+        this.close(`malformed message: ${(error as Error).message}`);
+        return;
+      }
+      if (frame.type === MSG.REPLY) {
+        const reply = decoded.header as unknown as Reply;
+        const pending = this.pending.get(reply.id);
+        if (!pending) continue;
+        this.pending.delete(reply.id);
+        clearTimeout(pending.timer);
+        if (reply.ok) pending.resolve(reply.value);
+        else pending.reject(Object.assign(new Error(reply.error?.message ?? "request failed"), { code: reply.error?.code }));
+        continue;
+      }
+      this.emit("message", frame.type, decoded.header, decoded.body);
+    }
+  }
+}
+
+export function splitAddress(address: string): [string, number] {
+  const i = address.lastIndexOf(":");
+  const port = Number(address.slice(i + 1));
+  if (i <= 0 || !Number.isInteger(port) || port <= 0 || port > 65535) throw new Error(`bad address "${address}" (want host:port)`);
+  return [address.slice(0, i), port];
+}

@@ -1,0 +1,62 @@
+/**
+ * Placement and start of a group, run by whichever host the CLI asked. Every
+ * VM gets its primary and its backup on two different live hosts; the records
+ * are created in the store first (create-only), then each primary host is
+ * told to start its VM, which installs its own backup.
+ */
+import type { Manifest } from "../cluster/manifest.js";
+import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
+import type { Host } from "./host.js";
+
+export class DeployError extends Error {
+  override name = "DeployError";
+  constructor(
+    readonly code: "GroupExists" | "NotEnoughHosts",
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export async function deployGroup(host: Host, manifest: Manifest, module: Uint8Array): Promise<{ group: string; vms: VmRecord[] }> {
+  const hosts = host.liveHosts();
+  const protectedMode = manifest.mode !== "none";
+  if (protectedMode && hosts.length < 2) {
+    throw new DeployError("NotEnoughHosts", `mode ${manifest.mode} needs a primary and a backup on different hosts; ${hosts.length} live host(s)`);
+  }
+  const group: GroupRecord = {
+    group: manifest.group,
+    mode: manifest.mode,
+    size: manifest.size,
+    vms: Array.from({ length: manifest.size }, (_, r) => vmName(manifest.group, r)),
+    module: manifest.module,
+    deployed_at_ms: Date.now(),
+  };
+  if ((await host.store.cas(groupKey(manifest.group), 0, group)) === null) {
+    throw new DeployError("GroupExists", `group ${manifest.group} is already deployed`);
+  }
+  // Spread primaries round-robin from a group-dependent offset; the backup is the next host.
+  const offset = [...manifest.group].reduce((s, c) => s + c.charCodeAt(0), 0) % hosts.length;
+  const records: VmRecord[] = group.vms.map((vm, rank) => ({
+    vm,
+    group: manifest.group,
+    rank,
+    mode: manifest.mode,
+    primary: hosts[(offset + rank) % hosts.length],
+    backup: protectedMode ? hosts[(offset + rank + 1) % hosts.length] : null,
+    incarnation: 1,
+    health: protectedMode ? "healthy" : "degraded",
+    interval_ms: manifest.epoch.interval_ms,
+    limits: manifest.limits,
+    size: manifest.size,
+  }));
+  for (const record of records) await host.store.put(vmKey(record.vm), record);
+  await Promise.all(
+    records.map(async (record) => {
+      if (record.primary === host.id) return host.startPrimary(record, module);
+      const connection = await host.peerConnection(record.primary);
+      return connection.request("start_primary", { record }, module);
+    }),
+  );
+  return { group: manifest.group, vms: records };
+}

@@ -1,0 +1,434 @@
+/**
+ * The `cohort host` daemon: one per machine (several on loopback for a local
+ * cluster). It listens for peer frames on one TCP port, heartbeats every other
+ * host, runs the primaries and backups placed on it, and takes over the VMs
+ * whose primary host died: the decision is a compare-and-swap of the VM's
+ * record in the coordination store, so exactly one backup is ever promoted.
+ */
+import { createServer, type Server, type Socket } from "node:net";
+import { pino, type Logger } from "pino";
+import { join } from "node:path";
+import { Connection } from "./connection.js";
+import { MSG, type Heartbeat, type Request, type VmMessage } from "./messages.js";
+import { ProtectedPrimary } from "./primary.js";
+import { BackupReplica } from "./backup.js";
+import { OutputLog } from "./output-log.js";
+import { hostKey, vmKey, type VmRecord } from "./records.js";
+import { deployGroup } from "./deploy.js";
+import type { CoordinationStore, Versioned } from "../store/store.js";
+import type { HostRecord } from "../cluster/local-cluster.js";
+import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
+import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
+import { VmWorker } from "../vm/vm.js";
+import { DEFAULT_LIMITS, type VmLimits } from "../vm/machine.js";
+import type { Manifest } from "../cluster/manifest.js";
+
+export interface HostOptions {
+  id: string;
+  listen_host: string;
+  port: number;
+  state_dir: string;
+  /** Interval between heartbeats to each peer. */
+  heartbeat_ms: number;
+  /** A peer silent for this long is considered failed. */
+  detect_ms: number;
+}
+
+export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300 };
+
+interface Peer {
+  id: string;
+  address: string;
+  out: Connection | null;
+  connecting: boolean;
+  last_seen_ms: number;
+  failed: boolean;
+}
+
+export class Host {
+  private server!: Server;
+  private address = "";
+  readonly log: Logger;
+  private readonly peers = new Map<string, Peer>();
+  private readonly incoming = new Set<Connection>();
+  readonly primaries = new Map<string, ProtectedPrimary>();
+  readonly backups = new Map<string, BackupReplica>();
+  private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
+  private timers: NodeJS.Timeout[] = [];
+  private stopping = false;
+
+  constructor(
+    readonly options: HostOptions,
+    readonly store: CoordinationStore,
+  ) {
+    this.log = pino({ base: { host: options.id } });
+  }
+
+  get id(): string {
+    return this.options.id;
+  }
+
+  async start(): Promise<void> {
+    this.server = createServer((socket) => this.accept(socket));
+    await new Promise<void>((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen(this.options.port, this.options.listen_host, () => resolve());
+    });
+    const addr = this.server.address();
+    if (!addr || typeof addr === "string") throw new Error("server has no TCP address");
+    this.address = `${this.options.listen_host}:${addr.port}`;
+    const record: HostRecord = { id: this.id, address: this.address, pid: process.pid, started_at_ms: Date.now() };
+    await this.store.put(hostKey(this.id), record);
+    this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
+    this.timers.push(setInterval(() => void this.refreshPeers(), 250));
+    this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
+    await this.refreshPeers();
+    this.log.info({ address: this.address, pid: process.pid }, "host listening");
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    for (const t of this.timers) clearInterval(t);
+    for (const p of this.primaries.values()) p.stop();
+    await Promise.all([...this.primaries.values()].map((p) => p.vm.terminate()));
+    await Promise.all([...this.backups.values()].map((b) => b.stop()));
+    for (const peer of this.peers.values()) peer.out?.close("host stopping");
+    for (const c of this.incoming) c.close("host stopping");
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await this.store.close();
+    this.log.info("host stopped");
+  }
+
+  // ---- peers and failure detection -------------------------------------------------
+
+  private accept(socket: Socket): void {
+    const connection = new Connection(socket, `in:${socket.remoteAddress}:${socket.remotePort}`);
+    this.incoming.add(connection);
+    connection.on("close", (reason) => {
+      this.incoming.delete(connection);
+      if (!this.stopping && !reason.startsWith("peer closed")) this.log.warn({ connection: connection.label, reason }, "connection closed");
+    });
+    connection.on("message", (type, header, body) => {
+      this.onMessage(connection, type, header, body).catch((error: Error) => {
+        this.log.error({ err: error, type }, "message handling failed");
+      });
+    });
+  }
+
+  private async refreshPeers(): Promise<void> {
+    if (this.stopping) return;
+    let hosts: Versioned<HostRecord>[];
+    try {
+      hosts = await this.store.list<HostRecord>("hosts/");
+    } catch (error) {
+      this.log.warn({ err: error }, "store unavailable");
+      return;
+    }
+    for (const { value } of hosts) {
+      if (value.id === this.id) continue;
+      let peer = this.peers.get(value.id);
+      if (!peer || peer.address !== value.address) {
+        peer?.out?.close("address changed");
+        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false };
+        this.peers.set(value.id, peer);
+      }
+      if (!peer.out && !peer.connecting && !peer.failed) void this.connectPeer(peer);
+    }
+  }
+
+  private async connectPeer(peer: Peer): Promise<Connection | null> {
+    if (peer.out && !peer.out.isClosed) return peer.out;
+    peer.connecting = true;
+    try {
+      const connection = await Connection.open(peer.address, `out:${peer.id}`, 1000);
+      connection.send(MSG.HELLO, { from: this.id });
+      connection.on("close", () => {
+        if (peer.out === connection) peer.out = null;
+      });
+      // Replies to our requests come back on this connection; pushes from the peer come on its own.
+      peer.out = connection;
+      return connection;
+    } catch {
+      return null;
+    } finally {
+      peer.connecting = false;
+    }
+  }
+
+  private heartbeat(): void {
+    const beat: Heartbeat = { from: this.id, sent_ms: Date.now() };
+    for (const peer of this.peers.values()) peer.out?.send(MSG.HEARTBEAT, beat);
+  }
+
+  private detect(): void {
+    const now = Date.now();
+    for (const peer of this.peers.values()) {
+      if (peer.failed || peer.last_seen_ms === 0) continue;
+      if (now - peer.last_seen_ms > this.options.detect_ms) {
+        peer.failed = true;
+        peer.out?.close("peer failed");
+        this.log.warn({ peer: peer.id, silent_ms: now - peer.last_seen_ms }, "peer failed");
+        void this.onPeerFailed(peer.id);
+      }
+    }
+  }
+
+  /** Peers that heartbeat within the detection timeout. */
+  liveHosts(): string[] {
+    const now = Date.now();
+    const live = [...this.peers.values()].filter((p) => !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms).map((p) => p.id);
+    return [this.id, ...live].sort();
+  }
+
+  async peerConnection(host: string): Promise<Connection> {
+    const peer = this.peers.get(host);
+    if (!peer) throw new Error(`unknown host ${host}`);
+    const connection = peer.out && !peer.out.isClosed ? peer.out : await this.connectPeer(peer);
+    if (!connection) throw new Error(`host ${host} is not reachable`);
+    return connection;
+  }
+
+  private async onPeerFailed(host: string): Promise<void> {
+    for (const backup of [...this.backups.values()]) {
+      if (backup.record.primary === host) await this.promote(backup).catch((error: Error) => this.log.error({ err: error, vm: backup.record.vm }, "promotion failed"));
+    }
+    for (const primary of this.primaries.values()) {
+      if (primary.backupHostId === host) {
+        primary.detachBackup();
+        await this.reprotect(primary).catch((error: Error) => this.log.error({ err: error, vm: primary.record.vm }, "re-protection failed"));
+      }
+    }
+  }
+
+  // ---- messages ------------------------------------------------------------------
+
+  private async onMessage(connection: Connection, type: number, header: Record<string, unknown>, body: Uint8Array): Promise<void> {
+    switch (type) {
+      case MSG.HELLO:
+        return;
+      case MSG.HEARTBEAT: {
+        const peer = this.peers.get(String(header.from));
+        if (peer) {
+          peer.last_seen_ms = Date.now();
+          if (peer.failed) {
+            peer.failed = false;
+            this.log.info({ peer: peer.id }, "peer is back");
+          }
+        }
+        return;
+      }
+      case MSG.REQUEST:
+        return this.onRequest(connection, header as unknown as Request, body);
+      case MSG.IMAGE:
+        return this.onImage(header as unknown as VmMessage & { released_seq: number }, body);
+      case MSG.DELTA:
+        return this.onDelta(header as unknown as VmMessage, body);
+      case MSG.ACK: {
+        const m = header as unknown as VmMessage;
+        await this.primaries.get(m.vm)?.onAck(m);
+        return;
+      }
+      case MSG.COMMIT: {
+        const m = header as unknown as VmMessage;
+        const backup = this.backups.get(m.vm);
+        if (backup && backup.record.incarnation === m.incarnation) await backup.commit(m.epoch);
+        return;
+      }
+      default:
+        connection.close(`unknown message type ${type}`);
+    }
+  }
+
+  private async sendTo(host: string, type: number, header: unknown): Promise<void> {
+    (await this.peerConnection(host)).send(type, header);
+  }
+
+  private async onImage(m: VmMessage & { released_seq: number }, image: Uint8Array): Promise<void> {
+    const backup = this.backups.get(m.vm);
+    if (!backup || backup.record.incarnation !== m.incarnation) return;
+    const epoch = await backup.install(image.slice(), m.released_seq);
+    await this.sendTo(backup.record.primary, MSG.ACK, { vm: m.vm, incarnation: m.incarnation, epoch } satisfies VmMessage);
+  }
+
+  private async onDelta(m: VmMessage, delta: Uint8Array): Promise<void> {
+    const backup = this.backups.get(m.vm);
+    if (!backup || backup.record.incarnation !== m.incarnation) return; // stale incarnation: dropped
+    try {
+      await backup.stage(m.epoch, delta.slice());
+    } catch (error) {
+      this.log.error({ err: error, vm: m.vm, epoch: m.epoch }, "delta refused");
+      return;
+    }
+    await this.sendTo(backup.record.primary, MSG.ACK, { vm: m.vm, incarnation: m.incarnation, epoch: m.epoch } satisfies VmMessage);
+  }
+
+  private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
+    try {
+      const value = await this.handle(connection, request, body);
+      connection.reply(request.id, { ok: true, value });
+    } catch (error) {
+      const e = error as Error & { code?: string };
+      connection.reply(request.id, { ok: false, error: { code: e.code ?? "Error", message: e.message } });
+    }
+  }
+
+  private async handle(connection: Connection, request: Request, body: Uint8Array): Promise<unknown> {
+    const args = request.args;
+    switch (request.op) {
+      case "ping":
+        return { id: this.id };
+      case "status":
+        return this.status();
+      case "deploy":
+        return deployGroup(this, args.manifest as Manifest, body.slice());
+      case "start_primary":
+        return this.startPrimary(args.record as VmRecord, body.slice());
+      case "install_backup":
+        return this.installBackup(args.record as VmRecord, body.slice());
+      case "logs":
+        return this.followLogs(connection, String(args.vm), Number(args.from_seq ?? 1), Boolean(args.follow));
+      default:
+        throw Object.assign(new Error(`unknown request ${request.op}`), { code: "UnknownRequest" });
+    }
+  }
+
+  // ---- replicas --------------------------------------------------------------------
+
+  private async guestFor(bytes: Uint8Array): Promise<GuestBundle> {
+    const key = Buffer.from(sha256(bytes)).toString("hex");
+    let entry = this.modules.get(key);
+    if (!entry) {
+      const guest = await compileGuest(await instrumentCached(bytes, join(this.options.state_dir, "cache")));
+      entry = { bytes, guest };
+      this.modules.set(key, entry);
+    }
+    return entry.guest;
+  }
+
+  private moduleBytesOf(guest: GuestBundle): Uint8Array {
+    for (const entry of this.modules.values()) if (entry.guest === guest) return entry.bytes;
+    throw new Error("module bytes not kept");
+  }
+
+  private vmOptions(record: VmRecord): WorkerVmOptions {
+    const limits: VmLimits = {
+      ...DEFAULT_LIMITS,
+      memory_pages_max: Math.floor((record.limits.memory_mib * 1024 * 1024) / 65536),
+      call_cpu_ms: record.limits.call_cpu_ms,
+      output_bytes_max: record.limits.output_bytes_max,
+    };
+    return { rank: record.rank, size: record.size, limits, timers: "auto" };
+  }
+
+  async startPrimary(record: VmRecord, module: Uint8Array): Promise<{ vm: string; protected: boolean }> {
+    if (this.primaries.has(record.vm)) throw new Error(`${record.vm} already runs here`);
+    const guest = await this.guestFor(module);
+    const worker = await VmWorker.boot(guest, this.vmOptions(record));
+    const primary = new ProtectedPrimary(record, guest, worker, new OutputLog(), (vm, reason) => this.log.error({ vm, reason }, "primary problem"));
+    this.primaries.set(record.vm, primary);
+    primary.start();
+    if (record.backup) await this.attachBackup(primary, record.backup);
+    this.log.info({ vm: record.vm, backup: record.backup, incarnation: record.incarnation }, "primary started");
+    return { vm: record.vm, protected: primary.protectedNow };
+  }
+
+  private async attachBackup(primary: ProtectedPrimary, host: string): Promise<void> {
+    const connection = await this.peerConnection(host);
+    await connection.request("install_backup", { record: { ...primary.record, backup: host } }, this.moduleBytesOf(primary.guest));
+    await primary.attachBackup(host, connection);
+  }
+
+  private async installBackup(record: VmRecord, module: Uint8Array): Promise<{ vm: string }> {
+    const guest = await this.guestFor(module);
+    await this.backups.get(record.vm)?.stop();
+    this.backups.set(record.vm, new BackupReplica(record, guest, this.vmOptions(record)));
+    this.log.info({ vm: record.vm, primary: record.primary, incarnation: record.incarnation }, "backup installed");
+    return { vm: record.vm };
+  }
+
+  /** The primary of this backup's VM is gone: decide by CAS, then promote in place. */
+  private async promote(backup: BackupReplica): Promise<void> {
+    const key = vmKey(backup.record.vm);
+    const current = await this.store.get<VmRecord>(key);
+    // Only the backup the record names may take over: a replaced (stale) backup must not.
+    if (!current || current.value.incarnation !== backup.record.incarnation || current.value.primary !== backup.record.primary || current.value.backup !== this.id) {
+      return;
+    }
+    const next: VmRecord = { ...current.value, primary: this.id, backup: null, incarnation: current.value.incarnation + 1, health: "degraded" };
+    if ((await this.store.cas(key, current.version, next)) === null) return; // someone else decided
+    const started = performance.now();
+    this.backups.delete(backup.record.vm);
+    const { worker, cut } = await backup.promote();
+    const primary = new ProtectedPrimary(next, backup.guest, worker, backup.log, (vm, reason) => this.log.error({ vm, reason }, "primary problem"));
+    this.primaries.set(next.vm, primary);
+    // The recovery cut is committed by definition: its output may leave now (sinks drop what they had).
+    await primary.releaseCommitted(cut);
+    primary.start();
+    this.log.warn({ vm: next.vm, cut, incarnation: next.incarnation, promote_ms: Number((performance.now() - started).toFixed(1)) }, "backup promoted");
+    await this.reprotect(primary);
+  }
+
+  /** Gives a primary that lost its backup a new one on another live host. */
+  private async reprotect(primary: ProtectedPrimary): Promise<void> {
+    if (primary.record.mode === "none") return;
+    const candidates = this.liveHosts().filter((h) => h !== this.id);
+    const key = vmKey(primary.record.vm);
+    const current = await this.store.get<VmRecord>(key);
+    if (!current || current.value.primary !== this.id) return;
+    if (candidates.length === 0) {
+      this.log.warn({ vm: primary.record.vm }, "no host for a new backup: VM stays degraded");
+      return;
+    }
+    // Least loaded by backups we know of is not tracked across hosts yet: take the first live one after us.
+    const host = candidates[0];
+    const next: VmRecord = { ...current.value, backup: host, health: "healthy" };
+    if ((await this.store.cas(key, current.version, next)) === null) return;
+    Object.assign(primary.record, next);
+    const started = performance.now();
+    await this.attachBackup(primary, host);
+    this.log.info({ vm: primary.record.vm, backup: host, attach_ms: Number((performance.now() - started).toFixed(1)) }, "re-protected");
+  }
+
+  private followLogs(connection: Connection, vm: string, from_seq: number, follow: boolean): unknown {
+    const primary = this.primaries.get(vm);
+    const log = primary?.log ?? this.backups.get(vm)?.log;
+    if (!log) throw Object.assign(new Error(`no replica of ${vm} on ${this.id}`), { code: "NoSuchVm" });
+    if (follow) {
+      const onAppend = (records: unknown[]) => {
+        if (connection.isClosed) {
+          log.off("append", onAppend);
+          return;
+        }
+        connection.send(MSG.LOG, { vm, records });
+      };
+      log.on("append", onAppend);
+      connection.once("close", () => log.off("append", onAppend));
+    }
+    return { vm, role: primary ? "primary" : "backup", first_seq: log.firstSeq, records: log.since(from_seq) };
+  }
+
+  status(): unknown {
+    const now = Date.now();
+    return {
+      id: this.id,
+      address: this.address,
+      pid: process.pid,
+      peers: [...this.peers.values()].map((p) => ({ id: p.id, alive: !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms, silent_ms: p.last_seen_ms ? now - p.last_seen_ms : null })),
+      primaries: [...this.primaries.values()].map((p) => ({
+        vm: p.record.vm,
+        group: p.record.group,
+        mode: p.record.mode,
+        incarnation: p.record.incarnation,
+        backup: p.backupHostId,
+        protected: p.protectedNow,
+        epochs: p.stats.epochs,
+        committed: p.stats.committed,
+        released_seq: p.log.lastSeq,
+        pause_us_last: Number(p.stats.pause_us_last.toFixed(1)),
+        commit_ms_last: Number(p.stats.commit_ms_last.toFixed(2)),
+      })),
+      backups: [...this.backups.values()].map((b) => ({ vm: b.record.vm, primary: b.record.primary, incarnation: b.record.incarnation, cut: b.committedCut, staged: b.stagedCount })),
+    };
+  }
+}

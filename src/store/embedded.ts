@@ -1,0 +1,558 @@
+/**
+ * Embedded coordination store for a local cluster on one machine.
+ *
+ * The hosts of a local cluster are separate OS processes sharing a state
+ * directory, so "embedded" means a library over files in that directory, with
+ * no server:
+ *
+ *   <state_dir>/store/<enc>.json      one record per key: {"key","version","value"}
+ *                                      or a tombstone {"key","version","deleted":true}
+ *   <state_dir>/store/<enc>.lock      the key's write lock while a put/cas/delete runs
+ *   <state_dir>/store/*.tmp           files being written (ignored by readers)
+ *
+ * `<enc>` is the key with "/" replaced by "~" (a character keys cannot
+ * contain, so the mapping is one-to-one and the directory stays flat: a key
+ * and a key below it, `a` and `a/b`, never compete for one path as a file and
+ * a directory would).
+ *
+ * Reads take no lock: every record is written to a temporary file and renamed
+ * over the old one, so a reader sees the old or the new record, never a torn
+ * one. Writes (put, cas, delete) of one key are mutually exclusive across
+ * processes through the key's lock file, created exclusively (see
+ * acquireFileLock); the lock is held for one read-modify-write, i.e. for
+ * about a millisecond. Waiting for a lock is bounded (lock_timeout_ms, 2 s by
+ * default) and then fails with StoreUnavailable. A lock is broken only if it
+ * is stale: older than stale_lock_ms (1 s) AND its recorded owner process is
+ * gone (dead, a zombie, or its pid reused by a process with a different start
+ * time). A live owner's lock is never broken, however old — e.g. a host under
+ * SIGSTOP blocks writers of that key (they get StoreUnavailable) rather than
+ * risking a lost update when it resumes.
+ *
+ * Deleting a key leaves a tombstone holding its last version, so versions of
+ * a key only grow, across deletes too (no ABA for cas). Tombstones are small
+ * and never removed; the store is control plane only.
+ */
+import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
+import * as fsp from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { type CoordinationStore, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+
+export interface EmbeddedStoreOptions {
+  /** Largest JSON encoding of a value, in bytes (default 1 MiB). */
+  max_value_bytes?: number;
+  /** How long a write waits for a key's lock before StoreUnavailable (default 2000 ms). */
+  lock_timeout_ms?: number;
+  /** A lock whose owner is gone may be broken once it is this old (default 1000 ms). */
+  stale_lock_ms?: number;
+  /** fdatasync each record before renaming it into place (default true). */
+  fsync?: boolean;
+}
+
+export const EMBEDDED_STORE_DEFAULTS = {
+  max_value_bytes: 1024 * 1024,
+  lock_timeout_ms: 2000,
+  stale_lock_ms: 1000,
+  fsync: true,
+} as const satisfies Required<EmbeddedStoreOptions>;
+
+/** What is stored for a key: a live record or a tombstone. */
+type StoredRecord = { key: string; version: number; deleted: false; value: unknown } | { key: string; version: number; deleted: true };
+
+export class EmbeddedStore implements CoordinationStore {
+  /** The directory holding the records: `<state_dir>/store`. */
+  readonly dir: string;
+  private readonly opts: Required<EmbeddedStoreOptions>;
+  private closed = false;
+  private readonly inflight = new Set<Promise<unknown>>();
+  private dir_ready: Promise<unknown> | null = null;
+
+  constructor(state_dir: string, options: EmbeddedStoreOptions = {}) {
+    this.dir = path.join(path.resolve(state_dir), "store");
+    this.opts = { ...EMBEDDED_STORE_DEFAULTS, ...options };
+  }
+
+  async get<T>(key: string): Promise<Versioned<T> | null> {
+    validateKey(key);
+    return this.op(`get ${key}`, async () => {
+      const rec = await this.read(key);
+      return rec === null || rec.deleted ? null : { key, value: rec.value as T, version: rec.version };
+    });
+  }
+
+  async put<T>(key: string, value: T): Promise<number> {
+    validateKey(key);
+    const json = this.encodeValue(key, value);
+    return this.op(`put ${key}`, () =>
+      this.withLock(key, async () => {
+        const cur = await this.read(key);
+        const version = (cur?.version ?? 0) + 1;
+        await this.write(key, version, json);
+        return version;
+      }),
+    );
+  }
+
+  async cas<T>(key: string, expected_version: number, value: T): Promise<number | null> {
+    validateKey(key);
+    if (!Number.isSafeInteger(expected_version) || expected_version < 0) {
+      throw new StoreError("InvalidArgument", `cas ${key}: expected_version must be an integer >= 0, got ${String(expected_version)}`);
+    }
+    const json = this.encodeValue(key, value);
+    const liveVersion = (rec: StoredRecord | null) => (rec === null || rec.deleted ? 0 : rec.version);
+    return this.op(`cas ${key}`, async () => {
+      // Versions only grow, so a mismatch seen without the lock is a valid
+      // outcome (the cas linearises at that read) and spares the lock.
+      if (liveVersion(await this.read(key)) !== expected_version) return null;
+      return this.withLock(key, async () => {
+        const cur = await this.read(key);
+        if (liveVersion(cur) !== expected_version) return null;
+        const version = (cur?.version ?? 0) + 1;
+        await this.write(key, version, json);
+        return version;
+      });
+    });
+  }
+
+  async list<T>(prefix: string): Promise<Versioned<T>[]> {
+    validatePrefix(prefix);
+    return this.op(`list ${prefix}`, async () => {
+      const keys: string[] = [];
+      for (const name of await fsp.readdir(this.dir)) {
+        if (!name.endsWith(".json")) continue;
+        const key = decodeKey(name.slice(0, -".json".length));
+        if (!key.startsWith(prefix) || !isValidKey(key)) continue;
+        keys.push(key);
+      }
+      const recs = await Promise.all(keys.map((k) => this.read(k)));
+      const out: Versioned<T>[] = [];
+      for (const rec of recs) if (rec !== null && !rec.deleted) out.push({ key: rec.key, value: rec.value as T, version: rec.version });
+      return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    });
+  }
+
+  async delete(key: string): Promise<void> {
+    validateKey(key);
+    return this.op(`delete ${key}`, async () => {
+      const first = await this.read(key);
+      if (first === null || first.deleted) return;
+      await this.withLock(key, async () => {
+        const cur = await this.read(key);
+        if (cur === null || cur.deleted) return;
+        await this.write(key, cur.version + 1, null);
+      });
+    });
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.allSettled([...this.inflight]);
+  }
+
+  /**
+   * Takes the write lock of `key` and keeps it until release() (or until the
+   * process dies). For tests of lock recovery and for tools; put, cas and
+   * delete take the lock themselves.
+   */
+  async lockForTesting(key: string): Promise<FileLock> {
+    validateKey(key);
+    return this.op(`lock ${key}`, () => this.acquire(key));
+  }
+
+  // ---- internals ----------------------------------------------------------
+
+  private async op<R>(what: string, fn: () => Promise<R>): Promise<R> {
+    if (this.closed) throw new StoreError("StoreUnavailable", `${what}: store is closed`);
+    const p = (async () => {
+      try {
+        this.dir_ready ??= fsp.mkdir(this.dir, { recursive: true });
+        await this.dir_ready;
+        return await fn();
+      } catch (e) {
+        if (e instanceof StoreError) throw e;
+        if (isErrno(e)) {
+          if (this.dir_ready !== null && e.syscall === "mkdir") this.dir_ready = null; // let a later call try again
+          throw new StoreError("StoreUnavailable", `${what}: ${e.message}`, { cause: e });
+        }
+        throw e;
+      }
+    })();
+    this.inflight.add(p);
+    try {
+      return await p;
+    } finally {
+      this.inflight.delete(p);
+    }
+  }
+
+  private dataPath(key: string): string {
+    return path.join(this.dir, `${encodeKey(key)}.json`);
+  }
+
+  private acquire(key: string): Promise<FileLock> {
+    const data = this.dataPath(key);
+    return acquireFileLock(path.join(this.dir, `${encodeKey(key)}.lock`), {
+      timeout_ms: this.opts.lock_timeout_ms,
+      stale_ms: this.opts.stale_lock_ms,
+      label: `key ${key}`,
+      // Called while the dead owner's lock is still in place, so no one else
+      // can be writing a temporary file for this key.
+      on_break: (owner_pid) => removeTempFiles(data, owner_pid),
+    });
+  }
+
+  private async withLock<R>(key: string, fn: () => Promise<R>): Promise<R> {
+    const lock = await this.acquire(key);
+    try {
+      return await fn();
+    } finally {
+      await lock.release();
+    }
+  }
+
+  private encodeValue(key: string, value: unknown): string {
+    let json: string | undefined;
+    try {
+      json = JSON.stringify(value);
+    } catch (e) {
+      throw new StoreError("InvalidValue", `value for ${key} cannot be encoded as JSON: ${(e as Error).message}`, { cause: e });
+    }
+    if (json === undefined) throw new StoreError("InvalidValue", `value for ${key} cannot be encoded as JSON (${typeof value})`);
+    const bytes = Buffer.byteLength(json, "utf8");
+    if (bytes > this.opts.max_value_bytes) {
+      throw new StoreError("ValueTooLarge", `value for ${key} is ${bytes} bytes as JSON (max ${this.opts.max_value_bytes})`);
+    }
+    return json;
+  }
+
+  /** The stored record of `key`, or null if there is no file. */
+  private async read(key: string): Promise<StoredRecord | null> {
+    const file = this.dataPath(key);
+    let text: string;
+    try {
+      text = await fsp.readFile(file, "utf8");
+    } catch (e) {
+      if (isErrno(e) && e.code === "ENOENT") return null;
+      throw e;
+    }
+    let doc: unknown;
+    try {
+      doc = JSON.parse(text);
+    } catch (e) {
+      throw new StoreError("Corrupt", `record of ${key} (${file}) is not valid JSON: ${(e as Error).message}`, { cause: e });
+    }
+    const bad = (why: string) => new StoreError("Corrupt", `record of ${key} (${file}): ${why}`);
+    if (typeof doc !== "object" || doc === null || Array.isArray(doc)) throw bad("not a JSON object");
+    const r = doc as Record<string, unknown>;
+    if (r.key !== key) throw bad(`holds key ${JSON.stringify(r.key)}`);
+    if (typeof r.version !== "number" || !Number.isSafeInteger(r.version) || r.version < 1) throw bad(`invalid version ${JSON.stringify(r.version)}`);
+    if (r.deleted === true) return { key, version: r.version, deleted: true };
+    if (!("value" in r) || r.deleted !== undefined) throw bad("neither a value nor a tombstone");
+    return { key, version: r.version, deleted: false, value: r.value };
+  }
+
+  /** Writes the record (value_json null = tombstone) atomically; the caller holds the key's lock. */
+  private async write(key: string, version: number, value_json: string | null): Promise<void> {
+    const head = `{"key":${JSON.stringify(key)},"version":${version},`;
+    const text = value_json === null ? `${head}"deleted":true}\n` : `${head}"value":${value_json}}\n`;
+    const file = this.dataPath(key);
+    const tmp = `${file}.${process.pid}.${nonce()}.tmp`;
+    try {
+      const fh = await fsp.open(tmp, "wx");
+      try {
+        await fh.writeFile(text, "utf8");
+        if (this.opts.fsync) await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+      await fsp.rename(tmp, file);
+    } catch (e) {
+      await fsp.unlink(tmp).catch(() => {});
+      throw e;
+    }
+  }
+}
+
+function encodeKey(key: string): string {
+  return key.replaceAll("/", "~");
+}
+
+function decodeKey(name: string): string {
+  return name.replaceAll("~", "/");
+}
+
+function isValidKey(key: string): boolean {
+  try {
+    validateKey(key);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function removeTempFiles(target: string, pid: number): Promise<void> {
+  const dir = path.dirname(target);
+  const start = `${path.basename(target)}.${pid}.`;
+  const names = await fsp.readdir(dir).catch(() => [] as string[]);
+  await Promise.all(names.filter((n) => n.startsWith(start) && n.endsWith(".tmp")).map((n) => fsp.unlink(path.join(dir, n)).catch(() => {})));
+}
+
+// ---- exclusive lock files ---------------------------------------------------
+
+/** Contents of a lock file. */
+export interface LockOwner {
+  pid: number;
+  /** Start time of the owner process in clock ticks since boot (/proc/<pid>/stat), null where unknown. */
+  start: string | null;
+  hostname: string;
+  nonce: string;
+  created_ms: number;
+}
+
+export interface FileLockOptions {
+  /** Give up (StoreUnavailable) after waiting this long; 0 = one attempt, plus breaking a stale lock. */
+  timeout_ms: number;
+  /** See EmbeddedStoreOptions.stale_lock_ms. */
+  stale_ms: number;
+  /** For error messages, e.g. "key hosts/h1". */
+  label?: string;
+  /** Runs after a stale lock was verified and before it is removed. */
+  on_break?: (owner_pid: number) => Promise<void>;
+}
+
+export class FileLock {
+  private released = false;
+
+  constructor(
+    readonly path: string,
+    private readonly nonce: string,
+  ) {}
+
+  /** Removes the lock file if it is still this lock's; idempotent. */
+  async release(): Promise<void> {
+    if (this.released) return;
+    this.released = true;
+    const held = await readLock(this.path);
+    if (held !== null && held.owner?.nonce === this.nonce) await fsp.unlink(this.path).catch(() => {});
+  }
+}
+
+/**
+ * Takes an exclusive lock file. The lock's contents (owner pid, process start
+ * time, host name, a nonce) are written to a private temporary file first and
+ * then hard-linked to `lock_path`: link(2) fails with EEXIST if the lock
+ * exists, exactly like open(O_CREAT|O_EXCL), but the lock never appears
+ * half-written, so a lock with unreadable contents is never mistaken for a
+ * crashed owner's.
+ *
+ * While the lock is held by someone else the caller retries with a small
+ * randomized exponential backoff (1 ms .. 20 ms). A lock is stale when it is
+ * older than `stale_ms` and its owner is gone; a stale lock is removed under
+ * a second lock (`<lock_path>.break`) after checking that the lock file still
+ * has the contents judged stale, so two processes breaking the same stale
+ * lock cannot remove a fresh lock taken in between.
+ */
+export async function acquireFileLock(lock_path: string, opts: FileLockOptions): Promise<FileLock> {
+  const label = opts.label ?? lock_path;
+  const id = nonce();
+  const tmp = `${lock_path}.${process.pid}.${id}.tmp`;
+  await fsp.writeFile(tmp, JSON.stringify(selfOwner(id)), { flag: "wx" });
+  const deadline = Date.now() + opts.timeout_ms;
+  let delay = 1;
+  let first_pass = true;
+  try {
+    for (;;) {
+      try {
+        await fsp.link(tmp, lock_path);
+        return new FileLock(lock_path, id);
+      } catch (e) {
+        if (!(isErrno(e) && e.code === "EEXIST")) throw e;
+      }
+      const held = await readLock(lock_path);
+      // Gone (released or broken just now): try again at once, while in time.
+      const gone = held === null || (isStale(held, opts.stale_ms) && (await breakStaleLock(lock_path, held, opts)));
+      const now = Date.now();
+      if (now >= deadline && !(gone && first_pass)) {
+        const who =
+          held === null ? "others (contended)"
+          : held.owner ? `pid ${held.owner.pid}${held.owner.hostname !== os.hostname() ? ` on ${held.owner.hostname}` : ""} for ${Math.round(held.age_ms)} ms`
+          : `an unknown owner for ${Math.round(held.age_ms)} ms`;
+        throw new StoreError("StoreUnavailable", `${label}: lock ${lock_path} held by ${who}; gave up after ${opts.timeout_ms} ms`);
+      }
+      first_pass = false;
+      if (gone) continue;
+      await sleep(Math.min(delay * (0.5 + Math.random()), deadline - now));
+      delay = Math.min(delay * 2, 20);
+    }
+  } finally {
+    await fsp.unlink(tmp).catch(() => {});
+  }
+}
+
+interface HeldLock {
+  raw: string;
+  /** null if the contents cannot be parsed. */
+  owner: LockOwner | null;
+  age_ms: number;
+}
+
+/** The lock file as it is now, or null if there is none. */
+async function readLock(lock_path: string): Promise<HeldLock | null> {
+  let fh: fsp.FileHandle;
+  try {
+    fh = await fsp.open(lock_path, "r");
+  } catch (e) {
+    if (isErrno(e) && e.code === "ENOENT") return null;
+    throw e;
+  }
+  try {
+    const st = await fh.stat();
+    const raw = await fh.readFile("utf8");
+    const owner = parseOwner(raw);
+    // ctime moves when the file is linked into place; created_ms is when the
+    // owner wrote its temporary file. Age counts from the later of the two.
+    const since = Math.max(st.ctimeMs, st.mtimeMs, owner?.created_ms ?? 0);
+    return { raw, owner, age_ms: Date.now() - since };
+  } finally {
+    await fh.close();
+  }
+}
+
+function parseOwner(raw: string): LockOwner | null {
+  try {
+    const o = JSON.parse(raw) as Partial<LockOwner>;
+    if (typeof o !== "object" || o === null) return null;
+    if (!Number.isSafeInteger(o.pid) || typeof o.hostname !== "string" || typeof o.nonce !== "string" || typeof o.created_ms !== "number") return null;
+    if (o.start !== null && typeof o.start !== "string") return null;
+    return o as LockOwner;
+  } catch {
+    return null;
+  }
+}
+
+function isStale(held: HeldLock, stale_ms: number): boolean {
+  if (held.age_ms < stale_ms) return false;
+  if (held.owner === null) return true; // never written by acquireFileLock: garbage
+  return !isLockOwnerAlive(held.owner);
+}
+
+/** Whether the recorded owner may still be running. Owners on another host are assumed alive. */
+export function isLockOwnerAlive(owner: LockOwner): boolean {
+  if (owner.hostname !== os.hostname()) return true;
+  if (!isProcessAlive(owner.pid)) return false;
+  if (owner.start !== null) {
+    const now = processStartTicks(owner.pid);
+    if (now !== null && now !== owner.start) return false; // pid reused
+  }
+  return true;
+}
+
+/** Removes `held` if it is still the lock at `lock_path`; true if the lock is gone. */
+async function breakStaleLock(lock_path: string, held: HeldLock, opts: FileLockOptions): Promise<boolean> {
+  const breaker = `${lock_path}.break`;
+  const id = nonce();
+  const tmp = `${breaker}.${process.pid}.${id}.tmp`;
+  await fsp.writeFile(tmp, JSON.stringify(selfOwner(id)), { flag: "wx" });
+  try {
+    try {
+      await fsp.link(tmp, breaker);
+    } catch (e) {
+      if (!(isErrno(e) && e.code === "EEXIST")) throw e;
+      // Someone else is breaking it (for microseconds), or died doing so.
+      const other = await readLock(breaker);
+      if (other !== null && isStale(other, opts.stale_ms)) await fsp.unlink(breaker).catch(() => {});
+      return false;
+    }
+    try {
+      const now = await readLock(lock_path);
+      if (now === null) return true;
+      if (now.raw !== held.raw) return false;
+      if (held.owner !== null) {
+        await opts.on_break?.(held.owner.pid);
+        await fsp.unlink(`${lock_path}.${held.owner.pid}.${held.owner.nonce}.tmp`).catch(() => {});
+      }
+      await fsp.unlink(lock_path).catch((e: unknown) => {
+        if (!(isErrno(e) && e.code === "ENOENT")) throw e;
+      });
+      return true;
+    } finally {
+      await new FileLock(breaker, id).release();
+    }
+  } finally {
+    await fsp.unlink(tmp).catch(() => {});
+  }
+}
+
+let self_start: string | null | undefined;
+
+function selfOwner(id: string): LockOwner {
+  self_start ??= processStartTicks(process.pid);
+  return { pid: process.pid, start: self_start, hostname: os.hostname(), nonce: id, created_ms: Date.now() };
+}
+
+function nonce(): string {
+  return randomBytes(8).toString("hex");
+}
+
+function isErrno(e: unknown): e is NodeJS.ErrnoException {
+  return e instanceof Error && typeof (e as NodeJS.ErrnoException).code === "string";
+}
+
+// ---- processes ----------------------------------------------------------------
+// Shared with src/cluster/local-cluster.ts (which must never signal a process
+// that merely reuses a recorded pid).
+
+/** Fields of /proc/<pid>/stat after the command name, or null (no such process, or no procfs). */
+function procStatFields(pid: number): string[] | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // "pid (comm) state ppid ..."; comm may contain spaces and parentheses.
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Whether `pid` names a running process: signal 0 reaches it and (where
+ * /proc exists) it is not a zombie. A process owned by another user counts as
+ * running (EPERM).
+ */
+export function isProcessAlive(pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    if (!(isErrno(e) && e.code === "EPERM")) return false;
+  }
+  const state = procStatFields(pid)?.[0];
+  return state !== "Z" && state !== "X" && state !== "x";
+}
+
+/** The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), null where unknown. */
+export function processStartTicks(pid: number): string | null {
+  return procStatFields(pid)?.[19] ?? null;
+}
+
+let boot_time_ms: number | null | undefined;
+
+/**
+ * The process's start time as a wall-clock time in ms, accurate to about a
+ * second (boot time has a resolution of 1 s; USER_HZ is taken to be 100, as
+ * on every mainstream Linux architecture). Null where there is no /proc.
+ */
+export function processStartMs(pid: number): number | null {
+  const ticks = processStartTicks(pid);
+  if (ticks === null) return null;
+  if (boot_time_ms === undefined) {
+    try {
+      const m = /^btime (\d+)$/m.exec(readFileSync("/proc/stat", "utf8"));
+      boot_time_ms = m ? Number(m[1]) * 1000 : null;
+    } catch {
+      boot_time_ms = null;
+    }
+  }
+  return boot_time_ms === null ? null : boot_time_ms + Number(ticks) * 10;
+}

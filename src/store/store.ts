@@ -1,0 +1,105 @@
+/**
+ * The coordination store: hosts, leases, placement, incarnations and leader
+ * leases (docs: /work/shared/DESIGN.md, "Coordination store"). One interface,
+ * two implementations: embedded (src/store/embedded.ts, files in the cluster's
+ * state directory, for a local cluster on one machine) and etcd v3 (planned).
+ *
+ * The store is control plane only and never on the per-epoch data path, so
+ * values are small JSON documents and every operation may take milliseconds.
+ *
+ * Versions: a key's version is >= 1 and grows by exactly 1 with every write
+ * (put, successful cas, delete). It never goes back, not even when the key is
+ * deleted and created again, so a `cas` holding a version read before a
+ * delete can never succeed against the re-created key (no ABA).
+ */
+
+export interface Versioned<T> {
+  key: string;
+  value: T;
+  /** >= 1; +1 per write of this key. */
+  version: number;
+}
+
+export interface CoordinationStore {
+  /** The current value, or null if the key does not exist (never written, or deleted). */
+  get<T>(key: string): Promise<Versioned<T> | null>;
+  /** Unconditional write; returns the new version. */
+  put<T>(key: string, value: T): Promise<number>;
+  /**
+   * Writes only if the current version equals expected_version (0 = key must
+   * not exist). Returns the new version, or null if someone else wrote first.
+   */
+  cas<T>(key: string, expected_version: number, value: T): Promise<number | null>;
+  /** Every existing key that starts with `prefix` ("" = all), sorted by key (code-unit order). */
+  list<T>(prefix: string): Promise<Versioned<T>[]>;
+  /** Removes the key; a no-op if it does not exist. */
+  delete(key: string): Promise<void>;
+  /** Waits for operations in flight; any later call fails with StoreUnavailable. */
+  close(): Promise<void>;
+}
+
+export type StoreErrorCode =
+  /** The store cannot be reached or used: I/O error, lock not obtained in time, store closed. Retryable. */
+  | "StoreUnavailable"
+  /** The key (or list prefix) does not follow the key rules (see validateKey). */
+  | "InvalidKey"
+  /** The value cannot be stored as JSON (undefined, a function, a BigInt, a cycle, ...). */
+  | "InvalidValue"
+  /** The value's JSON encoding is larger than the store's limit. */
+  | "ValueTooLarge"
+  /** An argument other than key or value is out of range (e.g. a negative expected_version). */
+  | "InvalidArgument"
+  /** What the store holds for a key cannot be read back (damaged file, foreign content). */
+  | "Corrupt";
+
+/**
+ * Operating errors of a coordination store. Callers match on the stable
+ * `code`; messages may change.
+ */
+export class StoreError extends Error {
+  override name = "StoreError";
+
+  constructor(
+    readonly code: StoreErrorCode,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export const MAX_KEY_LENGTH = 200;
+const KEY_RE = /^[a-z0-9][a-z0-9/_.-]*$/;
+
+/**
+ * Key rules, shared by every implementation: `[a-z0-9][a-z0-9/_.-]*`, at most
+ * 200 characters, no `..` anywhere, and no empty path segment (no `//`, no
+ * trailing `/`), e.g. `hosts/h1`, `groups/ticker`, `vms/ticker-0`.
+ * Throws StoreError("InvalidKey").
+ */
+export function validateKey(key: unknown): asserts key is string {
+  if (typeof key !== "string") throw new StoreError("InvalidKey", `key must be a string, got ${typeof key}`);
+  checkShape(key, "key");
+  if (key.endsWith("/")) throw new StoreError("InvalidKey", `key ${JSON.stringify(key)} must not end with "/"`);
+}
+
+/**
+ * A list prefix is "" (everything) or follows the key rules, except that it
+ * may end with "/" (`hosts/` lists `hosts/h1` but not `hostsx`).
+ */
+export function validatePrefix(prefix: unknown): asserts prefix is string {
+  if (typeof prefix !== "string") throw new StoreError("InvalidKey", `prefix must be a string, got ${typeof prefix}`);
+  if (prefix === "") return;
+  checkShape(prefix, "prefix");
+}
+
+function checkShape(s: string, what: string): void {
+  const shown = JSON.stringify(s.length > 60 ? `${s.slice(0, 60)}...` : s);
+  if (s.length === 0) throw new StoreError("InvalidKey", `${what} must not be empty`);
+  if (s.length > MAX_KEY_LENGTH) throw new StoreError("InvalidKey", `${what} ${shown} is ${s.length} characters long (max ${MAX_KEY_LENGTH})`);
+  if (!KEY_RE.test(s)) {
+    throw new StoreError("InvalidKey", `${what} ${shown} must match [a-z0-9][a-z0-9/_.-]* (lower case letters, digits, / _ . -)`);
+  }
+  if (s.includes("..")) throw new StoreError("InvalidKey", `${what} ${shown} must not contain ".."`);
+  if (s.includes("//")) throw new StoreError("InvalidKey", `${what} ${shown} must not contain an empty segment ("//")`);
+}
