@@ -141,6 +141,31 @@ describe("single-VM protection across host processes", () => {
     await store.close();
   });
 
+  it("a paused primary (SIGSTOP) is taken over; when it resumes it is fenced and releases nothing", async () => {
+    const { dir, cluster: c, store } = await cluster(3);
+    await deploy(c, "ticker", guestPath("ticker"));
+    const before = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
+    const primary = c.hosts.find((h) => h.id === before.primary)!;
+    const f = follow(dir, "ticker-0");
+    await waitFor(() => f.records.length >= 10, 5000, "output");
+    process.kill(primary.pid, "SIGSTOP");
+    try {
+      await waitFor(async () => (await store.get<VmRecord>(vmKey("ticker-0")))!.value.incarnation > before.incarnation, 5000, "takeover");
+    } finally {
+      process.kill(primary.pid, "SIGCONT");
+    }
+    await waitFor(async () => {
+      const status = await requestAny<{ primaries: { vm: string }[] }>(c, "status", {}, undefined, primary.id);
+      return status.primaries.every((p) => p.vm !== "ticker-0");
+    }, 5000, "the old primary to stop");
+    const count = f.records.length;
+    await waitFor(() => f.records.length >= count + 10, 5000, "output after the takeover");
+    f.follower.stop();
+    await f.done;
+    expectContiguous(f.records);
+    await store.close();
+  });
+
   it("a malformed frame closes only that connection; the host keeps serving", async () => {
     const { dir, cluster: c } = await cluster(2);
     await deploy(c, "ticker", guestPath("ticker"));

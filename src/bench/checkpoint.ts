@@ -48,12 +48,6 @@ export interface CheckpointBenchOptions {
   progress: (line: string) => void;
 }
 
-export const CHECKPOINT_BENCH_DEFAULTS: Omit<CheckpointBenchOptions, "progress"> = {
-  memory_mib: [1, 64, 1024],
-  dirty_pages: [16, 256, 4096],
-  samples: 40,
-  barrier_runs: 5,
-};
 
 function vmOptions(memory_pages_max: number): VmOptions {
   return { rank: 0, size: 1, limits: { ...DEFAULT_LIMITS, memory_pages_max }, now: Date.now };

@@ -108,7 +108,20 @@ export class LogFollower {
       throw new Error("not the primary");
     }
     this.deliver(host, reply.records);
-    await closed;
+    // A paused host keeps its sockets open: watch the VM's record, and leave when another host takes over.
+    const watch = setInterval(() => {
+      this.store.get<VmRecord>(vmKey(this.vm)).then(
+        (record) => {
+          if (record && record.value.primary !== host) connection.close("primary moved");
+        },
+        () => undefined,
+      );
+    }, 100);
+    try {
+      await closed;
+    } finally {
+      clearInterval(watch);
+    }
   }
 
   private deliver(host: string, records: LogRecordWire[]): void {

@@ -4,11 +4,12 @@
  */
 import { Command, InvalidArgumentError, Option } from "commander";
 import { readFile, writeFile } from "node:fs/promises";
-import { CHECKPOINT_BENCH_DEFAULTS, formatCheckpointReport, runCheckpointBench } from "../bench/checkpoint.js";
-import { instrument } from "../guest/instrument.js";
 import { resolveGuest } from "../guest/examples.js";
-import { runGuest } from "./run.js";
 import { registerClusterCommands } from "./cluster-commands.js";
+
+// Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
+// so that `cohort host` and the cluster commands start fast.
+const CHECKPOINT_BENCH_DEFAULTS = { memory_mib: [1, 64, 1024], dirty_pages: [16, 256, 4096], samples: 40, barrier_runs: 5 };
 
 const int = (name: string) => (value: string) => {
   const n = Number(value);
@@ -32,6 +33,7 @@ program
   .option("--json", "print one JSON summary instead of the released output")
   .option("--quiet", "print only the summary")
   .action(async (guest: string, opts: { intervalMs: number; durationMs: number; failoverAtMs?: number; json?: boolean; quiet?: boolean }) => {
+    const { runGuest } = await import("./run.js");
     const summary = await runGuest(
       guest,
       { interval_ms: opts.intervalMs, duration_ms: opts.durationMs, failover_at_ms: opts.failoverAtMs ?? null, json: !!opts.json, quiet: !!opts.quiet },
@@ -53,6 +55,7 @@ program
   .argument("<module>", "path to a .wasm module, or a built example name")
   .option("-o, --output <file>", "write the instrumented module here")
   .action(async (module: string, opts: { output?: string }) => {
+    const { instrument } = await import("../guest/instrument.js");
     const result = instrument(new Uint8Array(await readFile(resolveGuest(module))));
     if (opts.output) await writeFile(opts.output, result.wasm);
     console.log(JSON.stringify({ bytes: result.wasm.length, ...result.info }, null, 2));
@@ -70,6 +73,7 @@ bench
   .option("--samples <n>", "checkpoints measured per case", int("--samples"), CHECKPOINT_BENCH_DEFAULTS.samples)
   .addOption(new Option("--barrier-runs <n>", "interleaved runs per barrier workload").argParser(int("--barrier-runs")).default(CHECKPOINT_BENCH_DEFAULTS.barrier_runs))
   .action(async (opts: { json?: boolean; memoryMib: number[]; dirtyPages: number[]; samples: number; barrierRuns: number }) => {
+    const { runCheckpointBench, formatCheckpointReport } = await import("../bench/checkpoint.js");
     const report = await runCheckpointBench({
       memory_mib: opts.memoryMib,
       dirty_pages: opts.dirtyPages,

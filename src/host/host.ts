@@ -81,6 +81,7 @@ export class Host {
     await this.store.put(hostKey(this.id), record);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     this.timers.push(setInterval(() => void this.refreshPeers(), 250));
+    this.timers.push(setInterval(() => void this.checkFenced(), 250));
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid }, "host listening");
@@ -197,6 +198,33 @@ export class Host {
       if (primary.backupHostId === host) {
         primary.detachBackup();
         await this.reprotect(primary).catch((error: Error) => this.log.error({ err: error, vm: primary.record.vm }, "re-protection failed"));
+      }
+    }
+  }
+
+  /**
+   * A primary whose record names another primary or a newer incarnation was
+   * taken over (this host was wrongly suspected, or paused): it stops. It could
+   * not have released anything meanwhile, since no backup acknowledges a stale
+   * incarnation; stopping frees the VM's resources and its name on this host.
+   */
+  private async checkFenced(): Promise<void> {
+    for (const primary of [...this.primaries.values()]) {
+      const current = await this.store.get<VmRecord>(vmKey(primary.record.vm)).catch(() => null);
+      if (!current) continue;
+      if (current.value.primary !== this.id || current.value.incarnation > primary.record.incarnation) {
+        primary.stop();
+        this.primaries.delete(primary.record.vm);
+        await primary.vm.terminate();
+        this.log.warn({ vm: primary.record.vm, incarnation: primary.record.incarnation, now: current.value.incarnation }, "primary fenced: another host took over");
+      }
+    }
+    for (const backup of [...this.backups.values()]) {
+      const current = await this.store.get<VmRecord>(vmKey(backup.record.vm)).catch(() => null);
+      if (current && current.value.backup !== this.id && current.value.primary !== this.id) {
+        this.backups.delete(backup.record.vm);
+        await backup.stop();
+        this.log.info({ vm: backup.record.vm }, "backup replaced: dropped");
       }
     }
   }
