@@ -26,7 +26,9 @@ export interface BarrierResult {
 
 export interface PauseResult {
   memory_mib: number;
+  /** Pages dirtied per checkpoint: the requested count, capped at the guest's memory (1 MiB has only 256). */
   dirty_pages: number;
+  dirty_pages_requested: number;
   samples: number;
   pause_us_p50: number;
   pause_us_p99: number;
@@ -136,6 +138,7 @@ async function pauseCase(guest: GuestModule, memory_mib: number, dirty: number, 
   return {
     memory_mib,
     dirty_pages: count,
+    dirty_pages_requested: dirty,
     samples,
     pause_us_p50: round(percentile(pauses, 0.5), 1),
     pause_us_p99: round(percentile(pauses, 0.99), 1),
