@@ -274,13 +274,17 @@ interface FunctionContext {
   cache: number; // local shared by store sites past SITE_CACHES_MAX: start of the last page known dirty
   ptr: number; // local: scratch for a store's address
   sites: number; // store sites given a cache local of their own so far
+  loopDepth: number; // > 0 while visiting the body of a loop
+  inits: Ref[]; // run at function entry: initial values of loop sites' cache locals
 }
 
 /**
- * Each store site gets its own "last dirty page" local, so two pointers that
- * alternate between pages (a partition loop, a hash table's buckets and
- * entries) do not evict each other. Beyond this many sites per function they
- * share one, to bound the number of locals.
+ * Each store site inside a loop gets its own "last dirty page" local, so two
+ * pointers that alternate between pages (a partition loop, a hash table's
+ * buckets and entries) do not evict each other. Sites outside loops run once
+ * per call and share one local (consecutive stores to one page still hit);
+ * beyond this many loop sites per function they share it too, to bound the
+ * number of locals.
  */
 const SITE_CACHES_MAX = 8;
 
@@ -496,10 +500,13 @@ class Instrumenter {
       cache: addVar(fn, T.i32),
       ptr: addVar(fn, T.i32),
       sites: 0,
+      loopDepth: 0,
+      inits: [],
     };
     const body = K.Function.getBody(fn);
     const replaced = this.visit(body, ctx);
-    if (replaced !== body) K.Function.setBody(fn, replaced);
+    if (ctx.inits.length) K.Function.setBody(fn, this.m.block(null, [...ctx.inits, replaced], b.getExpressionType(replaced)));
+    else if (replaced !== body) K.Function.setBody(fn, replaced);
   }
 
   /** Visits children first, then rewrites the node; returns the node to put in its place. */
@@ -512,6 +519,16 @@ class Instrumenter {
       throw new UnsupportedModuleError(reason, `function ${ctx.name}`);
     }
     if (!spec.one && !spec.list) return this.rewrite(e, id, ctx);
+    if (id === b.LoopId) ctx.loopDepth++;
+    try {
+      this.visitChildren(e, id, spec, ctx);
+    } finally {
+      if (id === b.LoopId) ctx.loopDepth--;
+    }
+    return this.rewrite(e, id, ctx);
+  }
+
+  private visitChildren(e: Ref, id: number, spec: ChildSpec, ctx: FunctionContext): void {
     const cls = kindClass(id);
     for (const [getter, setter] of spec.one ?? []) {
       const child = cls[getter](e);
@@ -528,7 +545,6 @@ class Instrumenter {
         if (next !== child) cls[setAt](e, i, next);
       }
     }
-    return this.rewrite(e, id, ctx);
   }
 
   private rewrite(e: Ref, id: number, ctx: FunctionContext): Ref {
@@ -603,25 +619,42 @@ class Instrumenter {
   private barrier(ptr: Ref, offset: number, width: number, ctx: FunctionContext): Ref {
     const m = this.m;
     const addr = () => m.i32.add(m.local.get(ctx.ptr, T.i32), m.i32.const(offset | 0));
-    const cache = ctx.sites++ < SITE_CACHES_MAX ? addVar(ctx.fn, T.i32) : ctx.cache;
+    const mapSaysDirty = () =>
+      m.i32.and(
+        m.i32.load8_u(0, 1, m.i32.shr_u(addr(), m.i32.const(PAGE_SHIFT)), this.memoryName),
+        m.i32.load8_u(0, 1, m.i32.shr_u(m.i32.add(addr(), m.i32.const(width - 1)), m.i32.const(PAGE_SHIFT)), this.memoryName),
+      );
+    const limit = m.i32.const(PAGE_BYTES + 1 - width);
+    if (ctx.loopDepth > 0 && ctx.sites < SITE_CACHES_MAX) {
+      // A loop site's cache holds (page start - offset), so the hot check needs no add:
+      //   hit  <=>  (p - cache) <u 4097 - width  <=>  p + offset lies in the cached page with room for the store.
+      // It starts at -offset, i.e. "page 0", which no guest address reaches (they all lie above BASE_BYTES).
+      ctx.sites++;
+      const cache = addVar(ctx.fn, T.i32);
+      ctx.inits.push(m.local.set(cache, m.i32.const(-offset | 0)));
+      const setCache = (pageStart: Ref) => m.local.set(cache, m.i32.sub(pageStart, m.i32.const(offset | 0)));
+      return m.block(null, [
+        m.local.set(ctx.ptr, ptr),
+        m.if(
+          m.i32.ge_u(m.i32.sub(m.local.get(ctx.ptr, T.i32), m.local.get(cache, T.i32)), limit),
+          m.if(mapSaysDirty(), setCache(m.i32.and(addr(), m.i32.const(~(PAGE_BYTES - 1)))), setCache(m.call(this.names.barrier, [addr(), m.i32.const(width)], T.i32))),
+        ),
+        m.local.get(ctx.ptr, T.i32),
+      ], T.i32);
+    }
+    const cache = ctx.cache;
     return m.block(null, [
       m.local.set(ctx.ptr, ptr),
       m.if(
-        m.i32.ge_u(m.i32.sub(addr(), m.local.get(cache, T.i32)), m.i32.const(PAGE_BYTES + 1 - width)),
+        m.i32.ge_u(m.i32.sub(addr(), m.local.get(cache, T.i32)), limit),
         // Cache miss: if the page(s) are already dirty this epoch (another site wrote them), only
         // refresh the cache inline; the call is made only for a page's first write in the epoch.
-        m.if(
-          m.i32.and(
-            m.i32.load8_u(0, 1, m.i32.shr_u(addr(), m.i32.const(PAGE_SHIFT)), this.memoryName),
-            m.i32.load8_u(0, 1, m.i32.shr_u(m.i32.add(addr(), m.i32.const(width - 1)), m.i32.const(PAGE_SHIFT)), this.memoryName),
-          ),
-          m.local.set(cache, m.i32.and(addr(), m.i32.const(~(PAGE_BYTES - 1)))),
-          m.local.set(cache, m.call(this.names.barrier, [addr(), m.i32.const(width)], T.i32)),
-        ),
+        m.if(mapSaysDirty(), m.local.set(cache, m.i32.and(addr(), m.i32.const(~(PAGE_BYTES - 1)))), m.local.set(cache, m.call(this.names.barrier, [addr(), m.i32.const(width)], T.i32))),
       ),
       m.local.get(ctx.ptr, T.i32),
     ], T.i32);
   }
+
 
   private shiftedTee(local: number, value: Ref): Ref {
     return this.m.i32.add(this.m.local.tee(local, value, T.i32), this.m.i32.const(BASE_BYTES));
