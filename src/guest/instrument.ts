@@ -461,18 +461,25 @@ class Instrumenter {
         m.return(i32.and(get(0), i32.const(~(PAGE_BYTES - 1)))),
       ], T.none),
     );
+    // Traps unless [guest address (param 0), + length (param 1)) lies inside guest memory; in 64 bits, so nothing wraps.
+    // (binaryen.js takes a bigint for i64.const; its type declarations still say number.)
+    const i64 = (n: number) => m.i64.const(BigInt(n) as unknown as number);
+    const outOfBounds = () =>
+      m.if(
+        m.i64.gt_u(
+          m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))),
+          m.i64.sub(m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), i64(WASM_PAGE_BYTES)), i64(BASE_BYTES)),
+        ),
+        m.unreachable(),
+      );
     // params: dest(0) len(1); vars: first(2) last(3)
-    const guestBytes = m.i64.sub(
-      m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), m.i64.const(BigInt(WASM_PAGE_BYTES) as unknown as number)),
-      m.i64.const(BigInt(BASE_BYTES) as unknown as number),
-    );
     m.addFunction(
       this.names.bulk_dest,
       b.createType([T.i32, T.i32]),
       T.none,
       [T.i32, T.i32],
       m.block(null, [
-        m.if(m.i64.gt_u(m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))), guestBytes), m.unreachable()),
+        outOfBounds(),
         m.if(i32.eqz(get(1)), m.return()),
         m.local.set(2, i32.shr_u(i32.add(get(0), i32.const(BASE_BYTES)), i32.const(PAGE_SHIFT))),
         m.local.set(3, i32.shr_u(i32.sub(i32.add(i32.add(get(0), i32.const(BASE_BYTES)), get(1)), i32.const(1)), i32.const(PAGE_SHIFT))),
@@ -480,17 +487,7 @@ class Instrumenter {
       ]),
     );
     // params: src(0) len(1): bounds check of a copy's source, so the shifted source cannot wrap into the hypervisor region.
-    const guestBytes2 = m.i64.sub(
-      m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), m.i64.const(BigInt(WASM_PAGE_BYTES) as unknown as number)),
-      m.i64.const(BigInt(BASE_BYTES) as unknown as number),
-    );
-    m.addFunction(
-      this.names.bulk_src,
-      b.createType([T.i32, T.i32]),
-      T.none,
-      [],
-      m.if(m.i64.gt_u(m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))), guestBytes2), m.unreachable()),
-    );
+    m.addFunction(this.names.bulk_src, b.createType([T.i32, T.i32]), T.none, [], outOfBounds());
   }
 
   private instrumentFunction(fn: Ref): void {
