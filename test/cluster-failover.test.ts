@@ -115,14 +115,15 @@ describe("single-VM protection across host processes", () => {
   });
 
   it("output is never released before its cut commits: with the backup frozen nothing is released, and the frozen-out output never appears", async () => {
-    const { dir, cluster: c, store } = await cluster(2);
+    const { dir, cluster: c, store } = await cluster(3);
     await deploy(c, "ticker", guestPath("ticker"));
     const record = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
     const primary = c.hosts.find((h) => h.id === record.primary)!;
-    const backup = c.hosts.find((h) => h.id === record.backup)!;
+    // The backup and the only other host are frozen, so the primary cannot find any backup.
+    const frozen = c.hosts.filter((h) => h.id !== record.primary);
     const f = follow(dir, "ticker-0");
     await waitFor(() => f.records.length >= 10, 5000, "output");
-    process.kill(backup.pid, "SIGSTOP");
+    for (const h of frozen) process.kill(h.pid, "SIGSTOP");
     try {
       await sleep(100); // commits already acknowledged may still land
       const frozenAt = f.follower.lastSeq;
@@ -130,7 +131,7 @@ describe("single-VM protection across host processes", () => {
       expect(f.follower.lastSeq).toBe(frozenAt);
       process.kill(primary.pid, "SIGKILL");
     } finally {
-      process.kill(backup.pid, "SIGCONT");
+      for (const h of frozen) process.kill(h.pid, "SIGCONT");
     }
     const seqAtKill = f.follower.lastSeq;
     await waitFor(() => f.follower.lastSeq > seqAtKill + 10, 10_000, "output after promotion");

@@ -98,8 +98,14 @@ export class LogFollower {
     const connection = await Connection.open(address, `logs→${host}`, 500);
     this.connection = connection;
     const closed = new Promise<void>((resolve) => connection.once("close", () => resolve()));
+    // Pushes can be handled before the reply's continuation runs (a resolved promise runs later):
+    // hold them until the reply's records are delivered, to keep sequence order.
+    let early: LogRecordWire[][] | null = [];
     connection.on("message", (type, header) => {
-      if (type === MSG.LOG) this.deliver(host, (header as { records: LogRecordWire[] }).records);
+      if (type !== MSG.LOG) return;
+      const records = (header as { records: LogRecordWire[] }).records;
+      if (early) early.push(records);
+      else this.deliver(host, records);
     });
     connection.send(MSG.HELLO, { from: "cli" });
     const reply = await connection.request<{ role: string; records: LogRecordWire[] }>("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, 2000);
@@ -108,6 +114,8 @@ export class LogFollower {
       throw new Error("not the primary");
     }
     this.deliver(host, reply.records);
+    for (const records of early) this.deliver(host, records);
+    early = null;
     // A paused host keeps its sockets open: watch the VM's record, and leave when another host takes over.
     const watch = setInterval(() => {
       this.store.get<VmRecord>(vmKey(this.vm)).then(

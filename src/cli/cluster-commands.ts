@@ -173,7 +173,7 @@ export function registerClusterCommands(program: Command): void {
       if (opts.json) console.log(JSON.stringify(report));
       else {
         console.log(`released ${report.released} outputs; lost ${report.lost}, duplicated ${report.duplicated}; failover ${report.failover_ms} ms (detection timeout ${report.detect_ms} ms)`);
-        console.log(`release latency (produced → released): p50 ${report.release_latency_ms_p50} ms, p99 ${report.release_latency_ms_p99} ms at ${report.interval_ms} ms epochs`);
+        console.log(`release latency (produced → released): p50 ${report.release_latency_ms_p50} ms, p99 ${report.release_latency_ms_p99} ms (adaptive epochs, interval ${report.interval_ms} ms)`);
         for (const [check, ok] of Object.entries(report.checks)) console.log(`  ${ok ? "ok  " : "FAIL"} ${check}`);
       }
       if (!Object.values(report.checks).every(Boolean)) process.exitCode = 1;

@@ -77,6 +77,8 @@ export class BackupReplica {
    */
   async promote(): Promise<{ worker: VmWorker; cut: number }> {
     return this.enqueue(async () => {
+      // Named as backup but the primary died before our image arrived: there is no copy here to promote.
+      if (!this.worker) throw new Error(`${this.record.vm}: no image was installed before the primary failed; the VM is lost`);
       const newest = this.staged.length ? this.staged[this.staged.length - 1].epoch : this.cut;
       await this.foldThrough(newest);
       assert(this.worker, "a promoted backup has an image");

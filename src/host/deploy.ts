@@ -47,6 +47,8 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
     incarnation: 1,
     health: protectedMode ? "healthy" : "degraded",
     interval_ms: manifest.epoch.interval_ms,
+    min_interval_ms: manifest.epoch.min_interval_ms,
+    max_interval_ms: manifest.epoch.max_interval_ms,
     limits: manifest.limits,
     size: manifest.size,
   }));

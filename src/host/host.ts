@@ -55,6 +55,8 @@ export class Host {
   readonly backups = new Map<string, BackupReplica>();
   private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
   private timers: NodeJS.Timeout[] = [];
+  /** VMs whose backup is being attached right now. */
+  private readonly reprotecting = new Set<string>();
   private stopping = false;
 
   constructor(
@@ -81,7 +83,7 @@ export class Host {
     await this.store.put(hostKey(this.id), record);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     this.timers.push(setInterval(() => void this.refreshPeers(), 250));
-    this.timers.push(setInterval(() => void this.checkFenced(), 250));
+    this.timers.push(setInterval(() => void this.maintain(), 250));
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid }, "host listening");
@@ -134,7 +136,8 @@ export class Host {
         peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false };
         this.peers.set(value.id, peer);
       }
-      if (!peer.out && !peer.connecting && !peer.failed) void this.connectPeer(peer);
+      // Failed peers too: a paused host comes back, and it learns we are alive from our heartbeats.
+      if (!peer.out && !peer.connecting) void this.connectPeer(peer);
     }
   }
 
@@ -202,6 +205,17 @@ export class Host {
     }
   }
 
+  /** Periodic upkeep: fence primaries that were taken over, give degraded primaries a backup when a host is available. */
+  private async maintain(): Promise<void> {
+    if (this.stopping) return;
+    await this.checkFenced();
+    for (const primary of this.primaries.values()) {
+      if (primary.record.mode !== "none" && primary.backupHostId === null) {
+        await this.reprotect(primary).catch((error: Error) => this.log.error({ err: error, vm: primary.record.vm }, "re-protection failed"));
+      }
+    }
+  }
+
   /**
    * A primary whose record names another primary or a newer incarnation was
    * taken over (this host was wrongly suspected, or paused): it stops. It could
@@ -221,10 +235,13 @@ export class Host {
     }
     for (const backup of [...this.backups.values()]) {
       const current = await this.store.get<VmRecord>(vmKey(backup.record.vm)).catch(() => null);
-      if (current && current.value.backup !== this.id && current.value.primary !== this.id) {
+      // Dropped once the VM has moved to another primary or incarnation. (A backup that is being
+      // attached is not named in the store yet, so "not named" alone must not drop it; a replaced
+      // backup of the same incarnation lingers, harmless: it gets no deltas and may not promote.)
+      if (current && (current.value.incarnation > backup.record.incarnation || current.value.primary !== backup.record.primary)) {
         this.backups.delete(backup.record.vm);
         await backup.stop();
-        this.log.info({ vm: backup.record.vm }, "backup replaced: dropped");
+        this.log.info({ vm: backup.record.vm }, "backup of an older incarnation: dropped");
       }
     }
   }
@@ -237,7 +254,10 @@ export class Host {
         return;
       case MSG.HEARTBEAT: {
         const peer = this.peers.get(String(header.from));
-        if (peer) {
+        // A heartbeat that sat in a socket buffer (this host was paused) says nothing about the present.
+        // Compares the sender's clock with ours: fine on one machine, and within NTP skew across machines.
+        const age_ms = Date.now() - Number(header.sent_ms);
+        if (peer && age_ms < this.options.detect_ms) {
           peer.last_seen_ms = Date.now();
           if (peer.failed) {
             peer.failed = false;
@@ -292,6 +312,16 @@ export class Host {
   }
 
   private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
+    if (request.op === "logs") {
+      // Answered synchronously so that no released record can be pushed before the reply.
+      try {
+        this.followLogs(connection, request.id, String(request.args.vm), Number(request.args.from_seq ?? 1), Boolean(request.args.follow));
+      } catch (error) {
+        const e = error as Error & { code?: string };
+        connection.reply(request.id, { ok: false, error: { code: e.code ?? "Error", message: e.message } });
+      }
+      return;
+    }
     try {
       const value = await this.handle(connection, request, body);
       connection.reply(request.id, { ok: true, value });
@@ -314,8 +344,6 @@ export class Host {
         return this.startPrimary(args.record as VmRecord, body.slice());
       case "install_backup":
         return this.installBackup(args.record as VmRecord, body.slice());
-      case "logs":
-        return this.followLogs(connection, String(args.vm), Number(args.from_seq ?? 1), Boolean(args.follow));
       default:
         throw Object.assign(new Error(`unknown request ${request.op}`), { code: "UnknownRequest" });
     }
@@ -353,10 +381,18 @@ export class Host {
     if (this.primaries.has(record.vm)) throw new Error(`${record.vm} already runs here`);
     const guest = await this.guestFor(module);
     const worker = await VmWorker.boot(guest, this.vmOptions(record));
-    const primary = new ProtectedPrimary(record, guest, worker, new OutputLog(), (vm, reason) => this.log.error({ vm, reason }, "primary problem"));
+    const primary = new ProtectedPrimary(record, guest, worker, new OutputLog(), this.problemReporter, (host) => this.nameBackup(record.vm, host));
     this.primaries.set(record.vm, primary);
     primary.start();
-    if (record.backup) await this.attachBackup(primary, record.backup);
+    if (record.backup) {
+      // Counted as a re-protection in progress, so maintain() does not attach a second backup meanwhile.
+      this.reprotecting.add(record.vm);
+      try {
+        await this.attachBackup(primary, record.backup);
+      } finally {
+        this.reprotecting.delete(record.vm);
+      }
+    }
     this.log.info({ vm: record.vm, backup: record.backup, incarnation: record.incarnation }, "primary started");
     return { vm: record.vm, protected: primary.protectedNow };
   }
@@ -388,7 +424,7 @@ export class Host {
     const started = performance.now();
     this.backups.delete(backup.record.vm);
     const { worker, cut } = await backup.promote();
-    const primary = new ProtectedPrimary(next, backup.guest, worker, backup.log, (vm, reason) => this.log.error({ vm, reason }, "primary problem"));
+    const primary = new ProtectedPrimary(next, backup.guest, worker, backup.log, this.problemReporter, (host) => this.nameBackup(next.vm, host));
     this.primaries.set(next.vm, primary);
     // The recovery cut is committed by definition: its output may leave now (sinks drop what they had).
     await primary.releaseCommitted(cut);
@@ -397,31 +433,52 @@ export class Host {
     await this.reprotect(primary);
   }
 
-  /** Gives a primary that lost its backup a new one on another live host. */
+  /** Gives a primary that lost its backup a new one on another live host (one attempt at a time per VM). */
   private async reprotect(primary: ProtectedPrimary): Promise<void> {
-    if (primary.record.mode === "none") return;
-    const candidates = this.liveHosts().filter((h) => h !== this.id);
-    const key = vmKey(primary.record.vm);
-    const current = await this.store.get<VmRecord>(key);
-    if (!current || current.value.primary !== this.id) return;
-    if (candidates.length === 0) {
-      this.log.warn({ vm: primary.record.vm }, "no host for a new backup: VM stays degraded");
-      return;
+    if (primary.record.mode === "none" || this.reprotecting.has(primary.record.vm)) return;
+    this.reprotecting.add(primary.record.vm);
+    try {
+      await this.reprotectOnce(primary);
+    } finally {
+      this.reprotecting.delete(primary.record.vm);
     }
-    // Least loaded by backups we know of is not tracked across hosts yet: take the first live one after us.
-    const host = candidates[0];
-    const next: VmRecord = { ...current.value, backup: host, health: "healthy" };
-    if ((await this.store.cas(key, current.version, next)) === null) return;
-    Object.assign(primary.record, next);
-    const started = performance.now();
-    await this.attachBackup(primary, host);
-    this.log.info({ vm: primary.record.vm, backup: host, attach_ms: Number((performance.now() - started).toFixed(1)) }, "re-protected");
   }
 
-  private followLogs(connection: Connection, vm: string, from_seq: number, follow: boolean): unknown {
+  private async reprotectOnce(primary: ProtectedPrimary): Promise<void> {
+    const candidates = this.liveHosts().filter((h) => h !== this.id);
+    const current = await this.store.get<VmRecord>(vmKey(primary.record.vm));
+    if (!current || current.value.primary !== this.id) return;
+    if (candidates.length === 0) return; // degraded until a host is available; maintain() tries again
+    // Load is not tracked across hosts yet: take the first live one. The store names it only
+    // once it holds the image (nameBackup, called before the first commit with it).
+    const host = candidates[0];
+    const started = performance.now();
+    await this.attachBackup(primary, host);
+    this.log.info({ vm: primary.record.vm, backup: host, attach_ms: Number((performance.now() - started).toFixed(1)) }, "new backup attached");
+  }
+
+  /** CAS: `host` becomes the VM's named backup (only this host, as primary of this incarnation, may do it). */
+  private async nameBackup(vm: string, host: string): Promise<boolean> {
+    const key = vmKey(vm);
+    const current = await this.store.get<VmRecord>(key);
+    const primary = this.primaries.get(vm);
+    if (!current || !primary || current.value.primary !== this.id || current.value.incarnation !== primary.record.incarnation) return false;
+    if (current.value.backup === host && current.value.health === "healthy") return true;
+    const next: VmRecord = { ...current.value, backup: host, health: "healthy" };
+    if ((await this.store.cas(key, current.version, next)) === null) return false;
+    Object.assign(primary.record, next);
+    this.log.info({ vm, backup: host }, "re-protected: backup named in the store");
+    return true;
+  }
+
+  private readonly problemReporter = (vm: string, reason: string) => this.log.error({ vm, reason }, "primary problem");
+
+  /** Replies with the records kept from `from_seq`, then (with `follow`) pushes every new one, in order. */
+  private followLogs(connection: Connection, request_id: number, vm: string, from_seq: number, follow: boolean): void {
     const primary = this.primaries.get(vm);
     const log = primary?.log ?? this.backups.get(vm)?.log;
     if (!log) throw Object.assign(new Error(`no replica of ${vm} on ${this.id}`), { code: "NoSuchVm" });
+    connection.reply(request_id, { ok: true, value: { vm, role: primary ? "primary" : "backup", first_seq: log.firstSeq, records: log.since(from_seq) } });
     if (follow) {
       const onAppend = (records: unknown[]) => {
         if (connection.isClosed) {
@@ -433,7 +490,6 @@ export class Host {
       log.on("append", onAppend);
       connection.once("close", () => log.off("append", onAppend));
     }
-    return { vm, role: primary ? "primary" : "backup", first_seq: log.firstSeq, records: log.since(from_seq) };
   }
 
   status(): unknown {

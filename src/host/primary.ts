@@ -8,6 +8,11 @@
  * Captures are pipelined up to INFLIGHT_EPOCHS_MAX unacknowledged deltas. No
  * output is released before its cut commits; without a backup nothing commits
  * (the VM keeps running, its output waits).
+ *
+ * Adaptive epochs (DESIGN.md): when the guest produced output in the current
+ * epoch, the epoch ends min_interval_ms after the previous checkpoint, so a
+ * reply waits about one commit round trip rather than half an epoch; while no
+ * output waits, epochs start at interval_ms and double up to max_interval_ms.
  */
 import { decodeImage } from "../checkpoint/format.js";
 import type { VmWorker } from "../vm/vm.js";
@@ -31,6 +36,14 @@ export interface PrimaryStats {
 
 export class ProtectedPrimary {
   private timer: NodeJS.Timeout | null = null;
+  private dueAt = Infinity;
+  private lastCaptureMs = 0;
+  private idleEpochMs: number;
+  private outputWaiting = false;
+  private capturedEpoch = 0;
+  /** Cut of the full image sent to a newly attached backup, until that backup acknowledges it. */
+  private imageEpoch: number | null = null;
+  private ackChain: Promise<unknown> = Promise.resolve();
   private backup: Connection | null = null;
   private backupHost: string | null = null;
   private readonly inflight: { epoch: number; sent_ms: number }[] = [];
@@ -46,8 +59,16 @@ export class ProtectedPrimary {
     readonly vm: VmWorker,
     readonly log: OutputLog,
     private readonly onProblem: (vm: string, reason: string) => void,
+    /** Makes the store name `host` as this VM's backup (true) or says it cannot (false: fenced, raced). */
+    private readonly confirmBackup: (host: string) => Promise<boolean>,
   ) {
     vm.on("crashed", (message) => onProblem(record.vm, `VM crashed: ${message}`));
+    this.idleEpochMs = record.interval_ms;
+    vm.on("output_pending", (epoch) => {
+      if (epoch <= this.capturedEpoch) return; // that epoch was captured already
+      this.outputWaiting = true;
+      this.scheduleAt(Math.max(Date.now(), this.lastCaptureMs + this.record.min_interval_ms));
+    });
   }
 
   get backupHostId(): string | null {
@@ -59,13 +80,39 @@ export class ProtectedPrimary {
   }
 
   start(): void {
-    this.timer = setInterval(() => void this.tick(), this.record.interval_ms);
+    this.lastCaptureMs = Date.now();
+    this.scheduleNext();
   }
 
   stop(): void {
     this.stopped = true;
-    if (this.timer) clearInterval(this.timer);
+    if (this.timer) clearTimeout(this.timer);
     this.timer = null;
+  }
+
+  /** Runs the next epoch boundary at `at_ms`, unless one is already due sooner. */
+  private scheduleAt(at_ms: number): void {
+    if (this.stopped || (this.timer && this.dueAt <= at_ms)) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.dueAt = at_ms;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.dueAt = Infinity;
+      void this.tick().finally(() => this.scheduleNext());
+    }, Math.max(0, at_ms - Date.now()));
+  }
+
+  private scheduleNext(): void {
+    const wait = this.outputWaiting ? this.record.min_interval_ms : this.idleEpochMs;
+    this.scheduleAt(this.lastCaptureMs + Math.max(wait, this.record.min_interval_ms));
+  }
+
+  private noteCaptured(epoch: number): void {
+    this.capturedEpoch = epoch;
+    this.lastCaptureMs = Date.now();
+    // An epoch that produced output resets the idle stretch; an idle one lengthens the next.
+    this.idleEpochMs = this.outputWaiting ? this.record.interval_ms : Math.min(this.record.max_interval_ms, this.idleEpochMs * 2);
+    this.outputWaiting = false;
   }
 
   /**
@@ -79,6 +126,7 @@ export class ProtectedPrimary {
     const cut = decodeImage(image).epoch;
     this.backupHost = host;
     this.backup = connection;
+    this.imageEpoch = cut;
     this.inflight.push({ epoch: cut, sent_ms: Date.now() });
     connection.send(MSG.IMAGE, { vm: this.record.vm, incarnation: this.record.incarnation, epoch: cut, released_seq: this.log.lastSeq }, image);
   }
@@ -86,19 +134,37 @@ export class ProtectedPrimary {
   detachBackup(): void {
     this.backup = null;
     this.backupHost = null;
+    this.imageEpoch = null;
     this.inflight.length = 0;
   }
 
   /** Handles ACK e from the backup: commit e, release its output, tell the backup. */
-  async onAck(message: VmMessage): Promise<void> {
+  onAck(message: VmMessage): Promise<void> {
+    // One ack at a time: the first commit with a new backup waits for the store to name it.
+    const next = this.ackChain.then(() => this.handleAck(message));
+    this.ackChain = next.catch(() => undefined);
+    return next;
+  }
+
+  private async handleAck(message: VmMessage): Promise<void> {
     if (message.incarnation !== this.record.incarnation || this.stopped) return;
     const head = this.inflight[0];
     if (!head || head.epoch !== message.epoch) return; // stale ack from a previous backup attachment
     this.inflight.shift();
+    if (message.epoch === this.imageEpoch) {
+      this.imageEpoch = null;
+      // Nothing may commit with a backup that the store does not name yet: if this host died
+      // after such a commit, the backup the store names (older) would be promoted and undo
+      // released output.
+      if (!(await this.confirmBackup(this.backupHost!))) {
+        this.detachBackup();
+        return;
+      }
+    }
     const released = await this.enqueue(() => this.vm.request("commit", { epoch: message.epoch }));
     this.release(released);
     this.stats.committed = message.epoch;
-    this.stats.commit_ms_last = performance.now() - head.sent_ms;
+    this.stats.commit_ms_last = Date.now() - head.sent_ms;
     this.backup?.send(MSG.COMMIT, { vm: this.record.vm, incarnation: this.record.incarnation, epoch: message.epoch } satisfies VmMessage);
   }
 
@@ -118,6 +184,7 @@ export class ProtectedPrimary {
       this.capturing = true;
       try {
         const captured = await this.enqueue(() => this.vm.capture());
+        this.noteCaptured(captured.epoch);
         this.release(await this.enqueue(() => this.vm.request("commit", { epoch: captured.epoch })));
       } catch (error) {
         this.onProblem(this.record.vm, (error as Error).message);
@@ -131,6 +198,7 @@ export class ProtectedPrimary {
     this.capturing = true;
     try {
       const captured = await this.enqueue(() => this.vm.capture());
+      this.noteCaptured(captured.epoch);
       this.stats.epochs++;
       this.stats.pause_us_last = captured.pause_us;
       if (this.backup !== backup || backup.isClosed) return; // the backup changed while capturing: the next image covers it

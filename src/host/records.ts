@@ -17,7 +17,10 @@ export interface VmRecord {
   backup: string | null;
   incarnation: number;
   health: ReplicaHealth;
+  /** Adaptive epochs: output waiting → checkpoint min_interval_ms after the last one; idle → interval_ms, doubling up to max_interval_ms. */
   interval_ms: number;
+  min_interval_ms: number;
+  max_interval_ms: number;
   limits: Manifest["limits"];
   size: number;
 }
