@@ -4,7 +4,7 @@
  * against it with no copy (VmCore.resume), plus the globals and runtime state
  * of that cut.
  */
-import { PAGE_BYTES, PAGE_SHIFT, WASM_PAGE_BYTES } from "../vm/layout.js";
+import { PAGE_BYTES, WASM_PAGE_BYTES } from "../vm/layout.js";
 import { imageOf, newMemory, VmCore, type GuestModule, type VmOptions } from "../vm/machine.js";
 import { assert } from "../util/assert.js";
 import type { DeltaParts, ImageParts } from "./format.js";

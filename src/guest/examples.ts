@@ -5,7 +5,7 @@
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 
-export const EXAMPLE_GUESTS = ["ticker", "kv", "bank"] as const;
+export const EXAMPLE_GUESTS = ["ticker", "kv", "bank", "allreduce", "ring", "phases"] as const;
 
 const BUILD_DIR = fileURLToPath(new URL(import.meta.url.endsWith(".ts") ? "../../build/guests/" : "../../../build/guests/", import.meta.url));
 

@@ -44,7 +44,6 @@ import {
   HV_MODULE,
   INSTRUMENTER_VERSION,
   type InstrumentedModule,
-  type ModuleInfo,
   type ValueTypeName,
 } from "./module-info.js";
 

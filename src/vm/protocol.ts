@@ -5,7 +5,7 @@
  */
 import type { ModuleInfo } from "../guest/module-info.js";
 import type { OutputRecord } from "./runtime-state.js";
-import type { OutboxMessage, VmLimits } from "./machine.js";
+import type { GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
 
 export interface GuestBundle {
   module: WebAssembly.Module;
@@ -32,6 +32,12 @@ export interface VmStatus {
   dirty_pages: number;
   pending_output: number;
   crashed: string | null;
+  /** Primary: the group incarnation the VM was last told. Backup: 0. */
+  incarnation: number;
+  /** Received group messages held until deliverable (primary). */
+  pending_messages: number;
+  /** Sender log size against limits.sender_log_bytes_max (primary). */
+  sender_log_bytes: number;
 }
 
 export interface CaptureResult {
@@ -40,6 +46,21 @@ export interface CaptureResult {
   delta: Uint8Array;
   dirty_pages: number;
   pause_us: number;
+  /** Index = sender rank: highest seq delivered from it at this cut (for trim_sender_log once the cut commits). */
+  delivered: number[];
+  /** Held group messages delivered right after the capture (the new epoch made them deliverable)... */
+  delivered_after: number;
+  /** ...and what the guest sent while handling them, for the host to route. */
+  outbox: GroupMessage[];
+}
+
+export interface ReceiveBatchResult {
+  /** One per message offered, same order. "full" and "early" were NOT taken: offer them again later. */
+  statuses: ReceiveStatus[];
+  /** Guest `message` calls made. */
+  delivered: number;
+  /** What the guest sent while handling them. */
+  outbox: GroupMessage[];
 }
 
 /** Every request the host sends, with its arguments and the value it gets back. */
@@ -49,10 +70,22 @@ export interface WorkerOps {
   backup: { args: { guest: GuestBundle; options: WorkerVmOptions; image: Uint8Array | null }; result: VmStatus };
   apply: { args: { delta: Uint8Array }; result: VmStatus };
   promote: { args: Record<string, never>; result: VmStatus };
-  message: { args: { from_rank: number; payload: Uint8Array }; result: OutboxMessage[] };
-  request: { args: { session: number; request_id: number; payload: Uint8Array }; result: OutboxMessage[] };
-  timer: { args: { timer_id: number }; result: OutboxMessage[] };
-  fire_timers: { args: { now_ms: number }; result: { fired: number; outbox: OutboxMessage[] } };
+  /** Direct call of the guest's `message` export, bypassing the channels (tests, fixtures). Group messages use `receive`. */
+  message: { args: { from_rank: number; payload: Uint8Array }; result: GroupMessage[] };
+  request: { args: { session: number; request_id: number; payload: Uint8Array }; result: GroupMessage[] };
+  timer: { args: { timer_id: number }; result: GroupMessage[] };
+  fire_timers: { args: { now_ms: number }; result: { fired: number; outbox: GroupMessage[] } };
+  /**
+   * Offers group messages to the VM in order (VmCore.receive each). A crash or a
+   * malformed message ends the batch with an error: the messages before it were
+   * processed, what the guest sent meanwhile comes with the next outbox.
+   */
+  receive: { args: { messages: GroupMessage[] }; result: ReceiveBatchResult };
+  take_outbox: { args: Record<string, never>; result: GroupMessage[] };
+  delivered_vector: { args: Record<string, never>; result: number[] };
+  trim_sender_log: { args: { delivered_by_receiver: number[] }; result: { trimmed: number; sender_log_bytes: number } };
+  resend_for: { args: { receiver: number; delivered: number }; result: GroupMessage[] };
+  set_incarnation: { args: { incarnation: number }; result: VmStatus };
   invoke: { args: { name: string; args: (number | bigint)[] }; result: unknown };
   capture: { args: Record<string, never>; result: CaptureResult };
   commit: { args: { epoch: number }; result: OutputRecord[] };
@@ -75,7 +108,7 @@ export interface SerializedError {
 export type WorkerEvent =
   | { event: "crashed"; message: string }
   /** Messages sent by timer-driven guest calls (auto timers), for the host to route. */
-  | { event: "outbox"; messages: OutboxMessage[] }
+  | { event: "outbox"; messages: GroupMessage[] }
   /** First external output of an epoch: the host may checkpoint early (adaptive epochs). */
   | { event: "output_pending"; epoch: number };
 

@@ -8,7 +8,7 @@ import { parentPort, workerData } from "node:worker_threads";
 import { BackupImage } from "../checkpoint/backup-image.js";
 import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
 import { RESERVED_WASM_PAGES } from "./layout.js";
-import { VmCore, type GuestModule, type VmOptions } from "./machine.js";
+import { VmCore, VmCrashedError, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
@@ -41,7 +41,8 @@ function emit(body: WorkerEvent): void {
 }
 
 function vmOptions(options: WorkerVmOptions): VmOptions {
-  return { rank: options.rank, size: options.size, limits: options.limits, now: Date.now };
+  // Every guest call ticks the watchdog's counter, so a chain of deliveries inside one request gets a budget per call.
+  return { rank: options.rank, size: options.size, limits: options.limits, now: Date.now, on_guest_call: () => void Atomics.add(watchdog, WATCHDOG_SEQ, 1) };
 }
 
 function guestOf(bundle: GuestBundle): GuestModule {
@@ -68,10 +69,24 @@ function status(): VmStatus {
       dirty_pages: primary.dirtyPages,
       pending_output: primary.pendingOutput().length,
       crashed: primary.crashed,
+      incarnation: primary.incarnation,
+      pending_messages: primary.pendingMessages,
+      sender_log_bytes: primary.senderLogBytes,
     };
   }
   const b = needBackup();
-  return { role: "backup", epoch: b.epoch, committed: b.epoch, memory_bytes: b.memoryBytes, dirty_pages: 0, pending_output: 0, crashed: null };
+  return {
+    role: "backup",
+    epoch: b.epoch,
+    committed: b.epoch,
+    memory_bytes: b.memoryBytes,
+    dirty_pages: 0,
+    pending_output: 0,
+    crashed: null,
+    incarnation: 0,
+    pending_messages: 0,
+    sender_log_bytes: 0,
+  };
 }
 
 /** Marks a guest call for the watchdog; the host terminates this thread if one runs too long. */
@@ -179,10 +194,42 @@ const handlers: Handlers = {
     return guarded(() => vm.invoke(name, args));
   },
   capture() {
-    return needPrimary().capture();
+    const vm = needPrimary();
+    // Capturing starts a new epoch, which may make held group messages deliverable: guest calls.
+    const captured = guarded(() => vm.capture());
+    return { ...captured, outbox: vm.takeOutbox() };
   },
   commit({ epoch }) {
     return needPrimary().commit(epoch);
+  },
+  receive({ messages }) {
+    const vm = needPrimary();
+    const statuses: ReceiveStatus[] = [];
+    let delivered = 0;
+    guarded(() => {
+      for (const message of messages) {
+        const result = vm.receive(message);
+        statuses.push(result.status);
+        delivered += result.delivered;
+      }
+    });
+    return { statuses, delivered, outbox: vm.takeOutbox() };
+  },
+  take_outbox() {
+    return needPrimary().takeOutbox();
+  },
+  delivered_vector() {
+    return needPrimary().deliveredVector();
+  },
+  trim_sender_log({ delivered_by_receiver }) {
+    return needPrimary().trimSenderLog(delivered_by_receiver);
+  },
+  resend_for({ receiver, delivered }) {
+    return needPrimary().resendFor(receiver, delivered);
+  },
+  set_incarnation({ incarnation }) {
+    needPrimary().setIncarnation(incarnation);
+    return status();
   },
   rollback({ epoch }) {
     const started = process.hrtime.bigint();
@@ -194,8 +241,20 @@ const handlers: Handlers = {
     if (!primary) return encodeImage(needBackup().image());
     // A primary's full copy is taken at a fresh cut: capture (the delta is not needed, the
     // image supersedes it), then the image of that cut. The caller commits it once stored.
-    primary.capture();
-    return encodeImage(primary.image());
+    // Held messages the new epoch makes deliverable wait until the image is taken.
+    primary.capture({ deliver_pending: false });
+    const image = encodeImage(primary.image());
+    const vm = primary;
+    try {
+      guarded(() => vm.deliverPending());
+    } catch (error) {
+      // The image is good; the crash is reported by afterCall.
+      if (!(error instanceof VmCrashedError)) throw error;
+    }
+    // What they sent goes out with the next request's outbox or an event.
+    const outbox = vm.takeOutbox();
+    if (outbox.length) emit({ event: "outbox", messages: outbox });
+    return image;
   },
   status() {
     return status();
