@@ -35,6 +35,8 @@ export interface HostOptions {
 }
 
 export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300 };
+/** Idle VM threads kept ready, so a promotion's new backup or a deploy does not wait for a thread to start. */
+export const VM_THREADS_PREWARMED = 2;
 
 interface Peer {
   id: string;
@@ -81,6 +83,7 @@ export class Host {
     this.address = `${this.options.listen_host}:${addr.port}`;
     const record: HostRecord = { id: this.id, address: this.address, pid: process.pid, started_at_ms: Date.now() };
     await this.store.put(hostKey(this.id), record);
+    VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     this.timers.push(setInterval(() => void this.refreshPeers(), 250));
     this.timers.push(setInterval(() => void this.maintain(), 250));

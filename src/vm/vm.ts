@@ -60,6 +60,35 @@ export interface VmEvents {
   output_pending: [epoch: number];
 }
 
+interface Thread {
+  worker: Worker;
+  watchdog: SharedArrayBuffer;
+}
+
+function spawnThread(): Thread {
+  const watchdog = new SharedArrayBuffer(WATCHDOG_SLOTS * 4);
+  return { worker: new Worker(fileURLToPath(WORKER_URL), { workerData: { watchdog } }), watchdog };
+}
+
+/**
+ * Threads started ahead of need (see VmWorker.prewarm): starting one and
+ * loading its modules takes tens of milliseconds, which a failover would
+ * otherwise spend before the new backup can take its image.
+ */
+const spares: Thread[] = [];
+let sparesWanted = 0;
+
+function takeThread(): Thread {
+  const spare = spares.shift();
+  if (spare) {
+    spare.worker.ref();
+    // Replace it in the background, off the path of whoever is waiting now.
+    setImmediate(() => VmWorker.prewarm(sparesWanted));
+    return spare;
+  }
+  return spawnThread();
+}
+
 export class VmWorker extends EventEmitter<VmEvents> {
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
@@ -68,11 +97,25 @@ export class VmWorker extends EventEmitter<VmEvents> {
   private readonly watchdogTimer: NodeJS.Timeout;
   private gone: string | null = null;
 
+  /** Keeps `count` idle VM threads ready (a host daemon calls this; idle threads do not keep a process alive). */
+  static prewarm(count: number): void {
+    sparesWanted = count;
+    while (spares.length < count) {
+      const thread = spawnThread();
+      thread.worker.unref();
+      thread.worker.once("exit", () => {
+        const i = spares.indexOf(thread);
+        if (i >= 0) spares.splice(i, 1);
+      });
+      spares.push(thread);
+    }
+  }
+
   private constructor(private readonly call_cpu_ms: number) {
     super();
-    const shared = new SharedArrayBuffer(WATCHDOG_SLOTS * 4);
-    this.watchdog = new Int32Array(shared);
-    this.worker = new Worker(fileURLToPath(WORKER_URL), { workerData: { watchdog: shared } });
+    const thread = takeThread();
+    this.watchdog = new Int32Array(thread.watchdog);
+    this.worker = thread.worker;
     this.worker.on("message", (message: WorkerResponse) => this.onMessage(message));
     this.worker.on("error", (error) => this.fail(`VM thread failed: ${error.message}`));
     this.worker.on("exit", (code) => this.fail(`VM thread exited (code ${code})`));
