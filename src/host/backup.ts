@@ -9,6 +9,7 @@ import { decodeRuntimeState, type OutputRecord } from "../vm/runtime-state.js";
 import { VmWorker } from "../vm/vm.js";
 import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { OutputLog } from "./output-log.js";
+import type { LogRecordWire } from "./messages.js";
 import type { VmRecord } from "./records.js";
 import { assert } from "../util/assert.js";
 
@@ -37,7 +38,7 @@ export class BackupReplica {
   }
 
   /** A full image from the primary: replaces whatever this replica held. Returns the epoch to acknowledge. */
-  async install(image: Uint8Array, released_seq: number): Promise<number> {
+  async install(image: Uint8Array, released_seq: number, history: readonly LogRecordWire[] = []): Promise<number> {
     const epoch = decodeImage(image).epoch;
     await this.enqueue(async () => {
       const previous = this.worker;
@@ -45,7 +46,7 @@ export class BackupReplica {
       await previous?.terminate();
       this.staged = [];
       this.cut = epoch;
-      this.log.resetTo(released_seq);
+      this.log.adopt(history, released_seq);
     });
     return epoch;
   }

@@ -9,7 +9,7 @@ import { createServer, type Server, type Socket } from "node:net";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
 import { Connection } from "./connection.js";
-import { MSG, type Heartbeat, type Request, type VmMessage } from "./messages.js";
+import { MSG, type Heartbeat, type LogRecordWire, type Request, type VmMessage } from "./messages.js";
 import { ProtectedPrimary } from "./primary.js";
 import { BackupReplica } from "./backup.js";
 import { OutputLog } from "./output-log.js";
@@ -272,7 +272,7 @@ export class Host {
       case MSG.REQUEST:
         return this.onRequest(connection, header as unknown as Request, body);
       case MSG.IMAGE:
-        return this.onImage(header as unknown as VmMessage & { released_seq: number }, body);
+        return this.onImage(header as unknown as VmMessage & { released_seq: number; history?: LogRecordWire[] }, body);
       case MSG.DELTA:
         return this.onDelta(header as unknown as VmMessage, body);
       case MSG.ACK: {
@@ -295,10 +295,10 @@ export class Host {
     (await this.peerConnection(host)).send(type, header);
   }
 
-  private async onImage(m: VmMessage & { released_seq: number }, image: Uint8Array): Promise<void> {
+  private async onImage(m: VmMessage & { released_seq: number; history?: LogRecordWire[] }, image: Uint8Array): Promise<void> {
     const backup = this.backups.get(m.vm);
     if (!backup || backup.record.incarnation !== m.incarnation) return;
-    const epoch = await backup.install(image.slice(), m.released_seq);
+    const epoch = await backup.install(image.slice(), m.released_seq, Array.isArray(m.history) ? m.history : []);
     await this.sendTo(backup.record.primary, MSG.ACK, { vm: m.vm, incarnation: m.incarnation, epoch } satisfies VmMessage);
   }
 

@@ -11,6 +11,8 @@ import type { LogRecordWire } from "./messages.js";
 
 /** Records kept per VM; older ones are dropped (followers that fall further behind see a gap notice). */
 export const OUTPUT_LOG_RECORDS_MAX = 200_000;
+/** Released history a primary sends a new backup with its image (newest first, up to this much text). */
+export const OUTPUT_LOG_HISTORY_BYTES_MAX = 256 * 1024;
 
 export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]] }> {
   private records: LogRecordWire[] = [];
@@ -22,12 +24,6 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
 
   get firstSeq(): number {
     return this.first;
-  }
-
-  /** A log that starts after `last_seq` (a new backup: everything up to there was released before it joined). */
-  resetTo(last_seq: number): void {
-    this.records = [];
-    this.first = last_seq + 1;
   }
 
   /** Appends records with seq > lastSeq, in order; returns those that were new. */
@@ -48,6 +44,22 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
     }
     if (fresh.length) this.emit("append", fresh);
     return fresh;
+  }
+
+  /** The newest records whose text adds up to at most `bytes_max`: what a new backup gets of the history. */
+  tail(bytes_max: number): LogRecordWire[] {
+    let bytes = 0;
+    let i = this.records.length;
+    while (i > 0 && bytes + this.records[i - 1].text.length <= bytes_max) bytes += this.records[--i].text.length;
+    return this.records.slice(i);
+  }
+
+  /** A new backup's log: the history the primary sent, then whatever its commits release. */
+  adopt(history: readonly LogRecordWire[], last_seq: number): void {
+    const first = history.length ? history[0].seq : last_seq + 1;
+    if (history.length && history[history.length - 1].seq !== last_seq) throw new Error(`log history ends at ${history[history.length - 1].seq}, released up to ${last_seq}`);
+    this.records = [...history];
+    this.first = first;
   }
 
   /** Records with seq >= from_seq that are still kept. */

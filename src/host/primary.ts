@@ -20,7 +20,7 @@ import type { GuestBundle } from "../vm/protocol.js";
 import type { OutputRecord } from "../vm/runtime-state.js";
 import type { Connection } from "./connection.js";
 import { MSG, type VmMessage } from "./messages.js";
-import { OutputLog } from "./output-log.js";
+import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "./output-log.js";
 import type { VmRecord } from "./records.js";
 import { assert } from "../util/assert.js";
 
@@ -128,7 +128,9 @@ export class ProtectedPrimary {
     this.backup = connection;
     this.imageEpoch = cut;
     this.inflight.push({ epoch: cut, sent_ms: Date.now() });
-    connection.send(MSG.IMAGE, { vm: this.record.vm, incarnation: this.record.incarnation, epoch: cut, released_seq: this.log.lastSeq }, image);
+    // The released history goes along, so that after a failover to this backup `cohort logs` still shows it.
+    const history = this.log.tail(OUTPUT_LOG_HISTORY_BYTES_MAX);
+    connection.send(MSG.IMAGE, { vm: this.record.vm, incarnation: this.record.incarnation, epoch: cut, released_seq: this.log.lastSeq, history }, image);
   }
 
   detachBackup(): void {
