@@ -113,7 +113,7 @@ export function registerClusterCommands(program: Command): void {
                 primary: v.value.primary,
                 backup: primary?.backup ?? v.value.backup,
                 incarnation: v.value.incarnation,
-                epoch: primary?.epochs ?? null,
+                epoch: primary?.epoch ?? null,
                 committed: primary?.committed ?? null,
                 released_seq: primary?.released_seq ?? null,
                 health: primary ? (healthy ? "healthy" : "degraded") : "unreachable",
@@ -182,5 +182,5 @@ export function registerClusterCommands(program: Command): void {
 
 interface HostStatus {
   id: string;
-  primaries: { vm: string; backup: string | null; protected: boolean; epochs: number; committed: number; released_seq: number }[];
+  primaries: { vm: string; backup: string | null; protected: boolean; epoch: number; committed: number; released_seq: number }[];
 }

@@ -71,6 +71,11 @@ export class ProtectedPrimary {
     });
   }
 
+  /** The epoch the VM is executing now (the one after the last capture). */
+  get currentEpoch(): number {
+    return this.capturedEpoch + 1;
+  }
+
   get backupHostId(): string | null {
     return this.backupHost;
   }
