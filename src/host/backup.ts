@@ -20,6 +20,7 @@ export class BackupReplica {
   private worker: VmWorker | null = null;
   private staged: { epoch: number; delta: Uint8Array }[] = [];
   private cut = 0;
+  private stopped = false;
   private chain: Promise<unknown> = Promise.resolve();
   readonly log = new OutputLog();
 
@@ -91,11 +92,13 @@ export class BackupReplica {
   }
 
   async stop(): Promise<void> {
+    this.stopped = true;
     await this.worker?.terminate();
     this.worker = null;
   }
 
   private async foldThrough(epoch: number): Promise<void> {
+    if (this.stopped) return; // a COMMIT that arrives while the host shuts down or drops this replica
     assert(this.worker, "fold needs an image");
     let newestState: Uint8Array | null = null;
     while (this.staged.length && this.staged[0].epoch <= epoch) {
