@@ -5,7 +5,7 @@
  */
 import type { ModuleInfo } from "../guest/module-info.js";
 import type { OutputRecord } from "./runtime-state.js";
-import type { GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
+import type { CapturedDelta, GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
 
 export interface GuestBundle {
   module: WebAssembly.Module;
@@ -40,19 +40,10 @@ export interface VmStatus {
   sender_log_bytes: number;
 }
 
-export interface CaptureResult {
-  epoch: number;
-  /** Laid out, NOT sealed: the receiving thread calls sealDelta before it leaves the host. */
-  delta: Uint8Array;
-  dirty_pages: number;
-  pause_us: number;
-  /** Index = sender rank: highest seq delivered from it at this cut (for trim_sender_log once the cut commits). */
-  delivered: number[];
-  /** Held group messages delivered right after the capture (the new epoch made them deliverable)... */
-  delivered_after: number;
-  /** ...and what the guest sent while handling them, for the host to route. */
-  outbox: GroupMessage[];
-}
+/** A capture as the host thread gets it: the delta (laid out, NOT sealed: the receiving thread calls
+ * sealDelta before it leaves the host) plus what the guest sent while handling held messages that the
+ * new epoch made deliverable, for the host to route. */
+export type CaptureResult = CapturedDelta & { outbox: GroupMessage[] };
 
 export interface ReceiveBatchResult {
   /** One per message offered, same order. "full" and "early" were NOT taken: offer them again later. */
