@@ -35,6 +35,8 @@ export interface HostOptions {
 }
 
 export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300 };
+/** How long a primary waits for a host to install a new backup before trying again (maybe elsewhere). */
+export const INSTALL_BACKUP_TIMEOUT_MS = 5000;
 /** Idle VM threads kept ready, so a promotion's new backup or a deploy does not wait for a thread to start. */
 export const VM_THREADS_PREWARMED = 2;
 
@@ -57,6 +59,7 @@ export class Host {
   readonly backups = new Map<string, BackupReplica>();
   private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
   private timers: NodeJS.Timeout[] = [];
+  private maintaining = false;
   /** VMs whose backup is being attached right now. */
   private readonly reprotecting = new Set<string>();
   private stopping = false;
@@ -208,10 +211,28 @@ export class Host {
     }
   }
 
-  /** Periodic upkeep: fence primaries that were taken over, give degraded primaries a backup when a host is available. */
+  /**
+   * Periodic upkeep: fence primaries that were taken over, retry promotions that a transient
+   * error (store busy, peer unreachable) stopped, give degraded primaries a backup when a host
+   * is available. Every step re-checks the store, so repeating one is harmless.
+   */
   private async maintain(): Promise<void> {
-    if (this.stopping) return;
+    if (this.stopping || this.maintaining) return;
+    this.maintaining = true;
+    try {
+      await this.maintainOnce();
+    } finally {
+      this.maintaining = false;
+    }
+  }
+
+  private async maintainOnce(): Promise<void> {
     await this.checkFenced();
+    for (const backup of [...this.backups.values()]) {
+      if (this.peers.get(backup.record.primary)?.failed) {
+        await this.promote(backup).catch((error: Error) => this.log.error({ err: error, vm: backup.record.vm }, "promotion failed"));
+      }
+    }
     for (const primary of this.primaries.values()) {
       if (primary.record.mode !== "none" && primary.backupHostId === null) {
         await this.reprotect(primary).catch((error: Error) => this.log.error({ err: error, vm: primary.record.vm }, "re-protection failed"));
@@ -402,7 +423,8 @@ export class Host {
 
   private async attachBackup(primary: ProtectedPrimary, host: string): Promise<void> {
     const connection = await this.peerConnection(host);
-    await connection.request("install_backup", { record: { ...primary.record, backup: host } }, this.moduleBytesOf(primary.guest));
+    // Bounded: a host that does not answer soon is passed over at the next attempt.
+    await connection.request("install_backup", { record: { ...primary.record, backup: host } }, this.moduleBytesOf(primary.guest), INSTALL_BACKUP_TIMEOUT_MS);
     await primary.attachBackup(host, connection);
   }
 

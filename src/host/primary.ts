@@ -26,6 +26,12 @@ import { assert } from "../util/assert.js";
 
 /** Deltas sent and not yet acknowledged; beyond this the primary skips captures (the epoch stretches). */
 export const INFLIGHT_EPOCHS_MAX = 8;
+/**
+ * A backup that has not acknowledged an image or delta for this long is given up on (it may be
+ * alive but broken, e.g. its VM thread failed to start): the primary detaches it and the host's
+ * upkeep attaches a new one. Its heartbeats alone do not make it a working backup.
+ */
+export const BACKUP_ACK_TIMEOUT_MS = 5000;
 
 export interface PrimaryStats {
   epochs: number;
@@ -201,6 +207,12 @@ export class ProtectedPrimary {
       return;
     }
     const backup = this.backup;
+    const oldest = this.inflight[0];
+    if (backup && oldest && Date.now() - oldest.sent_ms > BACKUP_ACK_TIMEOUT_MS) {
+      this.onProblem(this.record.vm, `backup ${this.backupHost} did not acknowledge epoch ${oldest.epoch} within ${BACKUP_ACK_TIMEOUT_MS} ms: detached`);
+      this.detachBackup();
+      return;
+    }
     if (!backup || backup.isClosed || this.inflight.length >= INFLIGHT_EPOCHS_MAX) return;
     this.capturing = true;
     try {

@@ -32,6 +32,9 @@ const WORKER_URL = import.meta.url.endsWith(".ts")
   ? new URL("../../dist/src/vm/worker.js", import.meta.url)
   : new URL("./worker.js", import.meta.url);
 
+/** Budget for a VM thread to start and answer its first request (boot, restore, backup install). */
+export const VM_START_TIMEOUT_MS = 10_000;
+
 /** Requests queued to one worker at once; a host that outruns its VM gets an error, not unbounded memory. */
 export const VM_QUEUE_MAX = 10_000;
 
@@ -135,26 +138,38 @@ export class VmWorker extends EventEmitter<VmEvents> {
     this.watchdogTimer.unref();
   }
 
-  static async boot(guest: GuestBundle, options: WorkerVmOptions): Promise<VmWorker> {
-    const vm = new VmWorker(options.limits.call_cpu_ms);
-    await vm.request("boot", { guest, options }).catch(async (error) => {
-      await vm.terminate();
-      throw error;
-    });
-    return vm;
+  static boot(guest: GuestBundle, options: WorkerVmOptions): Promise<VmWorker> {
+    return VmWorker.start(options, (vm) => vm.request("boot", { guest, options }));
   }
 
-  static async restore(guest: GuestBundle, options: WorkerVmOptions, image: Uint8Array): Promise<VmWorker> {
-    const vm = new VmWorker(options.limits.call_cpu_ms);
-    await vm.request("restore", { guest, options, image });
-    return vm;
+  static restore(guest: GuestBundle, options: WorkerVmOptions, image: Uint8Array): Promise<VmWorker> {
+    return VmWorker.start(options, (vm) => vm.request("restore", { guest, options, image }));
   }
 
   /** A backup replica: blank (cut 0) or from a full image. */
-  static async backup(guest: GuestBundle, options: WorkerVmOptions, image: Uint8Array | null): Promise<VmWorker> {
+  static backup(guest: GuestBundle, options: WorkerVmOptions, image: Uint8Array | null): Promise<VmWorker> {
+    return VmWorker.start(options, (vm) => vm.request("backup", { guest, options, image }));
+  }
+
+  /**
+   * Starts a thread and its first request, bounded in time: a thread that never answers (it
+   * failed to start) must not hold up a deploy or a failover forever. On failure the thread is stopped.
+   */
+  private static async start(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
     const vm = new VmWorker(options.limits.call_cpu_ms);
-    await vm.request("backup", { guest, options, image });
-    return vm;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new VmGoneError(`VM thread did not start within ${VM_START_TIMEOUT_MS} ms`)), VM_START_TIMEOUT_MS);
+    });
+    try {
+      await Promise.race([first(vm), timeout]);
+      return vm;
+    } catch (error) {
+      await vm.terminate();
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Why this replica's thread is gone (crash, watchdog, terminate), or null while it runs. */
