@@ -54,9 +54,20 @@ function follow(dir: string, vm: string): { records: FollowedRecord[]; notices: 
 async function waitFor(cond: () => boolean | Promise<boolean>, timeout_ms: number, what: string): Promise<void> {
   const until = Date.now() + timeout_ms;
   while (!(await cond())) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > until) {
+      // The hosts' logs are deleted with the state directory after the test: show them now.
+      for (const dir of clusters) console.error(await hostLogs(dir));
+      throw new Error(`timed out waiting for ${what}`);
+    }
     await sleep(20);
   }
+}
+
+async function hostLogs(dir: string): Promise<string> {
+  const { readdir, readFile } = await import("node:fs/promises");
+  const files = await readdir(join(dir, "logs")).catch(() => [] as string[]);
+  const parts = await Promise.all(files.map(async (f) => `== ${f}\n${(await readFile(join(dir, "logs", f), "utf8")).split("\n").slice(-80).join("\n")}`));
+  return parts.join("\n");
 }
 
 function expectContiguous(records: FollowedRecord[]): void {
