@@ -96,7 +96,7 @@ export class DirtyTracker {
   }
 
   /**
-   * Ends the epoch: clears the dirty bytes of exactly the pages recorded (O(dirty)),
+   * Ends the epoch (also how a rollback discards the current one): clears the dirty bytes of exactly the pages recorded (O(dirty)),
    * hands back the epoch's undo log and starts an empty one.
    */
   endEpoch(): UndoLog {
@@ -106,11 +106,6 @@ export class DirtyTracker {
     const finished = this.undo;
     this.undo = new UndoLog();
     return finished;
-  }
-
-  /** After a rollback or a restore the map must be clean: every recorded page is cleared. */
-  discardEpoch(): void {
-    this.endEpoch();
   }
 
   /** Swaps in a new memory (rollback across memory.grow re-creates it). */

@@ -580,7 +580,7 @@ export class VmCore implements AbiHost {
     const mem = this.tracker.bytes();
     let pages = this.tracker.dirtyCount;
     this.tracker.undo.restoreInto(mem);
-    this.tracker.discardEpoch();
+    this.tracker.endEpoch(); // the current epoch's pre-images were just written back
     for (let k = this.state.epoch - 1; k > epoch; k--) {
       const record = this.epochs.get(k);
       assert(record?.undo, `undo log of epoch ${k}`);
