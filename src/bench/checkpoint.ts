@@ -8,6 +8,9 @@
  *    production, so every run pays the first-write cost of each page it dirties.
  *  - results: checkpoint pause (capture: copy dirty pages + globals + runtime
  *    state, then resume) for memory sizes × dirty page counts.
+ *  - rollback: in-place rollback to a cut (undo log written back, globals and
+ *    runtime state restored) after the guest wrote N pages, timed inside the
+ *    VM thread by the worker's `rollback` op (its rollback_us).
  */
 import { readFile } from "node:fs/promises";
 import { instrument } from "../guest/instrument.js";
@@ -15,6 +18,7 @@ import { compileGuest } from "../guest/module-cache.js";
 import { DEFAULT_LIMITS, VmCore, type GuestModule, type VmOptions } from "../vm/machine.js";
 import { GUEST_WASM_PAGES_MAX, PAGE_BYTES } from "../vm/layout.js";
 import { guestPath } from "../guest/examples.js";
+import { VmWorker } from "../vm/vm.js";
 
 export const BARRIER_WORKLOADS = ["store_loop", "sort", "hash_map", "matmul"] as const;
 
@@ -35,11 +39,24 @@ export interface PauseResult {
   delta_bytes: number;
 }
 
+export interface RollbackResult {
+  memory_mib: number;
+  /** Distinct 4 KiB pages the guest wrote between the cut and the rollback. */
+  written_pages: number;
+  /** What the rollback reported moving back (= written_pages). */
+  pages_restored: number;
+  samples: number;
+  /** The worker's `rollback` op, timed on the VM's thread (no message passing included). */
+  rollback_us_p50: number;
+  rollback_us_p99: number;
+}
+
 export interface CheckpointBenchReport {
   bench: "checkpoint";
   barrier_overhead: Record<(typeof BARRIER_WORKLOADS)[number] | "geomean", number>;
   barrier_detail: Record<string, BarrierResult>;
   results: PauseResult[];
+  rollback: RollbackResult[];
 }
 
 export interface CheckpointBenchOptions {
@@ -47,8 +64,15 @@ export interface CheckpointBenchOptions {
   dirty_pages: number[];
   samples: number;
   barrier_runs: number;
+  /** Pages written before each rollback (default ROLLBACK_BENCH_DEFAULTS.written_pages). */
+  rollback_pages?: number[];
+  /** Rollbacks measured per case (default ROLLBACK_BENCH_DEFAULTS.samples). */
+  rollback_samples?: number;
   progress: (line: string) => void;
 }
+
+/** Rollback in place: a 64 MiB guest (16,384 pages, a power of two: see `scatter`). */
+export const ROLLBACK_BENCH_DEFAULTS = { memory_mib: 64, written_pages: [100, 1000], samples: 30 };
 
 
 function vmOptions(memory_pages_max: number): VmOptions {
@@ -102,11 +126,28 @@ function median(xs: number[]): number {
   return percentile(sorted, 0.5);
 }
 
-/** A guest whose memory size is set at boot and whose pages are dirtied on request. */
+/**
+ * A guest whose memory size is set at boot and whose pages are dirtied on request:
+ * `touch` writes one word; `scatter` writes one word in each of `count` pages
+ * (first + i·stride) mod total, in one call — distinct pages when `total` is a
+ * power of two and `stride` is odd.
+ */
 const PAUSE_GUEST_WAT = (pages: number) => `(module
   (memory ${pages})
   (func (export "touch") (param $addr i32) (param $value i32)
-    (i32.store (local.get $addr) (local.get $value))))`;
+    (i32.store (local.get $addr) (local.get $value)))
+  (func (export "scatter") (param $first i32) (param $stride i32) (param $count i32) (param $total i32) (param $value i32)
+    (local $i i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_u (local.get $i) (local.get $count)))
+        (i32.store
+          (i32.mul
+            (i32.rem_u (i32.add (local.get $first) (i32.mul (local.get $i) (local.get $stride))) (local.get $total))
+            (i32.const ${PAGE_BYTES}))
+          (i32.add (local.get $value) (local.get $i)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))))`;
 
 async function pauseGuest(memory_mib: number): Promise<GuestModule> {
   const binaryen = (await import("binaryen")).default;
@@ -146,6 +187,47 @@ async function pauseCase(guest: GuestModule, memory_mib: number, dirty: number, 
   };
 }
 
+/**
+ * Rollback in place on a VM thread: capture and commit a cut, then per sample
+ * the guest writes `written` distinct random pages and the VM rolls back to
+ * that cut (the same cut every time: a rollback leaves the VM at its start).
+ */
+async function rollbackCase(guest: GuestModule, memory_mib: number, written: number, samples: number): Promise<RollbackResult> {
+  const guestPages = (memory_mib * 1024 * 1024) / PAGE_BYTES;
+  if ((guestPages & (guestPages - 1)) !== 0) throw new Error(`rollback bench needs a power-of-two page count, got ${guestPages}`);
+  if (written > guestPages) throw new Error(`cannot write ${written} distinct pages of a ${guestPages}-page guest`);
+  const vm = await VmWorker.boot(
+    { module: guest.module, info: guest.info, hash: guest.hash },
+    { rank: 0, size: 1, limits: { ...DEFAULT_LIMITS, memory_pages_max: GUEST_WASM_PAGES_MAX }, timers: "manual" },
+  );
+  try {
+    const cut = await vm.capture();
+    await vm.request("commit", { epoch: cut.epoch });
+    const times: number[] = [];
+    let value = 1;
+    for (let s = 0; s < samples + 2; s++) {
+      const first = Math.floor(Math.random() * guestPages);
+      const stride = 2 * Math.floor(Math.random() * (guestPages / 2)) + 1;
+      await vm.request("invoke", { name: "scatter", args: [first, stride, written, guestPages, value] });
+      value += written;
+      const result = await vm.request("rollback", { epoch: cut.epoch });
+      if (result.pages_restored !== written) throw new Error(`wrote ${written} pages, rollback restored ${result.pages_restored}`);
+      if (s >= 2) times.push(result.rollback_us); // the first rollbacks warm up the restore path
+    }
+    times.sort((a, b) => a - b);
+    return {
+      memory_mib,
+      written_pages: written,
+      pages_restored: written,
+      samples,
+      rollback_us_p50: round(percentile(times, 0.5), 1),
+      rollback_us_p99: round(percentile(times, 0.99), 1),
+    };
+  } finally {
+    await vm.terminate();
+  }
+}
+
 /** `count` distinct page indices out of `total`, in random order (partial Fisher–Yates over a sparse map). */
 function randomPages(total: number, count: number): number[] {
   const swapped = new Map<number, number>();
@@ -175,6 +257,12 @@ export async function runCheckpointBench(options: CheckpointBenchOptions): Promi
       results.push(await pauseCase(guest, mib, dirty, options.samples));
     }
   }
+  const rollback: RollbackResult[] = [];
+  const rollbackGuest = await pauseGuest(ROLLBACK_BENCH_DEFAULTS.memory_mib);
+  for (const written of options.rollback_pages ?? ROLLBACK_BENCH_DEFAULTS.written_pages) {
+    options.progress(`rollback in place: ${ROLLBACK_BENCH_DEFAULTS.memory_mib} MiB, ${written} written pages ...`);
+    rollback.push(await rollbackCase(rollbackGuest, ROLLBACK_BENCH_DEFAULTS.memory_mib, written, options.rollback_samples ?? ROLLBACK_BENCH_DEFAULTS.samples));
+  }
   return {
     bench: "checkpoint",
     barrier_overhead: {
@@ -186,6 +274,7 @@ export async function runCheckpointBench(options: CheckpointBenchOptions): Promi
     },
     barrier_detail: detail,
     results,
+    rollback,
   };
 }
 
@@ -202,6 +291,13 @@ export function formatCheckpointReport(report: CheckpointBenchReport): string {
   for (const r of report.results) {
     lines.push(
       `  ${String(r.memory_mib).padStart(10)}  ${String(r.dirty_pages).padStart(11)}  ${r.pause_us_p50.toFixed(1).padStart(8)}  ${r.pause_us_p99.toFixed(1).padStart(8)}  ${String(r.delta_bytes).padStart(11)}`,
+    );
+  }
+  lines.push("", "Rollback in place (to a cut after the guest wrote N pages; timed on the VM thread)", "");
+  lines.push("  memory MiB  written pages  p50 µs    p99 µs");
+  for (const r of report.rollback) {
+    lines.push(
+      `  ${String(r.memory_mib).padStart(10)}  ${String(r.written_pages).padStart(13)}  ${r.rollback_us_p50.toFixed(1).padStart(8)}  ${r.rollback_us_p99.toFixed(1).padStart(8)}`,
     );
   }
   return lines.join("\n");

@@ -38,6 +38,36 @@ export class BackupReplica {
     return this.staged.length;
   }
 
+  /** Newest checkpoint this copy can reach (the last staged delta, or the committed image). */
+  get newestCut(): number {
+    return this.staged.length ? this.staged[this.staged.length - 1].epoch : this.cut;
+  }
+
+  /** True once an image is installed (a backup named before its image arrived holds nothing). */
+  get hasImage(): boolean {
+    return this.worker !== null;
+  }
+
+  /**
+   * Group recovery: go to cut `cut` (committed by the recovery): fold the staged
+   * deltas up to it, forget the ones after it. The primary rolled back to the
+   * same cut, so its next delta is `cut + 1`.
+   */
+  rollbackTo(cut: number): Promise<void> {
+    return this.enqueue(async () => {
+      assert(cut >= this.cut, `${this.record.vm}: recovery cut ${cut} below the committed image ${this.cut}`);
+      await this.foldThrough(cut);
+      assert(this.cut === cut, `${this.record.vm}: cannot reach cut ${cut} (image at ${this.cut})`);
+      this.staged = [];
+    });
+  }
+
+  /** Group recovery: promote at exactly cut `cut` (staged deltas after it are dropped). */
+  async promoteAt(cut: number): Promise<{ worker: VmWorker; cut: number }> {
+    await this.rollbackTo(cut);
+    return this.promote();
+  }
+
   /** A full image from the primary: replaces whatever this replica held. Returns the epoch to acknowledge. */
   async install(image: Uint8Array, released_seq: number, history: readonly LogRecordWire[] = []): Promise<number> {
     const epoch = decodeImage(image).epoch;
@@ -50,6 +80,17 @@ export class BackupReplica {
       this.log.adopt(history, released_seq);
     });
     return epoch;
+  }
+
+  /** The deployed state (cut 0): a blank image, as the primary had before it booted. */
+  async installBlank(): Promise<void> {
+    await this.enqueue(async () => {
+      const previous = this.worker;
+      this.worker = await VmWorker.backup(this.guest, this.options, null);
+      await previous?.terminate();
+      this.staged = [];
+      this.cut = 0;
+    });
   }
 
   /** Stages delta `epoch` (checked now, applied at commit), after whatever install or fold is under way. */

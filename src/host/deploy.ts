@@ -7,6 +7,7 @@
 import type { Manifest } from "../cluster/manifest.js";
 import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
 import type { Host } from "./host.js";
+import { hostsOf, protectionKey, type ProtectionRecord } from "./group/record.js";
 
 export class DeployError extends Error {
   override name = "DeployError";
@@ -53,6 +54,10 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
     size: manifest.size,
   }));
   for (const record of records) await host.store.put(vmKey(record.vm), record);
+  if (manifest.size >= 2) {
+    await startProtectedGroup(host, manifest, records, module);
+    return { group: manifest.group, vms: records };
+  }
   await Promise.all(
     records.map(async (record) => {
       if (record.primary === host.id) return host.startPrimary(record, module);
@@ -61,4 +66,33 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
     }),
   );
   return { group: manifest.group, vms: records };
+}
+
+/**
+ * A group of two or more VMs runs as one protected group (src/host/group/):
+ * the record of its placement goes to the store, every host it names prepares
+ * its replicas (primaries booted but not running, backups at the deployed
+ * state), and only then are the primaries started, so no message or delta
+ * reaches a host that is not ready for it.
+ */
+async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRecord[], module: Uint8Array): Promise<void> {
+  const protection: ProtectionRecord = {
+    group: manifest.group,
+    mode: manifest.mode,
+    size: manifest.size,
+    incarnation: 1,
+    leader: records[0].primary,
+    placement: records.map((r) => ({ primary: r.primary, backup: r.backup })),
+    failed: [],
+    epoch: manifest.epoch,
+    limits: manifest.limits,
+  };
+  await host.store.put(protectionKey(manifest.group), protection);
+  const hosts = hostsOf(protection);
+  const call = async (h: string, op: string, args: Record<string, unknown>, body?: Uint8Array) => {
+    if (h === host.id) return host.handleLocal(op, args, body ?? new Uint8Array(0));
+    return (await host.peerConnection(h)).request(op, args, body);
+  };
+  await Promise.all(hosts.map((h) => call(h, "group_prepare", { record: protection }, module)));
+  await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group })));
 }

@@ -22,6 +22,10 @@ import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../vm/machine.js";
 import type { Manifest } from "../cluster/manifest.js";
+import { GroupRuntime, type GroupHostApi } from "./group/runtime.js";
+import type { ProtectionRecord } from "./group/record.js";
+import type { GroupFrame } from "./group/wire.js";
+import { MalformedGroupFrameError } from "./group/wire.js";
 
 export interface HostOptions {
   id: string;
@@ -47,7 +51,14 @@ interface Peer {
   connecting: boolean;
   last_seen_ms: number;
   failed: boolean;
+  /** Group frames sent while no connection was open, flushed in order once one is. */
+  queue: { header: GroupFrame; body?: Uint8Array }[];
 }
+
+/** Group frames kept per peer while its connection is (re)opening. */
+export const PEER_QUEUE_MAX = 10_000;
+/** How long `vm_request` waits for the VM's reply to be released. */
+export const VM_REQUEST_TIMEOUT_MS = 5000;
 
 export class Host {
   private server!: Server;
@@ -63,12 +74,25 @@ export class Host {
   /** VMs whose backup is being attached right now. */
   private readonly reprotecting = new Set<string>();
   private stopping = false;
+  /** Protected groups (size >= 2) with a replica on this host. */
+  readonly groups = new Map<string, GroupRuntime>();
+  private nextRequestId = (process.pid % 10_000) * 100_000;
+  readonly groupApi: GroupHostApi;
 
   constructor(
     readonly options: HostOptions,
     readonly store: CoordinationStore,
   ) {
     this.log = pino({ base: { host: options.id } });
+    this.groupApi = {
+      id: options.id,
+      log: this.log,
+      store,
+      detect_ms: options.detect_ms,
+      send: (to, frame, body) => this.sendGroup(to, frame, body),
+      liveHosts: () => this.liveHosts(),
+      guestFor: (module) => this.guestFor(module),
+    };
   }
 
   get id(): string {
@@ -99,6 +123,7 @@ export class Host {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
+    await Promise.all([...this.groups.values()].map((g) => g.stop()));
     for (const p of this.primaries.values()) p.stop();
     await Promise.all([...this.primaries.values()].map((p) => p.vm.terminate()));
     await Promise.all([...this.backups.values()].map((b) => b.stop()));
@@ -139,7 +164,7 @@ export class Host {
       let peer = this.peers.get(value.id);
       if (!peer || peer.address !== value.address) {
         peer?.out?.close("address changed");
-        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false };
+        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false, queue: [] };
         this.peers.set(value.id, peer);
       }
       // Failed peers too: a paused host comes back, and it learns we are alive from our heartbeats.
@@ -158,6 +183,9 @@ export class Host {
       });
       // Replies to our requests come back on this connection; pushes from the peer come on its own.
       peer.out = connection;
+      const queued = peer.queue;
+      peer.queue = [];
+      for (const { header, body } of queued) connection.send(MSG.GROUP, header, body);
       return connection;
     } catch {
       return null;
@@ -199,7 +227,29 @@ export class Host {
     return connection;
   }
 
+  /** A group frame to `host`: on the open connection, or queued until one is open. */
+  private sendGroup(host: string, header: GroupFrame, body?: Uint8Array): void {
+    const peer = this.peers.get(host);
+    if (!peer) {
+      this.log.warn({ peer: host, kind: header.k }, "group frame to an unknown host dropped");
+      return;
+    }
+    if (peer.out && !peer.out.isClosed && peer.queue.length === 0) {
+      peer.out.send(MSG.GROUP, header, body);
+      return;
+    }
+    if (peer.queue.length >= PEER_QUEUE_MAX) {
+      this.log.warn({ peer: host }, `more than ${PEER_QUEUE_MAX} group frames queued: dropped`);
+      return;
+    }
+    peer.queue.push({ header, body });
+    if (!peer.connecting) void this.connectPeer(peer);
+  }
+
   private async onPeerFailed(host: string): Promise<void> {
+    const peer = this.peers.get(host);
+    if (peer) peer.queue = [];
+    for (const g of this.groups.values()) g.onHostFailed(host);
     for (const backup of [...this.backups.values()]) {
       if (backup.record.primary === host) await this.promote(backup).catch((error: Error) => this.log.error({ err: error, vm: backup.record.vm }, "promotion failed"));
     }
@@ -307,8 +357,33 @@ export class Host {
         if (backup && backup.record.incarnation === m.incarnation) await backup.commit(m.epoch);
         return;
       }
+      case MSG.GROUP:
+        return this.onGroupFrame(connection, header as unknown as GroupFrame, body);
       default:
         connection.close(`unknown message type ${type}`);
+    }
+  }
+
+  private async onGroupFrame(connection: Connection, frame: GroupFrame, body: Uint8Array): Promise<void> {
+    if (typeof frame.g !== "string" || typeof frame.k !== "string" || typeof frame.from !== "string" || !Number.isSafeInteger(frame.inc)) {
+      connection.close("malformed group frame header");
+      return;
+    }
+    let runtime = this.groups.get(frame.g);
+    if (!runtime && frame.k === "recover") {
+      // A new backup host of a recovering group: it gets the module with the record.
+      const record = frame.record as ProtectionRecord;
+      if (!record?.placement?.some((p) => p.primary === this.id || p.backup === this.id)) return;
+      runtime = await GroupRuntime.join(this.groupApi, record, body.slice());
+      if (!this.groups.has(frame.g)) this.groups.set(frame.g, runtime);
+      runtime = this.groups.get(frame.g)!;
+    }
+    if (!runtime) return;
+    try {
+      runtime.handle(frame, body);
+    } catch (error) {
+      if (error instanceof MalformedGroupFrameError) connection.close(error.message);
+      else throw error;
     }
   }
 
@@ -356,8 +431,12 @@ export class Host {
   }
 
   private async handle(connection: Connection, request: Request, body: Uint8Array): Promise<unknown> {
-    const args = request.args;
-    switch (request.op) {
+    return this.handleLocal(request.op, request.args, body);
+  }
+
+  /** A request, from a connection or from this host itself (a deploy it runs). */
+  async handleLocal(op: string, args: Record<string, unknown>, body: Uint8Array): Promise<unknown> {
+    switch (op) {
       case "ping":
         return { id: this.id };
       case "status":
@@ -368,12 +447,70 @@ export class Host {
         return this.startPrimary(args.record as VmRecord, body.slice());
       case "install_backup":
         return this.installBackup(args.record as VmRecord, body.slice());
+      case "group_prepare":
+        return this.prepareGroup(args.record as ProtectionRecord, body.slice());
+      case "group_run": {
+        const g = this.groups.get(String(args.group));
+        if (!g) throw Object.assign(new Error(`group ${String(args.group)} is not prepared on ${this.id}`), { code: "NoSuchGroup" });
+        await g.run();
+        return { group: g.name };
+      }
+      case "vm_request":
+        return this.vmRequest(String(args.vm), String(args.text));
       default:
-        throw Object.assign(new Error(`unknown request ${request.op}`), { code: "UnknownRequest" });
+        throw Object.assign(new Error(`unknown request ${op}`), { code: "UnknownRequest" });
     }
   }
 
   // ---- replicas --------------------------------------------------------------------
+
+  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string }> {
+    if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.id}`), { code: "GroupExists" });
+    const runtime = await GroupRuntime.prepare(this.groupApi, record, module);
+    this.groups.set(record.group, runtime);
+    this.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
+    return { group: record.group };
+  }
+
+  /** The primary of `vm` on this host, with its released-output log and VM thread. */
+  private primaryOf(vm: string): { log: OutputLog; worker: VmWorker } | null {
+    const p = this.primaries.get(vm);
+    if (p) return { log: p.log, worker: p.vm };
+    for (const g of this.groups.values()) {
+      for (const m of g.members.values()) if (`${g.name}-${m.rank}` === vm) return { log: m.log, worker: m.vm };
+    }
+    return null;
+  }
+
+  /**
+   * One client request to a VM, answered once the reply is released (its cut
+   * committed). Not a durable session: a request in flight when the primary's
+   * host dies is lost and the caller retries.
+   */
+  private async vmRequest(vm: string, text: string): Promise<{ vm: string; reply: string; epoch: number }> {
+    const primary = this.primaryOf(vm);
+    if (!primary) throw Object.assign(new Error(`no primary of ${vm} on ${this.id}`), { code: "NoSuchVm" });
+    const request_id = (this.nextRequestId = (this.nextRequestId + 1) % 0x7fffffff);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        primary.log.off("append", onAppend);
+        reject(Object.assign(new Error(`${vm}: no reply released within ${VM_REQUEST_TIMEOUT_MS} ms`), { code: "Timeout" }));
+      }, VM_REQUEST_TIMEOUT_MS);
+      const onAppend = (records: LogRecordWire[]) => {
+        const reply = records.find((r) => r.kind === 1 && r.request_id === request_id);
+        if (!reply) return;
+        clearTimeout(timer);
+        primary.log.off("append", onAppend);
+        resolve({ vm, reply: reply.text, epoch: reply.epoch });
+      };
+      primary.log.on("append", onAppend);
+      primary.worker.request("request", { session: 1, request_id, payload: new TextEncoder().encode(text) }).catch((error: Error) => {
+        clearTimeout(timer);
+        primary.log.off("append", onAppend);
+        reject(error);
+      });
+    });
+  }
 
   private async guestFor(bytes: Uint8Array): Promise<GuestBundle> {
     const key = Buffer.from(sha256(bytes)).toString("hex");
@@ -501,9 +638,16 @@ export class Host {
   /** Replies with the records kept from `from_seq`, then (with `follow`) pushes every new one, in order. */
   private followLogs(connection: Connection, request_id: number, vm: string, from_seq: number, follow: boolean): void {
     const primary = this.primaries.get(vm);
-    const log = primary?.log ?? this.backups.get(vm)?.log;
+    let log = primary?.log ?? this.backups.get(vm)?.log;
+    let role: "primary" | "backup" = primary ? "primary" : "backup";
+    for (const g of this.groups.values()) {
+      const rank = Number(vm.slice(g.name.length + 1));
+      if (log || !vm.startsWith(`${g.name}-`) || !Number.isInteger(rank)) continue;
+      const found = g.outputLogOf(rank);
+      if (found) ({ log, role } = found);
+    }
     if (!log) throw Object.assign(new Error(`no replica of ${vm} on ${this.id}`), { code: "NoSuchVm" });
-    connection.reply(request_id, { ok: true, value: { vm, role: primary ? "primary" : "backup", first_seq: log.firstSeq, records: log.since(from_seq) } });
+    connection.reply(request_id, { ok: true, value: { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) } });
     if (follow) {
       const onAppend = (records: unknown[]) => {
         if (connection.isClosed) {
@@ -524,7 +668,8 @@ export class Host {
       address: this.address,
       pid: process.pid,
       peers: [...this.peers.values()].map((p) => ({ id: p.id, alive: !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms, silent_ms: p.last_seen_ms ? now - p.last_seen_ms : null })),
-      primaries: [...this.primaries.values()].map((p) => ({
+      primaries: [
+        ...[...this.primaries.values()].map((p) => ({
         vm: p.record.vm,
         group: p.record.group,
         mode: p.record.mode,
@@ -538,7 +683,23 @@ export class Host {
         pause_us_last: Number(p.stats.pause_us_last.toFixed(1)),
         commit_ms_last: Number(p.stats.commit_ms_last.toFixed(2)),
       })),
+      ...[...this.groups.values()].flatMap((g) =>
+        g.status().primaries.map((m) => ({
+          vm: m.vm,
+          group: g.name,
+          mode: g.record.mode,
+          incarnation: g.inc,
+          backup: m.backup,
+          protected: m.backup !== null,
+          epoch: m.captured + 1,
+          checkpoints: m.captured,
+          committed: m.committed,
+          released_seq: m.released_seq,
+        })),
+      ),
+      ],
       backups: [...this.backups.values()].map((b) => ({ vm: b.record.vm, primary: b.record.primary, incarnation: b.record.incarnation, cut: b.committedCut, staged: b.stagedCount })),
+      groups: [...this.groups.values()].map((g) => g.status()),
     };
   }
 }

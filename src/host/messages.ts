@@ -25,6 +25,8 @@ export const MSG = {
   COMMIT: 8,
   /** Host → log follower: released output records. */
   LOG: 9,
+  /** Traffic of a protected group (src/host/group/wire.ts): group messages, epochs, commits, recovery. */
+  GROUP: 10,
 } as const;
 
 export type MsgType = (typeof MSG)[keyof typeof MSG];
@@ -67,6 +69,8 @@ export interface LogRecordWire {
   produced_ms: number;
   /** When the host released it (its cut committed). */
   released_ms: number;
+  /** Replies (kind 1): the client request they answer. */
+  request_id?: number;
 }
 
 const HEADER_LIMIT_BYTES = 1 << 20;

@@ -6,7 +6,7 @@
  * is a no-op: that is how re-released output of a recovery cut is deduplicated.
  */
 import { EventEmitter } from "node:events";
-import type { OutputRecord } from "../vm/runtime-state.js";
+import { OUTPUT_REPLY, type OutputRecord } from "../vm/runtime-state.js";
 import type { LogRecordWire } from "./messages.js";
 
 /** Records kept per VM; older ones are dropped (followers that fall further behind see a gap notice). */
@@ -33,7 +33,8 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
       if (r.seq <= this.lastSeq) continue;
       // Sequence numbers are dense: a hole would be lost output.
       if (r.seq !== this.lastSeq + 1) throw new Error(`output log gap: have up to ${this.lastSeq}, got ${r.seq}`);
-      const wire = { seq: r.seq, epoch: r.epoch, kind: r.kind, text: Buffer.from(r.bytes).toString("utf8"), produced_ms: r.produced_ms, released_ms: Date.now() };
+      const wire: LogRecordWire = { seq: r.seq, epoch: r.epoch, kind: r.kind, text: Buffer.from(r.bytes).toString("utf8"), produced_ms: r.produced_ms, released_ms: Date.now() };
+      if (r.kind === OUTPUT_REPLY) wire.request_id = r.request_id;
       this.records.push(wire);
       fresh.push(wire);
     }

@@ -75,6 +75,13 @@ export interface VmOptions {
   limits: VmLimits;
   /** Wall clock in ms; injectable so tests can drive time. */
   now: () => number;
+  /**
+   * Apply the consistent-cut rule (hold a message of sender epoch s until this
+   * VM is in epoch r >= s). True in `group` mode, where members share one epoch
+   * clock; false in `vm` and `none` mode, where each VM's epochs are its own and
+   * the numbers of two VMs mean nothing to each other. Default true.
+   */
+  consistent_cut?: boolean;
   /** Called at the start of every guest call (the worker ticks its CPU watchdog here, so a chain of deliveries gets a budget per call). */
   on_guest_call?: () => void;
   /** Called right before a group message is handed to the guest, with the receiver's epoch (tracing, tests). */
@@ -698,7 +705,7 @@ export class VmCore implements AbiHost {
 
   /** Consistent-cut rule: a receiver in epoch r delivers a message sent in sender epoch s only if s <= r. */
   private deliverable(message: GroupMessage): boolean {
-    return message.epoch <= this.state.epoch;
+    return this.options.consistent_cut === false || message.epoch <= this.state.epoch;
   }
 
   private deliver(message: GroupMessage): void {

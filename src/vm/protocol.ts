@@ -19,6 +19,8 @@ export interface WorkerVmOptions {
   limits: VmLimits;
   /** "auto": the worker fires timers on its own clock. "manual": only on `fire_timers` (tests, benchmarks). */
   timers: "auto" | "manual";
+  /** See VmOptions.consistent_cut (default true). */
+  consistent_cut?: boolean;
 }
 
 export type ReplicaRole = "primary" | "backup";
@@ -82,6 +84,10 @@ export interface WorkerOps {
   commit: { args: { epoch: number }; result: OutputRecord[] };
   rollback: { args: { epoch: number }; result: { pages_restored: number; rollback_us: number } };
   image: { args: Record<string, never>; result: Uint8Array };
+  /** Full image of the cut the primary is at right now, without a new capture (after a rollback, before it runs again). */
+  image_current: { args: Record<string, never>; result: Uint8Array };
+  /** "manual" pauses the guest's timers (recovery); "auto" starts them again. */
+  set_timers: { args: { mode: WorkerVmOptions["timers"] }; result: VmStatus };
   status: { args: Record<string, never>; result: VmStatus };
 }
 

@@ -40,9 +40,21 @@ function emit(body: WorkerEvent): void {
   post({ kind: "event", body });
 }
 
+/** Wall clock with sub-millisecond resolution (guests time round trips of tens of microseconds). */
+function nowMs(): number {
+  return performance.timeOrigin + performance.now();
+}
+
 function vmOptions(options: WorkerVmOptions): VmOptions {
   // Every guest call ticks the watchdog's counter, so a chain of deliveries inside one request gets a budget per call.
-  return { rank: options.rank, size: options.size, limits: options.limits, now: Date.now, on_guest_call: () => void Atomics.add(watchdog, WATCHDOG_SEQ, 1) };
+  return {
+    rank: options.rank,
+    size: options.size,
+    limits: options.limits,
+    now: nowMs,
+    consistent_cut: options.consistent_cut,
+    on_guest_call: () => void Atomics.add(watchdog, WATCHDOG_SEQ, 1),
+  };
 }
 
 function guestOf(bundle: GuestBundle): GuestModule {
@@ -126,13 +138,13 @@ function scheduleTimers(): void {
     const vm = primary;
     if (!vm || vm.crashed) return;
     try {
-      guarded(() => vm.fireDueTimers(Date.now()));
+      guarded(() => vm.fireDueTimers(nowMs()));
     } catch {
       return; // crash already reported by afterCall
     }
     const outbox = vm.takeOutbox();
     if (outbox.length) emit({ event: "outbox", messages: outbox });
-  }, Math.max(0, next[1] - Date.now()));
+  }, Math.max(0, next[1] - nowMs()));
 }
 
 type Handlers = { [K in keyof WorkerOps]: (args: WorkerOps[K]["args"]) => WorkerOps[K]["result"] };
@@ -255,6 +267,18 @@ const handlers: Handlers = {
     const outbox = vm.takeOutbox();
     if (outbox.length) emit({ event: "outbox", messages: outbox });
     return image;
+  },
+  image_current() {
+    return encodeImage(needPrimary().image());
+  },
+  set_timers({ mode }) {
+    timerMode = mode;
+    if (mode === "manual" && timerHandle) {
+      clearTimeout(timerHandle);
+      timerHandle = null;
+    }
+    scheduleTimers();
+    return status();
   },
   status() {
     return status();
