@@ -157,13 +157,14 @@ export function registerClusterCommands(program: Command): void {
 
   program
     .command("demo")
-    .description("start a 3-host local cluster, deploy a guest, kill -9 its primary's host, check the released output")
-    .option("--scenario <name>", "ticker", "ticker")
+    .description("start a 3-host local cluster, deploy a guest, kill -9 a host holding primaries, check the released output")
+    .option("--scenario <name>", "ticker (one VM, vm mode) or bank (4 VMs, group mode)", "ticker")
     .option("--hosts <n>", "hosts in the cluster", int("--hosts"), 3)
     .option("--detect-ms <ms>", "failure detection timeout", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
     .option("--json", "print one JSON object")
     .action(async (opts: { scenario: string; hosts: number; detectMs: number; json?: boolean }) => {
-      if (opts.scenario !== "ticker") throw new InvalidArgumentError(`unknown scenario ${opts.scenario} (available: ticker)`);
+      if (opts.scenario === "bank") return bankDemo(opts);
+      if (opts.scenario !== "ticker") throw new InvalidArgumentError(`unknown scenario ${opts.scenario} (available: ticker, bank)`);
       const report = await runDemo(
         { scenario: "ticker", hosts: opts.hosts, run_before_kill_ms: 1500, run_after_kill_ms: 1500, detect_ms: opts.detectMs, interval_ms: 20 },
         (line) => {
@@ -178,6 +179,20 @@ export function registerClusterCommands(program: Command): void {
       }
       if (!Object.values(report.checks).every(Boolean)) process.exitCode = 1;
     });
+}
+
+async function bankDemo(opts: { hosts: number; detectMs: number; json?: boolean }): Promise<void> {
+  const { runBankDemo } = await import("./demo-bank.js");
+  const report = await runBankDemo({ hosts: opts.hosts, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2000, detect_ms: opts.detectMs }, (line) => {
+    if (!opts.json) console.log(line);
+  });
+  if (opts.json) console.log(JSON.stringify(report));
+  else {
+    console.log(`released ${report.released} lines over ${report.size} ranks; lost rounds ${report.lost}, repeated rounds ${report.duplicated}; failover ${report.failover_ms} ms (detection timeout ${report.detect_ms} ms)`);
+    console.log(`ranks promoted ${report.promoted.join(", ")}; rolled back in place ${report.survived.join(", ")}`);
+    for (const [check, ok] of Object.entries(report.checks)) console.log(`  ${ok ? "ok  " : "FAIL"} ${check}`);
+  }
+  if (!Object.values(report.checks).every(Boolean)) process.exitCode = 1;
 }
 
 interface HostStatus {

@@ -6,6 +6,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { readFile, writeFile } from "node:fs/promises";
 import { resolveGuest } from "../guest/examples.js";
 import { registerClusterCommands } from "./cluster-commands.js";
+import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
 // Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
 // so that `cohort host` and the cluster commands start fast.
@@ -82,6 +83,29 @@ bench
       progress: (line) => process.stderr.write(`${line}\n`),
     });
     console.log(opts.json ? JSON.stringify(report) : formatCheckpointReport(report));
+  });
+
+const groupBenchOptions = (command: Command) =>
+  command
+    .option("--json", "print one JSON object")
+    .option("--measure-ms <ms>", "measured time per mode", int("--measure-ms"), GROUP_BENCH_DEFAULTS.measure_ms)
+    .option("--warmup-ms <ms>", "time per mode before measuring", int("--warmup-ms"), GROUP_BENCH_DEFAULTS.warmup_ms)
+    .option("--hosts <n>", "host processes per cluster", int("--hosts"), GROUP_BENCH_DEFAULTS.hosts);
+
+groupBenchOptions(bench.command("pingpong").description("two VMs on two hosts bouncing 64 bytes, per mode (none, vm, group) and over raw TCP")).action(
+  async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number }) => {
+    const { runPingpongBench } = await import("../bench/group.js");
+    const report = await runPingpongBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, progress: (line) => process.stderr.write(`${line}\n`) });
+    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+  },
+);
+
+groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide sum over 4 and 8 VMs, per mode (none, vm, group)"))
+  .option("--sizes <list>", "group sizes", intList("--sizes"), [4, 8])
+  .action(async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number; sizes: number[] }) => {
+    const { runAllreduceBench } = await import("../bench/group.js");
+    const report = await runAllreduceBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, sizes: opts.sizes, progress: (line) => process.stderr.write(`${line}\n`) });
+    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   });
 
 program.parseAsync().catch((error: Error & { code?: string }) => {

@@ -93,6 +93,10 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
     if (h === host.id) return host.handleLocal(op, args, body ?? new Uint8Array(0));
     return (await host.peerConnection(h)).request(op, args, body);
   };
-  await Promise.all(hosts.map((h) => call(h, "group_prepare", { record: protection }, module)));
+  // This host first: it instruments the module into the cluster's cache, so the others only read
+  // it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
+  const first = hosts.includes(host.id) ? host.id : hosts[0];
+  await call(first, "group_prepare", { record: protection }, module);
+  await Promise.all(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)));
   await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group })));
 }

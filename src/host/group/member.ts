@@ -152,9 +152,19 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     void this.vm.request("trim_sender_log", { delivered_by_receiver }).catch((error: Error) => this.emit("problem", `trim: ${error.message}`));
   }
 
+  /** What left this member: at once while their epoch was not committed yet (group, none), or held first (vm). */
+  readonly counters = { sent_before_commit: 0, sent_after_commit: 0, held_total: 0 };
+
   /** vm mode: keep until the sender's checkpoint of `message.epoch` commits. */
   hold(message: GroupMessage): void {
     this.held.push(message);
+    this.counters.held_total++;
+  }
+
+  /** Counts a message leaving now (its epoch committed or not). */
+  noteSent(message: GroupMessage): void {
+    if (message.epoch > this.committed) this.counters.sent_before_commit++;
+    else this.counters.sent_after_commit++;
   }
 
   get heldCount(): number {

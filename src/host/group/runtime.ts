@@ -70,7 +70,7 @@ export interface GroupStatus {
   leader: string;
   committed: number | null;
   recovering: boolean;
-  primaries: { rank: number; vm: string; state: string; captured: number; committed: number; backup: string | null; released_seq: number; held: number; busy: string | null }[];
+  primaries: { rank: number; vm: string; state: string; captured: number; committed: number; backup: string | null; released_seq: number; held: number; busy: string | null; sent_before_commit: number; sent_after_commit: number; held_total: number }[];
   backups: { rank: number; vm: string; cut: number; staged: number }[];
 }
 
@@ -268,7 +268,10 @@ export class GroupRuntime {
     const now: GroupMessage[] = [];
     for (const m of messages) {
       if (this.record.mode === "vm" && m.epoch > sender.committed) sender.hold(m);
-      else now.push(m);
+      else {
+        sender.noteSent(m);
+        now.push(m);
+      }
     }
     if (now.length) this.transmit(now);
     if (now.length < messages.length) this.clocks.get(sender.rank)?.outputPending();
@@ -360,7 +363,7 @@ export class GroupRuntime {
   /** group mode: capture checkpoint `e` of every member here, ship each delta to its backup. */
   private endEpoch(e: number): void {
     for (const [rank, member] of this.members) {
-      if (member.state !== "running") continue;
+      // Only after a `resume` of this incarnation does the leader end epochs, so every member captures.
       const inc = this.inc;
       member.capture(e).then(
         (captured) => {
@@ -412,6 +415,7 @@ export class GroupRuntime {
 
   /** vm mode: `member`'s checkpoint `e` committed (its backup staged it). */
   private afterMemberCommit(member: GroupMember, e: number, delivered: number[], free: GroupMessage[]): void {
+    for (const m of free) member.noteSent(m);
     if (free.length) this.transmit(free);
     const backup = this.record.placement[member.rank].backup;
     if (backup) this.api.send(backup, { ...this.base(), k: "vcommit", rank: member.rank, e });
@@ -673,11 +677,13 @@ export class GroupRuntime {
   /** Every host: re-send what each receiver's restored state lacks, then run. */
   private async onResume(e: number, delivered: number[][]): Promise<void> {
     const size = this.record.size;
+    // Running from now on (before any await): the leader's next `end` may arrive while the
+    // re-sends below are still in progress, and what the members send must be routed.
+    for (const member of this.members.values()) member.state = "running";
     for (const [s, member] of this.members) {
       for (let r = 0; r < size; r++) {
         if (r === s) continue;
         const resend = await member.resendFor(r, delivered[r][s]);
-        member.state = "running";
         if (resend.length) this.route(member, resend);
       }
       for (let r = 0; r < size; r++) this.committedDelivered[r][s] = Math.max(this.committedDelivered[r][s], delivered[r][s]);
@@ -704,6 +710,7 @@ export class GroupRuntime {
         released_seq: m.log.lastSeq,
         held: m.heldCount,
         busy: m.busy ? `${m.busy.step} for ${Date.now() - m.busy.since_ms} ms` : null,
+        ...m.counters,
       })),
       backups: [...this.backups.entries()].map(([rank, b]) => ({ rank, vm: vmName(this.name, rank), cut: b.committedCut, staged: b.stagedCount })),
     };

@@ -1,0 +1,155 @@
+/**
+ * `cohort bench pingpong` and `cohort bench allreduce`: the same guest group
+ * run in every protection mode, one fresh local cluster (real host processes,
+ * loopback TCP) per mode, in one run, so the modes compare as ratios on the
+ * same machine at the same time. pingpong also measures `raw_tcp`: two plain
+ * Node processes bouncing the same message, the floor of the transport.
+ *
+ * The guests measure themselves (pingpong: round trips and their latency on
+ * the guest's clock; allreduce: completed rounds); the bench reads them
+ * through `vm_request`, whose reply is released like any output.
+ */
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
+import { parseManifest, type ProtectionMode } from "../cluster/manifest.js";
+import { guestPath } from "../guest/examples.js";
+import { vmKey, type VmRecord } from "../host/records.js";
+import { EmbeddedStore } from "../store/embedded.js";
+import { requestAny, sleep } from "../cli/client.js";
+import { hostCommand } from "../cli/demo.js";
+import { measureRawTcp } from "./raw-tcp.js";
+
+export const GROUP_MODES: ProtectionMode[] = ["none", "vm", "group"];
+
+export interface GroupBenchOptions {
+  measure_ms: number;
+  warmup_ms: number;
+  hosts: number;
+  progress: (line: string) => void;
+}
+
+export { GROUP_BENCH_DEFAULTS } from "./group-defaults.js";
+
+interface RunningGroup {
+  cluster: ClusterFile;
+  state_dir: string;
+  /** Sends a request to `vm` at its primary's host; resolves with the released reply. */
+  ask(vm: string, text: string): Promise<string>;
+}
+
+/** A fresh cluster with one group deployed; torn down after `body`. */
+async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, hosts: number, body: (g: RunningGroup) => Promise<T>): Promise<T> {
+  const state_dir = await mkdtemp(join(tmpdir(), `cohort-bench-${guest}-`));
+  let cluster: ClusterFile | null = null;
+  try {
+    cluster = await up({ hosts, state_dir, host_command: hostCommand() });
+    await sleep(600); // hosts see each other's heartbeats before placement
+    const manifest = parseManifest(`group: ${guest}\nmode: ${mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(guest))}\n`, { source: "bench", base_dir: "/" });
+    await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
+    const store = new EmbeddedStore(state_dir);
+    const c = cluster;
+    const ask = async (vm: string, text: string) => {
+      const record = await store.get<VmRecord>(vmKey(vm));
+      if (!record) throw new Error(`${vm} has no record`);
+      const reply = await requestAny<{ reply: string }>(c, "vm_request", { vm, text }, undefined, record.value.primary);
+      return reply.reply;
+    };
+    try {
+      return await body({ cluster, state_dir, ask });
+    } finally {
+      await store.close();
+    }
+  } finally {
+    if (cluster) await down({ state_dir }).catch(() => undefined);
+    await rm(state_dir, { recursive: true, force: true });
+  }
+}
+
+export interface PingpongModeResult {
+  round_trips_per_s: number;
+  latency_us_p50: number;
+  latency_us_p99: number;
+  round_trips: number;
+}
+
+export interface PingpongReport {
+  bench: "pingpong";
+  payload_bytes: number;
+  measure_ms: number;
+  results: Record<"raw_tcp" | ProtectionMode, PingpongModeResult>;
+  ratios: { none_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number };
+}
+
+const round = (x: number, digits = 1) => Number(x.toFixed(digits));
+
+export async function runPingpongBench(options: GroupBenchOptions): Promise<PingpongReport> {
+  const results = {} as PingpongReport["results"];
+  options.progress("raw_tcp: two Node processes, 64 bytes over loopback");
+  const raw = await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms });
+  results.raw_tcp = raw;
+  for (const mode of GROUP_MODES) {
+    options.progress(`${mode}: 2 VMs on ${options.hosts} hosts`);
+    results[mode] = await withGroup("pingpong", mode, 2, options.hosts, async (g) => {
+      await sleep(options.warmup_ms);
+      await g.ask("pingpong-0", "reset");
+      await sleep(options.measure_ms);
+      const stats = JSON.parse(await g.ask("pingpong-0", "stats")) as { round_trips: number; elapsed_ms: number; latency_us_p50: number; latency_us_p99: number };
+      return {
+        round_trips_per_s: round(stats.round_trips / (stats.elapsed_ms / 1000)),
+        latency_us_p50: round(stats.latency_us_p50),
+        latency_us_p99: round(stats.latency_us_p99),
+        round_trips: stats.round_trips,
+      };
+    });
+  }
+  const rate = (k: keyof PingpongReport["results"]) => results[k].round_trips_per_s;
+  return {
+    bench: "pingpong",
+    payload_bytes: 64,
+    measure_ms: options.measure_ms,
+    results,
+    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2) },
+  };
+}
+
+export interface AllreduceReport {
+  bench: "allreduce";
+  measure_ms: number;
+  hosts: number;
+  results: Record<string, Record<ProtectionMode, { iterations_per_s: number; iterations: number }>>;
+  ratios: Record<string, { group_vs_none: number; group_vs_vm: number }>;
+}
+
+const roundOf = (reply: string) => {
+  const m = /^round (\d+) sum/.exec(reply);
+  if (!m) throw new Error(`allreduce status reply ${JSON.stringify(reply)}`);
+  return Number(m[1]);
+};
+
+export async function runAllreduceBench(options: GroupBenchOptions & { sizes: number[] }): Promise<AllreduceReport> {
+  const results: AllreduceReport["results"] = {};
+  const ratios: AllreduceReport["ratios"] = {};
+  for (const size of options.sizes) {
+    const key = `vms_${size}`;
+    results[key] = {} as AllreduceReport["results"][string];
+    for (const mode of GROUP_MODES) {
+      options.progress(`${mode}: allreduce over ${size} VMs on ${options.hosts} hosts`);
+      results[key][mode] = await withGroup("allreduce", mode, size, options.hosts, async (g) => {
+        await sleep(options.warmup_ms);
+        const t0 = performance.now();
+        const r0 = roundOf(await g.ask("allreduce-0", "status"));
+        const a0 = (performance.now() + t0) / 2;
+        await sleep(options.measure_ms);
+        const t1 = performance.now();
+        const r1 = roundOf(await g.ask("allreduce-0", "status"));
+        const a1 = (performance.now() + t1) / 2;
+        return { iterations_per_s: round((r1 - r0) / ((a1 - a0) / 1000)), iterations: r1 - r0 };
+      });
+    }
+    const r = results[key];
+    ratios[key] = { group_vs_none: round(r.group.iterations_per_s / r.none.iterations_per_s, 3), group_vs_vm: round(r.group.iterations_per_s / Math.max(r.vm.iterations_per_s, 1e-9), 2) };
+  }
+  return { bench: "allreduce", measure_ms: options.measure_ms, hosts: options.hosts, results, ratios };
+}
