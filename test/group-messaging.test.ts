@@ -10,8 +10,13 @@
  *  (a) consistent cut: every delivery has sender epoch s <= receiver epoch r;
  *  (b) exactly once: every (from, to, seq) of the surviving history is
  *      delivered once, in seq order, with the bytes that were sent;
- *  (c) bank: money is conserved at every recovery cut (balances + what is
- *      re-sent) and, once quiet, transfers_out == transfers_in;
+ *  (c) bank (bulk-synchronous rounds, an Allreduce per round): every logged
+ *      line and every audit has total == size * 8000, recv == (size - 1) *
+ *      round and dup == 0; rounds are contiguous per rank, each channel
+ *      carries one transfer per round, a rank's balance moves by exactly its
+ *      round's transfers, a round's balances sum to the total, and the ranks
+ *      are at most one round apart (at every recovery cut and once quiet);
+ *      after the schedule the rounds go on;
  *  (d) rollback + resend: (b) and (c) across rollbacks, stale messages of
  *      rolled-back epochs are never delivered;
  *  (e) allreduce sums are right for every logged round and rounds are
@@ -530,38 +535,180 @@ async function built(name: string): Promise<GuestModule> {
   return guest;
 }
 
+// The bank guest (examples/bank): bulk-synchronous rounds. Round k: every rank sends one transfer
+// (first byte 0xB4) to every other rank, credits the size - 1 it receives, then an SDK Allreduce
+// (messages starting 0xC7) sums the balances; when it completes the rank logs
+// "bank round=k rank=r balance=b recv=n dup=d total=t". Exactly once means, on every line:
+// t == size * 8000, n == (size - 1) * k, d == 0; and per round the balances sum to the total.
 const BANK_TOTAL_PER_RANK = 8 * 1000;
-const BANK_LINE = /^bank rank=(\d+) balance=(\d+) sent=(\d+) recv=(\d+) transfers_out=(\d+) transfers_in=(\d+)$/;
+const BANK_ACCOUNTS = 8;
+const BANK_MAX_AMOUNT = 100;
+const BANK_TRANSFER = 0xb4;
+const BANK_TRANSFER_BYTES = 20;
+const COLLECTIVES_MAGIC = 0xc7;
+const BANK_LINE = /^bank round=(\d+) rank=(\d+) balance=(-?\d+) recv=(\d+) dup=(\d+) total=(-?\d+)$/;
 
-function audit(group: Group): { balance: number; sent: number; recv: number; out: number; in: number }[] {
-  return group.members.map((_, rank) => {
-    const m = BANK_LINE.exec(group.ask(rank, "audit"));
-    expect(m, "audit line").not.toBeNull();
-    const [, r, balance, sent, recv, out, inn] = m!.map(Number);
-    expect(r).toBe(rank);
-    return { balance, sent, recv, out, in: inn };
+interface BankLine {
+  text: string;
+  round: number;
+  balance: number;
+}
+
+/** One bank line (an audit reply, or a log line without its newline), checked against the exactly-once invariants. */
+function bankLine(group: Group, rank: number, text: string, what: string): BankLine {
+  const m = BANK_LINE.exec(text);
+  expect(m, `${what}: a bank line: ${JSON.stringify(text)}`).not.toBeNull();
+  const [round, r, balance, recv, dup, total] = m!.slice(1).map(Number);
+  expect(r, `${what}: rank`).toBe(rank);
+  expect(total, `${what}: bank total (${text})`).toBe(group.size * BANK_TOTAL_PER_RANK);
+  if (round > 0) {
+    expect(recv, `${what}: bank recv == (size - 1) * round (${text})`).toBe((group.size - 1) * round);
+  } else {
+    // Before round 1 completes the guest's audit reports the initial balance but the live recv
+    // count: the round-1 transfers credited so far, at most one per sender.
+    expect(balance, `${what}: bank initial balance`).toBe(BANK_TOTAL_PER_RANK);
+    expect(recv, `${what}: bank recv <= size - 1 before round 1 completes (${text})`).toBeLessThanOrEqual(group.size - 1);
+  }
+  expect(dup, `${what}: bank dup (${text})`).toBe(0);
+  return { text, round, balance };
+}
+
+/** Every rank's "audit" reply: the line of the last round it completed (round 0 before the first). */
+function audit(group: Group): BankLine[] {
+  return group.members.map((_, rank) => bankLine(group, rank, group.ask(rank, "audit"), `rank ${rank} audit`));
+}
+
+/** Every rank's released log lines: rounds 1, 2, 3, ... with no gap or repeat. */
+function bankLog(group: Group): BankLine[][] {
+  return group.members.map((_, rank) =>
+    group.logLines(rank).map((text, i) => {
+      expect(text.endsWith("\n"), `rank ${rank} log line ${i + 1} ends with a newline`).toBe(true);
+      const line = bankLine(group, rank, text.slice(0, -1), `rank ${rank} log line ${i + 1}`);
+      expect(line.round, `rank ${rank}: bank rounds contiguous`).toBe(i + 1);
+      return line;
+    }),
+  );
+}
+
+interface Transfer {
+  from: number;
+  to: number;
+  seq: number;
+  round: number;
+  amount: number;
+}
+
+/** The bank's transfers among the sends of the surviving history (the Allreduce's messages skipped), each well formed. */
+function transfers(group: Group): Transfer[] {
+  const list: Transfer[] = [];
+  for (const sent of group.sends.values()) {
+    const bytes = Buffer.from(sent.bytes, "hex");
+    const k = key(sent.from, sent.to, sent.seq);
+    if (bytes[0] !== BANK_TRANSFER) {
+      expect(bytes[0], `${k}: a transfer or a collectives message`).toBe(COLLECTIVES_MAGIC);
+      continue;
+    }
+    expect(bytes.length, `${k}: transfer length`).toBe(BANK_TRANSFER_BYTES);
+    expect(bytes.readInt32LE(8), `${k}: transfer from_rank`).toBe(sent.from);
+    const account = bytes.readInt32LE(12);
+    const amount = bytes.readInt32LE(16);
+    expect(account >= 0 && account < BANK_ACCOUNTS, `${k}: transfer account ${account}`).toBe(true);
+    expect(amount >= 0 && amount <= BANK_MAX_AMOUNT, `${k}: transfer amount ${amount}`).toBe(true);
+    list.push({ from: sent.from, to: sent.to, seq: sent.seq, round: bytes.readUInt32LE(4), amount });
+  }
+  return list.sort((a, b) => a.seq - b.seq);
+}
+
+/**
+ * (c) on the released log and the surviving history: every line holds the exactly-once
+ * invariants, rounds are contiguous per rank; every channel carries one transfer per round, in
+ * round order; a rank's balance at round k is its balance at round k - 1 minus the round-k
+ * transfers it sent plus those it received; the balances of a round every rank logged sum to
+ * the total. Returns the log and the number of rounds every rank logged.
+ */
+function checkBankLog(group: Group): { log: BankLine[][]; completed: number } {
+  const n = group.size;
+  const log = bankLog(group);
+  const next = new Map<string, number>();
+  /** `${rank}@${round}` -> the round's transfers: sent, received, net amount. */
+  const moved = new Map<string, { out: number; in: number; net: number }>();
+  const at = (rank: number, round: number) => {
+    let m = moved.get(`${rank}@${round}`);
+    if (!m) moved.set(`${rank}@${round}`, (m = { out: 0, in: 0, net: 0 }));
+    return m;
+  };
+  for (const t of transfers(group)) {
+    const channel = `${t.from}>${t.to}`;
+    const round = next.get(channel) ?? 1;
+    expect(t.round, `${key(t.from, t.to, t.seq)}: transfer rounds contiguous on the channel`).toBe(round);
+    next.set(channel, round + 1);
+    const out = at(t.from, t.round);
+    out.out++;
+    out.net -= t.amount;
+    const inn = at(t.to, t.round);
+    inn.in++;
+    inn.net += t.amount;
+  }
+  log.forEach((lines, rank) => {
+    let balance = BANK_TOTAL_PER_RANK;
+    for (const line of lines) {
+      // A logged round's transfers were all sent and credited before the line, so they are in the history.
+      const m = at(rank, line.round);
+      expect([m.out, m.in], `rank ${rank} round ${line.round}: bank transfers sent and received`).toEqual([n - 1, n - 1]);
+      balance += m.net;
+      expect(line.balance, `rank ${rank} round ${line.round}: bank balance moved by the transfers`).toBe(balance);
+    }
   });
+  const completed = Math.min(...log.map((lines) => lines.length));
+  for (let round = 1; round <= completed; round++) {
+    const sum = log.reduce((s, lines) => s + lines[round - 1].balance, 0);
+    expect(sum, `bank round ${round}: balances of all ranks sum to the total`).toBe(n * BANK_TOTAL_PER_RANK);
+  }
+  return { log, completed };
 }
 
-const amountOf = (message: GroupMessage) => Buffer.from(message.bytes).readInt32LE(16);
+/** Audits every rank against its released log; the ranks are at most one round apart (the Allreduce's root completes first). */
+function checkBankAudit(group: Group, log: BankLine[][], what: string): BankLine[] {
+  const audits = audit(group);
+  audits.forEach((a, rank) => {
+    const lines = log[rank];
+    expect(a.round, `rank ${rank} audit: not behind its released log`).toBeGreaterThanOrEqual(lines.length);
+    if (a.round > 0 && a.round === lines.length) expect(a.text, `rank ${rank} audit: its last logged line`).toBe(lines.at(-1)!.text);
+  });
+  const rounds = audits.map((a) => a.round);
+  expect(Math.max(...rounds) - Math.min(...rounds), `bank rounds ${what}: ${rounds.join(" ")}`).toBeLessThanOrEqual(1);
+  if (rounds.every((r) => r === rounds[0])) {
+    expect(
+      audits.reduce((s, a) => s + a.balance, 0),
+      `money ${what}`,
+    ).toBe(group.size * BANK_TOTAL_PER_RANK);
+  }
+  return audits;
+}
 
-/** (c) at a recovery cut: the money is in the balances or in the messages that are re-sent, nowhere else. */
+/** (c) at a recovery cut (group mode: the whole group is back at one consistent cut). */
 function checkBankAtCut(group: Group): void {
-  const accounts = audit(group);
-  const inFlight = group.lastResends.reduce((sum, m) => sum + amountOf(m), 0);
-  const balances = accounts.reduce((sum, a) => sum + a.balance, 0);
-  expect(balances + inFlight, "money at the recovery cut").toBe(group.size * BANK_TOTAL_PER_RANK);
-  for (const a of accounts) expect(a.balance + a.sent - a.recv).toBe(BANK_TOTAL_PER_RANK);
+  checkBankAudit(group, checkBankLog(group).log, "at the recovery cut");
 }
 
+/** Runs the bank on: timers fire (next rounds, queued sends), everything in flight is delivered, cuts commit. */
+function runBank(group: Group, steps: number): void {
+  for (let i = 0; i < steps; i++) {
+    for (let rank = 0; rank < group.size; rank++) group.tick(rank, 2);
+    for (let n = 4 * group.inflight.length + 10; n > 0 && group.inflight.length; n--) group.deliver(group.random());
+    group.captureAll();
+    group.commit();
+  }
+}
+
+/** (c) once quiet (timers did not fire), then liveness: with timers, every rank completes more rounds. */
 function checkBankQuiet(group: Group): void {
-  const accounts = audit(group);
-  const total = (f: (a: (typeof accounts)[number]) => number) => accounts.reduce((sum, a) => sum + f(a), 0);
-  expect(total((a) => a.balance + a.sent - a.recv)).toBe(group.size * BANK_TOTAL_PER_RANK);
-  expect(total((a) => a.balance)).toBe(group.size * BANK_TOTAL_PER_RANK);
-  expect(total((a) => a.out)).toBe(total((a) => a.in));
-  expect(total((a) => a.sent)).toBe(total((a) => a.recv));
-  expect(total((a) => a.out)).toBe(group.sends.size);
+  const before = checkBankAudit(group, checkBankLog(group).log, "once quiet");
+  const lowest = Math.min(...before.map((a) => a.round));
+  runBank(group, 8);
+  group.checkHistory(false);
+  const after = checkBankAudit(group, checkBankLog(group).log, "after running on");
+  expect(Math.min(...after.map((a) => a.round)), "bank progress after the schedule").toBeGreaterThan(lowest);
 }
 
 const CONFIG: GroupConfig = { size: 4, skew: 2, resend: true, limits: {}, seed: 1, mode: "group" };
@@ -840,7 +987,10 @@ describe("group messaging: random schedules (fast-check)", () => {
   it("bank with tiny limits: sender logs fill (E_FULL), pending queues refuse", async () => {
     const send = vi.spyOn(VmCore.prototype, "send");
     try {
-      const c = await bankProperty({ limits: { sender_log_bytes_max: 6 * (32 + 20), pending_messages_max: 3 } }, 30);
+      // One round is size - 1 transfers plus the Allreduce's few messages per rank, so the limits
+      // are tight: room for 4 logged 20-byte transfers, and one held message per receiver (a second
+      // message out of channel order or with s > r is refused until a capture delivers the first).
+      const c = await bankProperty({ limits: { sender_log_bytes_max: 4 * (32 + 20), pending_messages_max: 1 } }, 30);
       expect(c.full, "receivers refused messages").toBeGreaterThan(0);
       expect(send.mock.results.filter((r) => r.value === E_FULL).length, "senders got E_FULL").toBeGreaterThan(0);
     } finally {
@@ -948,12 +1098,32 @@ describe("group messaging: the checks catch a broken runtime (mutation tests)", 
     mutate("incarnationCheck", () => null);
     // Whichever check trips first: the delivery hook, the runtime's own cut checks, conservation, or a stuck channel.
     expect(await failure(bankProperty({}, 300))).toMatch(
-      /incarnation: \d+>\d+#\d+ of incarnation \d+ delivered in \d+|not a cut of this VM's history|is consistent|money at the recovery cut|does not quiesce/,
+      /incarnation: \d+>\d+#\d+ of incarnation \d+ delivered in \d+|not a cut of this VM's history|is consistent|money at the recovery cut|bank (dup|recv)|bank: transfer|does not quiesce/,
     );
   });
 
   it("not re-sending after a rollback is caught (messages lost, money lost)", async () => {
-    expect(await failure(bankProperty({ resend: false }, 300))).toMatch(/money at the recovery cut|delivered: expected false to be true/);
+    expect(await failure(bankProperty({ resend: false }, 300))).toMatch(/money at the recovery cut|delivered: expected false to be true|does not quiesce|bank progress/);
+  });
+
+  // The router's history sees these deliveries as right: only the bank's own lines can tell.
+  const transfer = (payload: Uint8Array) => payload[0] === BANK_TRANSFER;
+  const deliverToGuest = (vm: VmCore, from: number, payload: Uint8Array) => (saved.get("message") as VmCore["message"]).call(vm, from, payload);
+
+  it("handing a transfer to the guest twice (a duplicate reaches the application) is caught by the bank's lines", async () => {
+    mutate("message", function (this: VmCore, from: number, payload: Uint8Array) {
+      deliverToGuest(this, from, payload);
+      if (transfer(payload)) deliverToGuest(this, from, payload);
+    });
+    expect(await failure(bankProperty({}, 100, { rollbacks: false }))).toMatch(/bank dup \(bank round=\d+ .* dup=[1-9]/);
+  });
+
+  it("a transfer delivered but never handed to the guest is caught: its round never completes", async () => {
+    mutate("message", function (this: VmCore, from: number, payload: Uint8Array) {
+      if (from === 0 && transfer(payload) && Buffer.from(payload).readUInt32LE(4) === 2) return; // rank 0's round-2 transfers
+      deliverToGuest(this, from, payload);
+    });
+    expect(await failure(bankProperty({}, 100, { rollbacks: false }))).toMatch(/bank progress after the schedule/);
   });
 
   it("a router that loses one message is caught", async () => {

@@ -116,8 +116,11 @@ function checkRoot(root: i32): void {
   if (root < 0 || root >= size()) throw new RangeError("collectives: root " + root.toString() + " is not a rank");
 }
 
-function protocolError(what: string, from: i32, round: u32, expected: u32): Error {
-  return new Error("collectives: " + what + " for round " + round.toString() + " from rank " + from.toString() + ", expected round " + expected.toString());
+// A string, not an Error: AssemblyScript passes a thrown error's message to
+// abort() only for a literal `throw new Error(<message>)`, so callers write
+// `throw new Error(protocolMessage(...))`.
+function protocolMessage(what: string, from: i32, round: u32, expected: u32): string {
+  return "collectives: " + what + " for round " + round.toString() + " from rank " + from.toString() + ", expected round " + expected.toString();
 }
 
 // ---------------------------------------------------------------------------
@@ -154,12 +157,12 @@ export class Barrier {
     const kind = kindOf(bytes, this.id);
     if (kind == KIND_BARRIER_ARRIVE) {
       const r = roundOf(bytes);
-      if (rank() != this.root || r != this.round + 1) throw protocolError("barrier arrival", from, r, this.round + 1);
+      if (rank() != this.root || r != this.round + 1) throw new Error(protocolMessage("barrier arrival", from, r, this.round + 1));
       return this.count();
     }
     if (kind == KIND_BARRIER_RELEASE) {
       const r = roundOf(bytes);
-      if (from != this.root || !this.waiting || r != this.round + 1) throw protocolError("barrier release", from, r, this.round + 1);
+      if (from != this.root || !this.waiting || r != this.round + 1) throw new Error(protocolMessage("barrier release", from, r, this.round + 1));
       this.round = r;
       this.waiting = false;
       return COMPLETED;
@@ -207,7 +210,7 @@ export class Broadcast {
   handle(from: i32, bytes: Uint8Array): i32 {
     if (kindOf(bytes, this.id) != KIND_BROADCAST) return NOT_MINE;
     const r = roundOf(bytes);
-    if (from != this.root || r != this.round + 1) throw protocolError("broadcast", from, r, this.round + 1);
+    if (from != this.root || r != this.round + 1) throw new Error(protocolMessage("broadcast", from, r, this.round + 1));
     this.round = r;
     this.data = bytes.slice(HEADER_BYTES);
     return COMPLETED;
@@ -257,12 +260,12 @@ export class Allreduce {
     const kind = kindOf(bytes, this.id);
     if (kind == KIND_REDUCE) {
       const r = roundOf(bytes);
-      if (rank() != this.root || r != this.round + 1 || bytes.length != HEADER_BYTES + 8) throw protocolError("allreduce contribution", from, r, this.round + 1);
+      if (rank() != this.root || r != this.round + 1 || bytes.length != HEADER_BYTES + 8) throw new Error(protocolMessage("allreduce contribution", from, r, this.round + 1));
       return this.collect(from, load<f64>(bytes.dataStart, HEADER_BYTES));
     }
     if (kind == KIND_REDUCE_RESULT) {
       const r = roundOf(bytes);
-      if (from != this.root || !this.waiting || r != this.round + 1 || bytes.length != HEADER_BYTES + 8) throw protocolError("allreduce result", from, r, this.round + 1);
+      if (from != this.root || !this.waiting || r != this.round + 1 || bytes.length != HEADER_BYTES + 8) throw new Error(protocolMessage("allreduce result", from, r, this.round + 1));
       this.round = r;
       this.result = load<f64>(bytes.dataStart, HEADER_BYTES);
       this.waiting = false;
