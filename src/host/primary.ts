@@ -9,10 +9,7 @@
  * output is released before its cut commits; without a backup nothing commits
  * (the VM keeps running, its output waits).
  *
- * Adaptive epochs (DESIGN.md): when the guest produced output in the current
- * epoch, the epoch ends min_interval_ms after the previous checkpoint, so a
- * reply waits about one commit round trip rather than half an epoch; while no
- * output waits, epochs start at interval_ms and double up to max_interval_ms.
+ * Epoch boundaries are adaptive (src/host/epoch-clock.ts).
  */
 import { decodeImage } from "../checkpoint/format.js";
 import type { VmWorker } from "../vm/vm.js";
@@ -23,6 +20,7 @@ import { MSG, type VmMessage } from "./messages.js";
 import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "./output-log.js";
 import type { VmRecord } from "./records.js";
 import { assert } from "../util/assert.js";
+import { EpochClock } from "./epoch-clock.js";
 
 /** Deltas sent and not yet acknowledged; beyond this the primary skips captures (the epoch stretches). */
 export const INFLIGHT_EPOCHS_MAX = 8;
@@ -41,11 +39,7 @@ export interface PrimaryStats {
 }
 
 export class ProtectedPrimary {
-  private timer: NodeJS.Timeout | null = null;
-  private dueAt = Infinity;
-  private lastCaptureMs = 0;
-  private idleEpochMs: number;
-  private outputWaiting = false;
+  private readonly clock: EpochClock;
   private capturedEpoch = 0;
   /** Cut of the full image sent to a newly attached backup, until that backup acknowledges it. */
   private imageEpoch: number | null = null;
@@ -69,11 +63,9 @@ export class ProtectedPrimary {
     private readonly confirmBackup: (host: string) => Promise<boolean>,
   ) {
     vm.on("crashed", (message) => onProblem(record.vm, `VM crashed: ${message}`));
-    this.idleEpochMs = record.interval_ms;
+    this.clock = new EpochClock(record, () => this.tick());
     vm.on("output_pending", (epoch) => {
-      if (epoch <= this.capturedEpoch) return; // that epoch was captured already
-      this.outputWaiting = true;
-      this.scheduleAt(Math.max(Date.now(), this.lastCaptureMs + this.record.min_interval_ms));
+      if (epoch > this.capturedEpoch) this.clock.outputPending(); // else that epoch was captured already
     });
   }
 
@@ -91,39 +83,17 @@ export class ProtectedPrimary {
   }
 
   start(): void {
-    this.lastCaptureMs = Date.now();
-    this.scheduleNext();
+    this.clock.start();
   }
 
   stop(): void {
     this.stopped = true;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
-  }
-
-  /** Runs the next epoch boundary at `at_ms`, unless one is already due sooner. */
-  private scheduleAt(at_ms: number): void {
-    if (this.stopped || (this.timer && this.dueAt <= at_ms)) return;
-    if (this.timer) clearTimeout(this.timer);
-    this.dueAt = at_ms;
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      this.dueAt = Infinity;
-      void this.tick().finally(() => this.scheduleNext());
-    }, Math.max(0, at_ms - Date.now()));
-  }
-
-  private scheduleNext(): void {
-    const wait = this.outputWaiting ? this.record.min_interval_ms : this.idleEpochMs;
-    this.scheduleAt(this.lastCaptureMs + Math.max(wait, this.record.min_interval_ms));
+    this.clock.stop();
   }
 
   private noteCaptured(epoch: number): void {
     this.capturedEpoch = epoch;
-    this.lastCaptureMs = Date.now();
-    // An epoch that produced output resets the idle stretch; an idle one lengthens the next.
-    this.idleEpochMs = this.outputWaiting ? this.record.interval_ms : Math.min(this.record.max_interval_ms, this.idleEpochMs * 2);
-    this.outputWaiting = false;
+    this.clock.ended();
   }
 
   /**

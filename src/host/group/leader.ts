@@ -5,12 +5,11 @@
  * (DESIGN.md "The checkpoint path" steps 4-5). The commit carries the
  * members' delivered vectors at the cut, so senders trim their logs.
  *
- * Adaptive epochs as for a single VM: output waiting anywhere in the group →
- * the epoch ends min_interval_ms after the previous end; idle → interval_ms,
- * doubling up to max_interval_ms.
+ * Epoch boundaries are adaptive (src/host/epoch-clock.ts): output waiting
+ * anywhere in the group ends the epoch at the minimum interval.
  */
-import type { Manifest } from "../../cluster/manifest.js";
 import { assert } from "../../util/assert.js";
+import { EpochClock, type EpochTiming } from "../epoch-clock.js";
 
 /** Epochs ended and not yet committed; beyond this the leader stretches the epoch. */
 export const EPOCHS_INFLIGHT_MAX = 4;
@@ -27,49 +26,36 @@ export class GroupLeader {
   private committedCut: number;
   /** epoch → rank → delivered vector at that checkpoint. */
   private readonly staged = new Map<number, Map<number, number[]>>();
-  private timer: NodeJS.Timeout | null = null;
-  private dueAt = Infinity;
-  private lastEndMs = 0;
-  private idleMs: number;
-  private outputWaiting = false;
+  private readonly clock: EpochClock;
   private stopped = false;
-  readonly stats = { commits: 0, commit_ms_last: 0 };
-  private readonly endedAtMs = new Map<number, number>();
 
   constructor(
     private readonly size: number,
-    private readonly timing: Manifest["epoch"],
+    timing: EpochTiming,
     committed: number,
     private readonly io: LeaderIo,
   ) {
     this.ended = committed;
     this.committedCut = committed;
-    this.idleMs = timing.interval_ms;
+    this.clock = new EpochClock(timing, () => this.tick());
   }
 
   get committed(): number {
     return this.committedCut;
   }
 
-  get endedEpoch(): number {
-    return this.ended;
-  }
-
   start(): void {
-    this.lastEndMs = Date.now();
-    this.scheduleNext();
+    this.clock.start();
   }
 
   stop(): void {
     this.stopped = true;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    this.clock.stop();
   }
 
   /** Some member has output waiting: end the epoch soon. */
   outputPending(): void {
-    this.outputWaiting = true;
-    this.scheduleAt(Math.max(Date.now(), this.lastEndMs + this.timing.min_interval_ms));
+    this.clock.outputPending();
   }
 
   onStaged(rank: number, e: number, delivered: number[]): void {
@@ -86,40 +72,16 @@ export class GroupLeader {
       const matrix = Array.from({ length: this.size }, (_, r) => complete.get(r)!);
       this.staged.delete(next);
       this.committedCut = next;
-      this.stats.commits++;
-      this.stats.commit_ms_last = Date.now() - (this.endedAtMs.get(next) ?? Date.now());
-      this.endedAtMs.delete(next);
       this.io.commit(next, matrix);
     }
     // A commit makes room for the next epoch if the clock was held back.
-    if (!this.timer) this.scheduleNext();
-  }
-
-  private scheduleAt(at_ms: number): void {
-    if (this.stopped || (this.timer && this.dueAt <= at_ms)) return;
-    if (this.timer) clearTimeout(this.timer);
-    this.dueAt = at_ms;
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      this.dueAt = Infinity;
-      this.tick();
-    }, Math.max(0, at_ms - Date.now()));
-  }
-
-  private scheduleNext(): void {
-    const wait = this.outputWaiting ? this.timing.min_interval_ms : this.idleMs;
-    this.scheduleAt(this.lastEndMs + Math.max(wait, this.timing.min_interval_ms));
+    this.clock.kick();
   }
 
   private tick(): void {
-    if (this.stopped) return;
-    if (this.ended - this.committedCut >= EPOCHS_INFLIGHT_MAX) return; // the next commit reschedules
+    if (this.stopped || this.ended - this.committedCut >= EPOCHS_INFLIGHT_MAX) return; // tried again later
     this.ended++;
-    this.endedAtMs.set(this.ended, Date.now());
-    this.lastEndMs = Date.now();
-    this.idleMs = this.outputWaiting ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idleMs * 2);
-    this.outputWaiting = false;
+    this.clock.ended();
     this.io.endEpoch(this.ended);
-    this.scheduleNext();
   }
 }

@@ -1,14 +1,13 @@
 /**
  * The checkpoint clock of one member in `vm` and `none` mode, where every VM
  * checkpoints on its own (Remus): capture epoch e, ship the delta to the
- * backup, commit e when the backup says it staged e. Adaptive epochs as
- * for a single VM: something waiting to leave (output, or in vm mode a peer
- * message) → the epoch ends min_interval_ms after the previous capture; idle →
- * interval_ms, doubling up to max_interval_ms. In `none` mode a capture commits
- * at once (no backup): it only paces the release of output.
+ * backup, commit e when the backup says it staged e. Epoch boundaries are
+ * adaptive (src/host/epoch-clock.ts); held peer messages count as output
+ * waiting. In `none` mode a capture commits at once (no backup): it only
+ * paces the release of output.
  */
-import type { Manifest } from "../../cluster/manifest.js";
 import type { GroupMessage } from "../../vm/machine.js";
+import { EpochClock, type EpochTiming } from "../epoch-clock.js";
 import type { GroupMember } from "./member.js";
 
 /** Deltas sent and not yet staged; beyond this the member skips captures (the epoch stretches). */
@@ -23,38 +22,31 @@ export interface MemberClockIo {
 }
 
 export class MemberClock {
-  private timer: NodeJS.Timeout | null = null;
-  private dueAt = Infinity;
-  private lastCaptureMs = 0;
-  private idleMs: number;
-  private waiting = false;
+  private readonly clock: EpochClock;
   private capturing = false;
   private stopped = false;
   private readonly inflight: { epoch: number; delivered: number[] }[] = [];
 
   constructor(
-    private readonly timing: Manifest["epoch"],
+    timing: EpochTiming,
     private readonly member: GroupMember,
     private readonly local: boolean,
     private readonly io: MemberClockIo,
   ) {
-    this.idleMs = timing.interval_ms;
+    this.clock = new EpochClock(timing, () => this.tick(), () => member.heldCount > 0);
   }
 
   start(): void {
-    this.lastCaptureMs = Date.now();
-    this.scheduleNext();
+    this.clock.start();
   }
 
   stop(): void {
     this.stopped = true;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    this.clock.stop();
   }
 
   outputPending(): void {
-    this.waiting = true;
-    this.scheduleAt(Math.max(Date.now(), this.lastCaptureMs + this.timing.min_interval_ms));
+    this.clock.outputPending();
   }
 
   /** The backup staged checkpoint `e`: commit it (and everything before). */
@@ -76,22 +68,6 @@ export class MemberClock {
     }
   }
 
-  private scheduleAt(at_ms: number): void {
-    if (this.stopped || (this.timer && this.dueAt <= at_ms)) return;
-    if (this.timer) clearTimeout(this.timer);
-    this.dueAt = at_ms;
-    this.timer = setTimeout(() => {
-      this.timer = null;
-      this.dueAt = Infinity;
-      void this.tick().finally(() => this.scheduleNext());
-    }, Math.max(0, at_ms - Date.now()));
-  }
-
-  private scheduleNext(): void {
-    const wait = this.waiting || this.member.heldCount > 0 ? this.timing.min_interval_ms : this.idleMs;
-    this.scheduleAt(this.lastCaptureMs + Math.max(wait, this.timing.min_interval_ms));
-  }
-
   private async tick(): Promise<void> {
     if (this.stopped || this.capturing || this.member.state !== "running") return;
     const backup = this.io.backupHost();
@@ -99,9 +75,7 @@ export class MemberClock {
     this.capturing = true;
     try {
       const captured = await this.member.capture();
-      this.lastCaptureMs = Date.now();
-      this.idleMs = this.waiting ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idleMs * 2);
-      this.waiting = false;
+      this.clock.ended();
       if (this.stopped) return;
       if (this.local) {
         await this.commit(captured.epoch, captured.delivered);
