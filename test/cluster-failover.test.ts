@@ -5,38 +5,24 @@
  */
 import { afterEach, describe, expect, it } from "vitest";
 import { execFile } from "node:child_process";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { connect } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { down, up, type ClusterFile } from "../src/cluster/local-cluster.js";
+import type { ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { vmKey, type VmRecord } from "../src/host/records.js";
-import { EmbeddedStore } from "../src/store/embedded.js";
 import { LogFollower, requestAny, sleep, type FollowedRecord } from "../src/cli/client.js";
 import { hostCommand } from "../src/cli/demo.js";
 import { fixtureBytes } from "./support/guests.js";
+import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 
 const run = promisify(execFile);
 const DETECT_MS = 300;
-const clusters: string[] = [];
+afterEach(stopClusters);
 
-afterEach(async () => {
-  for (const dir of clusters.splice(0)) {
-    await down({ state_dir: dir }).catch(() => undefined);
-    await rm(dir, { recursive: true, force: true });
-  }
-});
-
-async function cluster(hosts: number): Promise<{ dir: string; cluster: ClusterFile; store: EmbeddedStore }> {
-  const dir = await mkdtemp(join(tmpdir(), "cohort-it-"));
-  clusters.push(dir);
-  const c = await up({ hosts, state_dir: dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(DETECT_MS)] });
-  await sleep(3 * DETECT_MS);
-  return { dir, cluster: c, store: new EmbeddedStore(dir) };
-}
+const cluster = (hosts: number) => startCluster(hosts, DETECT_MS);
 
 async function deploy(c: ClusterFile, group: string, module: string, interval_ms = 20): Promise<void> {
   const manifest = parseManifest(`group: ${group}\nmode: vm\nmodule: ${JSON.stringify(module)}\nepoch:\n  interval_ms: ${interval_ms}\n`, { source: "test", base_dir: "/" });
@@ -49,25 +35,6 @@ function follow(dir: string, vm: string): { records: FollowedRecord[]; notices: 
   const notices: string[] = [];
   const follower = new LogFollower(dir, vm, 1, (r) => records.push(r), (n) => notices.push(n));
   return { records, notices, follower, done: follower.run().catch(() => undefined) };
-}
-
-async function waitFor(cond: () => boolean | Promise<boolean>, timeout_ms: number, what: string): Promise<void> {
-  const until = Date.now() + timeout_ms;
-  while (!(await cond())) {
-    if (Date.now() > until) {
-      // The hosts' logs are deleted with the state directory after the test: show them now.
-      for (const dir of clusters) console.error(await hostLogs(dir));
-      throw new Error(`timed out waiting for ${what}`);
-    }
-    await sleep(20);
-  }
-}
-
-async function hostLogs(dir: string): Promise<string> {
-  const { readdir, readFile } = await import("node:fs/promises");
-  const files = await readdir(join(dir, "logs")).catch(() => [] as string[]);
-  const parts = await Promise.all(files.map(async (f) => `== ${f}\n${(await readFile(join(dir, "logs", f), "utf8")).split("\n").slice(-80).join("\n")}`));
-  return parts.join("\n");
 }
 
 /** Sends `bytes` on a fresh connection; true if the host closes it within 3 s. */

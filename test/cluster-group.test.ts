@@ -5,37 +5,22 @@
  * messages until the sender's checkpoint commits).
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { down, up, type ClusterFile } from "../src/cluster/local-cluster.js";
+import { readFile } from "node:fs/promises";
+import type { ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { vmKey, type VmRecord } from "../src/host/records.js";
 import { EmbeddedStore } from "../src/store/embedded.js";
-import { LogFollower, requestAny, sleep, type FollowedRecord } from "../src/cli/client.js";
-import { hostCommand } from "../src/cli/demo.js";
+import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import type { GroupStatus } from "../src/host/group/runtime.js";
+import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 
 // Generous: deploys boot many VM threads at once, and a 2-core CI machine must not mistake that for a crash.
 const DETECT_MS = 1000;
-const clusters: string[] = [];
+afterEach(stopClusters);
 
-afterEach(async () => {
-  for (const dir of clusters.splice(0)) {
-    await down({ state_dir: dir }).catch(() => undefined);
-    await rm(dir, { recursive: true, force: true });
-  }
-});
-
-async function cluster(hosts: number): Promise<{ dir: string; cluster: ClusterFile; store: EmbeddedStore }> {
-  const dir = await mkdtemp(join(tmpdir(), "cohort-group-it-"));
-  clusters.push(dir);
-  const c = await up({ hosts, state_dir: dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(DETECT_MS)] });
-  await sleep(3 * DETECT_MS);
-  return { dir, cluster: c, store: new EmbeddedStore(dir) };
-}
+const cluster = (hosts: number) => startCluster(hosts, DETECT_MS);
 
 async function deploy(c: ClusterFile, group: string, guest: string, mode: string, size: number): Promise<void> {
   const module = guestPath(guest);
@@ -48,20 +33,13 @@ async function groupStatus(c: ClusterFile, group: string): Promise<GroupStatus[]
   return all.flatMap((s) => s.groups.filter((g) => g.group === group));
 }
 
-async function store2(c: ClusterFile): Promise<VmRecord> {
+/** The store's record of `vm` (where its primary is). */
+async function recordOf(c: ClusterFile, vm: string): Promise<VmRecord> {
   const store = new EmbeddedStore(c.state_dir);
   try {
-    return (await store.get<VmRecord>(vmKey("pp-0")))!.value;
+    return (await store.get<VmRecord>(vmKey(vm)))!.value;
   } finally {
     await store.close();
-  }
-}
-
-async function waitFor(cond: () => boolean | Promise<boolean>, timeout_ms: number, what: string): Promise<void> {
-  const until = Date.now() + timeout_ms;
-  while (!(await cond())) {
-    if (Date.now() > until) throw new Error(`timed out after ${timeout_ms} ms waiting for ${what}`);
-    await sleep(25);
   }
 }
 
@@ -143,7 +121,7 @@ describe("modes: what leaves a VM before its checkpoint commits", () => {
         // Unbuffered: nearly every message leaves while its epoch is still uncommitted.
         expect(sent.before).toBeGreaterThan(sent.after);
       }
-      const stats = JSON.parse((await requestAny<{ reply: string }>(c, "vm_request", { vm: "pp-0", text: "stats" }, undefined, (await store2(c)).primary)).reply) as { round_trips: number };
+      const stats = JSON.parse((await requestAny<{ reply: string }>(c, "vm_request", { vm: "pp-0", text: "stats" }, undefined, (await recordOf(c, "pp-0")).primary)).reply) as { round_trips: number };
       expect(stats.round_trips).toBeGreaterThan(0);
     }, 30_000);
   }

@@ -33,8 +33,6 @@ export interface GroupBenchOptions {
 export { GROUP_BENCH_DEFAULTS } from "./group-defaults.js";
 
 interface RunningGroup {
-  cluster: ClusterFile;
-  state_dir: string;
   /** Sends a request to `vm` at its primary's host; resolves with the released reply. */
   ask(vm: string, text: string): Promise<string>;
 }
@@ -49,7 +47,7 @@ async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, h
     const manifest = parseManifest(`group: ${guest}\nmode: ${mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(guest))}\n`, { source: "bench", base_dir: "/" });
     await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
     const store = new EmbeddedStore(state_dir);
-    const c = cluster;
+    const c: ClusterFile = cluster;
     const ask = async (vm: string, text: string) => {
       const record = await store.get<VmRecord>(vmKey(vm));
       if (!record) throw new Error(`${vm} has no record`);
@@ -57,7 +55,7 @@ async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, h
       return reply.reply;
     };
     try {
-      return await body({ cluster, state_dir, ask });
+      return await body({ ask });
     } finally {
       await store.close();
     }

@@ -7,16 +7,14 @@
  * same in every line, no transfer is applied twice or lost, no round is
  * skipped or repeated.
  */
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { down, hostLogPath, up, type ClusterFile } from "../cluster/local-cluster.js";
+import { readFile } from "node:fs/promises";
+import { hostLogPath } from "../cluster/local-cluster.js";
 import { parseManifest } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
-import { vmKey, type VmRecord } from "../host/records.js";
+import { vmKey, vmName, type VmRecord } from "../host/records.js";
 import { EmbeddedStore } from "../store/embedded.js";
 import { LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
-import { hostCommand } from "./demo.js";
+import { withDemoCluster } from "./demo.js";
 
 export interface BankDemoOptions {
   hosts: number;
@@ -62,115 +60,104 @@ export interface BankDemoReport {
   };
 }
 
-export async function runBankDemo(options: BankDemoOptions, say: (line: string) => void): Promise<BankDemoReport> {
-  const state_dir = await mkdtemp(join(tmpdir(), "cohort-demo-bank-"));
-  let cluster: ClusterFile | null = null;
-  const followers: LogFollower[] = [];
-  let cleaned = false;
-  const { size } = options;
-  const vms = Array.from({ length: size }, (_, r) => `bank-${r}`);
-  try {
-    say(`starting ${options.hosts} hosts in ${state_dir}`);
-    cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(options.detect_ms)] });
-    await sleep(3 * options.detect_ms);
-    const manifest = parseManifest(`group: bank\nmode: group\nsize: ${size}\nmodule: ${JSON.stringify(guestPath("bank"))}\n`, { source: "demo", base_dir: "/" });
-    await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-    const store = new EmbeddedStore(state_dir);
-    const before = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
-    for (const r of before) say(`${r.vm}: primary ${r.primary}, backup ${r.backup}`);
-    const records: FollowedRecord[][] = vms.map(() => []);
-    const running = vms.map((vm, rank) => {
-      const follower = new LogFollower(state_dir, vm, 1, (r) => records[rank].push(r), (line) => say(line));
-      followers.push(follower);
-      return follower.run().catch((error: Error) => say(`follower ${vm}: ${error.message}`));
-    });
-    await sleep(options.run_before_kill_ms);
-    const victimId = before[0].primary;
-    const victim = cluster.hosts.find((h) => h.id === victimId)!;
-    const promoted = before.filter((r) => r.primary === victimId).map((r) => r.rank);
-    const survived = before.filter((r) => r.primary !== victimId).map((r) => r.rank);
-    const countAtKill = records.map((list) => list.length);
-    const killedAt = Date.now();
-    process.kill(victim.pid, "SIGKILL");
-    say(`killed ${victim.id} (pid ${victim.pid}) with SIGKILL; it held the primaries of ranks ${promoted.join(", ")}`);
-    await sleep(options.run_after_kill_ms);
-    for (const f of followers) f.stop();
-    await Promise.all(running);
-    const after = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
-    await store.close();
+export function runBankDemo(options: BankDemoOptions, say: (line: string) => void): Promise<BankDemoReport> {
+  return withDemoCluster(options, say, async (cluster, state_dir) => {
+    const followers: LogFollower[] = [];
+    const { size } = options;
+    const vms = Array.from({ length: size }, (_, r) => vmName("bank", r));
+    try {
+      const manifest = parseManifest(`group: bank\nmode: group\nsize: ${size}\nmodule: ${JSON.stringify(guestPath("bank"))}\n`, { source: "demo", base_dir: "/" });
+      await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
+      const store = new EmbeddedStore(state_dir);
+      const before = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
+      for (const r of before) say(`${r.vm}: primary ${r.primary}, backup ${r.backup}`);
+      const records: FollowedRecord[][] = vms.map(() => []);
+      const running = vms.map((vm, rank) => {
+        const follower = new LogFollower(state_dir, vm, 1, (r) => records[rank].push(r), (line) => say(line));
+        followers.push(follower);
+        return follower.run().catch((error: Error) => say(`follower ${vm}: ${error.message}`));
+      });
+      await sleep(options.run_before_kill_ms);
+      const victimId = before[0].primary;
+      const victim = cluster.hosts.find((h) => h.id === victimId)!;
+      const promoted = before.filter((r) => r.primary === victimId).map((r) => r.rank);
+      const survived = before.filter((r) => r.primary !== victimId).map((r) => r.rank);
+      const countAtKill = records.map((list) => list.length);
+      const killedAt = Date.now();
+      process.kill(victim.pid, "SIGKILL");
+      say(`killed ${victim.id} (pid ${victim.pid}) with SIGKILL; it held the primaries of ranks ${promoted.join(", ")}`);
+      await sleep(options.run_after_kill_ms);
+      for (const f of followers) f.stop();
+      await Promise.all(running);
+      const after = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
+      await store.close();
 
-    const total = size * ACCOUNTS * INITIAL_BALANCE;
-    let conserved = true;
-    let noDuplicate = true;
-    let contiguous = true;
-    let lost = 0;
-    let duplicated = 0;
-    const balances = new Map<number, number[]>(); // round -> balance per rank
-    records.forEach((list, rank) => {
-      let last = 0;
-      for (const record of list) {
-        const m = LINE.exec(record.text.trim());
-        if (!m) {
-          contiguous = false;
-          continue;
+      const total = size * ACCOUNTS * INITIAL_BALANCE;
+      let conserved = true;
+      let noDuplicate = true;
+      let contiguous = true;
+      let lost = 0;
+      let duplicated = 0;
+      const balances = new Map<number, number[]>(); // round -> balance per rank
+      records.forEach((list, rank) => {
+        let last = 0;
+        for (const record of list) {
+          const m = LINE.exec(record.text.trim());
+          if (!m) {
+            contiguous = false;
+            continue;
+          }
+          const [round, r, balance, recv, dup, t] = m.slice(1).map(Number);
+          if (r !== rank) contiguous = false;
+          if (t !== total) conserved = false;
+          if (dup !== 0 || recv !== (size - 1) * round) noDuplicate = false;
+          if (round <= last) duplicated++;
+          else if (round > last + 1) lost += round - last - 1;
+          last = Math.max(last, round);
+          const row = balances.get(round) ?? new Array<number>(size).fill(NaN);
+          row[rank] = balance;
+          balances.set(round, row);
         }
-        const [round, r, balance, recv, dup, t] = m.slice(1).map(Number);
-        if (r !== rank) contiguous = false;
-        if (t !== total) conserved = false;
-        if (dup !== 0 || recv !== (size - 1) * round) noDuplicate = false;
-        if (round <= last) duplicated++;
-        else if (round > last + 1) lost += round - last - 1;
-        last = Math.max(last, round);
-        const row = balances.get(round) ?? new Array<number>(size).fill(NaN);
-        row[rank] = balance;
-        balances.set(round, row);
+      });
+      for (const row of balances.values()) {
+        if (row.every((b) => !Number.isNaN(b)) && row.reduce((a, b) => a + b, 0) !== total) conserved = false;
       }
-    });
-    for (const row of balances.values()) {
-      if (row.every((b) => !Number.isNaN(b)) && row.reduce((a, b) => a + b, 0) !== total) conserved = false;
+      if (lost || duplicated) contiguous = false;
+      const firstAfter = records.flatMap((list, rank) => list.slice(countAtKill[rank])).sort((a, b) => a.received_ms - b.received_ms)[0];
+      const recovery = await recoveryFromLogs(state_dir, cluster.hosts.map((h) => h.id));
+      const lostReplica = (rank: number) => before[rank].primary === victimId || before[rank].backup === victimId;
+      const report: BankDemoReport = {
+        scenario: "bank",
+        hosts: options.hosts,
+        size,
+        mode: "group",
+        killed_host: victim.id,
+        promoted,
+        survived,
+        failover_ms: firstAfter ? firstAfter.received_ms - killedAt : null,
+        recovery_cut: recovery?.cut ?? null,
+        images: recovery?.images ?? [],
+        detect_ms: options.detect_ms,
+        released: records.reduce((n, list) => n + list.length, 0),
+        rounds_before_kill: Math.min(...countAtKill),
+        rounds_after_kill: Math.min(...records.map((list, rank) => list.length - countAtKill[rank])),
+        lost,
+        duplicated,
+        checks: {
+          total_conserved: conserved,
+          no_duplicate_transfer: noDuplicate && duplicated === 0,
+          rounds_contiguous: contiguous,
+          resumed_after_kill: records.every((list, rank) => list.length > countAtKill[rank]),
+          new_primary_elsewhere: promoted.every((rank) => after[rank].primary !== victimId && after[rank].incarnation > before[rank].incarnation),
+          memory_moved_only_for_lost_replicas: recovery !== null && recovery.images.every(lostReplica),
+          processes_cleaned_up: false,
+        },
+      };
+      return report;
+    } finally {
+      for (const f of followers) f.stop();
     }
-    if (lost || duplicated) contiguous = false;
-    const firstAfter = records.flatMap((list, rank) => list.slice(countAtKill[rank])).sort((a, b) => a.received_ms - b.received_ms)[0];
-    const roundsOf = (list: FollowedRecord[]) => list.length;
-    const recovery = await recoveryFromLogs(state_dir, cluster.hosts.map((h) => h.id));
-    const lostReplica = (rank: number) => before[rank].primary === victimId || before[rank].backup === victimId;
-    const report: BankDemoReport = {
-      scenario: "bank",
-      hosts: options.hosts,
-      size,
-      mode: "group",
-      killed_host: victim.id,
-      promoted,
-      survived,
-      failover_ms: firstAfter ? firstAfter.received_ms - killedAt : null,
-      recovery_cut: recovery?.cut ?? null,
-      images: recovery?.images ?? [],
-      detect_ms: options.detect_ms,
-      released: records.reduce((n, list) => n + list.length, 0),
-      rounds_before_kill: Math.min(...countAtKill),
-      rounds_after_kill: Math.min(...records.map((list, rank) => roundsOf(list) - countAtKill[rank])),
-      lost,
-      duplicated,
-      checks: {
-        total_conserved: conserved,
-        no_duplicate_transfer: noDuplicate && duplicated === 0,
-        rounds_contiguous: contiguous,
-        resumed_after_kill: records.every((list, rank) => list.length > countAtKill[rank]),
-        new_primary_elsewhere: promoted.every((rank) => after[rank].primary !== victimId && after[rank].incarnation > before[rank].incarnation),
-        memory_moved_only_for_lost_replicas: recovery !== null && recovery.images.every(lostReplica),
-        processes_cleaned_up: false,
-      },
-    };
-    const stopped = await down({ state_dir });
-    cleaned = true;
-    report.checks.processes_cleaned_up = [...stopped.stopped, ...stopped.already_gone].length === options.hosts;
-    return report;
-  } finally {
-    for (const f of followers) f.stop();
-    if (cluster && !cleaned) await down({ state_dir }).catch(() => undefined);
-    if (process.env.COHORT_DEMO_KEEP_STATE) say(`state kept in ${state_dir}`);
-    else await rm(state_dir, { recursive: true, force: true });
-  }
+  });
 }
 
 /** The coordinator's "recovery: cut chosen" line (pino JSON) from the hosts' logs. */

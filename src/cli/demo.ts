@@ -46,73 +46,93 @@ export function hostCommand(): string[] {
   return [process.execPath, bin, "host"];
 }
 
-export async function runDemo(options: DemoOptions, say: (line: string) => void): Promise<DemoReport> {
+/**
+ * What every demo scenario shares: a local cluster in a fresh state directory,
+ * the scenario itself, then `down` (whose result is the report's
+ * processes_cleaned_up check) and the directory removed (kept with
+ * COHORT_DEMO_KEEP_STATE). The scenario stops its log followers before it returns or throws.
+ */
+export async function withDemoCluster<R extends { checks: { processes_cleaned_up: boolean } }>(
+  options: { hosts: number; detect_ms: number },
+  say: (line: string) => void,
+  scenario: (cluster: ClusterFile, state_dir: string) => Promise<R>,
+): Promise<R> {
   const state_dir = await mkdtemp(join(tmpdir(), "cohort-demo-"));
   let cluster: ClusterFile | null = null;
-  let follower: LogFollower | null = null;
   let cleaned = false;
   try {
     say(`starting ${options.hosts} hosts in ${state_dir}`);
     cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(options.detect_ms)] });
     await sleep(3 * options.detect_ms); // hosts see each other's heartbeats before placement
-    const manifest = parseManifest(`group: ticker\nmode: vm\nmodule: ${JSON.stringify(guestPath("ticker"))}\nepoch:\n  interval_ms: ${options.interval_ms}\n`, { source: "demo", base_dir: "/" });
-    await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-    const store = new EmbeddedStore(state_dir);
-    const before = await store.get<VmRecord>(vmKey("ticker-0"));
-    if (!before) throw new Error("ticker-0 has no record after deploy");
-    say(`ticker-0: primary ${before.value.primary}, backup ${before.value.backup}`);
-    const records: FollowedRecord[] = [];
-    follower = new LogFollower(state_dir, "ticker-0", 1, (r) => records.push(r), (line) => say(line));
-    const following = follower.run().catch((error: Error) => say(`follower: ${error.message}`));
-    await sleep(options.run_before_kill_ms);
-    const victim = cluster.hosts.find((h) => h.id === before.value.primary)!;
-    const seqAtKill = follower.lastSeq;
-    const killedAt = Date.now();
-    process.kill(victim.pid, "SIGKILL");
-    say(`killed ${victim.id} (pid ${victim.pid}) with SIGKILL after output ${seqAtKill}`);
-    await sleep(options.run_after_kill_ms);
-    follower.stop();
-    await following;
-    const after = await store.get<VmRecord>(vmKey("ticker-0"));
-    await store.close();
-    const firstAfter = records.find((r) => r.seq > seqAtKill);
-    const counts = records.map((r) => Number(r.text.trim()));
-    let lost = 0;
-    let duplicated = 0;
-    for (let i = 1; i < counts.length; i++) {
-      if (counts[i] <= counts[i - 1]) duplicated++;
-      else lost += counts[i] - counts[i - 1] - 1;
-    }
-    if (counts.length && counts[0] !== 1) lost += counts[0] - 1;
-    const latencies = records.filter((r) => r.seq <= seqAtKill).map((r) => r.released_ms - r.produced_ms).sort((a, b) => a - b);
-    const pct = (p: number) => (latencies.length ? latencies[Math.min(latencies.length - 1, Math.floor(p * (latencies.length - 1) + 0.5))] : null);
-    const report: DemoReport = {
-      scenario: options.scenario,
-      hosts: options.hosts,
-      killed_host: victim.id,
-      failover_ms: firstAfter ? firstAfter.received_ms - killedAt : null,
-      release_latency_ms_p50: pct(0.5),
-      release_latency_ms_p99: pct(0.99),
-      interval_ms: options.interval_ms,
-      detect_ms: options.detect_ms,
-      released: records.length,
-      lost,
-      duplicated,
-      checks: {
-        output_contiguous: lost === 0 && duplicated === 0 && records.every((r, i) => r.seq === i + 1),
-        resumed_after_kill: !!firstAfter,
-        new_primary_elsewhere: !!after && after.value.primary !== victim.id && after.value.incarnation > before.value.incarnation,
-        processes_cleaned_up: false,
-      },
-    };
+    const report = await scenario(cluster, state_dir);
     const stopped = await down({ state_dir });
     cleaned = true;
     report.checks.processes_cleaned_up = [...stopped.stopped, ...stopped.already_gone].length === options.hosts;
     return report;
   } finally {
-    follower?.stop();
     if (cluster && !cleaned) await down({ state_dir }).catch(() => undefined);
     if (process.env.COHORT_DEMO_KEEP_STATE) say(`state kept in ${state_dir}`);
     else await rm(state_dir, { recursive: true, force: true });
   }
+}
+
+export function runDemo(options: DemoOptions, say: (line: string) => void): Promise<DemoReport> {
+  return withDemoCluster(options, say, async (cluster, state_dir) => {
+    let follower: LogFollower | null = null;
+    try {
+      const manifest = parseManifest(`group: ticker\nmode: vm\nmodule: ${JSON.stringify(guestPath("ticker"))}\nepoch:\n  interval_ms: ${options.interval_ms}\n`, { source: "demo", base_dir: "/" });
+      await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
+      const store = new EmbeddedStore(state_dir);
+      const before = await store.get<VmRecord>(vmKey("ticker-0"));
+      if (!before) throw new Error("ticker-0 has no record after deploy");
+      say(`ticker-0: primary ${before.value.primary}, backup ${before.value.backup}`);
+      const records: FollowedRecord[] = [];
+      follower = new LogFollower(state_dir, "ticker-0", 1, (r) => records.push(r), (line) => say(line));
+      const following = follower.run().catch((error: Error) => say(`follower: ${error.message}`));
+      await sleep(options.run_before_kill_ms);
+      const victim = cluster.hosts.find((h) => h.id === before.value.primary)!;
+      const seqAtKill = follower.lastSeq;
+      const killedAt = Date.now();
+      process.kill(victim.pid, "SIGKILL");
+      say(`killed ${victim.id} (pid ${victim.pid}) with SIGKILL after output ${seqAtKill}`);
+      await sleep(options.run_after_kill_ms);
+      follower.stop();
+      await following;
+      const after = await store.get<VmRecord>(vmKey("ticker-0"));
+      await store.close();
+      const firstAfter = records.find((r) => r.seq > seqAtKill);
+      const counts = records.map((r) => Number(r.text.trim()));
+      let lost = 0;
+      let duplicated = 0;
+      for (let i = 1; i < counts.length; i++) {
+        if (counts[i] <= counts[i - 1]) duplicated++;
+        else lost += counts[i] - counts[i - 1] - 1;
+      }
+      if (counts.length && counts[0] !== 1) lost += counts[0] - 1;
+      const latencies = records.filter((r) => r.seq <= seqAtKill).map((r) => r.released_ms - r.produced_ms).sort((a, b) => a - b);
+      const pct = (p: number) => (latencies.length ? latencies[Math.min(latencies.length - 1, Math.floor(p * (latencies.length - 1) + 0.5))] : null);
+      const report: DemoReport = {
+        scenario: options.scenario,
+        hosts: options.hosts,
+        killed_host: victim.id,
+        failover_ms: firstAfter ? firstAfter.received_ms - killedAt : null,
+        release_latency_ms_p50: pct(0.5),
+        release_latency_ms_p99: pct(0.99),
+        interval_ms: options.interval_ms,
+        detect_ms: options.detect_ms,
+        released: records.length,
+        lost,
+        duplicated,
+        checks: {
+          output_contiguous: lost === 0 && duplicated === 0 && records.every((r, i) => r.seq === i + 1),
+          resumed_after_kill: !!firstAfter,
+          new_primary_elsewhere: !!after && after.value.primary !== victim.id && after.value.incarnation > before.value.incarnation,
+          processes_cleaned_up: false,
+        },
+      };
+      return report;
+    } finally {
+      follower?.stop();
+    }
+  });
 }

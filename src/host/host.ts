@@ -422,16 +422,12 @@ export class Host {
       return;
     }
     try {
-      const value = await this.handle(connection, request, body);
+      const value = await this.handleLocal(request.op, request.args, body);
       connection.reply(request.id, { ok: true, value });
     } catch (error) {
       const e = error as Error & { code?: string };
       connection.reply(request.id, { ok: false, error: { code: e.code ?? "Error", message: e.message } });
     }
-  }
-
-  private async handle(connection: Connection, request: Request, body: Uint8Array): Promise<unknown> {
-    return this.handleLocal(request.op, request.args, body);
   }
 
   /** A request, from a connection or from this host itself (a deploy it runs). */
@@ -477,7 +473,9 @@ export class Host {
     const p = this.primaries.get(vm);
     if (p) return { log: p.log, worker: p.vm };
     for (const g of this.groups.values()) {
-      for (const m of g.members.values()) if (`${g.name}-${m.rank}` === vm) return { log: m.log, worker: m.vm };
+      const rank = g.rankOf(vm);
+      const m = rank === null ? undefined : g.members.get(rank);
+      if (m) return { log: m.log, worker: m.vm };
     }
     return null;
   }
@@ -641,9 +639,8 @@ export class Host {
     let log = primary?.log ?? this.backups.get(vm)?.log;
     let role: "primary" | "backup" = primary ? "primary" : "backup";
     for (const g of this.groups.values()) {
-      const rank = Number(vm.slice(g.name.length + 1));
-      if (log || !vm.startsWith(`${g.name}-`) || !Number.isInteger(rank)) continue;
-      const found = g.outputLogOf(rank);
+      const rank = g.rankOf(vm);
+      const found = log || rank === null ? null : g.outputLogOf(rank);
       if (found) ({ log, role } = found);
     }
     if (!log) throw Object.assign(new Error(`no replica of ${vm} on ${this.id}`), { code: "NoSuchVm" });

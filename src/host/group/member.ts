@@ -215,10 +215,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
 
   /** Image at a fresh cut (vm mode: a running member's new backup). */
   imageFresh(): Promise<Uint8Array> {
-    return this.step("image", async () => {
-      const image = await this.vm.request("image", {});
-      return image;
-    });
+    return this.step("image", () => this.vm.request("image", {}));
   }
 
   deliveredVector(): Promise<number[]> {

@@ -86,7 +86,6 @@ export class GroupRuntime {
   private fenced = false;
   private stopped = false;
   private recovering = false;
-  private lastRecovery: { cut: number; recovery_ms: number; rolled_back: number[]; promoted: number[]; images: number[] } | null = null;
 
   private constructor(
     private readonly api: GroupHostApi,
@@ -192,6 +191,14 @@ export class GroupRuntime {
     member.on("problem", (reason) => this.log.error({ group: this.name, rank, reason }, "member problem"));
     this.members.set(rank, member);
     return member;
+  }
+
+  /** The rank of VM `vm` if it belongs to this group (VM names are `<group>-<rank>`). */
+  rankOf(vm: string): number | null {
+    const prefix = `${this.name}-`;
+    if (!vm.startsWith(prefix)) return null;
+    const rank = Number(vm.slice(prefix.length));
+    return Number.isInteger(rank) && rank >= 0 && rank < this.record.size && vmName(this.name, rank) === vm ? rank : null;
   }
 
   /** A member's released output, for `cohort logs`; a backup's mirror if the primary is elsewhere. */
@@ -644,7 +651,6 @@ export class GroupRuntime {
         await this.backups.get(rank)?.rollbackTo(frame.cut);
       }
     }
-    this.lastRecovery = { cut: frame.cut ?? -1, recovery_ms: 0, rolled_back: rolledBack, promoted, images: frame.images };
     this.log.warn(
       { group: this.name, incarnation: record.incarnation, cut: frame.cut, rolled_back: rolledBack, promoted, rollback_us_max: Number(rollback_us_max.toFixed(1)), step_ms: Number((performance.now() - started).toFixed(1)) },
       "recovery: replicas at the recovery cut",
@@ -714,9 +720,5 @@ export class GroupRuntime {
       })),
       backups: [...this.backups.entries()].map(([rank, b]) => ({ rank, vm: vmName(this.name, rank), cut: b.committedCut, staged: b.stagedCount })),
     };
-  }
-
-  get recoveryStats(): typeof this.lastRecovery {
-    return this.lastRecovery;
   }
 }
