@@ -81,7 +81,8 @@ export interface WorkerOps {
   set_incarnation: { args: { incarnation: number }; result: VmStatus };
   invoke: { args: { name: string; args: (number | bigint)[] }; result: unknown };
   capture: { args: Record<string, never>; result: CaptureResult };
-  commit: { args: { epoch: number }; result: OutputRecord[] };
+  /** Cut `epoch` committed: its output is released; with `trim`, the sender log is trimmed in the same step (trimSenderLog). */
+  commit: { args: { epoch: number; trim?: number[] }; result: OutputRecord[] };
   rollback: { args: { epoch: number }; result: { pages_restored: number; rollback_us: number } };
   image: { args: Record<string, never>; result: Uint8Array };
   /** Full image of the cut the primary is at right now, without a new capture (after a rollback, before it runs again). */

@@ -127,14 +127,21 @@ function afterCall(): void {
   scheduleTimers();
 }
 
+/** Due time of the armed timerHandle: re-armed only when the guest's next timer changed (not after every call). */
+let timerDueMs = Infinity;
+
 function scheduleTimers(): void {
   if (timerMode !== "auto" || !primary || primary.crashed) return;
+  const next = primary.nextTimer();
+  if (timerHandle && next && next[1] === timerDueMs) return;
   if (timerHandle) clearTimeout(timerHandle);
   timerHandle = null;
-  const next = primary.nextTimer();
+  timerDueMs = Infinity;
   if (!next) return;
+  timerDueMs = next[1];
   timerHandle = setTimeout(() => {
     timerHandle = null;
+    timerDueMs = Infinity;
     const vm = primary;
     if (!vm || vm.crashed) return;
     try {
@@ -211,8 +218,11 @@ const handlers: Handlers = {
     const captured = guarded(() => vm.capture());
     return { ...captured, outbox: vm.takeOutbox() };
   },
-  commit({ epoch }) {
-    return needPrimary().commit(epoch);
+  commit({ epoch, trim }) {
+    const vm = needPrimary();
+    const released = vm.commit(epoch);
+    if (trim) vm.trimSenderLog(trim);
+    return released;
   },
   receive({ messages }) {
     const vm = needPrimary();
@@ -276,6 +286,7 @@ const handlers: Handlers = {
     if (mode === "manual" && timerHandle) {
       clearTimeout(timerHandle);
       timerHandle = null;
+      timerDueMs = Infinity;
     }
     scheduleTimers();
     return status();

@@ -135,11 +135,15 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     });
   }
 
-  /** Cut `epoch` committed: release its output; in vm mode return the peer messages it frees. */
-  commit(epoch: number): Promise<GroupMessage[]> {
+  /**
+   * Cut `epoch` committed: release its output, and trim the sender log to
+   * `trim` (what each receiver delivered at the cut) in the same VM step; in
+   * vm mode return the peer messages it frees.
+   */
+  commit(epoch: number, trim?: number[]): Promise<GroupMessage[]> {
     return this.step("commit", async () => {
       if (epoch <= this.committed) return [];
-      const released = await this.vm.request("commit", { epoch });
+      const released = await this.vm.request("commit", { epoch, trim });
       this.committed = epoch;
       this.log.append(released);
       const free = this.held.filter((m) => m.epoch <= epoch);

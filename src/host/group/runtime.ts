@@ -413,9 +413,9 @@ export class GroupRuntime {
   /** group mode: cut `c` committed. */
   private onCommit(c: number, delivered: number[][]): void {
     for (const [rank, member] of this.members) {
-      void member.commit(c).catch((error: Error) => this.log.error({ group: this.name, rank, err: error }, "commit failed"));
       // Sender `rank` may drop what each receiver delivered at the cut.
-      member.trim(delivered.map((row) => row[rank]));
+      const trim = delivered.map((row) => row[rank]);
+      void member.commit(c, trim).catch((error: Error) => this.log.error({ group: this.name, rank, err: error }, "commit failed"));
     }
     for (const b of this.backups.values()) void b.commit(c);
   }
