@@ -123,8 +123,13 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
         if (row.every((b) => !Number.isNaN(b)) && row.reduce((a, b) => a + b, 0) !== total) conserved = false;
       }
       if (lost || duplicated) contiguous = false;
-      const firstAfter = records.flatMap((list, rank) => list.slice(countAtKill[rank])).sort((a, b) => a.received_ms - b.received_ms)[0];
       const recovery = await recoveryFromLogs(state_dir, cluster.hosts.map((h) => h.id));
+      // The first line the group produced after it resumed: epoch above the recovery cut (lines of
+      // epochs up to the cut were produced before the kill, some released only by the recovery).
+      const resumedLine = (r: FollowedRecord) => (recovery?.cut != null ? r.epoch > recovery.cut : true);
+      const firstAfter = records
+        .flatMap((list, rank) => list.slice(countAtKill[rank]).filter(resumedLine))
+        .sort((a, b) => a.received_ms - b.received_ms)[0];
       const lostReplica = (rank: number) => before[rank].primary === victimId || before[rank].backup === victimId;
       const report: BankDemoReport = {
         scenario: "bank",

@@ -1,11 +1,17 @@
 /**
  * The backup replica of one VM on this host: stages each delta and
- * acknowledges it, folds staged deltas into the committed image when the
- * primary says a cut committed, and mirrors the released output stream so a
- * promoted VM continues it without a gap.
+ * acknowledges it, folds committed deltas into its image, and mirrors the
+ * released output stream so a promoted VM continues it without a gap.
+ *
+ * Folding is lazy: committed deltas are folded FOLD_BATCH at a time in one VM
+ * request (and all of them before a promotion or a recovery step), because a
+ * fold per epoch costs a VM thread round trip per epoch per backup on the host
+ * thread, the busiest thread of a host. Until folded, a committed delta is
+ * still staged; the image can reach any cut from the folded one to the newest
+ * staged. The output mirror follows the folds.
  */
 import { decodeDelta, decodeImage } from "../checkpoint/format.js";
-import { decodeRuntimeState, type OutputRecord } from "../vm/runtime-state.js";
+import type { OutputRecord } from "../vm/runtime-state.js";
 import { VmWorker } from "../vm/vm.js";
 import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { OutputLog } from "./output-log.js";
@@ -15,11 +21,16 @@ import { assert } from "../util/assert.js";
 
 /** Deltas staged and not yet committed; a primary that runs further ahead than this is refused. */
 export const STAGED_DELTAS_MAX = 64;
+/** Committed deltas folded together (one VM request). */
+export const FOLD_BATCH = 8;
 
 export class BackupReplica {
   private worker: VmWorker | null = null;
   private staged: { epoch: number; delta: Uint8Array }[] = [];
+  /** The image's cut (folded). */
   private cut = 0;
+  /** Newest cut the primary said committed (>= cut; the deltas between are staged). */
+  private committed = 0;
   private stopped = false;
   private chain: Promise<unknown> = Promise.resolve();
   readonly log = new OutputLog();
@@ -30,8 +41,9 @@ export class BackupReplica {
     private readonly options: WorkerVmOptions,
   ) {}
 
+  /** Newest committed cut this copy holds (folded or staged). */
   get committedCut(): number {
-    return this.cut;
+    return Math.max(this.cut, this.committed);
   }
 
   get stagedCount(): number {
@@ -59,6 +71,7 @@ export class BackupReplica {
       await this.foldThrough(cut);
       assert(this.cut === cut, `${this.record.vm}: cannot reach cut ${cut} (image at ${this.cut})`);
       this.staged = [];
+      this.committed = cut;
     });
   }
 
@@ -76,7 +89,7 @@ export class BackupReplica {
       this.worker = await VmWorker.backup(this.guest, this.options, image);
       await previous?.terminate();
       this.staged = [];
-      this.cut = epoch;
+      this.cut = this.committed = epoch;
       this.log.adopt(history, released_seq);
     });
     return epoch;
@@ -89,7 +102,7 @@ export class BackupReplica {
       this.worker = await VmWorker.backup(this.guest, this.options, null);
       await previous?.terminate();
       this.staged = [];
-      this.cut = 0;
+      this.cut = this.committed = 0;
     });
   }
 
@@ -108,9 +121,14 @@ export class BackupReplica {
     this.staged.push({ epoch, delta });
   }
 
-  /** Cut `epoch` committed: fold staged deltas up to it, mirror the output it released. */
+  /** Cut `epoch` committed: once FOLD_BATCH committed deltas are staged, fold them and mirror the output released. */
   commit(epoch: number): Promise<void> {
-    return this.enqueue(() => this.foldThrough(epoch));
+    return this.enqueue(async () => {
+      this.committed = Math.max(this.committed, epoch);
+      let foldable = 0;
+      while (foldable < this.staged.length && this.staged[foldable].epoch <= this.committed) foldable++;
+      if (foldable >= FOLD_BATCH) await this.foldThrough(this.committed);
+    });
   }
 
   /**
@@ -141,15 +159,14 @@ export class BackupReplica {
   private async foldThrough(epoch: number): Promise<void> {
     if (this.stopped) return; // a COMMIT that arrives while the host shuts down or drops this replica
     assert(this.worker, "fold needs an image");
-    let newestState: Uint8Array | null = null;
-    while (this.staged.length && this.staged[0].epoch <= epoch) {
-      const { epoch: e, delta } = this.staged.shift()!;
-      newestState = decodeDelta(delta).runtime_state;
-      // Copied to the worker, not transferred: the bytes may be a view into a socket chunk.
-      await this.worker.request("apply", { delta });
-      this.cut = e;
-    }
-    if (newestState) this.mirror(decodeRuntimeState(newestState).output, epoch);
+    let n = 0;
+    while (n < this.staged.length && this.staged[n].epoch <= epoch) n++;
+    if (n === 0) return;
+    const batch = this.staged.splice(0, n);
+    // Copied to the worker, not transferred: the bytes may be views into socket chunks.
+    const { output } = await this.worker.request("apply_batch", { deltas: batch.map((b) => b.delta) });
+    this.cut = batch[n - 1].epoch;
+    this.mirror(output, Math.max(this.committed, this.cut));
   }
 
   /** Output held in the newest folded state with epoch <= the committed cut was released by the primary. */

@@ -20,6 +20,7 @@ export const REQUEST_TIMEOUT_MS_DEFAULT = 30_000;
 export class Connection extends EventEmitter<ConnectionEvents> {
   private readonly decoder: FrameDecoder;
   private closed: string | null = null;
+  private corked = false;
   private nextRequestId = 1;
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
 
@@ -70,9 +71,17 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       return false;
     }
     const parts = encodeFrame(type, encodePayload(header, body));
-    this.socket.cork();
+    // Frames sent in the same tick (a commit to every host, deltas of several members to one
+    // backup host) leave in one writev at the end of the tick: one syscall, not one per frame.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
     for (const part of parts) this.socket.write(part);
-    this.socket.uncork();
     return true;
   }
 

@@ -8,6 +8,8 @@ import type { Manifest } from "../cluster/manifest.js";
 import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
 import type { Host } from "./host.js";
 import { hostsOf, protectionKey, type ProtectionRecord } from "./group/record.js";
+import type { PathRoute } from "../vm/message-path.js";
+import { assert } from "../util/assert.js";
 
 export class DeployError extends Error {
   override name = "DeployError";
@@ -96,7 +98,11 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
   // This host first: it instruments the module into the cluster's cache, so the others only read
   // it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
   const first = hosts.includes(host.id) ? host.id : hosts[0];
-  await call(first, "group_prepare", { record: protection }, module);
-  await Promise.all(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)));
-  await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group })));
+  const prepared = [await call(first, "group_prepare", { record: protection }, module)];
+  prepared.push(...(await Promise.all(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)))));
+  // Every primary's message path listens now; each host hands the whole table to its VMs.
+  const routes: (PathRoute | null)[] = protection.placement.map(() => null);
+  for (const p of prepared as { routes: Record<number, PathRoute> }[]) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
+  assert(routes.every((r) => r !== null), "a group member has no message path after group_prepare");
+  await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group, routes })));
 }

@@ -22,10 +22,10 @@ import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../vm/machine.js";
 import type { Manifest } from "../cluster/manifest.js";
+import type { PathRoute } from "../vm/message-path.js";
 import { GroupRuntime, type GroupHostApi } from "./group/runtime.js";
 import type { ProtectionRecord } from "./group/record.js";
 import type { GroupFrame } from "./group/wire.js";
-import { MalformedGroupFrameError } from "./group/wire.js";
 
 export interface HostOptions {
   id: string;
@@ -89,6 +89,7 @@ export class Host {
       log: this.log,
       store,
       detect_ms: options.detect_ms,
+      listen_host: options.listen_host,
       send: (to, frame, body) => this.sendGroup(to, frame, body),
       liveHosts: () => this.liveHosts(),
       guestFor: (module) => this.guestFor(module),
@@ -382,8 +383,8 @@ export class Host {
     try {
       runtime.handle(frame, body);
     } catch (error) {
-      if (error instanceof MalformedGroupFrameError) connection.close(error.message);
-      else throw error;
+      // A frame whose fields do not fit the group (a bug or a hostile peer): only this connection pays.
+      connection.close(`group frame ${frame.k} refused: ${(error as Error).message}`);
     }
   }
 
@@ -448,7 +449,7 @@ export class Host {
       case "group_run": {
         const g = this.groups.get(String(args.group));
         if (!g) throw Object.assign(new Error(`group ${String(args.group)} is not prepared on ${this.id}`), { code: "NoSuchGroup" });
-        await g.run();
+        await g.run(args.routes as (PathRoute | null)[]);
         return { group: g.name };
       }
       case "vm_request":
@@ -460,12 +461,13 @@ export class Host {
 
   // ---- replicas --------------------------------------------------------------------
 
-  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string }> {
+  /** Boots this host's replicas of a group (timers stopped); answers where its primaries' message paths listen. */
+  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, PathRoute> }> {
     if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.id}`), { code: "GroupExists" });
     const runtime = await GroupRuntime.prepare(this.groupApi, record, module);
     this.groups.set(record.group, runtime);
     this.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
-    return { group: record.group };
+    return { group: record.group, routes: runtime.pathRoutes() };
   }
 
   /** The primary of `vm` on this host, with its released-output log and VM thread. */

@@ -82,6 +82,12 @@ export interface VmOptions {
    * the numbers of two VMs mean nothing to each other. Default true.
    */
   consistent_cut?: boolean;
+  /**
+   * Keep sent messages in the sender log until a committed cut shows them
+   * delivered (default true). False in `none` mode: nothing is ever re-sent
+   * there, and a log nobody trims would only grow until sends fail.
+   */
+  sender_log?: boolean;
   /** Called at the start of every guest call (the worker ticks its CPU watchdog here, so a chain of deliveries gets a budget per call). */
   on_guest_call?: () => void;
   /** Called right before a group message is handed to the guest, with the receiver's epoch (tracing, tests). */
@@ -649,8 +655,10 @@ export class VmCore implements AbiHost {
     const cost = bytes.length + SENDER_LOG_ENTRY_OVERHEAD_BYTES;
     if (this.state.sender_log_bytes + cost > limits.sender_log_bytes_max) return E_FULL;
     const entry: LoggedMessage = { to: rank, epoch: this.state.epoch, seq: ++this.state.sent_seq[rank], bytes };
-    this.state.sender_log.push(entry);
-    this.state.sender_log_bytes += cost;
+    if (this.options.sender_log !== false) {
+      this.state.sender_log.push(entry);
+      this.state.sender_log_bytes += cost;
+    }
     this.outbox.push(this.stamp(entry));
     return E_OK;
   }

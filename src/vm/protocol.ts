@@ -3,7 +3,9 @@
  * sandbox boundary, in one file. Binary payloads (deltas, images, request
  * bodies) cross as Uint8Array and are transferred, never copied through JSON.
  */
+import type { MessagePort } from "node:worker_threads";
 import type { ModuleInfo } from "../guest/module-info.js";
+import type { PathCounters, PathRoute } from "./message-path.js";
 import type { OutputRecord } from "./runtime-state.js";
 import type { CapturedDelta, GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
 
@@ -21,6 +23,8 @@ export interface WorkerVmOptions {
   timers: "auto" | "manual";
   /** See VmOptions.consistent_cut (default true). */
   consistent_cut?: boolean;
+  /** See VmOptions.sender_log (default true). */
+  sender_log?: boolean;
 }
 
 export type ReplicaRole = "primary" | "backup";
@@ -45,7 +49,7 @@ export interface VmStatus {
 /** A capture as the host thread gets it: the delta (laid out, NOT sealed: the receiving thread calls
  * sealDelta before it leaves the host) plus what the guest sent while handling held messages that the
  * new epoch made deliverable, for the host to route. */
-export type CaptureResult = CapturedDelta & { outbox: GroupMessage[] };
+export type CaptureResult = CapturedDelta & { outbox: GroupMessage[]; path: PathCounters | null };
 
 export interface ReceiveBatchResult {
   /** One per message offered, same order. "full" and "early" were NOT taken: offer them again later. */
@@ -62,6 +66,12 @@ export interface WorkerOps {
   restore: { args: { guest: GuestBundle; options: WorkerVmOptions; image: Uint8Array }; result: VmStatus };
   backup: { args: { guest: GuestBundle; options: WorkerVmOptions; image: Uint8Array | null }; result: VmStatus };
   apply: { args: { delta: Uint8Array }; result: VmStatus };
+  /**
+   * Several deltas in epoch order, in one request (a backup folding a batch).
+   * Returns the output records the folded states held, each once, in seq
+   * order: the caller mirrors those its committed cut released.
+   */
+  apply_batch: { args: { deltas: Uint8Array[] }; result: { output: OutputRecord[] } };
   promote: { args: Record<string, never>; result: VmStatus };
   /** Direct call of the guest's `message` export, bypassing the channels (tests, fixtures). Group messages use `receive`. */
   message: { args: { from_rank: number; payload: Uint8Array }; result: GroupMessage[] };
@@ -81,6 +91,12 @@ export interface WorkerOps {
   set_incarnation: { args: { incarnation: number }; result: VmStatus };
   invoke: { args: { name: string; args: (number | bigint)[] }; result: unknown };
   capture: { args: Record<string, never>; result: CaptureResult };
+  /**
+   * group mode: end epoch `epoch` (the leader's `end`), unless the VM ended it
+   * already on its own (a message from the next epoch arrived first: see the
+   * `captured` event); then null.
+   */
+  capture_to: { args: { epoch: number }; result: CaptureResult | null };
   /** Cut `epoch` committed: its output is released; with `trim`, the sender log is trimmed in the same step (trimSenderLog). */
   commit: { args: { epoch: number; trim?: number[] }; result: OutputRecord[] };
   rollback: { args: { epoch: number }; result: { pages_restored: number; rollback_us: number } };
@@ -90,6 +106,18 @@ export interface WorkerOps {
   /** "manual" pauses the guest's timers (recovery); "auto" starts them again. */
   set_timers: { args: { mode: WorkerVmOptions["timers"] }; result: VmStatus };
   status: { args: Record<string, never>; result: VmStatus };
+  // ---- the group message data path (src/vm/message-path.ts): a primary sends and receives on its own thread
+  /** Listens for peers on `bind_host`; from now on what the guest sends goes out on the path, not in outboxes. */
+  path_open: { args: { bind_host: string; hold_until_commit: boolean }; result: PathRoute };
+  /** Where every rank listens (null: nowhere / this VM) and MessageChannel ports to the ranks on this host (transferred). */
+  path_routes: { args: { routes: (PathRoute | null)[]; locals: { rank: number; port: MessagePort }[] }; result: null };
+  /** Recovery: timers stopped, nothing sent, arrivals kept for later. */
+  freeze: { args: Record<string, never>; result: VmStatus };
+  /** Timers on, kept arrivals offered, what the guest sent meanwhile (e.g. in `start`) sent. */
+  run: { args: Record<string, never>; result: VmStatus };
+  /** After a rollback or promotion: re-send from the sender log what each receiver lacks (`delivered[r]` = what r delivered from this VM). */
+  resend: { args: { delivered: number[] }; result: { resent: number } };
+  path_counters: { args: Record<string, never>; result: PathCounters | null };
 }
 
 export type WorkerOp = keyof WorkerOps;
@@ -108,7 +136,16 @@ export type WorkerEvent =
   /** Messages sent by timer-driven guest calls (auto timers), for the host to route. */
   | { event: "outbox"; messages: GroupMessage[] }
   /** First external output of an epoch: the host may checkpoint early (adaptive epochs). */
-  | { event: "output_pending"; epoch: number };
+  | { event: "output_pending"; epoch: number }
+  /**
+   * group mode: a message from epoch e+1 reached this VM in epoch e, so the
+   * leader has ended e: the VM captured checkpoint e at once (the message is
+   * the marker) instead of holding the message until the leader's `end e`
+   * reaches its host. The delta is the host's to ship, like a capture_to result.
+   */
+  | { event: "captured"; result: CaptureResult }
+  /** Something went wrong on the message path (a link refused or broken); the VM runs on. */
+  | { event: "problem"; message: string };
 
 export type WorkerResponse =
   | { kind: "result"; id: number; ok: true; value: unknown }

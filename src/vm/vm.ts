@@ -5,7 +5,7 @@
  * stopped by terminating the worker, which crashes that VM and nothing else).
  */
 import { EventEmitter } from "node:events";
-import { Worker } from "node:worker_threads";
+import { Worker, type TransferListItem } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
 import { sealDelta } from "../checkpoint/format.js";
 import {
@@ -53,6 +53,7 @@ export class VmGoneError extends Error {
 }
 
 interface Pending {
+  op: WorkerOp;
   resolve: (value: unknown) => void;
   reject: (error: Error) => void;
 }
@@ -61,6 +62,10 @@ export interface VmEvents {
   crashed: [message: string];
   outbox: [messages: WorkerOps["message"]["result"]];
   output_pending: [epoch: number];
+  /** group mode: the VM captured on its own (WorkerEvent "captured"); the delta is sealed. */
+  captured: [result: CaptureResult];
+  /** The message path had a problem (a link refused or broken); the VM runs on. */
+  problem: [message: string];
 }
 
 interface Thread {
@@ -177,12 +182,12 @@ export class VmWorker extends EventEmitter<VmEvents> {
     return this.gone;
   }
 
-  request<K extends WorkerOp>(op: K, args: WorkerOps[K]["args"], transfer: ArrayBuffer[] = []): Promise<WorkerOps[K]["result"]> {
+  request<K extends WorkerOp>(op: K, args: WorkerOps[K]["args"], transfer: TransferListItem[] = []): Promise<WorkerOps[K]["result"]> {
     if (this.gone) return Promise.reject(new VmGoneError(this.gone));
     if (this.pending.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
+      this.pending.set(id, { op, resolve: resolve as (value: unknown) => void, reject });
       this.worker.postMessage({ id, op, args }, transfer);
     });
   }
@@ -192,6 +197,15 @@ export class VmWorker extends EventEmitter<VmEvents> {
     const result = await this.request("capture", {});
     sealDelta(result.delta);
     return result;
+  }
+
+  /**
+   * group mode: ends epoch `epoch` unless the VM did already (null); see
+   * WorkerOps.capture_to. The delta comes as a `captured` event, like the
+   * VM's own captures, so that listeners see every delta in epoch order.
+   */
+  captureTo(epoch: number): Promise<CaptureResult | null> {
+    return this.request("capture_to", { epoch });
   }
 
   status(): Promise<VmStatus> {
@@ -211,12 +225,23 @@ export class VmWorker extends EventEmitter<VmEvents> {
     const pending = this.pending.get(message.id);
     if (!pending) return;
     this.pending.delete(message.id);
+    if (message.ok && pending.op === "capture_to" && message.value) {
+      // Synchronously, in the order the worker posted: the marker captures arrive as events.
+      const result = message.value as CaptureResult;
+      sealDelta(result.delta);
+      this.emit("captured", result);
+    }
     if (message.ok) pending.resolve(message.value);
     else pending.reject(new VmRequestError(message.error));
   }
 
   private onEvent(body: WorkerEvent): void {
     if (body.event === "crashed") this.emit("crashed", body.message);
+    else if (body.event === "problem") this.emit("problem", body.message);
+    else if (body.event === "captured") {
+      sealDelta(body.result.delta);
+      this.emit("captured", body.result);
+    }
     else if (body.event === "outbox") this.emit("outbox", body.messages);
     else this.emit("output_pending", body.epoch);
   }

@@ -8,7 +8,9 @@ import { parentPort, workerData } from "node:worker_threads";
 import { BackupImage } from "../checkpoint/backup-image.js";
 import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
 import { RESERVED_WASM_PAGES } from "./layout.js";
-import { VmCore, VmCrashedError, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
+import { VmCore, VmCrashedError, type GroupMessage, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
+import { MessagePath } from "./message-path.js";
+import { decodeRuntimeState, type OutputRecord } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
@@ -31,13 +33,17 @@ let backup: BackupImage | null = null;
 let timerMode: WorkerVmOptions["timers"] = "manual";
 let timerHandle: NodeJS.Timeout | null = null;
 let outputEpochSignalled = 0;
+/** The group message data path, once the host opened it (group members); until then sends go out in outboxes. */
+let path: MessagePath | null = null;
+/** VmOptions.consistent_cut of the primary (group mode). */
+let consistentCut = false;
 
 function post(message: WorkerResponse, transfer: ArrayBuffer[] = []): void {
   port!.postMessage(message, transfer);
 }
 
-function emit(body: WorkerEvent): void {
-  post({ kind: "event", body });
+function emit(body: WorkerEvent, transfer: ArrayBuffer[] = []): void {
+  post({ kind: "event", body }, transfer);
 }
 
 /** Wall clock with sub-millisecond resolution (guests time round trips of tens of microseconds). */
@@ -46,6 +52,7 @@ function nowMs(): number {
 }
 
 function vmOptions(options: WorkerVmOptions): VmOptions {
+  consistentCut = options.consistent_cut !== false;
   // Every guest call ticks the watchdog's counter, so a chain of deliveries inside one request gets a budget per call.
   return {
     rank: options.rank,
@@ -53,6 +60,7 @@ function vmOptions(options: WorkerVmOptions): VmOptions {
     limits: options.limits,
     now: nowMs,
     consistent_cut: options.consistent_cut,
+    sender_log: options.sender_log,
     on_guest_call: () => void Atomics.add(watchdog, WATCHDOG_SEQ, 1),
   };
 }
@@ -127,6 +135,67 @@ function afterCall(): void {
   scheduleTimers();
 }
 
+/**
+ * What the guest sent since the last call: out on the message path if there
+ * is one (returns nothing), else returned for the host thread to route.
+ */
+function flush(vm: VmCore): GroupMessage[] {
+  const outbox = vm.takeOutbox();
+  if (!path) return outbox;
+  if (outbox.length) path.send(outbox);
+  // vm mode: held messages wait for a commit like output does (adaptive epochs end the epoch soon).
+  if (path.heldCount > 0 && outputEpochSignalled !== vm.epoch) {
+    outputEpochSignalled = vm.epoch;
+    emit({ event: "output_pending", epoch: vm.epoch });
+  }
+  return [];
+}
+
+/**
+ * How many epochs a message may be ahead of this VM and still end them here
+ * at once; the leader never has more than 4 epochs uncommitted, so a message
+ * further ahead is malformed or hostile and simply waits (VmCore holds it).
+ */
+const MARKER_EPOCHS_MAX = 4;
+
+/**
+ * group mode: a message from a later epoch than the VM's means the leader
+ * ended the VM's epoch (its sender captured it): capture now and deliver,
+ * rather than hold the message until the leader's `end` reaches this host.
+ * The captures are the same ones `end` would have asked for (capture_to then
+ * finds them done), taken a little earlier.
+ */
+function captureForMarker(vm: VmCore, m: GroupMessage): void {
+  if (!consistentCut || !path?.running || m.incarnation !== vm.incarnation || m.to !== vm.rank()) return;
+  if (!(m.epoch > vm.epoch && m.epoch <= vm.epoch + MARKER_EPOCHS_MAX)) return;
+  while (vm.epoch < m.epoch) {
+    const captured = vm.capture();
+    const result = { ...captured, outbox: [], path: path.counters };
+    emit({ event: "captured", result }, transferables(result));
+  }
+}
+
+/** The path's hook: offer arrivals to the VM, say which it refused for now. */
+function offer(messages: GroupMessage[]): GroupMessage[] {
+  const vm = primary;
+  if (!vm || vm.crashed) return [];
+  const refused: GroupMessage[] = [];
+  try {
+    guarded(() => {
+      for (const m of messages) {
+        captureForMarker(vm, m);
+        const { status } = vm.receive(m);
+        if (status === "full" || status === "early") refused.push(m);
+      }
+    });
+  } catch (error) {
+    if (!(error instanceof VmCrashedError)) throw error; // malformed: the link that brought it is closed
+  } finally {
+    flush(vm);
+  }
+  return refused;
+}
+
 /** Due time of the armed timerHandle: re-armed only when the guest's next timer changed (not after every call). */
 let timerDueMs = Infinity;
 
@@ -149,12 +218,17 @@ function scheduleTimers(): void {
     } catch {
       return; // crash already reported by afterCall
     }
-    const outbox = vm.takeOutbox();
+    const outbox = flush(vm);
     if (outbox.length) emit({ event: "outbox", messages: outbox });
   }, Math.max(0, next[1] - nowMs()));
 }
 
-type Handlers = { [K in keyof WorkerOps]: (args: WorkerOps[K]["args"]) => WorkerOps[K]["result"] };
+/**
+ * Every handler but path_open is synchronous, so guest calls and checkpoints
+ * never interleave; path_open awaits only its listening socket, before the
+ * path has routes or the guest runs.
+ */
+type Handlers = { [K in keyof WorkerOps]: (args: WorkerOps[K]["args"]) => K extends "path_open" ? Promise<WorkerOps[K]["result"]> : WorkerOps[K]["result"] };
 
 const handlers: Handlers = {
   boot({ guest, options }) {
@@ -177,6 +251,18 @@ const handlers: Handlers = {
       : BackupImage.blank(g, vmOptions(options), RESERVED_WASM_PAGES + g.info.guest_initial_pages);
     return status();
   },
+  apply_batch({ deltas }) {
+    const b = needBackup();
+    // A record lives in the states from the epoch that produced it until its cut committed, so the
+    // union over the batch holds every record released in it, not just the newest state's.
+    const output = new Map<number, OutputRecord>();
+    for (const delta of deltas) {
+      const parts = decodeDelta(delta);
+      b.apply(parts);
+      for (const r of decodeRuntimeState(parts.runtime_state).output) output.set(r.seq, r);
+    }
+    return { output: [...output.values()].sort((x, y) => x.seq - y.seq) };
+  },
   apply({ delta }) {
     needBackup().apply(decodeDelta(delta));
     return status();
@@ -191,22 +277,22 @@ const handlers: Handlers = {
   message({ from_rank, payload }) {
     const vm = needPrimary();
     guarded(() => vm.message(from_rank, payload));
-    return vm.takeOutbox();
+    return flush(vm);
   },
   request({ session, request_id, payload }) {
     const vm = needPrimary();
     guarded(() => vm.request(session, request_id, payload));
-    return vm.takeOutbox();
+    return flush(vm);
   },
   timer({ timer_id }) {
     const vm = needPrimary();
     guarded(() => vm.timer(timer_id));
-    return vm.takeOutbox();
+    return flush(vm);
   },
   fire_timers({ now_ms }) {
     const vm = needPrimary();
     const fired = guarded(() => vm.fireDueTimers(now_ms));
-    return { fired, outbox: vm.takeOutbox() };
+    return { fired, outbox: flush(vm) };
   },
   invoke({ name, args }) {
     const vm = needPrimary();
@@ -216,12 +302,22 @@ const handlers: Handlers = {
     const vm = needPrimary();
     // Capturing starts a new epoch, which may make held group messages deliverable: guest calls.
     const captured = guarded(() => vm.capture());
-    return { ...captured, outbox: vm.takeOutbox() };
+    path?.retryRefused();
+    return { ...captured, outbox: flush(vm), path: path?.counters ?? null };
+  },
+  capture_to({ epoch }) {
+    const vm = needPrimary();
+    if (vm.epoch > epoch) return null; // ended already (captureForMarker)
+    assert(vm.epoch === epoch, `capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
+    const captured = guarded(() => vm.capture());
+    path?.retryRefused();
+    return { ...captured, outbox: flush(vm), path: path?.counters ?? null };
   },
   commit({ epoch, trim }) {
     const vm = needPrimary();
     const released = vm.commit(epoch);
     if (trim) vm.trimSenderLog(trim);
+    path?.release(epoch);
     return released;
   },
   receive({ messages }) {
@@ -235,10 +331,10 @@ const handlers: Handlers = {
         delivered += result.delivered;
       }
     });
-    return { statuses, delivered, outbox: vm.takeOutbox() };
+    return { statuses, delivered, outbox: flush(vm) };
   },
   take_outbox() {
-    return needPrimary().takeOutbox();
+    return flush(needPrimary());
   },
   delivered_vector() {
     return needPrimary().deliveredVector();
@@ -251,11 +347,13 @@ const handlers: Handlers = {
   },
   set_incarnation({ incarnation }) {
     needPrimary().setIncarnation(incarnation);
+    path?.restamp(incarnation);
     return status();
   },
   rollback({ epoch }) {
     const started = process.hrtime.bigint();
     const result = needPrimary().rollback(epoch);
+    path?.dropHeldAfter(epoch);
     scheduleTimers();
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
   },
@@ -274,7 +372,7 @@ const handlers: Handlers = {
       if (!(error instanceof VmCrashedError)) throw error;
     }
     // What they sent goes out with the next request's outbox or an event.
-    const outbox = vm.takeOutbox();
+    const outbox = flush(vm);
     if (outbox.length) emit({ event: "outbox", messages: outbox });
     return image;
   },
@@ -282,19 +380,71 @@ const handlers: Handlers = {
     return encodeImage(needPrimary().image());
   },
   set_timers({ mode }) {
-    timerMode = mode;
-    if (mode === "manual" && timerHandle) {
-      clearTimeout(timerHandle);
-      timerHandle = null;
-      timerDueMs = Infinity;
-    }
-    scheduleTimers();
+    setTimerMode(mode);
     return status();
   },
   status() {
     return status();
   },
+  async path_open({ bind_host, hold_until_commit }) {
+    const vm = needPrimary();
+    assert(!path, "the message path is open already");
+    const opened = new MessagePath(
+      { rank: vm.rank(), bind_host, hold_until_commit },
+      { offer, committed: () => primary?.committedEpoch ?? 0, problem: (message) => emit({ event: "problem", message }) },
+    );
+    path = opened;
+    const port = await opened.listen();
+    return { address: `${bind_host}:${port}`, token: opened.token };
+  },
+  path_routes({ routes, locals }) {
+    needPath().setRoutes(routes, locals);
+    return null;
+  },
+  freeze() {
+    setTimerMode("manual");
+    path?.freeze();
+    return status();
+  },
+  run() {
+    const vm = needPrimary();
+    setTimerMode("auto");
+    path?.run();
+    flush(vm);
+    return status();
+  },
+  resend({ delivered }) {
+    const vm = needPrimary();
+    const p = needPath();
+    let resent = 0;
+    for (let r = 0; r < delivered.length; r++) {
+      if (r === vm.rank()) continue;
+      p.dropHeldTo(r);
+      const messages = vm.resendFor(r, delivered[r]);
+      p.send(messages, true);
+      resent += messages.length;
+    }
+    return { resent };
+  },
+  path_counters() {
+    return path?.counters ?? null;
+  },
 };
+
+function needPath(): MessagePath {
+  if (!path) throw new Error("the message path is not open");
+  return path;
+}
+
+function setTimerMode(mode: WorkerVmOptions["timers"]): void {
+  timerMode = mode;
+  if (mode === "manual" && timerHandle) {
+    clearTimeout(timerHandle);
+    timerHandle = null;
+    timerDueMs = Infinity;
+  }
+  scheduleTimers();
+}
 
 /** Buffers we created here and hand over whole: moved to the host thread, not copied. */
 function transferables(value: unknown): ArrayBuffer[] {
@@ -305,15 +455,26 @@ function transferables(value: unknown): ArrayBuffer[] {
   return [];
 }
 
+function fail(id: number, error: unknown): void {
+  const e = error as Error & { code?: string };
+  post({ kind: "result", id, ok: false, error: { name: e.name ?? "Error", code: e.code ?? "Error", message: e.message } });
+  // A broken invariant is a bug: this replica's thread dies loudly rather than run on in a state nobody planned for.
+  if (error instanceof AssertionError) throw error;
+}
+
 port.on("message", (request: WorkerRequest) => {
   try {
     const handler = handlers[request.op] as (args: unknown) => unknown;
     const value = handler(request.args);
+    if (value instanceof Promise) {
+      value.then(
+        (v: unknown) => post({ kind: "result", id: request.id, ok: true, value: v }, transferables(v)),
+        (error: unknown) => fail(request.id, error),
+      );
+      return;
+    }
     post({ kind: "result", id: request.id, ok: true, value }, transferables(value));
   } catch (error) {
-    const e = error as Error & { code?: string };
-    post({ kind: "result", id: request.id, ok: false, error: { name: e.name ?? "Error", code: e.code ?? "Error", message: e.message } });
-    // A broken invariant is a bug: this replica's thread dies loudly rather than run on in a state nobody planned for.
-    if (error instanceof AssertionError) throw error;
+    fail(request.id, error);
   }
 });

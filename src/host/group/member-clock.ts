@@ -6,7 +6,6 @@
  * waiting. In `none` mode a capture commits at once (no backup): it only
  * paces the release of output.
  */
-import type { GroupMessage } from "../../vm/machine.js";
 import { EpochClock, type EpochTiming } from "../epoch-clock.js";
 import type { GroupMember } from "./member.js";
 
@@ -16,8 +15,8 @@ export const MEMBER_INFLIGHT_MAX = 8;
 export interface MemberClockIo {
   backupHost(): string | null;
   sendDelta(host: string, e: number, delivered: number[], delta: Uint8Array): void;
-  /** Checkpoint `e` committed: `delivered` was the member's vector at it, `free` the held messages it releases. */
-  committed(e: number, delivered: number[], free: GroupMessage[]): void;
+  /** Checkpoint `e` committed (vm mode: the VM thread sent the messages it held for it): `delivered` was the member's vector at it. */
+  committed(e: number, delivered: number[]): void;
   problem(reason: string): void;
 }
 
@@ -61,8 +60,8 @@ export class MemberClock {
 
   private async commit(e: number, delivered: number[]): Promise<void> {
     try {
-      const free = await this.member.commit(e);
-      if (!this.stopped) this.io.committed(e, delivered, free);
+      await this.member.commit(e);
+      if (!this.stopped) this.io.committed(e, delivered);
     } catch (error) {
       this.io.problem(`commit ${e}: ${(error as Error).message}`);
     }

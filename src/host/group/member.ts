@@ -1,47 +1,45 @@
 /**
  * The primary of one group member on this host: a VM thread plus what the
- * host keeps for it. It feeds incoming group messages to the VM in batches,
- * hands what the guest sent to the group runtime for routing, captures on
- * the leader's `end`, and releases output once a cut commits.
+ * host keeps for it. Group messages do not pass through here: the VM thread
+ * sends and receives them itself on its message path (src/vm/message-path.ts);
+ * the member opens the path, gives it routes, captures on the leader's `end`
+ * (or its own clock), releases output once a cut commits, and carries out the
+ * steps of a recovery.
  *
- * The VM itself keeps the protocol state that must fail over with it (sender
- * log, delivered vector, incarnation, held messages: src/vm/machine.ts);
- * the member keeps only what may be lost with the host: the queue of messages
- * not yet offered, and in `vm` mode the messages held until their sender's
- * checkpoint commits.
+ * The VM keeps the protocol state that must fail over with it (sender log,
+ * delivered vector, incarnation: src/vm/machine.ts); its thread keeps what may
+ * be lost with the host (arrivals not yet offered, vm-mode held messages).
  */
 import { EventEmitter } from "node:events";
+import type { MessagePort } from "node:worker_threads";
 import type { VmWorker } from "../../vm/vm.js";
 import type { CaptureResult } from "../../vm/protocol.js";
-import type { GroupMessage } from "../../vm/machine.js";
+import type { PathCounters, PathRoute } from "../../vm/message-path.js";
 import { OutputLog } from "../output-log.js";
 import { assert } from "../../util/assert.js";
-
-/** Messages waiting to be offered to the VM (arrived while a batch was in the VM, or refused "full"). */
-export const INBOX_MAX = 65536;
 
 export type MemberState = "running" | "frozen";
 
 export interface MemberEvents {
-  /** What the guest sent, to route. */
-  sent: [messages: GroupMessage[]];
-  /** External output waits for a commit (adaptive epochs). */
+  /** group mode: checkpoint taken (the leader's `end`, or a message from the next epoch), in epoch order; the delta is sealed. */
+  captured: [result: CaptureResult];
+  /** External output (or, vm mode, a held message) waits for a commit (adaptive epochs). */
   output_pending: [];
   problem: [reason: string];
 }
 
+const NO_COUNTERS: PathCounters = { sent_before_commit: 0, sent_after_commit: 0, held_total: 0, held: 0, dropped: 0, received: 0 };
+
 export class GroupMember extends EventEmitter<MemberEvents> {
-  state: MemberState = "running";
+  state: MemberState = "frozen";
   /** Newest checkpoint captured. */
   captured: number;
   committed: number;
-  private inbox: GroupMessage[] = [];
-  /** Refused "full" (pending queue) or "early" (newer incarnation): offered again after the next capture / incarnation. */
-  private refused: GroupMessage[] = [];
-  private pumping = false;
-  /** vm mode: sent, held until the sender's checkpoint of their epoch commits. */
-  private held: GroupMessage[] = [];
-  /** Serialises captures, commits and recovery steps (receives run alongside, the VM thread orders them). */
+  /** Where this member's message path listens (null until opened). */
+  route: PathRoute | null = null;
+  /** The message path's counters as of the last capture. */
+  counters: PathCounters = NO_COUNTERS;
+  /** Serialises the VM steps the host asks for (the VM thread orders them with message deliveries). */
   private chain: Promise<unknown> = Promise.resolve();
 
   constructor(
@@ -57,80 +55,69 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   }
 
   private listen(vm: VmWorker): void {
-    vm.on("outbox", (messages) => {
-      if (this.vm === vm) this.emit("sent", messages);
-    });
     vm.on("output_pending", (epoch) => {
       if (this.vm === vm && epoch > this.captured) this.emit("output_pending");
     });
     vm.on("crashed", (message) => {
       if (this.vm === vm) this.emit("problem", `VM crashed: ${message}`);
     });
+    vm.on("problem", (message) => {
+      if (this.vm === vm) this.emit("problem", message);
+    });
+    vm.on("captured", (result) => {
+      if (this.vm !== vm) return;
+      this.captured = Math.max(this.captured, result.epoch);
+      if (result.path) this.counters = result.path;
+      this.emit("captured", result);
+    });
   }
 
-  /** Replaces the VM thread (re-boot at cut 0 during a recovery). */
+  /** Replaces the VM thread (re-boot at cut 0 during a recovery); its path must be opened again. */
   replaceVm(vm: VmWorker): void {
     const old = this.vm;
     this.vm = vm;
+    this.route = null;
     this.listen(vm);
     void old.terminate();
   }
 
-  // ---- incoming group messages ---------------------------------------------------------
+  // ---- the message path -------------------------------------------------------------------
 
-  deliver(messages: GroupMessage[]): void {
-    if (this.inbox.length + messages.length > INBOX_MAX) {
-      // Only a sender ignoring its own limits gets here; the sender re-sends after a recovery.
-      this.emit("problem", `inbox of rank ${this.rank} full (${INBOX_MAX}): ${messages.length} message(s) dropped`);
-      return;
-    }
-    for (const m of messages) this.inbox.push(m);
-    if (!this.pumping) void this.pump();
+  /** Opens the VM's message path; vm mode holds what it sends until its epoch commits. */
+  openPath(bind_host: string, hold_until_commit: boolean): Promise<PathRoute> {
+    return this.step("path_open", async () => {
+      this.route = await this.vm.request("path_open", { bind_host, hold_until_commit });
+      return this.route;
+    });
   }
 
-  private async pump(): Promise<void> {
-    this.pumping = true;
-    try {
-      while (this.inbox.length && this.state === "running") {
-        const batch = this.inbox;
-        this.inbox = [];
-        const vm = this.vm;
-        let result;
-        try {
-          result = await vm.request("receive", { messages: batch });
-        } catch (error) {
-          this.emit("problem", `receive: ${(error as Error).message}`);
-          return;
-        }
-        if (this.vm !== vm) return;
-        result.statuses.forEach((status, i) => {
-          if (status === "full" || status === "early") this.refused.push(batch[i]);
-        });
-        if (result.outbox.length) this.emit("sent", result.outbox);
-      }
-    } finally {
-      this.pumping = false;
-    }
+  /** Every rank's route, and ports of MessageChannels to the ranks on this host (transferred to the VM thread). */
+  setRoutes(routes: (PathRoute | null)[], locals: { rank: number; port: MessagePort }[]): Promise<void> {
+    return this.step("path_routes", async () => {
+      await this.vm.request("path_routes", { routes, locals }, locals.map((l) => l.port));
+    });
   }
 
-  /** Offers refused messages again (after a capture freed the pending queue, or a new incarnation). */
-  private retryRefused(): void {
-    if (!this.refused.length) return;
-    const again = this.refused;
-    this.refused = [];
-    this.deliver(again);
+  get heldCount(): number {
+    return this.counters.held;
   }
 
   // ---- checkpoints ---------------------------------------------------------------------
 
-  /** Checkpoint `epoch` (group mode: the leader's number; must be the VM's). */
-  capture(epoch?: number): Promise<CaptureResult> {
+  /** group mode: the leader ended epoch `epoch`; the delta comes as a `captured` event (unless the VM ended it already). */
+  endEpoch(epoch: number): Promise<void> {
+    return this.step("capture", async () => {
+      await this.vm.captureTo(epoch);
+    });
+  }
+
+  /** vm, none mode: checkpoint on the member's own clock. */
+  capture(): Promise<CaptureResult> {
     return this.step("capture", async () => {
       const result = await this.vm.capture();
-      assert(epoch === undefined || result.epoch === epoch, `rank ${this.rank}: captured epoch ${result.epoch}, the leader ended ${epoch}`);
       this.captured = result.epoch;
-      if (result.outbox.length) this.emit("sent", result.outbox);
-      this.retryRefused();
+      if (result.path) this.counters = result.path;
+      assert(result.outbox.length === 0, "a member with a message path returned an outbox");
       return result;
     });
   }
@@ -138,17 +125,14 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   /**
    * Cut `epoch` committed: release its output, and trim the sender log to
    * `trim` (what each receiver delivered at the cut) in the same VM step; in
-   * vm mode return the peer messages it frees.
+   * vm mode the VM thread also sends the messages it held for the epoch.
    */
-  commit(epoch: number, trim?: number[]): Promise<GroupMessage[]> {
+  commit(epoch: number, trim?: number[]): Promise<void> {
     return this.step("commit", async () => {
-      if (epoch <= this.committed) return [];
+      if (epoch <= this.committed) return;
       const released = await this.vm.request("commit", { epoch, trim });
       this.committed = epoch;
       this.log.append(released);
-      const free = this.held.filter((m) => m.epoch <= epoch);
-      if (free.length) this.held = this.held.filter((m) => m.epoch > epoch);
-      return free;
     });
   }
 
@@ -156,40 +140,18 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     void this.vm.request("trim_sender_log", { delivered_by_receiver }).catch((error: Error) => this.emit("problem", `trim: ${error.message}`));
   }
 
-  /** What left this member: at once while their epoch was not committed yet (group, none), or held first (vm). */
-  readonly counters = { sent_before_commit: 0, sent_after_commit: 0, held_total: 0 };
-
-  /** vm mode: keep until the sender's checkpoint of `message.epoch` commits. */
-  hold(message: GroupMessage): void {
-    this.held.push(message);
-    this.counters.held_total++;
-  }
-
-  /** Counts a message leaving now (its epoch committed or not). */
-  noteSent(message: GroupMessage): void {
-    if (message.epoch > this.committed) this.counters.sent_before_commit++;
-    else this.counters.sent_after_commit++;
-  }
-
-  get heldCount(): number {
-    return this.held.length;
-  }
-
   // ---- recovery --------------------------------------------------------------------------
 
   /** Stops the guest's timers and message deliveries; the state stays as it is until told. */
   freeze(): Promise<void> {
     this.state = "frozen";
-    this.inbox = [];
-    this.refused = [];
     return this.step("freeze", async () => {
-      await this.vm.request("set_timers", { mode: "manual" });
+      await this.vm.request("freeze", {});
     });
   }
 
   /** Adopts incarnation `inc`; held (vm mode) messages are re-stamped with it. */
   setIncarnation(inc: number): Promise<void> {
-    for (const m of this.held) m.incarnation = inc;
     return this.step("set_incarnation", async () => {
       await this.vm.request("set_incarnation", { incarnation: inc });
     });
@@ -199,7 +161,6 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     return this.step("rollback", async () => {
       const result = await this.vm.request("rollback", { epoch: cut });
       this.captured = cut;
-      this.held = this.held.filter((m) => m.epoch <= cut);
       return result;
     });
   }
@@ -226,18 +187,16 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     return this.step("delivered_vector", () => this.vm.request("delivered_vector", {}));
   }
 
-  resendFor(receiver: number, delivered: number): Promise<GroupMessage[]> {
-    return this.step("resend_for", () => this.vm.request("resend_for", { receiver, delivered }));
+  /** Re-sends from the sender log what each receiver lacks (`delivered[r]`: what r delivered from this member). */
+  resend(delivered: number[]): Promise<number> {
+    return this.step("resend", async () => (await this.vm.request("resend", { delivered })).resent);
   }
 
-  /** Runs the guest again: timers on, queued messages offered, and what it sent meanwhile (e.g. in `start`) routed. */
-  resume(): Promise<void> {
+  /** Runs the guest (again): timers on, arrivals kept meanwhile offered, what it sent meanwhile (e.g. in `start`) sent. */
+  run(): Promise<void> {
     this.state = "running";
-    return this.step("resume", async () => {
-      await this.vm.request("set_timers", { mode: "auto" });
-      const outbox = await this.vm.request("take_outbox", {});
-      if (outbox.length) this.emit("sent", outbox);
-      if (this.inbox.length && !this.pumping) void this.pump();
+    return this.step("run", async () => {
+      await this.vm.request("run", {});
     });
   }
 

@@ -20,9 +20,10 @@
  */
 import type { Logger } from "pino";
 import { decodeImage } from "../../checkpoint/format.js";
-import type { GroupMessage } from "../../vm/machine.js";
+import { MessageChannel, type MessagePort } from "node:worker_threads";
+import type { PathRoute } from "../../vm/message-path.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../../vm/machine.js";
-import type { GuestBundle, WorkerVmOptions } from "../../vm/protocol.js";
+import type { CaptureResult, GuestBundle, WorkerVmOptions } from "../../vm/protocol.js";
 import { VmWorker } from "../../vm/vm.js";
 import type { CoordinationStore } from "../../store/store.js";
 import { assert } from "../../util/assert.js";
@@ -34,7 +35,7 @@ import { GroupLeader } from "./leader.js";
 import { GroupMember } from "./member.js";
 import { MemberClock } from "./member-clock.js";
 import { hostsOf, lostRanks, planFailover, protectionKey, type ProtectionRecord } from "./record.js";
-import { decodeMessages, encodeMessages, type BackupReport, type FrameOf, type GroupFrame, type PrimaryReport } from "./wire.js";
+import { type BackupReport, type FrameOf, type GroupFrame, type PrimaryReport } from "./wire.js";
 
 /** What a group runtime needs from its host daemon. */
 export interface GroupHostApi {
@@ -42,6 +43,8 @@ export interface GroupHostApi {
   readonly log: Logger;
   readonly store: CoordinationStore;
   readonly detect_ms: number;
+  /** Interface the VMs' message paths listen on (the host's own). */
+  readonly listen_host: string;
   /** Best effort, in order per destination; lost only if the connection breaks. */
   send(to: string, frame: GroupFrame, body?: Uint8Array): void;
   /** Hosts alive now (this one included), sorted. */
@@ -58,6 +61,8 @@ interface Recovery {
   hosts: string[];
   reports: Map<string, FrameOf<"report">>;
   rolled: Map<string, Record<number, number[]>>;
+  /** Where each primary's message path listens, as the hosts reported after the rollback step. */
+  routes: Record<number, PathRoute>;
   cut: number | null;
   started_ms: number;
   retry: NodeJS.Timeout | null;
@@ -84,6 +89,8 @@ export class GroupRuntime {
   /** vm mode: newest committed delivered vector of each receiver (index: receiver, then sender). */
   private readonly committedDelivered: number[][];
   private fenced = false;
+  /** group mode: the epoch this host last told the leader it has output waiting in. */
+  private pendingSentEpoch = 0;
   private stopped = false;
   private recovering = false;
 
@@ -117,7 +124,10 @@ export class GroupRuntime {
     const rt = new GroupRuntime(api, record, module, await api.guestFor(module));
     await Promise.all(
       record.placement.map(async (p, rank) => {
-        if (p.primary === api.id) rt.addMember(rank, await VmWorker.boot(rt.guest, rt.vmOptions(rank)), new OutputLog(), 0);
+        if (p.primary === api.id) {
+          const member = rt.addMember(rank, await VmWorker.boot(rt.guest, rt.vmOptions(rank)), new OutputLog(), 0);
+          await rt.openPath(member);
+        }
         if (p.backup === api.id) {
           const b = rt.newBackup(rank);
           await b.installBlank();
@@ -133,10 +143,42 @@ export class GroupRuntime {
     return new GroupRuntime(api, record, module, await api.guestFor(module));
   }
 
-  /** Starts the deployed group: guests' timers, epochs. */
-  async run(): Promise<void> {
-    await Promise.all([...this.members.values()].map((m) => m.resume()));
+  /** Where the message paths of the primaries on this host listen (what `group_prepare` answers). */
+  pathRoutes(): Record<number, PathRoute> {
+    const out: Record<number, PathRoute> = {};
+    for (const [rank, m] of this.members) if (m.route) out[rank] = m.route;
+    return out;
+  }
+
+  /** Starts the deployed group: routes of every member (from every host's `group_prepare`), guests' timers, epochs. */
+  async run(routes: (PathRoute | null)[]): Promise<void> {
+    await this.setRoutes(routes);
+    await Promise.all([...this.members.values()].map((m) => m.run()));
     this.startClocks(0);
+  }
+
+  private openPath(member: GroupMember): Promise<PathRoute> {
+    return member.openPath(this.api.listen_host, this.record.mode === "vm");
+  }
+
+  /**
+   * Gives every member here the routes to its peers: TCP to the ranks on
+   * other hosts, a fresh MessageChannel to each rank on this host (the
+   * in-process path). Earlier channels are closed by the VM threads.
+   */
+  private async setRoutes(routes: (PathRoute | null)[]): Promise<void> {
+    assert(routes.length === this.record.size, `${routes.length} routes for a group of ${this.record.size}`);
+    const locals = new Map<number, { rank: number; port: MessagePort }[]>();
+    const ranks = [...this.members.keys()];
+    for (const r of ranks) locals.set(r, []);
+    for (let i = 0; i < ranks.length; i++) {
+      for (let j = i + 1; j < ranks.length; j++) {
+        const { port1, port2 } = new MessageChannel();
+        locals.get(ranks[i])!.push({ rank: ranks[j], port: port1 });
+        locals.get(ranks[j])!.push({ rank: ranks[i], port: port2 });
+      }
+    }
+    await Promise.all([...this.members].map(([rank, m]) => m.setRoutes(routes, locals.get(rank)!)));
   }
 
   async stop(): Promise<void> {
@@ -157,7 +199,7 @@ export class GroupRuntime {
       output_bytes_max: this.record.limits.output_bytes_max,
     };
     // Timers start with `run`/`resume`, so nothing executes before the group is wired up.
-    return { rank, size: this.record.size, limits, timers: "manual", consistent_cut: this.record.mode === "group" };
+    return { rank, size: this.record.size, limits, timers: "manual", consistent_cut: this.record.mode === "group", sender_log: this.record.mode !== "none" };
   }
 
   /** A VM record for one member (what `cohort status`/`logs` read), mirroring the placement. */
@@ -186,8 +228,8 @@ export class GroupRuntime {
 
   private addMember(rank: number, vm: VmWorker, log: OutputLog, cut: number): GroupMember {
     const member = new GroupMember(rank, vm, log, cut);
-    member.on("sent", (messages) => this.route(member, messages));
     member.on("output_pending", () => this.outputPending(rank));
+    member.on("captured", (captured) => this.shipDelta(member, captured));
     member.on("problem", (reason) => this.log.error({ group: this.name, rank, reason }, "member problem"));
     this.members.set(rank, member);
     return member;
@@ -213,6 +255,7 @@ export class GroupRuntime {
 
   private startClocks(committed: number): void {
     if (this.stopped || this.fenced) return;
+    this.pendingSentEpoch = 0;
     if (this.record.mode === "group") {
       if (this.record.leader !== this.api.id) return;
       this.leader = new GroupLeader(this.record.size, this.record.epoch, committed, {
@@ -226,7 +269,7 @@ export class GroupRuntime {
       const clock = new MemberClock(this.record.epoch, member, this.record.mode === "none", {
         backupHost: () => this.record.placement[rank].backup,
         sendDelta: (host, e, delivered, delta) => this.api.send(host, { ...this.base(), k: "delta", rank, e, d: delivered }, delta),
-        committed: (e, delivered, free) => this.afterMemberCommit(member, e, delivered, free),
+        committed: (e, delivered) => this.afterMemberCommit(member, e, delivered),
         problem: (reason) => this.log.error({ group: this.name, rank, reason }, "member problem"),
       });
       this.clocks.set(rank, clock);
@@ -243,6 +286,10 @@ export class GroupRuntime {
 
   private outputPending(rank: number): void {
     if (this.record.mode === "group") {
+      // One `pending` per epoch from this host is all the leader needs, however many members have output.
+      const epoch = (this.members.get(rank)?.captured ?? 0) + 1;
+      if (epoch <= this.pendingSentEpoch) return;
+      this.pendingSentEpoch = epoch;
       if (this.leader) this.leader.outputPending();
       else this.api.send(this.record.leader, { ...this.base(), k: "pending" });
     } else {
@@ -267,52 +314,6 @@ export class GroupRuntime {
     }
   }
 
-  // ---- group messages ----------------------------------------------------------------------
-
-  /** Routes what a member's guest sent: at once, or (vm mode) held until its checkpoint commits. */
-  private route(sender: GroupMember, messages: GroupMessage[]): void {
-    if (sender.state !== "running" || this.fenced) return; // a frozen member's sends are re-sent from its log after the recovery
-    const now: GroupMessage[] = [];
-    for (const m of messages) {
-      if (this.record.mode === "vm" && m.epoch > sender.committed) sender.hold(m);
-      else {
-        sender.noteSent(m);
-        now.push(m);
-      }
-    }
-    if (now.length) this.transmit(now);
-    if (now.length < messages.length) this.clocks.get(sender.rank)?.outputPending();
-  }
-
-  private transmit(messages: GroupMessage[]): void {
-    const byHost = new Map<string, GroupMessage[]>();
-    for (const m of messages) {
-      const host = this.record.placement[m.to].primary;
-      let list = byHost.get(host);
-      if (!list) byHost.set(host, (list = []));
-      list.push(m);
-    }
-    for (const [host, list] of byHost) {
-      if (host === this.api.id) {
-        // Same host: in process, no serialisation.
-        this.deliverLocal(list);
-      } else {
-        const { m, body } = encodeMessages(list);
-        this.api.send(host, { ...this.base(), k: "msgs", m }, body);
-      }
-    }
-  }
-
-  private deliverLocal(messages: GroupMessage[]): void {
-    const byRank = new Map<number, GroupMessage[]>();
-    for (const m of messages) {
-      let list = byRank.get(m.to);
-      if (!list) byRank.set(m.to, (list = []));
-      list.push(m);
-    }
-    for (const [rank, list] of byRank) this.members.get(rank)?.deliver(list);
-  }
-
   // ---- frames from other hosts (and this one) -----------------------------------------------
 
   /** Entry point for every GROUP frame of this group. */
@@ -324,9 +325,6 @@ export class GroupRuntime {
     }
     if (frame.inc !== this.inc) return; // stale incarnation (or one this host has not adopted yet): dropped
     switch (frame.k) {
-      case "msgs":
-        this.deliverLocal(decodeMessages(frame.m, body, this.record.size));
-        return;
       case "end":
         this.endEpoch(frame.e);
         return;
@@ -359,28 +357,28 @@ export class GroupRuntime {
         void this.onRollback(frame).catch((error: Error) => this.log.error({ err: error, group: this.name }, "recovery: rollback failed"));
         return;
       case "rolled":
-        this.onRolled(frame.from, frame.d);
+        this.onRolled(frame.from, frame.d, frame.routes);
         return;
       case "resume":
-        void this.onResume(frame.e, frame.d).catch((error: Error) => this.log.error({ err: error, group: this.name }, "recovery: resume failed"));
+        void this.onResume(frame.e, frame.d, frame.routes).catch((error: Error) => this.log.error({ err: error, group: this.name }, "recovery: resume failed"));
         return;
     }
   }
 
-  /** group mode: capture checkpoint `e` of every member here, ship each delta to its backup. */
+  /** group mode: end epoch `e` of every member here (members a message from epoch e+1 reached ended it already). */
   private endEpoch(e: number): void {
     for (const [rank, member] of this.members) {
-      // Only after a `resume` of this incarnation does the leader end epochs, so every member captures.
-      const inc = this.inc;
-      member.capture(e).then(
-        (captured) => {
-          const backup = this.record.placement[rank].backup;
-          if (backup === null || this.inc !== inc) return; // degraded, or overtaken by a recovery
-          this.api.send(backup, { ...this.base(), k: "delta", rank, e, d: captured.delivered }, captured.delta);
-        },
-        (error: Error) => this.log.error({ group: this.name, rank, epoch: e, err: error }, "capture failed"),
-      );
+      member.endEpoch(e).catch((error: Error) => this.log.error({ group: this.name, rank, epoch: e, err: error }, "capture failed"));
     }
+  }
+
+  /** group mode: a member's checkpoint, in epoch order: ship its delta to the backup. */
+  private shipDelta(member: GroupMember, captured: CaptureResult): void {
+    // Frozen: a recovery started; whatever the VM captured since is decided by the recovery cut.
+    if (member.state !== "running" || this.record.mode !== "group") return;
+    const backup = this.record.placement[member.rank].backup;
+    if (backup === null) return; // degraded
+    this.api.send(backup, { ...this.base(), k: "delta", rank: member.rank, e: captured.epoch, d: captured.delivered }, captured.delta);
   }
 
   private async onDelta(frame: FrameOf<"delta">, body: Uint8Array): Promise<void> {
@@ -420,10 +418,8 @@ export class GroupRuntime {
     for (const b of this.backups.values()) void b.commit(c);
   }
 
-  /** vm mode: `member`'s checkpoint `e` committed (its backup staged it). */
-  private afterMemberCommit(member: GroupMember, e: number, delivered: number[], free: GroupMessage[]): void {
-    for (const m of free) member.noteSent(m);
-    if (free.length) this.transmit(free);
+  /** vm/none mode: `member`'s checkpoint `e` committed (its backup staged it; none: at once). */
+  private afterMemberCommit(member: GroupMember, e: number, delivered: number[]): void {
     const backup = this.record.placement[member.rank].backup;
     if (backup) this.api.send(backup, { ...this.base(), k: "vcommit", rank: member.rank, e });
     if (this.record.mode === "vm") this.broadcast(this.primaryHosts(), { k: "dv", rank: member.rank, e, d: delivered });
@@ -479,7 +475,7 @@ export class GroupRuntime {
   /** This host won the CAS: it leads the recovery and the group afterwards. */
   private async coordinate(next: ProtectionRecord): Promise<void> {
     const hosts = hostsOf(next).filter((h) => !next.failed.includes(h));
-    const recovery: Recovery = { record: next, hosts, reports: new Map(), rolled: new Map(), cut: null, started_ms: Date.now(), retry: null };
+    const recovery: Recovery = { record: next, hosts, reports: new Map(), rolled: new Map(), routes: {}, cut: null, started_ms: Date.now(), retry: null };
     this.recovery = recovery;
     const sendRecover = () => {
       for (const h of hosts) {
@@ -619,6 +615,7 @@ export class GroupRuntime {
             // Cut 0 is the deployed state before boot: start the VM afresh.
             member.replaceVm(await VmWorker.boot(this.guest, this.vmOptions(rank)));
             member.captured = member.committed = 0;
+            await this.openPath(member);
           } else {
             const result = await member.rollback(frame.cut);
             rollback_us_max = Math.max(rollback_us_max, result.rollback_us);
@@ -633,7 +630,7 @@ export class GroupRuntime {
           this.backups.delete(rank);
           const { worker } = await b.promoteAt(cut);
           member = this.addMember(rank, worker, b.log, cut);
-          member.state = "frozen";
+          await this.openPath(member);
           promoted.push(rank);
         }
         await member.setIncarnation(record.incarnation);
@@ -655,22 +652,25 @@ export class GroupRuntime {
       { group: this.name, incarnation: record.incarnation, cut: frame.cut, rolled_back: rolledBack, promoted, rollback_us_max: Number(rollback_us_max.toFixed(1)), step_ms: Number((performance.now() - started).toFixed(1)) },
       "recovery: replicas at the recovery cut",
     );
-    const rolled = { ...this.base(), k: "rolled" as const, d: delivered };
-    if (frame.from === this.api.id) this.onRolled(this.api.id, delivered);
+    const routes = this.pathRoutes();
+    const rolled = { ...this.base(), k: "rolled" as const, d: delivered, routes };
+    if (frame.from === this.api.id) this.onRolled(this.api.id, delivered, routes);
     else this.api.send(frame.from, rolled);
   }
 
   /** Coordinator: once every host is at the cut, everyone re-sends and resumes. */
-  private onRolled(host: string, delivered: Record<number, number[]>): void {
+  private onRolled(host: string, delivered: Record<number, number[]>, routes: Record<number, PathRoute>): void {
     const r = this.recovery;
     if (!r || r.cut === null) return;
     r.rolled.set(host, delivered);
+    Object.assign(r.routes, routes);
     if (r.rolled.size < r.hosts.length) return;
     const size = r.record.size;
     const matrix = Array.from({ length: size }, () => new Array<number>(size).fill(0));
     for (const d of r.rolled.values()) for (const [rank, vector] of Object.entries(d)) matrix[Number(rank)] = vector;
     if (r.retry) clearInterval(r.retry);
-    this.broadcast(r.hosts, { k: "resume", e: r.cut + 1, d: matrix });
+    const table = r.record.placement.map((_, rank) => r.routes[rank] ?? null);
+    this.broadcast(r.hosts, { k: "resume", e: r.cut + 1, d: matrix, routes: table });
     const recovery_ms = Date.now() - r.started_ms;
     this.log.warn({ group: this.name, incarnation: r.record.incarnation, cut: r.cut, recovery_ms }, "recovery: group resumed");
     this.recovery = null;
@@ -680,21 +680,16 @@ export class GroupRuntime {
     );
   }
 
-  /** Every host: re-send what each receiver's restored state lacks, then run. */
-  private async onResume(e: number, delivered: number[][]): Promise<void> {
+  /** Every host: new routes, re-send what each receiver's restored state lacks, then run. */
+  private async onResume(e: number, delivered: number[][], routes: (PathRoute | null)[]): Promise<void> {
     const size = this.record.size;
-    // Running from now on (before any await): the leader's next `end` may arrive while the
-    // re-sends below are still in progress, and what the members send must be routed.
-    for (const member of this.members.values()) member.state = "running";
+    await this.setRoutes(routes);
+    // Arrivals from hosts that resumed first wait in the VM threads until `run`.
     for (const [s, member] of this.members) {
-      for (let r = 0; r < size; r++) {
-        if (r === s) continue;
-        const resend = await member.resendFor(r, delivered[r][s]);
-        if (resend.length) this.route(member, resend);
-      }
+      await member.resend(delivered.map((row) => row[s]));
       for (let r = 0; r < size; r++) this.committedDelivered[r][s] = Math.max(this.committedDelivered[r][s], delivered[r][s]);
     }
-    await Promise.all([...this.members.values()].map((m) => m.resume()));
+    await Promise.all([...this.members.values()].map((m) => m.run()));
     this.startClocks(e - 1);
   }
 
@@ -714,9 +709,11 @@ export class GroupRuntime {
         committed: m.committed,
         backup: this.record.placement[m.rank].backup,
         released_seq: m.log.lastSeq,
-        held: m.heldCount,
+        held: m.counters.held,
         busy: m.busy ? `${m.busy.step} for ${Date.now() - m.busy.since_ms} ms` : null,
-        ...m.counters,
+        sent_before_commit: m.counters.sent_before_commit,
+        sent_after_commit: m.counters.sent_after_commit,
+        held_total: m.counters.held_total,
       })),
       backups: [...this.backups.entries()].map(([rank, b]) => ({ rank, vm: vmName(this.name, rank), cut: b.committedCut, staged: b.stagedCount })),
     };

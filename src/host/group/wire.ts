@@ -4,11 +4,10 @@
  * and the incarnation; a host drops anything older than the incarnation it
  * adopted. One TCP connection per host pair keeps each sender's frames in
  * order, which the protocol relies on (a backup gets an image before the
- * deltas that follow it; a receiver gets a channel's messages in seq order).
+ * deltas that follow it).
  *
  * | kind | from → to | meaning |
  * |---|---|---|
- * | msgs | primary host → primary host | group messages (body: payloads back to back) |
  * | end | leader → primary hosts | end epoch `e`: capture checkpoint `e` of every member |
  * | pending | primary host → leader | a member has external output waiting: end the epoch soon |
  * | delta | primary host → backup host | checkpoint `e` of `rank` (body: sealed delta) |
@@ -20,10 +19,13 @@
  * | recover | coordinator → live hosts | adopt `record` (new incarnation), stop, report |
  * | report | host → coordinator | what each replica here can reach |
  * | rollback | coordinator → live hosts | go to the recovery cut; ship `images` to new backups |
- * | rolled | host → coordinator | done; `d` = delivered vectors of the primaries here |
- * | resume | coordinator → live hosts | re-send what receivers lack (`d`), run epoch `e` |
+ * | rolled | host → coordinator | done; `d` = delivered vectors of the primaries here, `routes` = where their message paths listen |
+ * | resume | coordinator → live hosts | new `routes` (index: rank), re-send what receivers lack (`d`), run epoch `e` |
+ *
+ * Group messages themselves do not travel in these frames: each VM thread
+ * sends them to its peers' VM threads directly (src/vm/message-path.ts).
  */
-import type { GroupMessage } from "../../vm/machine.js";
+import type { PathRoute } from "../../vm/message-path.js";
 import type { ProtectionRecord } from "./record.js";
 
 export interface Base {
@@ -49,7 +51,6 @@ export interface BackupReport {
 }
 
 export type GroupFrame =
-  | (Base & { k: "msgs"; m: [from: number, to: number, inc: number, epoch: number, seq: number, bytes: number][] })
   | (Base & { k: "end"; e: number })
   | (Base & { k: "pending" })
   | (Base & { k: "delta"; rank: number; e: number; d: number[] })
@@ -61,47 +62,8 @@ export type GroupFrame =
   | (Base & { k: "recover"; record: ProtectionRecord })
   | (Base & { k: "report"; primaries: PrimaryReport[]; backups: BackupReport[] })
   | (Base & { k: "rollback"; cut: number | null; targets: Record<number, number>; images: number[] })
-  | (Base & { k: "rolled"; d: Record<number, number[]> })
-  | (Base & { k: "resume"; e: number; d: number[][] });
+  | (Base & { k: "rolled"; d: Record<number, number[]>; routes: Record<number, PathRoute> })
+  | (Base & { k: "resume"; e: number; d: number[][]; routes: (PathRoute | null)[] });
 
 export type FrameKind = GroupFrame["k"];
 export type FrameOf<K extends FrameKind> = Extract<GroupFrame, { k: K }>;
-
-/** Group messages → header entries + one body (payloads back to back). */
-export function encodeMessages(messages: readonly GroupMessage[]): { m: FrameOf<"msgs">["m"]; body: Uint8Array } {
-  let total = 0;
-  for (const message of messages) total += message.bytes.length;
-  const body = new Uint8Array(total);
-  let at = 0;
-  const m: FrameOf<"msgs">["m"] = [];
-  for (const message of messages) {
-    body.set(message.bytes, at);
-    at += message.bytes.length;
-    m.push([message.from, message.to, message.incarnation, message.epoch, message.seq, message.bytes.length]);
-  }
-  return { m, body };
-}
-
-export class MalformedGroupFrameError extends Error {
-  override name = "MalformedGroupFrameError";
-  readonly code = "MalformedGroupFrame";
-}
-
-/** Inverse of encodeMessages; refuses entries that do not fit the body or the group. */
-export function decodeMessages(m: unknown, body: Uint8Array, size: number): GroupMessage[] {
-  if (!Array.isArray(m)) throw new MalformedGroupFrameError("msgs: m is not a list");
-  const out: GroupMessage[] = [];
-  let at = 0;
-  for (const entry of m as unknown[]) {
-    if (!Array.isArray(entry) || entry.length !== 6 || !entry.every((v) => Number.isSafeInteger(v) && (v as number) >= 0)) {
-      throw new MalformedGroupFrameError("msgs: an entry is not six non-negative integers");
-    }
-    const [from, to, incarnation, epoch, seq, bytes] = entry as number[];
-    if (from >= size || to >= size || from === to) throw new MalformedGroupFrameError(`msgs: channel ${from}->${to} in a group of ${size}`);
-    if (at + bytes > body.length) throw new MalformedGroupFrameError("msgs: payloads overrun the body");
-    out.push({ from, to, incarnation, epoch, seq, bytes: body.slice(at, at + bytes) });
-    at += bytes;
-  }
-  if (at !== body.length) throw new MalformedGroupFrameError("msgs: body longer than its payloads");
-  return out;
-}
