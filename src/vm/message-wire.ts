@@ -70,7 +70,7 @@ export function decodeBatch(payload: Uint8Array): GroupMessage[] {
       incarnation: view.getUint32(at + 8, true),
       epoch: view.getFloat64(at + 12, true),
       seq: view.getFloat64(at + 20, true),
-      bytes: payload.slice(body, body + bytes),
+      bytes: new Uint8Array(payload.subarray(body, body + bytes)), // a plain copy, not a view of the socket chunk
     });
     at += ENTRY_BYTES;
     body += bytes;

@@ -683,6 +683,9 @@ export class GroupRuntime {
   /** Every host: new routes, re-send what each receiver's restored state lacks, then run. */
   private async onResume(e: number, delivered: number[][], routes: (PathRoute | null)[]): Promise<void> {
     const size = this.record.size;
+    // Running from now on (before any await): the leader's first `end` may arrive while the steps
+    // below are in progress, and the deltas of the captures it asks for must be shipped.
+    for (const member of this.members.values()) member.state = "running";
     await this.setRoutes(routes);
     // Arrivals from hosts that resumed first wait in the VM threads until `run`.
     for (const [s, member] of this.members) {

@@ -1,0 +1,253 @@
+/**
+ * The group message data path between VM threads (src/vm/message-path.ts,
+ * src/vm/message-wire.ts): the batch format, real loopback TCP links between
+ * paths (order, tokens, malformed input refused without harm to other links,
+ * frozen paths keeping arrivals, vm-mode holds, refused messages offered
+ * again), the in-process MessageChannel path, and the marker rule across real
+ * VM threads (a message from the next epoch makes its receiver capture).
+ */
+import { connect } from "node:net";
+import { MessageChannel } from "node:worker_threads";
+import { afterEach, describe, expect, it } from "vitest";
+import fc from "fast-check";
+import type { GroupMessage } from "../src/vm/machine.js";
+import { DEFAULT_LIMITS } from "../src/vm/machine.js";
+import { MessagePath, type PathHooks } from "../src/vm/message-path.js";
+import { decodeBatch, encodeBatch, MalformedPathFrameError } from "../src/vm/message-wire.js";
+import { encodeFrame } from "../src/transport/frame.js";
+import { instrument } from "../src/guest/instrument.js";
+import { compileGuest } from "../src/guest/module-cache.js";
+import type { CaptureResult, WorkerVmOptions } from "../src/vm/protocol.js";
+import { VmWorker } from "../src/vm/vm.js";
+import { builtBytes } from "./support/guests.js";
+
+const message = (from: number, to: number, seq: number, epoch = 1, text = `m${seq}`): GroupMessage => ({
+  from,
+  to,
+  incarnation: 1,
+  epoch,
+  seq,
+  bytes: new TextEncoder().encode(text),
+});
+
+describe("message batch format", () => {
+  it("decodes what it encodes, for any batch", () => {
+    const arbMessage = fc.record({
+      from: fc.nat(0xffff),
+      to: fc.nat(0xffff),
+      incarnation: fc.nat(0xffff_ffff),
+      epoch: fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER }),
+      seq: fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER }),
+      bytes: fc.uint8Array({ maxLength: 300 }),
+    });
+    fc.assert(
+      fc.property(fc.array(arbMessage, { maxLength: 40 }), (batch) => {
+        expect(decodeBatch(encodeBatch(batch))).toEqual(batch);
+      }),
+    );
+  });
+
+  it("refuses a layout that does not add up", () => {
+    const good = encodeBatch([message(0, 1, 1), message(0, 1, 2)]);
+    expect(() => decodeBatch(good.slice(0, 3))).toThrow(MalformedPathFrameError); // no count
+    expect(() => decodeBatch(good.slice(0, good.length - 1))).toThrow(/overrun/);
+    const longer = new Uint8Array(good.length + 1);
+    longer.set(good);
+    expect(() => decodeBatch(longer)).toThrow(/longer than its payloads/);
+    const lying = good.slice();
+    new DataView(lying.buffer).setUint32(0, 1000, true); // 1000 entries claimed
+    expect(() => decodeBatch(lying)).toThrow(/do not fit/);
+  });
+});
+
+/** A path whose VM is a list: what it was offered, in order. */
+function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean } = {}) {
+  const offered: GroupMessage[] = [];
+  const problems: string[] = [];
+  let committed = 0;
+  const hooks: PathHooks = {
+    offer: (messages) => {
+      const refused = messages.filter((m) => options.refuse?.(m) ?? false);
+      offered.push(...messages.filter((m) => !refused.includes(m)));
+      return refused;
+    },
+    committed: () => committed,
+    problem: (reason) => problems.push(reason),
+  };
+  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false }, hooks);
+  return { path, offered, problems, commit: (e: number) => (committed = e) };
+}
+
+const paths: MessagePath[] = [];
+afterEach(() => {
+  for (const p of paths.splice(0)) p.close();
+});
+
+async function pair(options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean } = {}) {
+  const a = testPath(0, { hold: options.hold });
+  const b = testPath(1, { refuse: options.refuse });
+  paths.push(a.path, b.path);
+  const portA = await a.path.listen();
+  const portB = await b.path.listen();
+  const routes = [
+    { address: `127.0.0.1:${portA}`, token: a.path.token },
+    { address: `127.0.0.1:${portB}`, token: b.path.token },
+  ];
+  a.path.setRoutes([null, routes[1]], []);
+  b.path.setRoutes([routes[0], null], []);
+  return { a, b, portB };
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function until(check: () => boolean, what: string, timeout_ms = 5000): Promise<void> {
+  const start = Date.now();
+  while (!check()) {
+    if (Date.now() - start > timeout_ms) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+describe("message path over TCP", () => {
+  it("delivers every message once, in send order, with its stamps and bytes", async () => {
+    const { a, b } = await pair();
+    a.path.run();
+    b.path.run();
+    const sent = Array.from({ length: 500 }, (_, i) => message(0, 1, i + 1, 1 + (i >> 7), "x".repeat(i % 97)));
+    for (let i = 0; i < sent.length; i += 7) a.path.send(sent.slice(i, i + 7));
+    await until(() => b.offered.length === sent.length, "500 messages");
+    expect(b.offered).toEqual(sent);
+    expect(a.path.counters.sent_before_commit).toBe(500);
+    expect(b.problems).toEqual([]);
+  });
+
+  it("a frozen path sends nothing and keeps what arrives until it runs", async () => {
+    const { a, b } = await pair();
+    a.path.run();
+    a.path.send([message(0, 1, 1), message(0, 1, 2)]);
+    await until(() => b.path.counters.received === 2, "arrivals");
+    expect(b.offered).toEqual([]); // b is frozen
+    b.path.run();
+    expect(b.offered.map((m) => m.seq)).toEqual([1, 2]);
+    a.path.freeze();
+    a.path.send([message(0, 1, 3)]);
+    expect(a.path.counters.dropped).toBe(1);
+    a.path.send([message(0, 1, 3)], true); // a recovery's re-send goes out while frozen
+    await until(() => b.offered.length === 3, "the forced re-send");
+  });
+
+  it("vm mode holds a message until its sender epoch commits", async () => {
+    const { a, b } = await pair({ hold: true });
+    a.path.run();
+    b.path.run();
+    a.path.send([message(0, 1, 1, 1), message(0, 1, 2, 2)]);
+    await sleep(50);
+    expect(b.offered).toEqual([]);
+    expect(a.path.counters).toMatchObject({ held: 2, held_total: 2, sent_before_commit: 0 });
+    a.commit(1);
+    a.path.release(1);
+    await until(() => b.offered.length === 1, "epoch 1's message");
+    await sleep(30);
+    expect(b.offered.map((m) => m.seq)).toEqual([1]);
+    a.commit(2);
+    a.path.release(2);
+    await until(() => b.offered.length === 2, "epoch 2's message");
+    expect(a.path.counters).toMatchObject({ held: 0, sent_after_commit: 2, sent_before_commit: 0 });
+  });
+
+  it("messages the VM refused are offered again on retry", async () => {
+    let full = true;
+    const { a, b } = await pair({ refuse: () => full });
+    a.path.run();
+    b.path.run();
+    a.path.send([message(0, 1, 1)]);
+    await until(() => b.path.counters.received === 1, "arrival");
+    expect(b.offered).toEqual([]);
+    full = false;
+    b.path.retryRefused();
+    expect(b.offered.map((m) => m.seq)).toEqual([1]);
+  });
+
+  it("refuses a link with the wrong token or malformed frames, and other links carry on", async () => {
+    const { a, b, portB } = await pair();
+    a.path.run();
+    b.path.run();
+    const raw = (bytes: Uint8Array[]) =>
+      new Promise<void>((resolve) => {
+        const s = connect(portB, "127.0.0.1", () => {
+          for (const part of bytes) s.write(part);
+        });
+        s.on("close", () => resolve());
+        s.on("error", () => resolve());
+      });
+    const hello = (token: string) => encodeFrame(1, new TextEncoder().encode(JSON.stringify({ token, from: 0 })));
+    await raw(hello("not-the-token"));
+    await raw([new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n")]);
+    await raw([...hello(b.path.token), ...encodeFrame(2, new Uint8Array([9, 9, 9, 9, 9]))]);
+    expect(b.problems.join("\n")).toMatch(/wrong token/);
+    expect(b.problems.join("\n")).toMatch(/entries do not fit|no count|overrun/);
+    expect(b.problems.length).toBe(3);
+    expect(b.offered).toEqual([]);
+    a.path.send([message(0, 1, 1)]);
+    await until(() => b.offered.length === 1, "a message on the good link");
+  });
+
+  it("uses a MessageChannel for a rank on the same host", async () => {
+    const a = testPath(0);
+    const b = testPath(1);
+    paths.push(a.path, b.path);
+    const { port1, port2 } = new MessageChannel();
+    a.path.setRoutes([null, null], [{ rank: 1, port: port1 }]);
+    b.path.setRoutes([null, null], [{ rank: 0, port: port2 }]);
+    a.path.run();
+    b.path.run();
+    a.path.send([message(0, 1, 1), message(0, 1, 2)]);
+    await until(() => b.offered.length === 2, "messages over the channel");
+    expect(b.offered.map((m) => new TextDecoder().decode(m.bytes))).toEqual(["m1", "m2"]);
+  });
+
+  it("drops (and counts) messages to a rank without a route", async () => {
+    const a = testPath(0);
+    paths.push(a.path);
+    a.path.setRoutes([null, null], []);
+    a.path.run();
+    a.path.send([message(0, 1, 1)]);
+    expect(a.path.counters.dropped).toBe(1);
+  });
+});
+
+describe("the marker rule across real VM threads", () => {
+  const vms: VmWorker[] = [];
+  afterEach(async () => {
+    await Promise.all(vms.splice(0).map((vm) => vm.terminate()));
+  });
+
+  it("a message from the next epoch makes its receiver capture at once; the leader's end then finds it done", async () => {
+    const guest = await compileGuest(instrument(builtBytes("pingpong")));
+    const options = (rank: number): WorkerVmOptions => ({ rank, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
+    const [vm0, vm1] = await Promise.all([VmWorker.boot(guest, options(0)), VmWorker.boot(guest, options(1))]);
+    vms.push(vm0, vm1);
+    const routes = await Promise.all([vm0, vm1].map((vm) => vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false })));
+    await vm0.request("path_routes", { routes, locals: [] });
+    await vm1.request("path_routes", { routes, locals: [] });
+    const captured1: CaptureResult[] = [];
+    vm1.on("captured", (c) => captured1.push(c));
+    await vm1.request("run", {});
+    await vm0.request("run", {}); // rank 0's first ping (sent in `start`) leaves now
+    const received = async () => (await vm1.request("path_counters", {}))!.received;
+    await sleep(200);
+    expect(captured1).toEqual([]); // all in epoch 1: nothing to capture
+    const before = await received();
+    // Rank 0 ends epoch 1 (as on the leader's `end 1`); its next ping carries epoch 2.
+    const c0 = await vm0.captureTo(1);
+    expect(c0?.epoch).toBe(1);
+    await until(() => captured1.length === 1, "rank 1's own capture of epoch 1");
+    expect(captured1[0].epoch).toBe(1);
+    // The leader's `end 1` reaching rank 1's host later: done already.
+    expect(await vm1.captureTo(1)).toBeNull();
+    const after = await received();
+    await sleep(100);
+    expect(await received()).toBeGreaterThan(after); // the ping-pong goes on
+    expect(after).toBeGreaterThan(before);
+  });
+});
