@@ -94,9 +94,13 @@ export interface WorkerOps {
   /**
    * group mode: end epoch `epoch` (the leader's `end`), unless the VM ended it
    * already on its own (a message from the next epoch arrived first: see the
-   * `captured` event); then null.
+   * `captured` event); then `captured` is null. With `commit`, first commit
+   * as the `commit` op does; `released` is what that released.
    */
-  capture_to: { args: { epoch: number }; result: CaptureResult | null };
+  capture_to: {
+    args: { epoch: number; commit?: { epoch: number; trim?: number[] } };
+    result: { captured: CaptureResult | null; released: OutputRecord[] };
+  };
   /** Cut `epoch` committed: its output is released; with `trim`, the sender log is trimmed in the same step (trimSenderLog). */
   commit: { args: { epoch: number; trim?: number[] }; result: OutputRecord[] };
   rollback: { args: { epoch: number }; result: { pages_restored: number; rollback_us: number } };

@@ -8,6 +8,7 @@ import { EventEmitter } from "node:events";
 import { Worker, type TransferListItem } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
 import { sealDelta } from "../checkpoint/format.js";
+import type { OutputRecord } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
@@ -204,8 +205,8 @@ export class VmWorker extends EventEmitter<VmEvents> {
    * WorkerOps.capture_to. The delta comes as a `captured` event, like the
    * VM's own captures, so that listeners see every delta in epoch order.
    */
-  captureTo(epoch: number): Promise<CaptureResult | null> {
-    return this.request("capture_to", { epoch });
+  captureTo(epoch: number, commit?: { epoch: number; trim?: number[] }): Promise<{ captured: CaptureResult | null; released: OutputRecord[] }> {
+    return this.request("capture_to", { epoch, commit });
   }
 
   status(): Promise<VmStatus> {
@@ -225,9 +226,9 @@ export class VmWorker extends EventEmitter<VmEvents> {
     const pending = this.pending.get(message.id);
     if (!pending) return;
     this.pending.delete(message.id);
-    if (message.ok && pending.op === "capture_to" && message.value) {
+    if (message.ok && pending.op === "capture_to" && (message.value as WorkerOps["capture_to"]["result"]).captured) {
       // Synchronously, in the order the worker posted: the marker captures arrive as events.
-      const result = message.value as CaptureResult;
+      const result = (message.value as WorkerOps["capture_to"]["result"]).captured!;
       sealDelta(result.delta);
       this.emit("captured", result);
     }

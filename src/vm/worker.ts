@@ -305,20 +305,17 @@ const handlers: Handlers = {
     path?.retryRefused();
     return { ...captured, outbox: flush(vm), path: path?.counters ?? null };
   },
-  capture_to({ epoch }) {
+  capture_to({ epoch, commit }) {
     const vm = needPrimary();
-    if (vm.epoch > epoch) return null; // ended already (captureForMarker)
+    const released = commit ? commitCut(vm, commit.epoch, commit.trim) : [];
+    if (vm.epoch > epoch) return { captured: null, released }; // ended already (captureForMarker)
     assert(vm.epoch === epoch, `capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
     const captured = guarded(() => vm.capture());
     path?.retryRefused();
-    return { ...captured, outbox: flush(vm), path: path?.counters ?? null };
+    return { captured: { ...captured, outbox: flush(vm), path: path?.counters ?? null }, released };
   },
   commit({ epoch, trim }) {
-    const vm = needPrimary();
-    const released = vm.commit(epoch);
-    if (trim) vm.trimSenderLog(trim);
-    path?.release(epoch);
-    return released;
+    return commitCut(needPrimary(), epoch, trim);
   },
   receive({ messages }) {
     const vm = needPrimary();
@@ -431,6 +428,14 @@ const handlers: Handlers = {
   },
 };
 
+/** Cut `epoch` committed: release its output, trim the sender log, (vm mode) send what was held for it. */
+function commitCut(vm: VmCore, epoch: number, trim: number[] | undefined): OutputRecord[] {
+  const released = vm.commit(epoch);
+  if (trim) vm.trimSenderLog(trim);
+  path?.release(epoch);
+  return released;
+}
+
 function needPath(): MessagePath {
   if (!path) throw new Error("the message path is not open");
   return path;
@@ -452,6 +457,7 @@ function transferables(value: unknown): ArrayBuffer[] {
     return [value.buffer];
   }
   if (value && typeof value === "object" && "delta" in value) return transferables((value as { delta: unknown }).delta);
+  if (value && typeof value === "object" && "captured" in value) return transferables((value as { captured: unknown }).captured);
   return [];
 }
 

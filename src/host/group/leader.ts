@@ -5,6 +5,10 @@
  * (DESIGN.md "The checkpoint path" steps 4-5). The commit carries the
  * members' delivered vectors at the cut, so senders trim their logs.
  *
+ * A commit rides on the next `end` if that leaves within min_interval_ms,
+ * else it goes out alone then: one frame and one VM step per member fewer
+ * per epoch, for at most min_interval_ms more output latency.
+ *
  * Epoch boundaries are adaptive (src/host/epoch-clock.ts): output waiting
  * anywhere in the group ends the epoch at the minimum interval.
  */
@@ -14,9 +18,15 @@ import { EpochClock, type EpochTiming } from "../epoch-clock.js";
 /** Epochs ended and not yet committed; beyond this the leader stretches the epoch. */
 export const EPOCHS_INFLIGHT_MAX = 4;
 
+export interface CutCommit {
+  c: number;
+  /** delivered[r] = receiver r's vector at the cut. */
+  d: number[][];
+}
+
 export interface LeaderIo {
-  /** Tell every primary host: end epoch `e`. */
-  endEpoch(e: number): void;
+  /** Tell every host: end epoch `e` (and, if given, cut `commit.c` committed). */
+  endEpoch(e: number, commit: CutCommit | null): void;
   /** Tell every host: cut `c` committed, with delivered[r] = receiver r's vector at the cut. */
   commit(c: number, delivered: number[][]): void;
 }
@@ -28,10 +38,13 @@ export class GroupLeader {
   private readonly staged = new Map<number, Map<number, number[]>>();
   private readonly clock: EpochClock;
   private stopped = false;
+  /** Committed, not told yet: rides on the next `end`, or leaves alone when `commitTimer` fires. */
+  private untold: CutCommit | null = null;
+  private commitTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly size: number,
-    timing: EpochTiming,
+    private readonly timing: EpochTiming,
     committed: number,
     private readonly io: LeaderIo,
   ) {
@@ -51,6 +64,8 @@ export class GroupLeader {
   stop(): void {
     this.stopped = true;
     this.clock.stop();
+    if (this.commitTimer) clearTimeout(this.commitTimer);
+    this.commitTimer = null;
   }
 
   /** Some member has output waiting: end the epoch soon. */
@@ -72,7 +87,13 @@ export class GroupLeader {
       const matrix = Array.from({ length: this.size }, (_, r) => complete.get(r)!);
       this.staged.delete(next);
       this.committedCut = next;
-      this.io.commit(next, matrix);
+      this.untold = { c: next, d: matrix }; // a newer cut supersedes an untold older one
+    }
+    if (this.untold && !this.commitTimer) {
+      this.commitTimer = setTimeout(() => {
+        this.commitTimer = null;
+        this.tellCommit();
+      }, this.timing.min_interval_ms);
     }
     // A commit makes room for the next epoch if the clock was held back.
     this.clock.kick();
@@ -82,6 +103,17 @@ export class GroupLeader {
     if (this.stopped || this.ended - this.committedCut >= EPOCHS_INFLIGHT_MAX) return; // tried again later
     this.ended++;
     this.clock.ended();
-    this.io.endEpoch(this.ended);
+    const commit = this.untold;
+    this.untold = null;
+    if (this.commitTimer) clearTimeout(this.commitTimer);
+    this.commitTimer = null;
+    this.io.endEpoch(this.ended, commit);
+  }
+
+  private tellCommit(): void {
+    if (this.stopped || !this.untold) return;
+    const { c, d } = this.untold;
+    this.untold = null;
+    this.io.commit(c, d);
   }
 }

@@ -104,10 +104,19 @@ export class GroupMember extends EventEmitter<MemberEvents> {
 
   // ---- checkpoints ---------------------------------------------------------------------
 
-  /** group mode: the leader ended epoch `epoch`; the delta comes as a `captured` event (unless the VM ended it already). */
-  endEpoch(epoch: number): Promise<void> {
+  /**
+   * group mode: the leader ended epoch `epoch`; the delta comes as a
+   * `captured` event (unless the VM ended it already). With `commit`, cut
+   * `commit.epoch` committed as well (see commit()), in the same VM step.
+   */
+  endEpoch(epoch: number, commit?: { epoch: number; trim: number[] }): Promise<void> {
     return this.step("capture", async () => {
-      await this.vm.captureTo(epoch);
+      const fresh = commit && commit.epoch > this.committed ? commit : undefined;
+      const { released } = await this.vm.captureTo(epoch, fresh);
+      if (fresh) {
+        this.committed = fresh.epoch;
+        this.log.append(released);
+      }
     });
   }
 

@@ -31,7 +31,7 @@ import { BackupReplica } from "../backup.js";
 import type { LogRecordWire } from "../messages.js";
 import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
 import { vmKey, vmName, type VmRecord } from "../records.js";
-import { GroupLeader } from "./leader.js";
+import { GroupLeader, type CutCommit } from "./leader.js";
 import { GroupMember } from "./member.js";
 import { MemberClock } from "./member-clock.js";
 import { hostsOf, lostRanks, planFailover, protectionKey, type ProtectionRecord } from "./record.js";
@@ -259,7 +259,7 @@ export class GroupRuntime {
     if (this.record.mode === "group") {
       if (this.record.leader !== this.api.id) return;
       this.leader = new GroupLeader(this.record.size, this.record.epoch, committed, {
-        endEpoch: (e) => this.broadcast(this.primaryHosts(), { k: "end", e }),
+        endEpoch: (e, commit) => this.broadcast(commit ? hostsOf(this.record) : this.primaryHosts(), { k: "end", e, ...commit }),
         commit: (c, d) => this.broadcast(hostsOf(this.record), { k: "commit", c, d }),
       });
       this.leader.start();
@@ -326,7 +326,7 @@ export class GroupRuntime {
     if (frame.inc !== this.inc) return; // stale incarnation (or one this host has not adopted yet): dropped
     switch (frame.k) {
       case "end":
-        this.endEpoch(frame.e);
+        this.endEpoch(frame.e, frame.c !== undefined && frame.d ? { c: frame.c, d: frame.d } : null);
         return;
       case "pending":
         this.leader?.outputPending();
@@ -366,10 +366,13 @@ export class GroupRuntime {
   }
 
   /** group mode: end epoch `e` of every member here (members a message from epoch e+1 reached ended it already). */
-  private endEpoch(e: number): void {
+  private endEpoch(e: number, commit: CutCommit | null): void {
     for (const [rank, member] of this.members) {
-      member.endEpoch(e).catch((error: Error) => this.log.error({ group: this.name, rank, epoch: e, err: error }, "capture failed"));
+      // Sender `rank` may drop what each receiver delivered at the committed cut.
+      const withCommit = commit ? { epoch: commit.c, trim: commit.d.map((row) => row[rank]) } : undefined;
+      member.endEpoch(e, withCommit).catch((error: Error) => this.log.error({ group: this.name, rank, epoch: e, err: error }, "capture failed"));
     }
+    if (commit) for (const b of this.backups.values()) void b.commit(commit.c);
   }
 
   /** group mode: a member's checkpoint, in epoch order: ship its delta to the backup. */

@@ -8,7 +8,7 @@
  *
  * | kind | from → to | meaning |
  * |---|---|---|
- * | end | leader → primary hosts | end epoch `e`: capture checkpoint `e` of every member |
+ * | end | leader → every host | end epoch `e`: capture checkpoint `e` of every member; with `c`, `d`: also a commit (below) |
  * | pending | primary host → leader | a member has external output waiting: end the epoch soon |
  * | delta | primary host → backup host | checkpoint `e` of `rank` (body: sealed delta) |
  * | image | primary host → backup host | full image of `rank` at cut `e` (body), the new backup starts from it |
@@ -51,7 +51,7 @@ export interface BackupReport {
 }
 
 export type GroupFrame =
-  | (Base & { k: "end"; e: number })
+  | (Base & { k: "end"; e: number; c?: number; d?: number[][] })
   | (Base & { k: "pending" })
   | (Base & { k: "delta"; rank: number; e: number; d: number[] })
   | (Base & { k: "image"; rank: number; e: number; released_seq: number; history: unknown[] })
