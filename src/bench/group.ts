@@ -5,6 +5,11 @@
  * same machine at the same time. pingpong also measures `raw_tcp`: two plain
  * Node processes bouncing the same message, the floor of the transport.
  *
+ * Each mode is measured `repeat` times, the modes interleaved (none, vm,
+ * group, none, ...), and the median run is reported with every sample: on a
+ * shared machine the load drifts, and interleaving spreads the drift over the
+ * modes instead of charging it to whichever ran last.
+ *
  * The guests measure themselves (pingpong: round trips and their latency on
  * the guest's clock; allreduce: completed rounds); the bench reads them
  * through `vm_request`, whose reply is released like any output.
@@ -27,7 +32,14 @@ export interface GroupBenchOptions {
   measure_ms: number;
   warmup_ms: number;
   hosts: number;
+  repeat: number;
   progress: (line: string) => void;
+}
+
+/** The sample with the median `key` (the lower middle one for an even count). */
+function median<T>(samples: T[], key: (t: T) => number): T {
+  const sorted = [...samples].sort((a, b) => key(a) - key(b));
+  return sorted[Math.floor((sorted.length - 1) / 2)];
 }
 
 export { GROUP_BENCH_DEFAULTS } from "./group-defaults.js";
@@ -70,12 +82,17 @@ export interface PingpongModeResult {
   latency_us_p50: number;
   latency_us_p99: number;
   round_trips: number;
+  /** round_trips_per_s of every run, in run order (the fields above are the median run's). */
+  samples: number[];
 }
+
+type PingpongRun = Omit<PingpongModeResult, "samples">;
 
 export interface PingpongReport {
   bench: "pingpong";
   payload_bytes: number;
   measure_ms: number;
+  repeat: number;
   results: Record<"raw_tcp" | ProtectionMode, PingpongModeResult>;
   ratios: { none_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number };
 }
@@ -83,40 +100,59 @@ export interface PingpongReport {
 const round = (x: number, digits = 1) => Number(x.toFixed(digits));
 
 export async function runPingpongBench(options: GroupBenchOptions): Promise<PingpongReport> {
+  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], none: [], vm: [], group: [] };
+  for (let i = 1; i <= options.repeat; i++) {
+    options.progress(`run ${i}/${options.repeat}: raw_tcp: two Node processes, 64 bytes over loopback`);
+    runs.raw_tcp.push(await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms }));
+    for (const mode of GROUP_MODES) {
+      options.progress(`run ${i}/${options.repeat}: ${mode}: 2 VMs on ${options.hosts} hosts`);
+      runs[mode].push(await measurePingpong(mode, options));
+    }
+  }
   const results = {} as PingpongReport["results"];
-  options.progress("raw_tcp: two Node processes, 64 bytes over loopback");
-  const raw = await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms });
-  results.raw_tcp = raw;
-  for (const mode of GROUP_MODES) {
-    options.progress(`${mode}: 2 VMs on ${options.hosts} hosts`);
-    results[mode] = await withGroup("pingpong", mode, 2, options.hosts, async (g) => {
-      await sleep(options.warmup_ms);
-      await g.ask("pingpong-0", "reset");
-      await sleep(options.measure_ms);
-      const stats = JSON.parse(await g.ask("pingpong-0", "stats")) as { round_trips: number; elapsed_ms: number; latency_us_p50: number; latency_us_p99: number };
-      return {
-        round_trips_per_s: round(stats.round_trips / (stats.elapsed_ms / 1000)),
-        latency_us_p50: round(stats.latency_us_p50),
-        latency_us_p99: round(stats.latency_us_p99),
-        round_trips: stats.round_trips,
-      };
-    });
+  for (const [mode, list] of Object.entries(runs) as [keyof PingpongReport["results"], PingpongRun[]][]) {
+    const m = median(list, (r) => r.round_trips_per_s);
+    results[mode] = { round_trips_per_s: m.round_trips_per_s, latency_us_p50: m.latency_us_p50, latency_us_p99: m.latency_us_p99, round_trips: m.round_trips, samples: list.map((r) => r.round_trips_per_s) };
   }
   const rate = (k: keyof PingpongReport["results"]) => results[k].round_trips_per_s;
   return {
     bench: "pingpong",
     payload_bytes: 64,
     measure_ms: options.measure_ms,
+    repeat: options.repeat,
     results,
     ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2) },
   };
+}
+
+function measurePingpong(mode: ProtectionMode, options: GroupBenchOptions): Promise<PingpongRun> {
+  return withGroup("pingpong", mode, 2, options.hosts, async (g) => {
+    await sleep(options.warmup_ms);
+    await g.ask("pingpong-0", "reset");
+    await sleep(options.measure_ms);
+    const stats = JSON.parse(await g.ask("pingpong-0", "stats")) as { round_trips: number; elapsed_ms: number; latency_us_p50: number; latency_us_p99: number };
+    return {
+      round_trips_per_s: round(stats.round_trips / (stats.elapsed_ms / 1000)),
+      latency_us_p50: round(stats.latency_us_p50),
+      latency_us_p99: round(stats.latency_us_p99),
+      round_trips: stats.round_trips,
+    };
+  });
+}
+
+export interface AllreduceModeResult {
+  iterations_per_s: number;
+  iterations: number;
+  /** iterations_per_s of every run, in run order (the fields above are the median run's). */
+  samples: number[];
 }
 
 export interface AllreduceReport {
   bench: "allreduce";
   measure_ms: number;
   hosts: number;
-  results: Record<string, Record<ProtectionMode, { iterations_per_s: number; iterations: number }>>;
+  repeat: number;
+  results: Record<string, Record<ProtectionMode, AllreduceModeResult>>;
   ratios: Record<string, { group_vs_none: number; group_vs_vm: number }>;
 }
 
@@ -131,23 +167,34 @@ export async function runAllreduceBench(options: GroupBenchOptions & { sizes: nu
   const ratios: AllreduceReport["ratios"] = {};
   for (const size of options.sizes) {
     const key = `vms_${size}`;
+    const runs: Record<ProtectionMode, { iterations_per_s: number; iterations: number }[]> = { none: [], vm: [], group: [] };
+    for (let i = 1; i <= options.repeat; i++) {
+      for (const mode of GROUP_MODES) {
+        options.progress(`run ${i}/${options.repeat}: ${mode}: allreduce over ${size} VMs on ${options.hosts} hosts`);
+        runs[mode].push(await measureAllreduce(mode, size, options));
+      }
+    }
     results[key] = {} as AllreduceReport["results"][string];
     for (const mode of GROUP_MODES) {
-      options.progress(`${mode}: allreduce over ${size} VMs on ${options.hosts} hosts`);
-      results[key][mode] = await withGroup("allreduce", mode, size, options.hosts, async (g) => {
-        await sleep(options.warmup_ms);
-        const t0 = performance.now();
-        const r0 = roundOf(await g.ask("allreduce-0", "status"));
-        const a0 = (performance.now() + t0) / 2;
-        await sleep(options.measure_ms);
-        const t1 = performance.now();
-        const r1 = roundOf(await g.ask("allreduce-0", "status"));
-        const a1 = (performance.now() + t1) / 2;
-        return { iterations_per_s: round((r1 - r0) / ((a1 - a0) / 1000)), iterations: r1 - r0 };
-      });
+      const m = median(runs[mode], (r) => r.iterations_per_s);
+      results[key][mode] = { ...m, samples: runs[mode].map((r) => r.iterations_per_s) };
     }
     const r = results[key];
     ratios[key] = { group_vs_none: round(r.group.iterations_per_s / r.none.iterations_per_s, 3), group_vs_vm: round(r.group.iterations_per_s / Math.max(r.vm.iterations_per_s, 1e-9), 2) };
   }
-  return { bench: "allreduce", measure_ms: options.measure_ms, hosts: options.hosts, results, ratios };
+  return { bench: "allreduce", measure_ms: options.measure_ms, hosts: options.hosts, repeat: options.repeat, results, ratios };
+}
+
+function measureAllreduce(mode: ProtectionMode, size: number, options: GroupBenchOptions): Promise<{ iterations_per_s: number; iterations: number }> {
+  return withGroup("allreduce", mode, size, options.hosts, async (g) => {
+    await sleep(options.warmup_ms);
+    const t0 = performance.now();
+    const r0 = roundOf(await g.ask("allreduce-0", "status"));
+    const a0 = (performance.now() + t0) / 2;
+    await sleep(options.measure_ms);
+    const t1 = performance.now();
+    const r1 = roundOf(await g.ask("allreduce-0", "status"));
+    const a1 = (performance.now() + t1) / 2;
+    return { iterations_per_s: round((r1 - r0) / ((a1 - a0) / 1000)), iterations: r1 - r0 };
+  });
 }

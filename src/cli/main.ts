@@ -90,21 +90,29 @@ const groupBenchOptions = (command: Command) =>
     .option("--json", "print one JSON object")
     .option("--measure-ms <ms>", "measured time per mode", int("--measure-ms"), GROUP_BENCH_DEFAULTS.measure_ms)
     .option("--warmup-ms <ms>", "time per mode before measuring", int("--warmup-ms"), GROUP_BENCH_DEFAULTS.warmup_ms)
-    .option("--hosts <n>", "host processes per cluster", int("--hosts"), GROUP_BENCH_DEFAULTS.hosts);
+    .option("--hosts <n>", "host processes per cluster", int("--hosts"), GROUP_BENCH_DEFAULTS.hosts)
+    .option("--repeat <n>", "measurements per mode, modes interleaved; the median is reported", int("--repeat"), GROUP_BENCH_DEFAULTS.repeat);
 
 groupBenchOptions(bench.command("pingpong").description("two VMs on two hosts bouncing 64 bytes, per mode (none, vm, group) and over raw TCP")).action(
-  async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number }) => {
+  async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number; repeat: number }) => {
     const { runPingpongBench } = await import("../bench/group.js");
-    const report = await runPingpongBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, progress: (line) => process.stderr.write(`${line}\n`) });
+    const report = await runPingpongBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, repeat: opts.repeat, progress: (line) => process.stderr.write(`${line}\n`) });
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   },
 );
 
 groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide sum over 4 and 8 VMs, per mode (none, vm, group)"))
   .option("--sizes <list>", "group sizes", intList("--sizes"), [4, 8])
-  .action(async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number; sizes: number[] }) => {
+  .action(async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number; repeat: number; sizes: number[] }) => {
     const { runAllreduceBench } = await import("../bench/group.js");
-    const report = await runAllreduceBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, sizes: opts.sizes, progress: (line) => process.stderr.write(`${line}\n`) });
+    const report = await runAllreduceBench({
+      measure_ms: opts.measureMs,
+      warmup_ms: opts.warmupMs,
+      hosts: opts.hosts,
+      repeat: opts.repeat,
+      sizes: opts.sizes,
+      progress: (line) => process.stderr.write(`${line}\n`),
+    });
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   });
 

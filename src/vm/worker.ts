@@ -308,7 +308,11 @@ const handlers: Handlers = {
   capture_to({ epoch, commit }) {
     const vm = needPrimary();
     const released = commit ? commitCut(vm, commit.epoch, commit.trim) : [];
-    if (vm.epoch > epoch) return { captured: null, released }; // ended already (captureForMarker)
+    if (vm.epoch > epoch) {
+      // Ended already (captureForMarker), which does not offer refused messages again: now.
+      path?.retryRefused();
+      return { captured: null, released };
+    }
     assert(vm.epoch === epoch, `capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
     const captured = guarded(() => vm.capture());
     path?.retryRefused();
