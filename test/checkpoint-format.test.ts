@@ -1,6 +1,8 @@
+import { serialize } from "node:v8";
 import { crc32 } from "node:zlib";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
+import { decodeRuntimeState, encodeRuntimeState, initialRuntimeState, packSenderLog, unpackSenderLog } from "../src/vm/runtime-state.js";
 import {
   CheckpointFormatError,
   ChecksumMismatchError,
@@ -425,5 +427,47 @@ describe("encoder invariants are assertions, not format errors", () => {
     expect(() => encodeDelta({ ...p, globals: new Uint8Array(8) })).toThrow(AssertionError);
     expect(() => encodeImage({ ...sampleImage(), module_hash: new Uint8Array(31) })).toThrow(AssertionError);
     expect(() => layoutDelta(new Uint8Array(10), { epoch: 1, memory_pages: 1, page_count: 0, globals_bytes: 0, runtime_state_bytes: 0 })).toThrow(AssertionError);
+  });
+});
+
+describe("runtime state encoding", () => {
+  const arbLog = fc.array(
+    fc.record({
+      to: fc.nat(255),
+      epoch: fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER }),
+      seq: fc.integer({ min: 1, max: Number.MAX_SAFE_INTEGER }),
+      bytes: fc.uint8Array({ maxLength: 200 }),
+    }),
+    { maxLength: 50 },
+  );
+
+  it("a state with any sender log decodes to the same state (the log is packed in between)", () => {
+    fc.assert(
+      fc.property(arbLog, (sender_log) => {
+        const state = { ...initialRuntimeState(), epoch: 7, sender_log, sender_log_bytes: 1, sent_seq: [3], timers: new Map([[1, 2.5]]) };
+        const decoded = decodeRuntimeState(encodeRuntimeState(state));
+        expect(decoded).toEqual(state);
+        expect(unpackSenderLog(packSenderLog(sender_log))).toEqual(sender_log);
+      }),
+    );
+  });
+
+  it("states written with an unpacked sender log still decode", () => {
+    const sender_log = [{ to: 1, epoch: 2, seq: 3, bytes: new Uint8Array([1, 2, 3]) }];
+    const state = { ...initialRuntimeState(), sender_log };
+    expect(decodeRuntimeState(serialize(state)).sender_log).toEqual(sender_log);
+  });
+
+  it("refuses a packed log whose lengths do not add up", () => {
+    const packed = packSenderLog([{ to: 1, epoch: 2, seq: 3, bytes: new Uint8Array([1, 2, 3]) }]);
+    expect(() => unpackSenderLog(packed.slice(0, packed.length - 1))).toThrow(/packed sender log/);
+    const longer = new Uint8Array(packed.length + 1);
+    longer.set(packed);
+    expect(() => unpackSenderLog(longer)).toThrow(/packed sender log/);
+    const lying = packed.slice();
+    new DataView(lying.buffer).setFloat64(0, 1e6, true);
+    expect(() => unpackSenderLog(lying)).toThrow(/packed sender log/);
+    const bad = serialize({ ...initialRuntimeState(), sender_log: undefined, sender_log_packed: "no" });
+    expect(() => decodeRuntimeState(bad)).toThrow(/packed sender log/);
   });
 });

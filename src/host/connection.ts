@@ -71,12 +71,13 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       return false;
     }
     const parts = encodeFrame(type, encodePayload(header, body));
-    // Frames sent in the same tick (a commit to every host, deltas of several members to one
-    // backup host) leave in one writev at the end of the tick: one syscall, not one per frame.
+    // Frames sent in the same event-loop turn (a commit to every host, the deltas of several
+    // members to one backup host, acks) leave in one writev once the turn's I/O and VM-thread
+    // messages are handled: one syscall and one wake-up of the peer, not one per frame.
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
-      process.nextTick(() => {
+      setImmediate(() => {
         this.corked = false;
         this.socket.uncork();
       });

@@ -6,7 +6,9 @@
  *
  * Encoded with V8's structured serializer (`node:v8`): compact, binary, keeps
  * Uint8Array payloads as bytes, and the checkpoint format around it carries
- * the magic, version and checksum.
+ * the magic, version and checksum. The sender log is packed into one byte
+ * array first (packSenderLog); states with an unpacked `sender_log` (written
+ * before) still decode.
  */
 import { deserialize, serialize } from "node:v8";
 
@@ -93,14 +95,76 @@ export function initialRuntimeState(): RuntimeState {
   };
 }
 
+/** Header of one packed sender-log entry: f64 to, f64 epoch, f64 seq, f64 length. */
+const PACKED_ENTRY_BYTES = 32;
+
+/**
+ * The sender log as one byte array (headers, then payloads back to back): the
+ * structured serializer spends most of a group member's capture on a log of
+ * many small entries, one host object per Uint8Array, and the backup as much
+ * again to read it back; one array is one host object.
+ */
+export function packSenderLog(log: readonly LoggedMessage[]): Uint8Array {
+  let payload = 0;
+  for (const e of log) payload += e.bytes.length;
+  const head = 8 + log.length * PACKED_ENTRY_BYTES;
+  const out = new Uint8Array(head + payload);
+  const view = new DataView(out.buffer);
+  view.setFloat64(0, log.length, true);
+  let at = 8;
+  let body = head;
+  for (const e of log) {
+    view.setFloat64(at, e.to, true);
+    view.setFloat64(at + 8, e.epoch, true);
+    view.setFloat64(at + 16, e.seq, true);
+    view.setFloat64(at + 24, e.bytes.length, true);
+    out.set(e.bytes, body);
+    at += PACKED_ENTRY_BYTES;
+    body += e.bytes.length;
+  }
+  return out;
+}
+
+export function unpackSenderLog(packed: Uint8Array): LoggedMessage[] {
+  const malformed = () => new TypeError("runtime state is malformed (packed sender log)");
+  if (packed.length < 8) throw malformed();
+  const view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
+  const count = view.getFloat64(0, true);
+  if (!Number.isSafeInteger(count) || count < 0 || 8 + count * PACKED_ENTRY_BYTES > packed.length) throw malformed();
+  const log: LoggedMessage[] = [];
+  let at = 8;
+  let body = 8 + count * PACKED_ENTRY_BYTES;
+  for (let i = 0; i < count; i++) {
+    const [to, epoch, seq, length] = [0, 8, 16, 24].map((o) => view.getFloat64(at + o, true));
+    if (![to, epoch, seq, length].every((n) => Number.isSafeInteger(n) && n >= 0) || body + length > packed.length) throw malformed();
+    // A copy per entry: a view into one shared buffer would drag the whole log along whenever a message is cloned.
+    log.push({ to, epoch, seq, bytes: packed.slice(body, body + length) });
+    at += PACKED_ENTRY_BYTES;
+    body += length;
+  }
+  if (body !== packed.length) throw malformed();
+  return log;
+}
+
+/** What is serialized: the state with its sender log packed (see packSenderLog). */
+type EncodedState = Omit<RuntimeState, "sender_log"> & { sender_log?: LoggedMessage[]; sender_log_packed?: Uint8Array };
+
 export function encodeRuntimeState(state: RuntimeState): Uint8Array {
-  return serialize(state);
+  const { sender_log, ...rest } = state;
+  const encoded: EncodedState = { ...rest, sender_log_packed: packSenderLog(sender_log) };
+  return serialize(encoded);
 }
 
 export function decodeRuntimeState(bytes: Uint8Array): RuntimeState {
-  const state = deserialize(bytes) as RuntimeState;
-  if (typeof state?.epoch !== "number" || !(state.timers instanceof Map) || !Array.isArray(state.output)) {
+  const encoded = deserialize(bytes) as EncodedState;
+  if (typeof encoded?.epoch !== "number" || !(encoded.timers instanceof Map) || !Array.isArray(encoded.output)) {
     throw new TypeError("runtime state is malformed");
+  }
+  const { sender_log_packed, ...rest } = encoded;
+  const state = rest as RuntimeState;
+  if (sender_log_packed !== undefined) {
+    if (!(sender_log_packed instanceof Uint8Array)) throw new TypeError("runtime state is malformed (packed sender log)");
+    state.sender_log = unpackSenderLog(sender_log_packed);
   }
   // States written before group messaging existed carry no channel fields: they had sent and delivered nothing.
   state.incarnation ??= 0;
