@@ -2,7 +2,7 @@ import { serialize } from "node:v8";
 import { crc32 } from "node:zlib";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { decodeRuntimeState, encodeRuntimeState, initialRuntimeState, packSenderLog, unpackSenderLog } from "../src/vm/runtime-state.js";
+import { decodeOutputRecords, decodeRuntimeState, encodeRuntimeState, initialRuntimeState, packSenderLog, unpackSenderLog } from "../src/vm/runtime-state.js";
 import {
   CheckpointFormatError,
   ChecksumMismatchError,
@@ -441,21 +441,47 @@ describe("runtime state encoding", () => {
     { maxLength: 50 },
   );
 
-  it("a state with any sender log decodes to the same state (the log is packed in between)", () => {
+  const arbOutput = fc.array(
+    fc.record({
+      kind: fc.constantFrom(0, 1),
+      epoch: fc.integer({ min: 1, max: 1e12 }),
+      seq: fc.integer({ min: 1, max: 1e12 }),
+      session: fc.nat(1000),
+      request_id: fc.nat(1e9),
+      bytes: fc.uint8Array({ maxLength: 120 }),
+      produced_ms: fc.double({ min: 0, max: 2e12, noNaN: true }),
+    }),
+    { maxLength: 20 },
+  );
+
+  it("a state with any sender log and output decodes to the same state; its output reads on its own", () => {
     fc.assert(
-      fc.property(arbLog, (sender_log) => {
-        const state = { ...initialRuntimeState(), epoch: 7, sender_log, sender_log_bytes: 1, sent_seq: [3], timers: new Map([[1, 2.5]]) };
-        const decoded = decodeRuntimeState(encodeRuntimeState(state));
-        expect(decoded).toEqual(state);
+      fc.property(arbLog, arbOutput, (sender_log, output) => {
+        const state = { ...initialRuntimeState(), epoch: 7, output, sender_log, sender_log_bytes: 1, sent_seq: [3], timers: new Map([[1, 2.5]]) };
+        const bytes = encodeRuntimeState(state);
+        expect(decodeRuntimeState(bytes)).toEqual(state);
+        expect(decodeOutputRecords(bytes)).toEqual(output);
         expect(unpackSenderLog(packSenderLog(sender_log))).toEqual(sender_log);
       }),
     );
   });
 
-  it("states written with an unpacked sender log still decode", () => {
+  it("refuses an unknown layout or an output section that overruns the state", () => {
+    const bytes = encodeRuntimeState(initialRuntimeState());
+    const unknown = bytes.slice();
+    unknown[0] = 0x00;
+    expect(() => decodeRuntimeState(unknown)).toThrow(/unknown layout/);
+    const overrun = bytes.slice();
+    new DataView(overrun.buffer).setUint32(1, 1e6, true);
+    expect(() => decodeOutputRecords(overrun)).toThrow(/overruns/);
+  });
+
+  it("states written as V8 bytes only, with an unpacked sender log, still decode", () => {
     const sender_log = [{ to: 1, epoch: 2, seq: 3, bytes: new Uint8Array([1, 2, 3]) }];
-    const state = { ...initialRuntimeState(), sender_log };
+    const output = [{ kind: 0, epoch: 1, seq: 1, session: 0, request_id: 0, bytes: new Uint8Array([104, 105]), produced_ms: 5 }];
+    const state = { ...initialRuntimeState(), sender_log, output };
     expect(decodeRuntimeState(serialize(state)).sender_log).toEqual(sender_log);
+    expect(decodeOutputRecords(serialize(state))).toEqual(output);
   });
 
   it("refuses a packed log whose lengths do not add up", () => {
@@ -467,7 +493,7 @@ describe("runtime state encoding", () => {
     const lying = packed.slice();
     new DataView(lying.buffer).setFloat64(0, 1e6, true);
     expect(() => unpackSenderLog(lying)).toThrow(/packed sender log/);
-    const bad = serialize({ ...initialRuntimeState(), sender_log: undefined, sender_log_packed: "no" });
+    const bad = serialize({ ...initialRuntimeState(), sender_log: undefined, sender_log_packed: "no" }); // legacy layout
     expect(() => decodeRuntimeState(bad)).toThrow(/packed sender log/);
   });
 });

@@ -6,9 +6,18 @@
  *
  * Encoded with V8's structured serializer (`node:v8`): compact, binary, keeps
  * Uint8Array payloads as bytes, and the checkpoint format around it carries
- * the magic, version and checksum. The sender log is packed into one byte
- * array first (packSenderLog); states with an unpacked `sender_log` (written
- * before) still decode.
+ * the magic, version and checksum. Layout:
+ *
+ *   u8  STATE_LAYOUT_SPLIT (0x43)
+ *   u32 length of the output section (little-endian)
+ *   output section: the unreleased output records, packed (packOutput)
+ *   V8 structured-serializer bytes of everything else, the sender log packed
+ *   into one byte array (packSenderLog)
+ *
+ * The output comes first and on its own so that a backup can read what a
+ * checkpoint released (decodeOutputRecords) without deserializing the rest.
+ * A state that is only V8 bytes (first byte 0xFF, written before this layout)
+ * still decodes.
  */
 import { deserialize, serialize } from "node:v8";
 
@@ -146,18 +155,89 @@ export function unpackSenderLog(packed: Uint8Array): LoggedMessage[] {
   return log;
 }
 
-/** What is serialized: the state with its sender log packed (see packSenderLog). */
-type EncodedState = Omit<RuntimeState, "sender_log"> & { sender_log?: LoggedMessage[]; sender_log_packed?: Uint8Array };
+/** First byte of the split layout (see the file comment); V8's serializer starts with 0xFF. */
+const STATE_LAYOUT_SPLIT = 0x43;
+const V8_VERSION_TAG = 0xff;
+/** Header of one packed output record: f64 kind, epoch, seq, session, request_id, produced_ms, length. */
+const PACKED_OUTPUT_BYTES = 56;
+
+export function packOutput(records: readonly OutputRecord[]): Uint8Array {
+  let payload = 0;
+  for (const r of records) payload += r.bytes.length;
+  const head = 8 + records.length * PACKED_OUTPUT_BYTES;
+  const out = new Uint8Array(head + payload);
+  const view = new DataView(out.buffer);
+  view.setFloat64(0, records.length, true);
+  let at = 8;
+  let body = head;
+  for (const r of records) {
+    [r.kind, r.epoch, r.seq, r.session, r.request_id, r.produced_ms, r.bytes.length].forEach((v, i) => view.setFloat64(at + 8 * i, v, true));
+    out.set(r.bytes, body);
+    at += PACKED_OUTPUT_BYTES;
+    body += r.bytes.length;
+  }
+  return out;
+}
+
+export function unpackOutput(packed: Uint8Array): OutputRecord[] {
+  const malformed = () => new TypeError("runtime state is malformed (output section)");
+  if (packed.length < 8) throw malformed();
+  const view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
+  const count = view.getFloat64(0, true);
+  if (!Number.isSafeInteger(count) || count < 0 || 8 + count * PACKED_OUTPUT_BYTES > packed.length) throw malformed();
+  const records: OutputRecord[] = [];
+  let at = 8;
+  let body = 8 + count * PACKED_OUTPUT_BYTES;
+  for (let i = 0; i < count; i++) {
+    const [kind, epoch, seq, session, request_id, produced_ms, length] = [0, 1, 2, 3, 4, 5, 6].map((k) => view.getFloat64(at + 8 * k, true));
+    if (![kind, epoch, seq, session, request_id, length].every((n) => Number.isSafeInteger(n)) || length < 0 || !Number.isFinite(produced_ms) || body + length > packed.length) {
+      throw malformed();
+    }
+    records.push({ kind, epoch, seq, session, request_id, produced_ms, bytes: packed.slice(body, body + length) });
+    at += PACKED_OUTPUT_BYTES;
+    body += length;
+  }
+  if (body !== packed.length) throw malformed();
+  return records;
+}
+
+/** What is serialized: the state without its output, its sender log packed (see packSenderLog). */
+type EncodedState = Omit<RuntimeState, "sender_log" | "output"> & { output?: OutputRecord[]; sender_log?: LoggedMessage[]; sender_log_packed?: Uint8Array };
 
 export function encodeRuntimeState(state: RuntimeState): Uint8Array {
-  const { sender_log, ...rest } = state;
+  const { sender_log, output, ...rest } = state;
   const encoded: EncodedState = { ...rest, sender_log_packed: packSenderLog(sender_log) };
-  return serialize(encoded);
+  const section = packOutput(output);
+  const tail = serialize(encoded);
+  const out = new Uint8Array(5 + section.length + tail.length);
+  out[0] = STATE_LAYOUT_SPLIT;
+  new DataView(out.buffer).setUint32(1, section.length, true);
+  out.set(section, 5);
+  out.set(tail, 5 + section.length);
+  return out;
+}
+
+/** The split layout's two parts; a state of V8 bytes only has no output section. */
+function splitState(bytes: Uint8Array): { output: Uint8Array | null; tail: Uint8Array } {
+  if (bytes[0] === V8_VERSION_TAG) return { output: null, tail: bytes };
+  if (bytes[0] !== STATE_LAYOUT_SPLIT || bytes.length < 5) throw new TypeError("runtime state is malformed (unknown layout)");
+  const length = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(1, true);
+  if (5 + length > bytes.length) throw new TypeError("runtime state is malformed (output section overruns the state)");
+  return { output: bytes.subarray(5, 5 + length), tail: bytes.subarray(5 + length) };
+}
+
+/** Only the unreleased output records of a state: what a backup mirrors, without deserializing the rest. */
+export function decodeOutputRecords(bytes: Uint8Array): OutputRecord[] {
+  const { output } = splitState(bytes);
+  return output ? unpackOutput(output) : decodeRuntimeState(bytes).output;
 }
 
 export function decodeRuntimeState(bytes: Uint8Array): RuntimeState {
-  const encoded = deserialize(bytes) as EncodedState;
-  if (typeof encoded?.epoch !== "number" || !(encoded.timers instanceof Map) || !Array.isArray(encoded.output)) {
+  const split = splitState(bytes);
+  const encoded = deserialize(split.tail) as EncodedState;
+  if (typeof encoded !== "object" || encoded === null) throw new TypeError("runtime state is malformed");
+  if (split.output) encoded.output = unpackOutput(split.output);
+  if (typeof encoded.epoch !== "number" || !(encoded.timers instanceof Map) || !Array.isArray(encoded.output)) {
     throw new TypeError("runtime state is malformed");
   }
   const { sender_log_packed, ...rest } = encoded;

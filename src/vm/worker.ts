@@ -10,7 +10,7 @@ import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
 import { RESERVED_WASM_PAGES } from "./layout.js";
 import { VmCore, VmCrashedError, type GroupMessage, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
 import { MessagePath } from "./message-path.js";
-import { decodeRuntimeState, type OutputRecord } from "./runtime-state.js";
+import { decodeOutputRecords, type OutputRecord } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
@@ -259,7 +259,7 @@ const handlers: Handlers = {
     for (const delta of deltas) {
       const parts = decodeDelta(delta);
       b.apply(parts);
-      for (const r of decodeRuntimeState(parts.runtime_state).output) output.set(r.seq, r);
+      for (const r of decodeOutputRecords(parts.runtime_state)) output.set(r.seq, r);
     }
     return { output: [...output.values()].sort((x, y) => x.seq - y.seq) };
   },
