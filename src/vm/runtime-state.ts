@@ -20,6 +20,7 @@
  * still decodes.
  */
 import { deserialize, serialize } from "node:v8";
+import { assert } from "../util/assert.js";
 
 export const OUTPUT_LOG = 0;
 export const OUTPUT_REPLY = 1;
@@ -104,102 +105,89 @@ export function initialRuntimeState(): RuntimeState {
   };
 }
 
-/** Header of one packed sender-log entry: f64 to, f64 epoch, f64 seq, f64 length. */
-const PACKED_ENTRY_BYTES = 32;
-
 /**
- * The sender log as one byte array (headers, then payloads back to back): the
- * structured serializer spends most of a group member's capture on a log of
- * many small entries, one host object per Uint8Array, and the backup as much
- * again to read it back; one array is one host object.
+ * Records of numbers plus one byte payload each, as one byte array: f64
+ * count, then per record its numbers and its payload length as f64, then the
+ * payloads back to back. The structured serializer spends most of a group
+ * member's capture on many small records (one host object per Uint8Array),
+ * and the backup as much again reading them back; one array is one object.
  */
-export function packSenderLog(log: readonly LoggedMessage[]): Uint8Array {
+function packRecords<T>(records: readonly T[], fields: number, numbersOf: (r: T) => number[], bytesOf: (r: T) => Uint8Array): Uint8Array {
+  const entry = 8 * (fields + 1);
   let payload = 0;
-  for (const e of log) payload += e.bytes.length;
-  const head = 8 + log.length * PACKED_ENTRY_BYTES;
-  const out = new Uint8Array(head + payload);
-  const view = new DataView(out.buffer);
-  view.setFloat64(0, log.length, true);
-  let at = 8;
-  let body = head;
-  for (const e of log) {
-    view.setFloat64(at, e.to, true);
-    view.setFloat64(at + 8, e.epoch, true);
-    view.setFloat64(at + 16, e.seq, true);
-    view.setFloat64(at + 24, e.bytes.length, true);
-    out.set(e.bytes, body);
-    at += PACKED_ENTRY_BYTES;
-    body += e.bytes.length;
-  }
-  return out;
-}
-
-export function unpackSenderLog(packed: Uint8Array): LoggedMessage[] {
-  const malformed = () => new TypeError("runtime state is malformed (packed sender log)");
-  if (packed.length < 8) throw malformed();
-  const view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
-  const count = view.getFloat64(0, true);
-  if (!Number.isSafeInteger(count) || count < 0 || 8 + count * PACKED_ENTRY_BYTES > packed.length) throw malformed();
-  const log: LoggedMessage[] = [];
-  let at = 8;
-  let body = 8 + count * PACKED_ENTRY_BYTES;
-  for (let i = 0; i < count; i++) {
-    const [to, epoch, seq, length] = [0, 8, 16, 24].map((o) => view.getFloat64(at + o, true));
-    if (![to, epoch, seq, length].every((n) => Number.isSafeInteger(n) && n >= 0) || body + length > packed.length) throw malformed();
-    // A copy per entry: a view into one shared buffer would drag the whole log along whenever a message is cloned.
-    log.push({ to, epoch, seq, bytes: packed.slice(body, body + length) });
-    at += PACKED_ENTRY_BYTES;
-    body += length;
-  }
-  if (body !== packed.length) throw malformed();
-  return log;
-}
-
-/** First byte of the split layout (see the file comment); V8's serializer starts with 0xFF. */
-const STATE_LAYOUT_SPLIT = 0x43;
-const V8_VERSION_TAG = 0xff;
-/** Header of one packed output record: f64 kind, epoch, seq, session, request_id, produced_ms, length. */
-const PACKED_OUTPUT_BYTES = 56;
-
-export function packOutput(records: readonly OutputRecord[]): Uint8Array {
-  let payload = 0;
-  for (const r of records) payload += r.bytes.length;
-  const head = 8 + records.length * PACKED_OUTPUT_BYTES;
+  for (const r of records) payload += bytesOf(r).length;
+  const head = 8 + records.length * entry;
   const out = new Uint8Array(head + payload);
   const view = new DataView(out.buffer);
   view.setFloat64(0, records.length, true);
   let at = 8;
   let body = head;
   for (const r of records) {
-    [r.kind, r.epoch, r.seq, r.session, r.request_id, r.produced_ms, r.bytes.length].forEach((v, i) => view.setFloat64(at + 8 * i, v, true));
-    out.set(r.bytes, body);
-    at += PACKED_OUTPUT_BYTES;
-    body += r.bytes.length;
+    const bytes = bytesOf(r);
+    const numbers = numbersOf(r);
+    assert(numbers.length === fields, "packRecords: field count");
+    numbers.forEach((v, i) => view.setFloat64(at + 8 * i, v, true));
+    view.setFloat64(at + 8 * fields, bytes.length, true);
+    out.set(bytes, body);
+    at += entry;
+    body += bytes.length;
   }
   return out;
 }
 
-export function unpackOutput(packed: Uint8Array): OutputRecord[] {
-  const malformed = () => new TypeError("runtime state is malformed (output section)");
+/** Inverse of packRecords; `valid` checks each record's numbers; `what` names the section in errors. */
+function unpackRecords<T>(packed: Uint8Array, fields: number, valid: (numbers: number[]) => boolean, build: (numbers: number[], bytes: Uint8Array) => T, what: string): T[] {
+  const malformed = () => new TypeError(`runtime state is malformed (${what})`);
+  const entry = 8 * (fields + 1);
   if (packed.length < 8) throw malformed();
   const view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
   const count = view.getFloat64(0, true);
-  if (!Number.isSafeInteger(count) || count < 0 || 8 + count * PACKED_OUTPUT_BYTES > packed.length) throw malformed();
-  const records: OutputRecord[] = [];
+  if (!Number.isSafeInteger(count) || count < 0 || 8 + count * entry > packed.length) throw malformed();
+  const records: T[] = [];
   let at = 8;
-  let body = 8 + count * PACKED_OUTPUT_BYTES;
+  let body = 8 + count * entry;
   for (let i = 0; i < count; i++) {
-    const [kind, epoch, seq, session, request_id, produced_ms, length] = [0, 1, 2, 3, 4, 5, 6].map((k) => view.getFloat64(at + 8 * k, true));
-    if (![kind, epoch, seq, session, request_id, length].every((n) => Number.isSafeInteger(n)) || length < 0 || !Number.isFinite(produced_ms) || body + length > packed.length) {
-      throw malformed();
-    }
-    records.push({ kind, epoch, seq, session, request_id, produced_ms, bytes: packed.slice(body, body + length) });
-    at += PACKED_OUTPUT_BYTES;
+    const numbers: number[] = [];
+    for (let k = 0; k < fields; k++) numbers.push(view.getFloat64(at + 8 * k, true));
+    const length = view.getFloat64(at + 8 * fields, true);
+    if (!valid(numbers) || !Number.isSafeInteger(length) || length < 0 || body + length > packed.length) throw malformed();
+    // A copy per record: a view into one shared buffer would drag the whole array along whenever one is cloned.
+    records.push(build(numbers, packed.slice(body, body + length)));
+    at += entry;
     body += length;
   }
   if (body !== packed.length) throw malformed();
   return records;
 }
+
+const naturals = (numbers: number[]) => numbers.every((n) => Number.isSafeInteger(n) && n >= 0);
+
+export function packSenderLog(log: readonly LoggedMessage[]): Uint8Array {
+  return packRecords(log, 3, (e) => [e.to, e.epoch, e.seq], (e) => e.bytes);
+}
+
+export function unpackSenderLog(packed: Uint8Array): LoggedMessage[] {
+  return unpackRecords(packed, 3, naturals, ([to, epoch, seq], bytes) => ({ to, epoch, seq, bytes }), "packed sender log");
+}
+
+export function packOutput(records: readonly OutputRecord[]): Uint8Array {
+  return packRecords(records, 6, (r) => [r.kind, r.epoch, r.seq, r.session, r.request_id, r.produced_ms], (r) => r.bytes);
+}
+
+export function unpackOutput(packed: Uint8Array): OutputRecord[] {
+  return unpackRecords(
+    packed,
+    6,
+    // Any integers (a guest picks the session it replies to), a finite clock reading.
+    (n) => n.slice(0, 5).every((v) => Number.isSafeInteger(v)) && Number.isFinite(n[5]),
+    ([kind, epoch, seq, session, request_id, produced_ms], bytes) => ({ kind, epoch, seq, session, request_id, produced_ms, bytes }),
+    "output section",
+  );
+}
+
+/** First byte of the split layout (see the file comment); V8's serializer starts with 0xFF. */
+const STATE_LAYOUT_SPLIT = 0x43;
+const V8_VERSION_TAG = 0xff;
 
 /** What is serialized: the state without its output, its sender log packed (see packSenderLog). */
 type EncodedState = Omit<RuntimeState, "sender_log" | "output"> & { output?: OutputRecord[]; sender_log?: LoggedMessage[]; sender_log_packed?: Uint8Array };
