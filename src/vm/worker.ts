@@ -153,8 +153,9 @@ function flush(vm: VmCore): GroupMessage[] {
 
 /**
  * How many epochs a message may be ahead of this VM and still end them here
- * at once; the leader never has more than 4 epochs uncommitted, so a message
- * further ahead is malformed or hostile and simply waits (VmCore holds it).
+ * at once; the daemon's leader keeps fewer epochs uncommitted than this
+ * (src/host/group/leader.ts), so a message further ahead is malformed or
+ * hostile and simply waits (VmCore holds it).
  */
 const MARKER_EPOCHS_MAX = 4;
 
