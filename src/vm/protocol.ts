@@ -107,8 +107,6 @@ export interface WorkerOps {
   image: { args: Record<string, never>; result: Uint8Array };
   /** Full image of the cut the primary is at right now, without a new capture (after a rollback, before it runs again). */
   image_current: { args: Record<string, never>; result: Uint8Array };
-  /** "manual" pauses the guest's timers (recovery); "auto" starts them again. */
-  set_timers: { args: { mode: WorkerVmOptions["timers"] }; result: VmStatus };
   status: { args: Record<string, never>; result: VmStatus };
   // ---- the group message data path (src/vm/message-path.ts): a primary sends and receives on its own thread
   /** Listens for peers on `bind_host`; from now on what the guest sends goes out on the path, not in outboxes. */

@@ -381,10 +381,6 @@ const handlers: Handlers = {
   image_current() {
     return encodeImage(needPrimary().image());
   },
-  set_timers({ mode }) {
-    setTimerMode(mode);
-    return status();
-  },
   status() {
     return status();
   },
