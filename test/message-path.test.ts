@@ -240,7 +240,7 @@ describe("the marker rule across real VM threads", () => {
     const before = await received();
     // Rank 0 ends epoch 1 (as on the leader's `end 1`); its next ping carries epoch 2.
     const c0 = await vm0.captureTo(1);
-    expect(c0.captured?.epoch).toBe(1);
+    expect(c0.captured).toBe(1);
     await until(() => captured1.length === 1, "rank 1's own capture of epoch 1");
     expect(captured1[0].epoch).toBe(1);
     // The leader's `end 1` reaching rank 1's host later: done already; a commit riding on it still applies.

@@ -94,12 +94,14 @@ export interface WorkerOps {
   /**
    * group mode: end epoch `epoch` (the leader's `end`), unless the VM ended it
    * already on its own (a message from the next epoch arrived first: see the
-   * `captured` event); then `captured` is null. With `commit`, first commit
-   * as the `commit` op does; `released` is what that released.
+   * `captured` event); then `captured` is null, else the epoch captured,
+   * whose delta was posted as a `captured` event just before this result.
+   * With `commit`, first commit as the `commit` op does; `released` is what
+   * that released.
    */
   capture_to: {
     args: { epoch: number; commit?: { epoch: number; trim?: number[] } };
-    result: { captured: CaptureResult | null; released: OutputRecord[] };
+    result: { captured: number | null; released: OutputRecord[] };
   };
   /** Cut `epoch` committed: its output is released; with `trim`, the sender log is trimmed in the same step (trimSenderLog). */
   commit: { args: { epoch: number; trim?: number[] }; result: OutputRecord[] };
@@ -143,7 +145,8 @@ export type WorkerEvent =
    * group mode: a message from epoch e+1 reached this VM in epoch e, so the
    * leader has ended e: the VM captured checkpoint e at once (the message is
    * the marker) instead of holding the message until the leader's `end e`
-   * reaches its host. The delta is the host's to ship, like a capture_to result.
+   * reaches its host. capture_to's checkpoints come the same way. The delta
+   * is the host's to ship.
    */
   | { event: "captured"; result: CaptureResult }
   /** Something went wrong on the message path (a link refused or broken); the VM runs on. */

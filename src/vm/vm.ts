@@ -8,7 +8,6 @@ import { EventEmitter } from "node:events";
 import { Worker, type TransferListItem } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
 import { sealDelta } from "../checkpoint/format.js";
-import type { OutputRecord } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
@@ -54,7 +53,6 @@ export class VmGoneError extends Error {
 }
 
 interface Pending {
-  op: WorkerOp;
   resolve: (value: unknown) => void;
   reject: (error: Error) => void;
 }
@@ -63,7 +61,7 @@ export interface VmEvents {
   crashed: [message: string];
   outbox: [messages: WorkerOps["message"]["result"]];
   output_pending: [epoch: number];
-  /** group mode: the VM captured on its own (WorkerEvent "captured"); the delta is sealed. */
+  /** group mode: a checkpoint (capture_to, or the VM's own: WorkerEvent "captured"); the delta is sealed. */
   captured: [result: CaptureResult];
   /** The message path had a problem (a link refused or broken); the VM runs on. */
   problem: [message: string];
@@ -188,7 +186,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
     if (this.pending.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { op, resolve: resolve as (value: unknown) => void, reject });
+      this.pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
       this.worker.postMessage({ id, op, args }, transfer);
     });
   }
@@ -205,7 +203,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
    * WorkerOps.capture_to. The delta comes as a `captured` event, like the
    * VM's own captures, so that listeners see every delta in epoch order.
    */
-  captureTo(epoch: number, commit?: { epoch: number; trim?: number[] }): Promise<{ captured: CaptureResult | null; released: OutputRecord[] }> {
+  captureTo(epoch: number, commit?: { epoch: number; trim?: number[] }): Promise<WorkerOps["capture_to"]["result"]> {
     return this.request("capture_to", { epoch, commit });
   }
 
@@ -226,12 +224,6 @@ export class VmWorker extends EventEmitter<VmEvents> {
     const pending = this.pending.get(message.id);
     if (!pending) return;
     this.pending.delete(message.id);
-    if (message.ok && pending.op === "capture_to" && (message.value as WorkerOps["capture_to"]["result"]).captured) {
-      // Synchronously, in the order the worker posted: the marker captures arrive as events.
-      const result = (message.value as WorkerOps["capture_to"]["result"]).captured!;
-      sealDelta(result.delta);
-      this.emit("captured", result);
-    }
     if (message.ok) pending.resolve(message.value);
     else pending.reject(new VmRequestError(message.error));
   }

@@ -8,7 +8,7 @@ import { parentPort, workerData } from "node:worker_threads";
 import { BackupImage } from "../checkpoint/backup-image.js";
 import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
 import { RESERVED_WASM_PAGES } from "./layout.js";
-import { VmCore, VmCrashedError, type GroupMessage, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
+import { VmCore, VmCrashedError, type CapturedDelta, type GroupMessage, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
 import { MessagePath } from "./message-path.js";
 import { decodeOutputRecords, type OutputRecord } from "./runtime-state.js";
 import {
@@ -169,11 +169,13 @@ const MARKER_EPOCHS_MAX = 4;
 function captureForMarker(vm: VmCore, m: GroupMessage): void {
   if (!consistentCut || !path?.running || m.incarnation !== vm.incarnation || m.to !== vm.rank()) return;
   if (!(m.epoch > vm.epoch && m.epoch <= vm.epoch + MARKER_EPOCHS_MAX)) return;
-  while (vm.epoch < m.epoch) {
-    const captured = vm.capture();
-    const result = { ...captured, outbox: [], path: path.counters };
-    emit({ event: "captured", result }, transferables(result));
-  }
+  while (vm.epoch < m.epoch) emitCaptured(vm.capture());
+}
+
+/** group mode: a checkpoint leaves as a `captured` event, whichever way it was taken, so the host sees them all in epoch order. */
+function emitCaptured(captured: CapturedDelta): void {
+  const result = { ...captured, outbox: [], path: path?.counters ?? null };
+  emit({ event: "captured", result }, transferables(result));
 }
 
 /** The path's hook: offer arrivals to the VM, say which it refused for now. */
@@ -315,9 +317,11 @@ const handlers: Handlers = {
       return { captured: null, released };
     }
     assert(vm.epoch === epoch, `capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
-    const captured = guarded(() => vm.capture());
-    path?.retryRefused();
-    return { captured: { ...captured, outbox: flush(vm), path: path?.counters ?? null }, released };
+    assert(path, "capture_to is for group members, whose sends go out on their message path");
+    emitCaptured(guarded(() => vm.capture()));
+    path.retryRefused();
+    flush(vm);
+    return { captured: epoch, released };
   },
   commit({ epoch, trim }) {
     return commitCut(needPrimary(), epoch, trim);
@@ -458,7 +462,6 @@ function transferables(value: unknown): ArrayBuffer[] {
     return [value.buffer];
   }
   if (value && typeof value === "object" && "delta" in value) return transferables((value as { delta: unknown }).delta);
-  if (value && typeof value === "object" && "captured" in value) return transferables((value as { captured: unknown }).captured);
   return [];
 }
 
