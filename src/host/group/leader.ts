@@ -20,9 +20,9 @@ import { EpochClock, type EpochTiming } from "../epoch-clock.js";
  * epoch. One: the next epoch ends once the previous cut committed, so an epoch
  * lasts at least one commit round trip. More in flight shortens epochs under
  * continuous output but multiplies checkpoint work when the hosts are busy:
- * allreduce over 8 VMs on 2 hosts ran 464 rounds/s with 4 in flight and 1,005
- * with 1, and a request waited 17 ms (p50) for its reply with 4, 9 ms with 1
- * (the checkpoint work had crowded out the guests).
+ * with 4, `cohort bench allreduce` over 8 VMs ran group mode at about half the
+ * rounds of none mode, the checkpoint work crowding out the guests (and their
+ * replies waited longer, not shorter).
  */
 export const EPOCHS_INFLIGHT_MAX = 1;
 
