@@ -497,3 +497,17 @@ describe("runtime state encoding", () => {
     expect(() => decodeRuntimeState(bad)).toThrow(/packed sender log/);
   });
 });
+
+describe("decoding a delta whose checksum the caller verified", () => {
+  it("skips only the crc: a flipped byte is the caller's to catch, a broken header is still refused", () => {
+    const buf = encodeDelta(sampleDelta());
+    const flipped = buf.slice();
+    flipped[buf.length - 5] ^= 0xff; // last byte of the runtime state, opaque to the decoder
+    expectFormatError(() => decodeDelta(flipped), ChecksumMismatchError, "ChecksumMismatch");
+    expect(() => decodeDelta(flipped, { checksum_verified: true })).not.toThrow();
+    expect(plain(decodeDelta(buf, { checksum_verified: true }))).toEqual(plain(decodeDelta(buf)));
+    const badMagic = buf.slice();
+    badMagic[0] ^= 0xff;
+    expectFormatError(() => decodeDelta(badMagic, { checksum_verified: true }), InvalidMagicError, "InvalidMagic");
+  });
+});

@@ -277,7 +277,16 @@ interface Decoded extends DeltaRegions {
   memory_pages: number;
 }
 
-function decode(kind: Kind, buf: Uint8Array): Decoded {
+export interface DecodeOptions {
+  /**
+   * The caller checked this very buffer's checksum already (a backup folding
+   * deltas it verified when it staged them): skip the crc32 pass. Every other
+   * check still runs.
+   */
+  checksum_verified?: boolean;
+}
+
+function decode(kind: Kind, buf: Uint8Array, options: DecodeOptions = {}): Decoded {
   const len = buf.length;
   if (len < PREFIX_BYTES) {
     throw new TruncatedError(`${kind.name} blob is ${len} bytes, shorter than the ${PREFIX_BYTES}-byte magic/version prefix`);
@@ -316,10 +325,12 @@ function decode(kind: Kind, buf: Uint8Array): Decoded {
     throw new InvalidFieldError(`${kind.name} blob is ${len} bytes but its header declares total_bytes ${total} (trailing bytes)`);
   }
 
-  const stored = dv.getUint32(len - TRAILER_BYTES, true);
-  const actual = crc32(buf.subarray(0, len - TRAILER_BYTES));
-  if (stored !== actual) {
-    throw new ChecksumMismatchError(`${kind.name} checksum mismatch: stored crc32 ${hex32(stored)}, computed ${hex32(actual)}`);
+  if (!options.checksum_verified) {
+    const stored = dv.getUint32(len - TRAILER_BYTES, true);
+    const actual = crc32(buf.subarray(0, len - TRAILER_BYTES));
+    if (stored !== actual) {
+      throw new ChecksumMismatchError(`${kind.name} checksum mismatch: stored crc32 ${hex32(stored)}, computed ${hex32(actual)}`);
+    }
   }
 
   // The bytes are as written; from here on a failure means the writer was buggy (or hostile).
@@ -364,8 +375,8 @@ function decode(kind: Kind, buf: Uint8Array): Decoded {
 }
 
 /** Validates and returns views into `buf` (page_indices copied only if `buf` is not 4-aligned). */
-export function decodeDelta(buf: Uint8Array): DeltaParts {
-  const d = decode(DELTA, buf);
+export function decodeDelta(buf: Uint8Array, options?: DecodeOptions): DeltaParts {
+  const d = decode(DELTA, buf, options);
   return {
     epoch: d.epoch,
     memory_pages: d.memory_pages,

@@ -67,7 +67,8 @@ export interface WorkerOps {
   backup: { args: { guest: GuestBundle; options: WorkerVmOptions; image: Uint8Array | null }; result: VmStatus };
   apply: { args: { delta: Uint8Array }; result: VmStatus };
   /**
-   * Several deltas in epoch order, in one request (a backup folding a batch).
+   * Several deltas in epoch order, in one request (a backup folding a batch),
+   * each checksum-verified by the caller already (it is not checked again).
    * Returns the output records the folded states held, each once, in seq
    * order: the caller mirrors those its committed cut released.
    */
