@@ -310,10 +310,7 @@ class Group {
     this.fold(member, cut);
     member.staged = [];
     if (promote) {
-      expect(member.backup.epoch).toBe(cut);
-      member.vm = member.backup.promote();
-      coverage.promotions++;
-      member.backup = BackupImage.fromImage(this.guest, member.options, decodeImage(encodeImage(member.vm.image())));
+      this.promoteAt(member, cut);
     } else {
       member.vm.rollback(cut);
     }
@@ -346,6 +343,14 @@ class Group {
     }
   }
 
+  /** The backup, folded to `cut`, becomes the primary; re-protection: a new backup from a full image of it. */
+  private promoteAt(member: Member, cut: number): void {
+    expect(member.backup.epoch).toBe(cut);
+    member.vm = member.backup.promote();
+    coverage.promotions++;
+    member.backup = BackupImage.fromImage(this.guest, member.options, decodeImage(encodeImage(member.vm.image())));
+  }
+
   private fold(member: Member, cut: number): void {
     while (member.staged.length && member.staged[0].epoch <= cut) member.backup.apply(member.staged.shift()!);
   }
@@ -369,11 +374,7 @@ class Group {
       if ((promote >> rank) & 1) {
         this.fold(member, cut);
         member.staged = [];
-        expect(member.backup.epoch).toBe(cut);
-        member.vm = member.backup.promote();
-        coverage.promotions++;
-        // Re-protection: a new backup from a full image of the promoted VM.
-        member.backup = BackupImage.fromImage(this.guest, member.options, decodeImage(encodeImage(member.vm.image())));
+        this.promoteAt(member, cut);
       } else {
         member.vm.rollback(cut);
         this.fold(member, cut);
