@@ -7,8 +7,9 @@
  * and the state (frozen during a recovery, running otherwise).
  *
  * Why on the VM thread: a message relayed by the host thread costs a
- * main⇄worker postMessage round trip at each end of every hop (≈ 47 µs each
- * on these machines), which alone is more than a loopback TCP round trip.
+ * main⇄worker postMessage round trip at each end of every hop, which together
+ * cost more than the loopback TCP round trip itself (`cohort bench pingpong`
+ * compares the modes with raw TCP).
  *
  * Policies kept here because they must act per message, at once:
  * - vm mode (`hold_until_commit`): a message leaves only once its sender
