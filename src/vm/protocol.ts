@@ -138,8 +138,6 @@ export interface SerializedError {
 /** Messages the worker sends without being asked. */
 export type WorkerEvent =
   | { event: "crashed"; message: string }
-  /** Messages sent by timer-driven guest calls (auto timers), for the host to route. */
-  | { event: "outbox"; messages: GroupMessage[] }
   /** First external output of an epoch: the host may checkpoint early (adaptive epochs). */
   | { event: "output_pending"; epoch: number }
   /**

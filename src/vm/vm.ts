@@ -59,7 +59,6 @@ interface Pending {
 
 export interface VmEvents {
   crashed: [message: string];
-  outbox: [messages: WorkerOps["message"]["result"]];
   output_pending: [epoch: number];
   /** group mode: a checkpoint (capture_to, or the VM's own: WorkerEvent "captured"); the delta is sealed. */
   captured: [result: CaptureResult];
@@ -235,7 +234,6 @@ export class VmWorker extends EventEmitter<VmEvents> {
       sealDelta(body.result.delta);
       this.emit("captured", body.result);
     }
-    else if (body.event === "outbox") this.emit("outbox", body.messages);
     else this.emit("output_pending", body.epoch);
   }
 

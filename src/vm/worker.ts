@@ -221,8 +221,8 @@ function scheduleTimers(): void {
     } catch {
       return; // crash already reported by afterCall
     }
-    const outbox = flush(vm);
-    if (outbox.length) emit({ event: "outbox", messages: outbox });
+    // Without a message path, what the guest sent waits in the outbox for the next request that returns it.
+    if (path) flush(vm);
   }, Math.max(0, next[1] - nowMs()));
 }
 
@@ -378,9 +378,8 @@ const handlers: Handlers = {
       // The image is good; the crash is reported by afterCall.
       if (!(error instanceof VmCrashedError)) throw error;
     }
-    // What they sent goes out with the next request's outbox or an event.
-    const outbox = flush(vm);
-    if (outbox.length) emit({ event: "outbox", messages: outbox });
+    // What they sent goes out on the message path, or waits in the outbox for the next request that returns it.
+    if (path) flush(vm);
     return image;
   },
   image_current() {
