@@ -1,0 +1,66 @@
+/**
+ * When the next epoch ends: adaptive epochs (docs/ARCHITECTURE.md "Adaptive
+ * epochs"), as pure arithmetic on the times it is told. Its owner (a group's
+ * leader, a vm/none member's own clock) asks `due()` and ends an epoch when
+ * the time has come and it can.
+ *
+ * - Something waits to leave (output; in vm mode also held peer messages):
+ *   the epoch ends min_interval_ms after the previous one, so a reply waits
+ *   about one commit round trip rather than half an epoch.
+ * - Nothing waits: interval_ms, doubling after each idle epoch up to
+ *   max_interval_ms; an epoch that had output resets it to interval_ms.
+ * - A boundary that came while the owner could not end the epoch (one still
+ *   uncommitted, no backup) is retried min_interval_ms later (`blocked`), or
+ *   at once when a commit makes room (`unblocked`).
+ */
+import type { EpochTiming } from "./types.js";
+
+export class EpochTimer {
+  private lastEnd_ms: number;
+  private idle_ms: number;
+  private waiting = false;
+  /** Set while a boundary passed that the owner could not act on: retry at this time. */
+  private retryAt_ms: number | null = null;
+
+  constructor(
+    private readonly timing: EpochTiming,
+    now_ms: number,
+  ) {
+    this.lastEnd_ms = now_ms;
+    this.idle_ms = timing.interval_ms;
+  }
+
+  /** Something waits for a commit: end the epoch soon. */
+  outputPending(): void {
+    this.waiting = true;
+  }
+
+  get outputWaiting(): boolean {
+    return this.waiting;
+  }
+
+  /** When the owner should next try to end an epoch. `alsoWaiting`: more reasons than output to hurry. */
+  due(alsoWaiting = false): number {
+    const wait = this.waiting || alsoWaiting ? this.timing.min_interval_ms : this.idle_ms;
+    const boundary = this.lastEnd_ms + Math.max(wait, this.timing.min_interval_ms);
+    return this.retryAt_ms === null ? boundary : Math.max(boundary, this.retryAt_ms);
+  }
+
+  /** The owner ended an epoch at `now_ms`. */
+  ended(now_ms: number): void {
+    this.lastEnd_ms = now_ms;
+    this.idle_ms = this.waiting ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idle_ms * 2);
+    this.waiting = false;
+    this.retryAt_ms = null;
+  }
+
+  /** The boundary came but the owner could not end the epoch: try again min_interval_ms later. */
+  blocked(now_ms: number): void {
+    this.retryAt_ms = now_ms + this.timing.min_interval_ms;
+  }
+
+  /** Room for another epoch (a commit): the boundary as soon as it is due. */
+  unblocked(): void {
+    this.retryAt_ms = null;
+  }
+}

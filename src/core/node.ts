@@ -1,0 +1,826 @@
+/**
+ * Everything one host does for one protected group, sans I/O: the group
+ * protocol's one implementation (docs/PROTOCOL.md). The host daemon
+ * (src/host/group/driver.ts) and the simulator (src/sim/) both drive it:
+ *
+ *   const core = GroupCore.deployed({ host, record, now_ms, detect_ms });
+ *   for each event: for (const action of core.handle(event)) carry it out, in order
+ *   and call handle({ type: "tick", now_ms }) by core.deadline() at the latest.
+ *
+ * Roles on this host: the primaries and backups the record places here, the
+ * leader (group mode) when the record names this host, one epoch clock per
+ * member (vm, none mode), and this host's part in a failover: proposing the
+ * decision, coordinating the recovery when its proposal won, or taking part.
+ *
+ * Time only enters through `tick`; everything else is a function of the
+ * events, so a recorded run replays to the same actions.
+ */
+import { assert } from "../util/assert.js";
+import { EpochTimer } from "./epoch-timer.js";
+import { checkFrameRanges, type FrameOf, type GroupFrame, type OutgoingFrame, type Route } from "./frames.js";
+import { Leader, type CutCommit } from "./leader.js";
+import { planRecovery, type HostReport, type RecoveryPlan } from "./recovery.js";
+import { activeHostsOf, lostRanks, needsFailover, planFailover, primaryHostsOf } from "./record.js";
+import type { BackupStep, CoreAction, CoreEvent, Handle, MembersStep, Notice, VmStep } from "./events.js";
+import {
+  MEMBER_INFLIGHT_MAX,
+  PROPOSE_BACKOFF_DETECTS,
+  RECOVER_RETRY_MS,
+  protectionKey,
+  type Epoch,
+  type HostId,
+  type Incarnation,
+  type ProtectionRecord,
+  type Rank,
+} from "./types.js";
+
+/** A primary on this host, as the core tracks it (the VM itself is the driver's). */
+interface Member {
+  rank: Rank;
+  state: "frozen" | "running";
+  /** Newest checkpoint captured. */
+  captured: Epoch;
+  committed: Epoch;
+  /** vm mode: messages held for a commit at the last capture (they hurry the clock like output). */
+  held: number;
+  /** vm, none mode: the member's own epoch clock. */
+  clock: MemberClock | null;
+}
+
+interface MemberClock {
+  timer: EpochTimer;
+  capturing: boolean;
+  /** vm mode: deltas shipped and not staged yet, oldest first. */
+  inflight: { epoch: Epoch; delivered: number[] }[];
+}
+
+/** A backup on this host. */
+interface Backup {
+  rank: Rank;
+  /** False until a new backup's image is installed. */
+  has_image: boolean;
+  /** Committed cut of the image (folded lazily by the driver, always before promotion or rollback). */
+  lo: Epoch;
+  /** Newest staged checkpoint. */
+  hi: Epoch;
+}
+
+/** Steps waiting for their `done`, and what to do then. */
+type StepContext =
+  | { kind: "capture_to"; rank: Rank }
+  | { kind: "capture"; rank: Rank; member: Member }
+  | { kind: "commit"; rank: Rank; member: Member; epoch: Epoch; delivered: number[] | null }
+  | { kind: "plain"; rank: Rank | null; what: string }
+  | { kind: "stage"; rank: Rank; epoch: Epoch; delivered: number[]; inc: Incarnation }
+  | { kind: "install"; rank: Rank; epoch: Epoch; inc: Incarnation }
+  | { kind: "restore"; rank: Rank; inc: Incarnation }
+  | { kind: "run"; inc: Incarnation; epoch: Epoch | null };
+
+/** The coordinator's side of a recovery (this host's proposal won). */
+interface Coordination {
+  record: ProtectionRecord;
+  /** Hosts that take part: every host of the record not declared failed. */
+  hosts: HostId[];
+  reports: Map<HostId, HostReport>;
+  rolled: Map<HostId, Record<string, number[]>>;
+  routes: Record<string, Route>;
+  plan: RecoveryPlan | null;
+  started_ms: number;
+  retryDue_ms: number;
+}
+
+/** This host's part in a recovery step (`rollback`), until every replica here is done. */
+interface LocalRecovery {
+  inc: Incarnation;
+  coordinator: HostId;
+  outstanding: number;
+  delivered: Record<string, number[]>;
+  routes: Record<string, Route>;
+}
+
+export interface CoreOptions {
+  host: HostId;
+  record: ProtectionRecord;
+  now_ms: number;
+  /** The failure detector's timeout: a proposer that is not first waits PROPOSE_BACKOFF_DETECTS of these. */
+  detect_ms: number;
+  /** Hosts alive at start (this one included). */
+  live: HostId[];
+}
+
+export interface CoreStatus {
+  incarnation: Incarnation;
+  leader: HostId;
+  /** Leader: newest committed cut. */
+  committed: Epoch | null;
+  recovering: boolean;
+  state: "running" | "fenced" | "halted";
+  lost: Rank[];
+  primaries: { rank: Rank; state: Member["state"]; captured: Epoch; committed: Epoch }[];
+  backups: { rank: Rank; has_image: boolean; cut: Epoch; staged: Epoch }[];
+  refused: number;
+  steps_failed: number;
+}
+
+export class GroupCore {
+  readonly host: HostId;
+  private record: ProtectionRecord;
+  private readonly detect_ms: number;
+  private now_ms: number;
+  private live: Set<HostId>;
+  private readonly members = new Map<Rank, Member>();
+  private readonly backups = new Map<Rank, Backup>();
+  private leader: Leader | null = null;
+  /** group mode: the epoch this host last told the leader it has output waiting in. */
+  private pendingSentEpoch = 0;
+  /** vm mode: newest committed delivered vector of each receiver (index: receiver, then sender). */
+  private readonly committedDelivered: number[][];
+  private nextStepId = 1;
+  private readonly steps = new Map<number, StepContext>();
+  private state: CoreStatus["state"] = "running";
+  private lost: Rank[] = [];
+  private started = false;
+  /** A failover proposal is due at this time (Infinity: none). */
+  private proposeDue_ms = Infinity;
+  private storeOp: { op: "get" } | { op: "cas"; value: ProtectionRecord } | null = null;
+  private coordination: Coordination | null = null;
+  private local: LocalRecovery | null = null;
+  private refusedCount = 0;
+  private stepsFailed = 0;
+
+  private constructor(options: CoreOptions) {
+    this.host = options.host;
+    this.record = options.record;
+    this.detect_ms = options.detect_ms;
+    this.now_ms = options.now_ms;
+    this.live = new Set(options.live);
+    this.committedDelivered = Array.from({ length: options.record.size }, () => new Array<number>(options.record.size).fill(0));
+  }
+
+  /** A freshly deployed group: the driver booted the primaries placed here (frozen, cut 0) and installed the deployed image on the backups. */
+  static deployed(options: CoreOptions): GroupCore {
+    const core = new GroupCore(options);
+    options.record.placement.forEach((p, rank) => {
+      assert(p.primary !== p.backup, `member ${rank}: primary and backup on one host`);
+      if (p.primary === core.host) core.members.set(rank, core.newMember(rank, 0));
+      if (p.backup === core.host) core.backups.set(rank, { rank, has_image: true, lo: 0, hi: 0 });
+    });
+    return core;
+  }
+
+  /** A host the record names that holds nothing of the group yet (a new backup host during a recovery). */
+  static joined(options: CoreOptions): GroupCore {
+    return new GroupCore(options);
+  }
+
+  get incarnation(): Incarnation {
+    return this.record.incarnation;
+  }
+
+  get currentRecord(): ProtectionRecord {
+    return this.record;
+  }
+
+  /** The latest time by which the driver must call `tick` (Infinity: nothing scheduled). */
+  deadline(): number {
+    if (this.state !== "running") return Infinity;
+    let due = this.proposeDue_ms;
+    if (this.leader) due = Math.min(due, this.leader.deadline());
+    if (this.coordination && this.coordination.plan === null) due = Math.min(due, this.coordination.retryDue_ms);
+    for (const m of this.members.values()) if (m.clock && this.clockCanRun(m)) due = Math.min(due, m.clock.timer.due(m.held > 0));
+    return due;
+  }
+
+  status(): CoreStatus {
+    return {
+      incarnation: this.record.incarnation,
+      leader: this.record.leader,
+      committed: this.leader?.committed ?? null,
+      recovering: this.coordination !== null || this.local !== null,
+      state: this.state,
+      lost: [...this.lost],
+      primaries: [...this.members.values()].map((m) => ({ rank: m.rank, state: m.state, captured: m.captured, committed: m.committed })),
+      backups: [...this.backups.values()].map((b) => ({ rank: b.rank, has_image: b.has_image, cut: b.lo, staged: b.hi })),
+      refused: this.refusedCount,
+      steps_failed: this.stepsFailed,
+    };
+  }
+
+  // ---- events ------------------------------------------------------------------------------
+
+  handle(event: CoreEvent): CoreAction[] {
+    const out: CoreAction[] = [];
+    if (this.state === "fenced") return out;
+    switch (event.type) {
+      case "tick":
+        assert(event.now_ms >= this.now_ms, "time does not go back");
+        this.now_ms = event.now_ms;
+        if (this.state === "running") this.tick(out);
+        break;
+      case "frame":
+        if (this.state === "running") this.onFrame(event.from, event.frame, event.body, out);
+        break;
+      case "hosts":
+        this.onHosts(event.live, out);
+        break;
+      case "store":
+        this.onStore(event, out);
+        break;
+      case "start":
+        this.start(event.routes, out);
+        break;
+      case "captured":
+        this.onCaptured(event.rank, event.epoch, event.delivered, event.delta, out);
+        break;
+      case "output_pending":
+        this.onOutputPending(event.rank, event.epoch, out);
+        break;
+      case "done":
+        this.onDone(event, out);
+        break;
+    }
+    return out;
+  }
+
+  // ---- helpers -----------------------------------------------------------------------------
+
+  private newMember(rank: Rank, cut: Epoch): Member {
+    return { rank, state: "frozen", captured: cut, committed: cut, held: 0, clock: null };
+  }
+
+  private vm(out: CoreAction[], rank: Rank, step: VmStep, context: StepContext): void {
+    const id = this.nextStepId++;
+    this.steps.set(id, context);
+    out.push({ type: "vm", id, rank, step });
+  }
+
+  private backup(out: CoreAction[], rank: Rank, step: BackupStep, context: StepContext): void {
+    const id = this.nextStepId++;
+    this.steps.set(id, context);
+    out.push({ type: "backup", id, rank, step });
+  }
+
+  private membersStep(out: CoreAction[], step: MembersStep, context: StepContext): void {
+    const id = this.nextStepId++;
+    this.steps.set(id, context);
+    out.push({ type: "members", id, step });
+  }
+
+  private notify(out: CoreAction[], notice: Notice): void {
+    out.push({ type: "notify", notice });
+  }
+
+  /** Sends to each host; this host's own copy is handled at once, after the others left. */
+  private broadcast(out: CoreAction[], hosts: readonly HostId[], frame: OutgoingFrame, body?: Handle | "module"): void {
+    let self = false;
+    for (const h of hosts) {
+      if (h === this.host) self = true;
+      else out.push({ type: "send", to: h, frame, body });
+    }
+    if (self) this.onFrame(this.host, { ...frame, v: 1, g: this.record.group, from: this.host } as GroupFrame, body, out);
+  }
+
+  private sendTo(out: CoreAction[], host: HostId, frame: OutgoingFrame, body?: Handle): void {
+    this.broadcast(out, [host], frame, body);
+  }
+
+  private refuse(out: CoreAction[], reason: string): void {
+    this.refusedCount++;
+    this.notify(out, { kind: "refused", reason });
+  }
+
+  // ---- running the group -------------------------------------------------------------------
+
+  /** Deploy done everywhere: run the members with every route, start the clocks. */
+  private start(routes: (Route | null)[], out: CoreAction[]): void {
+    if (this.started || this.state !== "running") return;
+    this.started = true;
+    assert(routes.length === this.record.size, `${routes.length} routes for a group of ${this.record.size}`);
+    for (const m of this.members.values()) m.state = "running";
+    this.membersStep(out, { op: "run", routes, delivered: null }, { kind: "run", inc: this.record.incarnation, epoch: null });
+  }
+
+  private startClocks(committed: Epoch): void {
+    this.pendingSentEpoch = 0;
+    if (this.record.mode === "group") {
+      this.leader = this.record.leader === this.host ? new Leader(this.record.size, this.record.epoch, committed, this.now_ms) : null;
+      return;
+    }
+    for (const m of this.members.values()) m.clock = { timer: new EpochTimer(this.record.epoch, this.now_ms), capturing: false, inflight: [] };
+  }
+
+  private stopClocks(): void {
+    this.leader = null;
+    for (const m of this.members.values()) m.clock = null;
+  }
+
+  private tick(out: CoreAction[]): void {
+    const now = this.now_ms;
+    if (now >= this.proposeDue_ms) {
+      this.proposeDue_ms = Infinity;
+      this.readStore(out);
+    }
+    const c = this.coordination;
+    if (c && c.plan === null && now >= c.retryDue_ms) {
+      c.retryDue_ms = now + RECOVER_RETRY_MS;
+      for (const h of c.hosts) if (h !== this.host && !c.reports.has(h)) out.push({ type: "send", to: h, frame: { k: "recover", inc: c.record.incarnation, record: c.record }, body: "module" });
+    }
+    if (this.leader) {
+      const action = this.leader.tick(now);
+      if (action?.kind === "end") {
+        // A commit riding on the end goes to backup hosts too (they fold); a bare end only to primaries.
+        const hosts = action.commit ? activeHostsOf(this.record) : primaryHostsOf(this.record);
+        this.broadcast(out, hosts, action.commit ? { k: "end", inc: this.record.incarnation, e: action.e, c: action.commit.c, d: action.commit.d } : { k: "end", inc: this.record.incarnation, e: action.e });
+      } else if (action?.kind === "commit") {
+        this.broadcast(out, activeHostsOf(this.record), { k: "commit", inc: this.record.incarnation, c: action.commit.c, d: action.commit.d });
+      }
+      if (action?.commit) this.notify(out, { kind: "committed", inc: this.record.incarnation, cut: action.commit.c });
+    }
+    for (const m of this.members.values()) {
+      if (!m.clock || !this.clockCanRun(m) || now < m.clock.timer.due(m.held > 0)) continue;
+      m.clock.capturing = true;
+      this.vm(out, m.rank, { op: "capture" }, { kind: "capture", rank: m.rank, member: m });
+    }
+  }
+
+  /** vm, none mode: may this member's clock capture now? (vm mode needs a backup and room in flight.) */
+  private clockCanRun(m: Member): boolean {
+    if (!m.clock || m.clock.capturing || m.state !== "running") return false;
+    if (this.record.mode === "none") return true;
+    return this.record.placement[m.rank].backup !== null && m.clock.inflight.length < MEMBER_INFLIGHT_MAX;
+  }
+
+  private onOutputPending(rank: Rank, epoch: Epoch, out: CoreAction[]): void {
+    const m = this.members.get(rank);
+    if (!m || m.state !== "running" || this.state !== "running") return;
+    if (this.record.mode !== "group") {
+      m.clock?.timer.outputPending();
+      return;
+    }
+    if (epoch <= m.captured) return; // captured already: its commit is on its way
+    // One `pending` per epoch from this host is all the leader needs, however many members have output.
+    if (epoch <= this.pendingSentEpoch) return;
+    this.pendingSentEpoch = epoch;
+    if (this.leader) this.leader.outputPending();
+    else this.sendTo(out, this.record.leader, { k: "pending", inc: this.record.incarnation });
+  }
+
+  /** group mode: a member's checkpoint, in epoch order: ship the delta to its backup. */
+  private onCaptured(rank: Rank, epoch: Epoch, delivered: number[], delta: Handle, out: CoreAction[]): void {
+    const m = this.members.get(rank);
+    if (!m || this.state !== "running") return;
+    m.captured = Math.max(m.captured, epoch);
+    // Frozen: a recovery started; what the VM captured since is decided by the recovery cut.
+    if (m.state !== "running" || this.record.mode !== "group") return;
+    const backup = this.record.placement[rank].backup;
+    if (backup === null) return; // degraded: nothing commits until the group has a backup again
+    this.sendTo(out, backup, { k: "delta", inc: this.record.incarnation, rank, e: epoch, d: delivered }, delta);
+  }
+
+  // ---- frames ------------------------------------------------------------------------------
+
+  private onFrame(from: HostId, frame: GroupFrame, body: Handle, out: CoreAction[]): void {
+    try {
+      checkFrameRanges(frame, this.record.size);
+    } catch (error) {
+      this.refuse(out, (error as Error).message);
+      return;
+    }
+    if (frame.k === "recover") {
+      if (frame.inc > this.record.incarnation) this.adopt(frame.record, from, out);
+      return;
+    }
+    // A halt may come from a coordinator whose incarnation this host never adopted (it found a member lost at once).
+    if (frame.k === "halt" && frame.inc >= this.record.incarnation) return this.halt(frame.lost, out);
+    if (frame.inc !== this.record.incarnation) return; // stale (or an incarnation this host has not adopted yet): dropped
+    switch (frame.k) {
+      case "end":
+        return this.onEnd(frame.e, frame.c !== undefined && frame.d ? { c: frame.c, d: frame.d } : null, out);
+      case "pending":
+        this.leader?.outputPending();
+        return;
+      case "delta":
+        return this.onDelta(frame, body, out);
+      case "image":
+        return this.onImage(frame, body, out);
+      case "staged":
+        return this.onStaged(frame, out);
+      case "commit":
+        return this.onCommit(frame.c, frame.d, out);
+      case "vcommit": {
+        const b = this.backups.get(frame.rank);
+        if (b && frame.e > b.lo) {
+          b.lo = frame.e;
+          this.backup(out, frame.rank, { op: "commit", cut: frame.e }, { kind: "plain", rank: frame.rank, what: "backup commit" });
+        }
+        return;
+      }
+      case "dv":
+        return this.onDeliveredVector(frame.rank, frame.d, out);
+      case "report":
+        return this.onReport(from, frame, out);
+      case "rollback":
+        return this.onRollback(from, frame, out);
+      case "rolled":
+        return this.onRolled(from, frame, out);
+      case "resume":
+        return this.onResume(frame, out);
+      case "halt":
+        return; // handled above
+    }
+  }
+
+  /** group mode: end epoch `e` of every member here (those a marker reached ended it already). */
+  private onEnd(e: Epoch, commit: CutCommit | null, out: CoreAction[]): void {
+    if (this.record.mode !== "group") return this.refuse(out, `end frame for a group in mode ${this.record.mode}`);
+    for (const m of this.members.values()) {
+      if (m.state !== "running") continue;
+      // Sender `rank` may drop what each receiver delivered at the committed cut.
+      const fresh = commit && commit.c > m.committed ? { epoch: commit.c, trim: commit.d.map((row) => row[m.rank]) } : undefined;
+      if (fresh) m.committed = fresh.epoch;
+      this.vm(out, m.rank, { op: "capture_to", epoch: e, commit: fresh }, { kind: "capture_to", rank: m.rank });
+    }
+    if (commit) this.commitBackups(commit.c, out);
+  }
+
+  private onCommit(c: Epoch, delivered: number[][], out: CoreAction[]): void {
+    for (const m of this.members.values()) {
+      if (m.state !== "running" || c <= m.committed) continue;
+      m.committed = c;
+      this.vm(out, m.rank, { op: "commit", epoch: c, trim: delivered.map((row) => row[m.rank]) }, { kind: "plain", rank: m.rank, what: "commit" });
+    }
+    this.commitBackups(c, out);
+  }
+
+  private commitBackups(c: Epoch, out: CoreAction[]): void {
+    for (const b of this.backups.values()) {
+      if (!b.has_image || c <= b.lo) continue;
+      b.lo = Math.min(c, b.hi);
+      this.backup(out, b.rank, { op: "commit", cut: b.lo }, { kind: "plain", rank: b.rank, what: "backup commit" });
+    }
+  }
+
+  private onDelta(frame: FrameOf<"delta">, body: Handle, out: CoreAction[]): void {
+    const b = this.backups.get(frame.rank);
+    if (!b || !b.has_image) return this.refuse(out, `delta of member ${frame.rank}, which has no backup here`);
+    if (frame.e <= b.hi) return this.refuse(out, `delta ${frame.e} of member ${frame.rank} is not after the newest staged ${b.hi}`);
+    b.hi = frame.e;
+    this.backup(out, frame.rank, { op: "stage", epoch: frame.e, delta: body }, { kind: "stage", rank: frame.rank, epoch: frame.e, delivered: frame.d, inc: frame.inc });
+  }
+
+  private onImage(frame: FrameOf<"image">, body: Handle, out: CoreAction[]): void {
+    if (this.record.placement[frame.rank].backup !== this.host) return this.refuse(out, `image of member ${frame.rank}, whose backup is not this host`);
+    // Replaces whatever copy is here: the new backup starts from this image. The driver runs this
+    // rank's steps in order, so deltas staged after it wait for the install.
+    this.backups.set(frame.rank, { rank: frame.rank, has_image: true, lo: frame.e, hi: frame.e });
+    this.backup(out, frame.rank, { op: "install", epoch: frame.e, image: body, released_seq: frame.released_seq, history: frame.history }, { kind: "install", rank: frame.rank, epoch: frame.e, inc: frame.inc });
+  }
+
+  private onStaged(frame: FrameOf<"staged">, out: CoreAction[]): void {
+    if (this.record.mode === "group") {
+      this.leader?.onStaged(frame.rank, frame.e, frame.d, this.now_ms);
+      return;
+    }
+    const m = this.members.get(frame.rank);
+    if (!m?.clock) return;
+    const inflight = m.clock.inflight;
+    while (inflight.length && inflight[0].epoch < frame.e) inflight.shift();
+    const head = inflight[0];
+    if (!head || head.epoch !== frame.e) return; // a stale ack (an earlier backup)
+    inflight.shift();
+    m.committed = Math.max(m.committed, frame.e);
+    this.vm(out, m.rank, { op: "commit", epoch: frame.e }, { kind: "commit", rank: m.rank, member: m, epoch: frame.e, delivered: head.delivered });
+  }
+
+  /** vm mode: receiver `rank` committed a checkpoint with `delivered`: local senders trim. */
+  private onDeliveredVector(rank: Rank, delivered: number[], out: CoreAction[]): void {
+    const row = this.committedDelivered[rank];
+    let changed = false;
+    for (let s = 0; s < row.length; s++) {
+      if (delivered[s] > row[s]) {
+        row[s] = delivered[s];
+        changed = true;
+      }
+    }
+    if (!changed) return;
+    for (const m of this.members.values()) {
+      if (m.state === "running") this.vm(out, m.rank, { op: "trim", delivered_by_receiver: this.committedDelivered.map((r) => r[m.rank]) }, { kind: "plain", rank: m.rank, what: "trim" });
+    }
+  }
+
+  // ---- step results ----------------------------------------------------------------------------
+
+  private onDone(event: Extract<CoreEvent, { type: "done" }>, out: CoreAction[]): void {
+    const ctx = this.steps.get(event.id);
+    if (!ctx) return; // a step of a replica this host dropped since
+    this.steps.delete(event.id);
+    if (!event.ok) {
+      this.stepsFailed++;
+      this.notify(out, { kind: "step_failed", rank: "rank" in ctx ? ctx.rank : null, step: ctx.kind === "plain" ? ctx.what : ctx.kind, error: event.error });
+      if (ctx.kind === "capture" && ctx.member.clock) ctx.member.clock.capturing = false;
+      if (ctx.kind === "stage") this.refuse(out, `delta ${ctx.epoch} of member ${ctx.rank} refused: ${event.error}`);
+      if (ctx.kind === "install") this.backups.delete(ctx.rank);
+      if (ctx.kind === "restore") this.localStepDone(ctx.inc, out);
+      return;
+    }
+    const v = event.value;
+    switch (ctx.kind) {
+      case "capture": {
+        const m = ctx.member;
+        if (m.clock) m.clock.capturing = false;
+        if (this.members.get(m.rank) !== m || m.state !== "running" || !m.clock) return;
+        assert(v.epoch !== undefined && v.delivered && v.delta !== undefined, "capture answers epoch, delivered and delta");
+        m.captured = v.epoch;
+        m.held = v.held ?? 0;
+        m.clock.timer.ended(this.now_ms);
+        if (this.record.mode === "none") {
+          m.committed = v.epoch;
+          this.vm(out, m.rank, { op: "commit", epoch: v.epoch }, { kind: "plain", rank: m.rank, what: "commit" });
+          return;
+        }
+        const backup = this.record.placement[m.rank].backup;
+        if (backup === null) return;
+        m.clock.inflight.push({ epoch: v.epoch, delivered: v.delivered });
+        this.sendTo(out, backup, { k: "delta", inc: this.record.incarnation, rank: m.rank, e: v.epoch, d: v.delivered }, v.delta);
+        return;
+      }
+      case "commit": {
+        // vm mode: the member's checkpoint committed (its held messages went out): tell its backup and the senders.
+        if (this.members.get(ctx.rank) !== ctx.member || ctx.member.state !== "running") return;
+        const backup = this.record.placement[ctx.rank].backup;
+        if (backup !== null) this.sendTo(out, backup, { k: "vcommit", inc: this.record.incarnation, rank: ctx.rank, e: ctx.epoch });
+        if (ctx.delivered) this.broadcast(out, primaryHostsOf(this.record), { k: "dv", inc: this.record.incarnation, rank: ctx.rank, e: ctx.epoch, d: ctx.delivered });
+        return;
+      }
+      case "stage": {
+        if (ctx.inc !== this.record.incarnation) return;
+        const to = this.record.mode === "group" ? this.record.leader : this.record.placement[ctx.rank].primary;
+        this.sendTo(out, to, { k: "staged", inc: ctx.inc, rank: ctx.rank, e: ctx.epoch, d: ctx.delivered });
+        return;
+      }
+      case "restore":
+        if (this.local && this.local.inc === ctx.inc) {
+          assert(v.delivered, "restore answers the delivered vector");
+          this.local.delivered[ctx.rank] = v.delivered;
+          if (v.route) this.local.routes[ctx.rank] = v.route;
+        }
+        this.localStepDone(ctx.inc, out);
+        return;
+      case "run":
+        if (ctx.inc === this.record.incarnation && this.state === "running") this.startClocks(ctx.epoch === null ? 0 : ctx.epoch - 1);
+        return;
+      case "capture_to":
+      case "install":
+      case "plain":
+        return;
+    }
+  }
+
+  // ---- failure handling: detection and the decision ----------------------------------------
+
+  private onHosts(live: readonly HostId[], out: CoreAction[]): void {
+    const before = this.live;
+    this.live = new Set(live);
+    if (this.state !== "running") return;
+    const gone = [...before].filter((h) => !this.live.has(h));
+    for (const h of gone) this.notify(out, { kind: "suspected", host: h });
+    // A participant of a recovery this host coordinates died: this incarnation cannot finish; decide the next one now.
+    const c = this.coordination;
+    if (c && gone.some((h) => c.hosts.includes(h))) {
+      this.coordination = null;
+      this.proposeDue_ms = this.now_ms;
+      return;
+    }
+    if (needsFailover(this.record, this.live).length === 0) return;
+    // Survivors all see the failure; the lowest-named live one proposes first, the others only if
+    // nothing happened after a while (it may have died too). The compare-and-swap decides either way.
+    const candidates = activeHostsOf(this.record).filter((h) => this.live.has(h));
+    const delay = candidates[0] === this.host ? 0 : PROPOSE_BACKOFF_DETECTS * this.detect_ms;
+    this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + delay);
+  }
+
+  private readStore(out: CoreAction[]): void {
+    if (this.storeOp) return;
+    this.storeOp = { op: "get" };
+    out.push({ type: "store_get", key: protectionKey(this.record.group) });
+  }
+
+  private onStore(result: Extract<CoreEvent, { type: "store" }>, out: CoreAction[]): void {
+    const op = this.storeOp;
+    if (!op || op.op !== result.op) return;
+    this.storeOp = null;
+    if (this.state !== "running") return;
+    const current = result.record;
+    if (!current) return; // the group was removed
+    if (current.failed.includes(this.host)) return this.fence(out);
+    if (op.op === "cas") {
+      if (result.ok) {
+        this.notify(out, { kind: "decided", inc: op.value.incarnation, dead: op.value.failed.filter((h) => !this.record.failed.includes(h)), record: op.value });
+        this.coordinate(op.value, out);
+      } else {
+        this.proposeDue_ms = this.now_ms; // someone else changed the record: look again
+      }
+      return;
+    }
+    const dead = needsFailover(current, this.live);
+    if (current.incarnation > this.record.incarnation && !dead.includes(current.leader)) {
+      // Decided already by a live coordinator: its `recover` is on its way. Look again later in case it dies.
+      this.proposeDue_ms = this.now_ms + PROPOSE_BACKOFF_DETECTS * this.detect_ms;
+      return;
+    }
+    if (dead.length === 0) return;
+    const next = planFailover(current, dead, [...this.live], this.host);
+    this.storeOp = { op: "cas", value: next };
+    out.push({ type: "store_cas", key: protectionKey(this.record.group), expected: result.version, value: next });
+  }
+
+  // ---- recovery: the coordinator -----------------------------------------------------------
+
+  /** This host won the compare-and-swap: it coordinates the recovery and leads the group afterwards. */
+  private coordinate(next: ProtectionRecord, out: CoreAction[]): void {
+    const down = new Set(next.failed);
+    const lost = lostRanks(next, down);
+    if (lost.length) {
+      this.broadcast(out, activeHostsOf(next), { k: "halt", inc: next.incarnation, lost });
+      return;
+    }
+    const hosts = activeHostsOf(next);
+    if (!hosts.includes(this.host)) hosts.push(this.host);
+    this.coordination = { record: next, hosts, reports: new Map(), rolled: new Map(), routes: {}, plan: null, started_ms: this.now_ms, retryDue_ms: this.now_ms + RECOVER_RETRY_MS };
+    for (const h of hosts) if (h !== this.host) out.push({ type: "send", to: h, frame: { k: "recover", inc: next.incarnation, record: next }, body: "module" });
+    this.adopt(next, this.host, out);
+  }
+
+  private onReport(from: HostId, frame: FrameOf<"report">, out: CoreAction[]): void {
+    const c = this.coordination;
+    if (!c || c.plan !== null || !c.hosts.includes(from)) return;
+    c.reports.set(from, { primaries: frame.primaries, backups: frame.backups });
+    if (c.reports.size < c.hosts.length) return;
+    const plan = planRecovery(c.record, c.reports);
+    c.plan = plan;
+    if (plan.lost.length) {
+      this.coordination = null;
+      this.broadcast(out, c.hosts, { k: "halt", inc: c.record.incarnation, lost: plan.lost });
+      return;
+    }
+    this.notify(out, { kind: "cut_chosen", inc: c.record.incarnation, cut: plan.cut, images: plan.images, committed: plan.committed });
+    this.broadcast(out, c.hosts, { k: "rollback", inc: c.record.incarnation, cut: plan.cut, targets: plan.targets, images: plan.images });
+  }
+
+  private onRolled(from: HostId, frame: FrameOf<"rolled">, out: CoreAction[]): void {
+    const c = this.coordination;
+    if (!c || c.plan === null || !c.hosts.includes(from)) return;
+    c.rolled.set(from, frame.d);
+    Object.assign(c.routes, frame.routes);
+    if (c.rolled.size < c.hosts.length) return;
+    const size = c.record.size;
+    const matrix = Array.from({ length: size }, () => new Array<number>(size).fill(0));
+    for (const d of c.rolled.values()) for (const [rank, vector] of Object.entries(d)) matrix[Number(rank)] = vector;
+    const routes = c.record.placement.map((_, rank) => c.routes[rank] ?? null);
+    const cut = c.plan.cut;
+    this.coordination = null;
+    this.notify(out, { kind: "resumed", inc: c.record.incarnation, cut, recovery_ms: this.now_ms - c.started_ms });
+    this.broadcast(out, c.hosts, { k: "resume", inc: c.record.incarnation, e: (cut ?? 0) + 1, d: matrix, routes });
+  }
+
+  // ---- recovery: every participant ------------------------------------------------------------
+
+  /** A new incarnation: refuse older frames from now on, stop, say what each replica here can reach. */
+  private adopt(record: ProtectionRecord, coordinator: HostId, out: CoreAction[]): void {
+    if (record.failed.includes(this.host)) return this.fence(out);
+    if (record.group !== this.record.group || record.mode !== this.record.mode || record.size !== this.record.size) {
+      return this.refuse(out, `recover frame: record of group ${record.group} (${record.mode}, ${record.size}) does not describe this group`);
+    }
+    // A primary that lives is never moved by a failover decision: a record that does is not one.
+    for (const m of this.members.values()) {
+      if (record.placement[m.rank].primary !== this.host) return this.refuse(out, `recover frame: record moves member ${m.rank}'s live primary off this host`);
+    }
+    this.record = record;
+    this.local = null;
+    this.proposeDue_ms = Infinity;
+    if (this.coordination && this.coordination.record.incarnation !== record.incarnation) this.coordination = null;
+    this.stopClocks();
+    for (const m of this.members.values()) {
+      if (m.state === "running") this.vm(out, m.rank, { op: "freeze" }, { kind: "plain", rank: m.rank, what: "freeze" });
+      m.state = "frozen";
+    }
+    const primaries = [...this.members.values()].map((m) => ({ rank: m.rank, hi: m.captured, committed: m.committed }));
+    const backups = [...this.backups.values()].map((b) => ({ rank: b.rank, has_image: b.has_image, lo: b.lo, hi: b.hi }));
+    this.sendTo(out, coordinator, { k: "report", inc: record.incarnation, primaries, backups });
+  }
+
+  /** Every host: go to the recovery cut (group) or promote the lost members (vm). */
+  private onRollback(from: HostId, frame: FrameOf<"rollback">, out: CoreAction[]): void {
+    const record = this.record;
+    const inc = record.incarnation;
+    const local: LocalRecovery = { inc, coordinator: from, outstanding: 1, delivered: {}, routes: {} };
+    this.local = local;
+    const rolledBack: Rank[] = [];
+    const promoted: Rank[] = [];
+    // First the copies that new images replace and those the new placement does not keep here.
+    for (const [rank, b] of [...this.backups]) {
+      const p = record.placement[rank];
+      const replaced = p.backup === this.host && frame.images.includes(rank);
+      if (replaced || (p.backup !== this.host && p.primary !== this.host)) {
+        this.backups.delete(rank);
+        this.backup(out, b.rank, { op: "drop" }, { kind: "plain", rank, what: "drop backup" });
+      }
+    }
+    for (let rank = 0; rank < record.size; rank++) {
+      const p = record.placement[rank];
+      const image_to = frame.images.includes(rank) ? p.backup : null;
+      if (p.primary === this.host) {
+        const target = frame.cut ?? frame.targets[rank] ?? null;
+        let m = this.members.get(rank);
+        let how: "rollback" | "reboot" | "keep" = "keep";
+        if (m) {
+          if (frame.cut !== null) {
+            if (frame.cut < m.committed || frame.cut > m.captured) {
+              // The coordinator chose from this host's own report, so this is a bug or a hostile peer.
+              this.refuse(out, `rollback frame: member ${rank} cannot go to cut ${frame.cut} (reaches ${m.committed}..${m.captured})`);
+              continue;
+            }
+            how = frame.cut === 0 ? "reboot" : "rollback";
+            m.captured = frame.cut;
+            rolledBack.push(rank);
+          }
+        } else {
+          const b = this.backups.get(rank);
+          if (!b || target === null) {
+            this.notify(out, { kind: "step_failed", rank, step: "promote", error: "no copy of this member here to promote" });
+            continue;
+          }
+          this.backups.delete(rank);
+          this.backup(out, rank, { op: "promote", cut: target }, { kind: "plain", rank, what: "promote" });
+          m = this.newMember(rank, target);
+          m.committed = b.lo;
+          this.members.set(rank, m);
+          promoted.push(rank);
+        }
+        if (target !== null) {
+          m.captured = Math.max(m.captured, target);
+          m.committed = Math.max(m.committed, target);
+        }
+        local.outstanding++;
+        this.vm(out, rank, { op: "restore", how, cut: target, inc, image_to, fresh_image: target === null }, { kind: "restore", rank, inc });
+      } else if (p.backup === this.host && !frame.images.includes(rank) && frame.cut !== null) {
+        const b = this.backups.get(rank);
+        if (b) {
+          b.lo = b.hi = frame.cut;
+          this.backup(out, rank, { op: "rollback_to", cut: frame.cut }, { kind: "plain", rank, what: "backup rollback" });
+        }
+      }
+    }
+    this.notify(out, { kind: "rolled_back", inc, cut: frame.cut, rolled_back: rolledBack, promoted });
+    this.localStepDone(inc, out);
+  }
+
+  private localStepDone(inc: Incarnation, out: CoreAction[]): void {
+    const l = this.local;
+    if (!l || l.inc !== inc || l.inc !== this.record.incarnation) return;
+    if (--l.outstanding > 0) return;
+    this.local = null;
+    this.sendTo(out, l.coordinator, { k: "rolled", inc, d: l.delivered, routes: l.routes });
+  }
+
+  /** Every host: new routes, re-send what each receiver's restored state lacks, then run. */
+  private onResume(frame: FrameOf<"resume">, out: CoreAction[]): void {
+    // Running from now on: the leader's first `end` may arrive while the members' run step is in
+    // progress, and the deltas of the captures it asks for must be shipped.
+    for (const m of this.members.values()) m.state = "running";
+    for (let r = 0; r < this.record.size; r++) for (let s = 0; s < this.record.size; s++) this.committedDelivered[r][s] = Math.max(this.committedDelivered[r][s], frame.d[r][s]);
+    this.started = true;
+    this.membersStep(out, { op: "run", routes: frame.routes, delivered: frame.d }, { kind: "run", inc: frame.inc, epoch: frame.e });
+  }
+
+  /** No copy of some member survived: the group stops here, and says which members were lost. */
+  private halt(lost: Rank[], out: CoreAction[]): void {
+    if (this.state !== "running") return;
+    this.state = "halted";
+    this.lost = [...lost];
+    this.stopAll(out);
+    this.notify(out, { kind: "lost", inc: this.record.incarnation, ranks: lost });
+  }
+
+  /**
+   * The store names this host failed (it was suspected while alive, e.g.
+   * paused or cut off): others may have promoted its backups, so it stops its
+   * primaries and drops its backups; they release nothing more.
+   */
+  private fence(out: CoreAction[]): void {
+    this.state = "fenced";
+    this.stopAll(out);
+    this.notify(out, { kind: "fenced", inc: this.record.incarnation });
+  }
+
+  private stopAll(out: CoreAction[]): void {
+    this.stopClocks();
+    this.coordination = null;
+    this.local = null;
+    this.proposeDue_ms = Infinity;
+    for (const m of this.members.values()) this.vm(out, m.rank, { op: "stop" }, { kind: "plain", rank: m.rank, what: "stop" });
+    for (const b of this.backups.values()) this.backup(out, b.rank, { op: "drop" }, { kind: "plain", rank: b.rank, what: "drop backup" });
+    this.members.clear();
+    this.backups.clear();
+  }
+}
