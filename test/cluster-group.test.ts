@@ -13,7 +13,7 @@ import { vmKey, type VmRecord } from "../src/host/records.js";
 import { EmbeddedStore } from "../src/store/embedded.js";
 import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
-import type { GroupStatus } from "../src/host/group/runtime.js";
+import type { GroupStatus } from "../src/host/group/driver.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 
 // Generous: deploys boot many VM threads at once, and a 2-core CI machine must not mistake that for a crash.

@@ -29,7 +29,7 @@ import { GROUP_SIZE_MAX, type ProtectionRecord } from "./types.js";
 /** Version of this frame format; a frame of a newer one is refused by name. */
 export const FRAME_VERSION = 1;
 
-/** Where a primary's message path listens (opaque to the core; the VM threads use it). */
+/** Where a primary's message path listens; the token proves the port still belongs to that VM (opaque to the core). */
 export interface Route {
   address: string;
   token: string;

@@ -750,6 +750,10 @@ export class GroupCore {
             this.notify(out, { kind: "step_failed", rank, step: "promote", error: "no copy of this member here to promote" });
             continue;
           }
+          if (target < b.lo || target > b.hi) {
+            this.refuse(out, `rollback frame: the backup of member ${rank} here cannot be promoted at ${target} (reaches ${b.lo}..${b.hi})`);
+            continue;
+          }
           this.backups.delete(rank);
           this.backup(out, rank, { op: "promote", cut: target }, { kind: "plain", rank, what: "promote" });
           m = this.newMember(rank, target);
@@ -765,7 +769,9 @@ export class GroupCore {
         this.vm(out, rank, { op: "restore", how, cut: target, inc, image_to, fresh_image: target === null }, { kind: "restore", rank, inc });
       } else if (p.backup === this.host && !frame.images.includes(rank) && frame.cut !== null) {
         const b = this.backups.get(rank);
-        if (b) {
+        if (b && (frame.cut < b.lo || frame.cut > b.hi)) {
+          this.refuse(out, `rollback frame: the backup of member ${rank} here cannot go to cut ${frame.cut} (reaches ${b.lo}..${b.hi})`);
+        } else if (b) {
           b.lo = b.hi = frame.cut;
           this.backup(out, rank, { op: "rollback_to", cut: frame.cut }, { kind: "plain", rank, what: "backup rollback" });
         }

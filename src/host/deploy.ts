@@ -7,8 +7,9 @@
 import type { Manifest } from "../cluster/manifest.js";
 import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
 import type { Host } from "./host.js";
-import { hostsOf, protectionKey, type ProtectionRecord } from "./group/record.js";
-import type { PathRoute } from "../vm/message-path.js";
+import { hostsOf } from "../core/record.js";
+import { protectionKey, type ProtectionRecord } from "../core/types.js";
+import type { Route } from "../core/frames.js";
 import { assert } from "../util/assert.js";
 
 export class DeployError extends Error {
@@ -101,8 +102,8 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
   const prepared = [await call(first, "group_prepare", { record: protection }, module)];
   prepared.push(...(await Promise.all(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)))));
   // Every primary's message path listens now; each host hands the whole table to its VMs.
-  const routes: (PathRoute | null)[] = protection.placement.map(() => null);
-  for (const p of prepared as { routes: Record<number, PathRoute> }[]) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
+  const routes: (Route | null)[] = protection.placement.map(() => null);
+  for (const p of prepared as { routes: Record<number, Route> }[]) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
   assert(routes.every((r) => r !== null), "a group member has no message path after group_prepare");
   await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group, routes })));
 }

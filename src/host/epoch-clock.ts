@@ -1,44 +1,34 @@
 /**
- * When the next epoch ends: adaptive epochs (DESIGN.md "Clients"), shared by
- * every owner of an epoch clock (a single VM's primary, a group's leader, a
- * group member in vm/none mode).
- *
- * - Something waits to leave (output; in vm mode also peer messages): the
- *   epoch ends min_interval_ms after the previous one, so a reply waits about
- *   one commit round trip rather than half an epoch.
- * - Nothing waits: interval_ms, doubling after each idle epoch up to
- *   max_interval_ms; an epoch that had output resets it to interval_ms.
- * - A tick that could not end an epoch (too many uncommitted, no backup) is
- *   tried again min_interval_ms later, or sooner through `kick` (a commit
- *   made room).
+ * A timer around the core's adaptive epoch arithmetic (src/core/epoch-timer.ts)
+ * for the single-VM primary (src/host/primary.ts), which is not driven by the
+ * group core yet. The rules (output waiting: min_interval_ms; idle: doubling
+ * up to max_interval_ms; a boundary that could not end an epoch retried
+ * min_interval_ms later or at `kick`) are the core's, not repeated here.
  */
-export interface EpochTiming {
-  interval_ms: number;
-  min_interval_ms: number;
-  max_interval_ms: number;
-}
+import { EpochTimer } from "../core/epoch-timer.js";
+import type { EpochTiming } from "../core/types.js";
+
+export type { EpochTiming };
 
 export class EpochClock {
   private timer: NodeJS.Timeout | null = null;
   private dueAt = Infinity;
-  private lastEndMs = 0;
-  private idleMs: number;
-  private waiting = false;
+  private readonly epochs: EpochTimer;
   private endedInTick = false;
   private stopped = false;
 
   constructor(
-    private readonly timing: EpochTiming,
+    timing: EpochTiming,
     /** Ends an epoch if it can (and then calls `ended`). */
     private readonly onTick: () => Promise<void> | void,
     /** More reasons than pending output to end epochs at the minimum interval. */
     private readonly alsoWaiting: () => boolean = () => false,
   ) {
-    this.idleMs = timing.interval_ms;
+    this.epochs = new EpochTimer(timing, performance.now());
   }
 
   start(): void {
-    this.lastEndMs = Date.now();
+    this.epochs.ended(performance.now());
     this.scheduleNext();
   }
 
@@ -50,33 +40,28 @@ export class EpochClock {
 
   /** Something waits for a commit: end the epoch soon. */
   outputPending(): void {
-    this.waiting = true;
-    this.scheduleAt(Math.max(Date.now(), this.lastEndMs + this.timing.min_interval_ms));
+    this.epochs.outputPending();
+    this.scheduleNext();
   }
 
   /** The owner ended an epoch now. */
   ended(): void {
     this.endedInTick = true;
-    this.lastEndMs = Date.now();
-    this.idleMs = this.waiting ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idleMs * 2);
-    this.waiting = false;
+    this.epochs.ended(performance.now());
   }
 
   /** Room for another epoch (a commit): the next boundary as soon as it is due. */
   kick(): void {
+    this.epochs.unblocked();
     this.scheduleNext();
   }
 
-  private scheduleAt(at_ms: number): void {
+  private scheduleNext(): void {
+    const at_ms = this.epochs.due(this.alsoWaiting());
     if (this.stopped || (this.timer && this.dueAt <= at_ms)) return;
     if (this.timer) clearTimeout(this.timer);
     this.dueAt = at_ms;
-    this.timer = setTimeout(() => void this.fire(), Math.max(0, at_ms - Date.now()));
-  }
-
-  private scheduleNext(): void {
-    const wait = this.waiting || this.alsoWaiting() ? this.timing.min_interval_ms : this.idleMs;
-    this.scheduleAt(this.lastEndMs + Math.max(wait, this.timing.min_interval_ms));
+    this.timer = setTimeout(() => void this.fire(), Math.max(0, at_ms - performance.now()));
   }
 
   private async fire(): Promise<void> {
@@ -86,8 +71,8 @@ export class EpochClock {
     try {
       await this.onTick();
     } finally {
-      if (this.endedInTick) this.scheduleNext();
-      else this.scheduleAt(Date.now() + this.timing.min_interval_ms);
+      if (!this.endedInTick) this.epochs.blocked(performance.now());
+      this.scheduleNext();
     }
   }
 }

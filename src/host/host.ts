@@ -22,10 +22,9 @@ import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../vm/machine.js";
 import type { Manifest } from "../cluster/manifest.js";
-import type { PathRoute } from "../vm/message-path.js";
-import { GroupRuntime, type GroupHostApi } from "./group/runtime.js";
-import type { ProtectionRecord } from "./group/record.js";
-import type { GroupFrame } from "./group/wire.js";
+import { GroupDriver, type GroupHostApi } from "./group/driver.js";
+import type { ProtectionRecord } from "../core/types.js";
+import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
 
 export interface HostOptions {
   id: string;
@@ -73,9 +72,11 @@ export class Host {
   private maintaining = false;
   /** VMs whose backup is being attached right now. */
   private readonly reprotecting = new Set<string>();
+  /** Group frames whose header was malformed or of a newer version (their connections were closed). */
+  private groupFramesRefused = 0;
   private stopping = false;
   /** Protected groups (size >= 2) with a replica on this host. */
-  readonly groups = new Map<string, GroupRuntime>();
+  readonly groups = new Map<string, GroupDriver>();
   private nextRequestId = (process.pid % 10_000) * 100_000;
   readonly groupApi: GroupHostApi;
 
@@ -250,7 +251,7 @@ export class Host {
   private async onPeerFailed(host: string): Promise<void> {
     const peer = this.peers.get(host);
     if (peer) peer.queue = [];
-    for (const g of this.groups.values()) g.onHostFailed(host);
+    for (const g of this.groups.values()) g.onHostsChanged();
     for (const backup of [...this.backups.values()]) {
       if (backup.record.primary === host) await this.promote(backup).catch((error: Error) => this.log.error({ err: error, vm: backup.record.vm }, "promotion failed"));
     }
@@ -359,33 +360,34 @@ export class Host {
         return;
       }
       case MSG.GROUP:
-        return this.onGroupFrame(connection, header as unknown as GroupFrame, body);
+        return this.onGroupFrame(connection, header, body);
       default:
         connection.close(`unknown message type ${type}`);
     }
   }
 
-  private async onGroupFrame(connection: Connection, frame: GroupFrame, body: Uint8Array): Promise<void> {
-    if (typeof frame.g !== "string" || typeof frame.k !== "string" || typeof frame.from !== "string" || !Number.isSafeInteger(frame.inc)) {
-      connection.close("malformed group frame header");
+  private async onGroupFrame(connection: Connection, header: unknown, body: Uint8Array): Promise<void> {
+    let frame: GroupFrame;
+    try {
+      frame = parseFrame(header);
+    } catch (error) {
+      // Malformed or of a newer version (a bug or a hostile peer): only this connection pays.
+      if (!(error instanceof FrameError)) throw error;
+      this.groupFramesRefused++;
+      connection.close(`group frame refused: ${error.message}`);
       return;
     }
-    let runtime = this.groups.get(frame.g);
-    if (!runtime && frame.k === "recover") {
+    let driver = this.groups.get(frame.g);
+    if (!driver && frame.k === "recover") {
       // A new backup host of a recovering group: it gets the module with the record.
-      const record = frame.record as ProtectionRecord;
-      if (!record?.placement?.some((p) => p.primary === this.id || p.backup === this.id)) return;
-      runtime = await GroupRuntime.join(this.groupApi, record, body.slice());
-      if (!this.groups.has(frame.g)) this.groups.set(frame.g, runtime);
-      runtime = this.groups.get(frame.g)!;
+      const record = frame.record;
+      if (!record.placement.some((p) => p.primary === this.id || p.backup === this.id)) return;
+      const joined = await GroupDriver.join(this.groupApi, record, body.slice());
+      if (!this.groups.has(frame.g)) this.groups.set(frame.g, joined);
+      driver = this.groups.get(frame.g)!;
     }
-    if (!runtime) return;
-    try {
-      runtime.handle(frame, body);
-    } catch (error) {
-      // A frame whose fields do not fit the group (a bug or a hostile peer): only this connection pays.
-      connection.close(`group frame ${frame.k} refused: ${(error as Error).message}`);
-    }
+    if (!driver) return;
+    driver.handleFrame(frame.from, frame, body);
   }
 
   private async sendTo(host: string, type: number, header: unknown): Promise<void> {
@@ -449,7 +451,7 @@ export class Host {
       case "group_run": {
         const g = this.groups.get(String(args.group));
         if (!g) throw Object.assign(new Error(`group ${String(args.group)} is not prepared on ${this.id}`), { code: "NoSuchGroup" });
-        await g.run(args.routes as (PathRoute | null)[]);
+        g.run(args.routes as (Route | null)[]);
         return { group: g.name };
       }
       case "vm_request":
@@ -462,9 +464,9 @@ export class Host {
   // ---- replicas --------------------------------------------------------------------
 
   /** Boots this host's replicas of a group (timers stopped); answers where its primaries' message paths listen. */
-  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, PathRoute> }> {
+  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, Route> }> {
     if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.id}`), { code: "GroupExists" });
-    const runtime = await GroupRuntime.prepare(this.groupApi, record, module);
+    const runtime = await GroupDriver.prepare(this.groupApi, record, module);
     this.groups.set(record.group, runtime);
     this.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
     return { group: record.group, routes: runtime.pathRoutes() };
@@ -687,7 +689,7 @@ export class Host {
           vm: m.vm,
           group: g.name,
           mode: g.record.mode,
-          incarnation: g.inc,
+          incarnation: g.record.incarnation,
           backup: m.backup,
           protected: m.backup !== null,
           epoch: m.captured + 1,
@@ -699,6 +701,7 @@ export class Host {
       ],
       backups: [...this.backups.values()].map((b) => ({ vm: b.record.vm, primary: b.record.primary, incarnation: b.record.incarnation, cut: b.committedCut, staged: b.stagedCount })),
       groups: [...this.groups.values()].map((g) => g.status()),
+      group_frames_refused: this.groupFramesRefused,
     };
   }
 }

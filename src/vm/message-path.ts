@@ -25,15 +25,12 @@
 import { connect, createServer, type Server, type Socket } from "node:net";
 import type { MessagePort } from "node:worker_threads";
 import { randomUUID } from "node:crypto";
+import type { Route } from "../core/frames.js";
 import { encodeFrame, FrameDecoder } from "../transport/frame.js";
 import type { GroupMessage } from "./machine.js";
 import { decodeBatch, decodeHello, encodeBatch, encodeHello, PATH_HELLO, PATH_MSGS } from "./message-wire.js";
 
-/** Where a receiving VM listens; the token proves the port still belongs to it. */
-export interface PathRoute {
-  address: string;
-  token: string;
-}
+export type { Route };
 
 export interface PathCounters {
   /** Messages sent while their sender epoch was not committed yet (group, none). */
@@ -91,7 +88,7 @@ class OutLink {
   closedAt: number | null = null;
 
   constructor(
-    readonly route: PathRoute,
+    readonly route: Route,
     from: number,
     private readonly problem: (reason: string) => void,
   ) {
@@ -139,7 +136,7 @@ export class MessagePath {
   readonly token = randomUUID();
   private server: Server | null = null;
   private readonly accepted = new Set<Socket>();
-  private routes: (PathRoute | null)[] = [];
+  private routes: (Route | null)[] = [];
   private locals = new Map<number, MessagePort>();
   private links = new Map<number, OutLink>();
   /** Arrived while frozen. */
@@ -186,7 +183,7 @@ export class MessagePath {
    * MessageChannel ports to ranks on this host. Replaces earlier routes:
    * links to receivers that moved are closed.
    */
-  setRoutes(routes: (PathRoute | null)[], locals: { rank: number; port: MessagePort }[]): void {
+  setRoutes(routes: (Route | null)[], locals: { rank: number; port: MessagePort }[]): void {
     this.routes = routes;
     for (const [rank, link] of this.links) {
       const r = routes[rank];

@@ -5,7 +5,7 @@
  */
 import type { MessagePort } from "node:worker_threads";
 import type { ModuleInfo } from "../guest/module-info.js";
-import type { PathCounters, PathRoute } from "./message-path.js";
+import type { PathCounters, Route } from "./message-path.js";
 import type { OutputRecord } from "./runtime-state.js";
 import type { CapturedDelta, GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
 
@@ -113,9 +113,9 @@ export interface WorkerOps {
   status: { args: Record<string, never>; result: VmStatus };
   // ---- the group message data path (src/vm/message-path.ts): a primary sends and receives on its own thread
   /** Listens for peers on `bind_host`; from now on what the guest sends goes out on the path, not in outboxes. */
-  path_open: { args: { bind_host: string; hold_until_commit: boolean }; result: PathRoute };
+  path_open: { args: { bind_host: string; hold_until_commit: boolean }; result: Route };
   /** Where every rank listens (null: nowhere / this VM) and MessageChannel ports to the ranks on this host (transferred). */
-  path_routes: { args: { routes: (PathRoute | null)[]; locals: { rank: number; port: MessagePort }[] }; result: null };
+  path_routes: { args: { routes: (Route | null)[]; locals: { rank: number; port: MessagePort }[] }; result: null };
   /** Recovery: timers stopped, nothing sent, arrivals kept for later. */
   freeze: { args: Record<string, never>; result: VmStatus };
   /** Timers on, kept arrivals offered, what the guest sent meanwhile (e.g. in `start`) sent. */

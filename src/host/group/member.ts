@@ -14,7 +14,7 @@ import { EventEmitter } from "node:events";
 import type { MessagePort } from "node:worker_threads";
 import type { VmWorker } from "../../vm/vm.js";
 import type { CaptureResult } from "../../vm/protocol.js";
-import type { PathCounters, PathRoute } from "../../vm/message-path.js";
+import type { PathCounters, Route } from "../../vm/message-path.js";
 import { OutputLog } from "../output-log.js";
 import { assert } from "../../util/assert.js";
 
@@ -24,7 +24,7 @@ export interface MemberEvents {
   /** group mode: checkpoint taken (the leader's `end`, or a message from the next epoch), in epoch order; the delta is sealed. */
   captured: [result: CaptureResult];
   /** External output (or, vm mode, a held message) waits for a commit (adaptive epochs). */
-  output_pending: [];
+  output_pending: [epoch: number];
   problem: [reason: string];
 }
 
@@ -36,7 +36,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   captured: number;
   committed: number;
   /** Where this member's message path listens (null until opened). */
-  route: PathRoute | null = null;
+  route: Route | null = null;
   /** The message path's counters as of the last capture. */
   counters: PathCounters = NO_COUNTERS;
   /** Serialises the VM steps the host asks for (the VM thread orders them with message deliveries). */
@@ -56,7 +56,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
 
   private listen(vm: VmWorker): void {
     vm.on("output_pending", (epoch) => {
-      if (this.vm === vm && epoch > this.captured) this.emit("output_pending");
+      if (this.vm === vm && epoch > this.captured) this.emit("output_pending", epoch);
     });
     vm.on("crashed", (message) => {
       if (this.vm === vm) this.emit("problem", `VM crashed: ${message}`);
@@ -84,7 +84,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   // ---- the message path -------------------------------------------------------------------
 
   /** Opens the VM's message path; vm mode holds what it sends until its epoch commits. */
-  openPath(bind_host: string, hold_until_commit: boolean): Promise<PathRoute> {
+  openPath(bind_host: string, hold_until_commit: boolean): Promise<Route> {
     return this.step("path_open", async () => {
       this.route = await this.vm.request("path_open", { bind_host, hold_until_commit });
       return this.route;
@@ -92,7 +92,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   }
 
   /** Every rank's route, and ports of MessageChannels to the ranks on this host (transferred to the VM thread). */
-  setRoutes(routes: (PathRoute | null)[], locals: { rank: number; port: MessagePort }[]): Promise<void> {
+  setRoutes(routes: (Route | null)[], locals: { rank: number; port: MessagePort }[]): Promise<void> {
     return this.step("path_routes", async () => {
       await this.vm.request("path_routes", { routes, locals }, locals.map((l) => l.port));
     });
@@ -145,8 +145,10 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     });
   }
 
-  trim(delivered_by_receiver: number[]): void {
-    void this.vm.request("trim_sender_log", { delivered_by_receiver }).catch((error: Error) => this.emit("problem", `trim: ${error.message}`));
+  trim(delivered_by_receiver: number[]): Promise<void> {
+    return this.step("trim", async () => {
+      await this.vm.request("trim_sender_log", { delivered_by_receiver });
+    });
   }
 
   // ---- recovery --------------------------------------------------------------------------

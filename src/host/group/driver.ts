@@ -1,0 +1,581 @@
+/**
+ * The host daemon's driver of the group protocol core (src/core/node.ts):
+ * one `GroupDriver` per protected group with a replica on this host. The
+ * core decides; the driver carries out its actions with real VM threads
+ * (GroupMember, BackupReplica), peer frames over TCP, the coordination
+ * store and timers, and feeds back what happened as events. There is no
+ * protocol logic here: the simulator (src/sim/) drives the very same core.
+ *
+ * Steps of one rank run one at a time, in the order the core asked for
+ * them (a promotion before the member's restore, a backup's install before
+ * the deltas staged after it); steps of different ranks overlap.
+ */
+import type { Logger } from "pino";
+import { MessageChannel, type MessagePort } from "node:worker_threads";
+import { decodeImage } from "../../checkpoint/format.js";
+import { GroupCore, type CoreStatus } from "../../core/node.js";
+import { FRAME_VERSION, type GroupFrame, type OutgoingFrame, type Route } from "../../core/frames.js";
+import type { BackupStep, CoreAction, CoreEvent, MembersStep, Notice, StepValue, VmStep } from "../../core/events.js";
+import { protectionKey, type ProtectionRecord } from "../../core/types.js";
+import { DEFAULT_LIMITS, type VmLimits } from "../../vm/machine.js";
+import type { GuestBundle, WorkerVmOptions } from "../../vm/protocol.js";
+import { VmWorker } from "../../vm/vm.js";
+import type { CoordinationStore } from "../../store/store.js";
+import { BackupReplica } from "../backup.js";
+import type { LogRecordWire } from "../messages.js";
+import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
+import { vmKey, vmName, type VmRecord } from "../records.js";
+import { GroupMember } from "./member.js";
+
+/** What a group driver needs from its host daemon. */
+export interface GroupHostApi {
+  readonly id: string;
+  readonly log: Logger;
+  readonly store: CoordinationStore;
+  readonly detect_ms: number;
+  /** Interface the VMs' message paths listen on (the host's own). */
+  readonly listen_host: string;
+  /** Best effort, in order per destination; lost only if the connection breaks. */
+  send(to: string, frame: GroupFrame, body?: Uint8Array): void;
+  /** Hosts alive now (this one included), sorted. */
+  liveHosts(): string[];
+  guestFor(module: Uint8Array): Promise<GuestBundle>;
+}
+
+export interface GroupStatus {
+  group: string;
+  mode: string;
+  incarnation: number;
+  leader: string;
+  committed: number | null;
+  recovering: boolean;
+  state: CoreStatus["state"];
+  lost: number[];
+  /** Frames of this group refused (malformed for the group, stale steps, hostile values) and replica steps that failed. */
+  refused: number;
+  steps_failed: number;
+  primaries: {
+    rank: number;
+    vm: string;
+    state: string;
+    captured: number;
+    committed: number;
+    backup: string | null;
+    released_seq: number;
+    held: number;
+    busy: string | null;
+    sent_before_commit: number;
+    sent_after_commit: number;
+    held_total: number;
+  }[];
+  backups: { rank: number; vm: string; cut: number; staged: number }[];
+}
+
+export class GroupDriver {
+  readonly members = new Map<number, GroupMember>();
+  readonly backups = new Map<number, BackupReplica>();
+  private readonly core: GroupCore;
+  /** Tail of each rank's steps on this host. */
+  private readonly chains = new Map<number, Promise<unknown>>();
+  private timer: NodeJS.Timeout | null = null;
+  private timerDue = Infinity;
+  private stopped = false;
+  /** Events being handled (an action may feed an event back synchronously): handled after, in order. */
+  private readonly queue: CoreEvent[] = [];
+  private feeding = false;
+  private lastNow_ms = 0;
+  private lastTick_ms = 0;
+
+  private constructor(
+    private readonly api: GroupHostApi,
+    record: ProtectionRecord,
+    readonly module: Uint8Array,
+    readonly guest: GuestBundle,
+    joined: boolean,
+  ) {
+    const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts() };
+    this.core = joined ? GroupCore.joined(options) : GroupCore.deployed(options);
+  }
+
+  get name(): string {
+    return this.core.currentRecord.group;
+  }
+
+  get record(): ProtectionRecord {
+    return this.core.currentRecord;
+  }
+
+  private get log(): Logger {
+    return this.api.log;
+  }
+
+  /**
+   * The deployed group (cut 0) on this host: primaries booted with their
+   * timers stopped and their message paths open, backups holding the blank
+   * deployed image. `run` starts it.
+   */
+  static async prepare(api: GroupHostApi, record: ProtectionRecord, module: Uint8Array): Promise<GroupDriver> {
+    const d = new GroupDriver(api, record, module, await api.guestFor(module), false);
+    await Promise.all(
+      record.placement.map(async (p, rank) => {
+        if (p.primary === api.id) {
+          const member = d.addMember(rank, await VmWorker.boot(d.guest, d.vmOptions(rank)), new OutputLog(), 0);
+          await d.openPath(member);
+        }
+        if (p.backup === api.id) {
+          const b = d.newBackup(rank);
+          await b.installBlank();
+          d.backups.set(rank, b);
+        }
+      }),
+    );
+    return d;
+  }
+
+  /** A host the record names that has nothing of the group yet (a new backup host during a recovery). */
+  static async join(api: GroupHostApi, record: ProtectionRecord, module: Uint8Array): Promise<GroupDriver> {
+    return new GroupDriver(api, record, module, await api.guestFor(module), true);
+  }
+
+  /** Where the message paths of the primaries on this host listen (what `group_prepare` answers). */
+  pathRoutes(): Record<number, Route> {
+    const out: Record<number, Route> = {};
+    for (const [rank, m] of this.members) if (m.route) out[rank] = m.route;
+    return out;
+  }
+
+  /** Starts the deployed group with every member's route (from every host's `group_prepare`). */
+  run(routes: (Route | null)[]): void {
+    this.feed({ type: "start", routes });
+  }
+
+  /** A validated GROUP frame of this group from another host. */
+  handleFrame(from: string, frame: GroupFrame, body: Uint8Array): void {
+    this.feed({ type: "frame", from, frame, body });
+  }
+
+  /** The failure detector's view changed (a peer failed or came back). */
+  onHostsChanged(): void {
+    this.feed({ type: "hosts", live: this.api.liveHosts() });
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    await Promise.all([...this.members.values()].map((m) => m.stop()));
+    await Promise.all([...this.backups.values()].map((b) => b.stop()));
+  }
+
+  // ---- feeding the core ----------------------------------------------------------------------
+
+  /** Monotonic milliseconds (performance.now() may be seen slightly behind a timer's due time). */
+  private now(): number {
+    this.lastNow_ms = Math.max(this.lastNow_ms, performance.now());
+    return this.lastNow_ms;
+  }
+
+  private feed(event: CoreEvent): void {
+    if (this.stopped) return;
+    this.queue.push(event);
+    if (this.feeding) return;
+    this.feeding = true;
+    try {
+      while (this.queue.length) {
+        const next = this.queue.shift()!;
+        // The core learns the time before each event, so what it measures and schedules is current
+        // (a queued tick is taken now, never with the time it was queued at).
+        const now = this.now();
+        if (next.type === "tick") this.tick(now);
+        else {
+          if (now > this.lastTick_ms) this.tick(now);
+          this.execute(this.core.handle(next));
+        }
+        // Something became due at once (a commit made room for the next epoch): tick now, not a timer later.
+        if (this.core.deadline() <= this.now()) this.tick(this.now());
+      }
+    } finally {
+      this.feeding = false;
+    }
+    this.schedule();
+  }
+
+  private tick(now_ms: number): void {
+    this.lastTick_ms = now_ms;
+    this.execute(this.core.handle({ type: "tick", now_ms }));
+  }
+
+  private schedule(): void {
+    if (this.stopped) return;
+    const due = this.core.deadline();
+    if (due === this.timerDue && this.timer) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.timerDue = due;
+    if (!Number.isFinite(due)) return;
+    this.timer = setTimeout(
+      () => {
+        this.timer = null;
+        this.timerDue = Infinity;
+        this.feed({ type: "tick", now_ms: this.now() });
+      },
+      Math.max(0, Math.ceil(due - performance.now())),
+    );
+  }
+
+  private execute(actions: CoreAction[]): void {
+    for (const a of actions) {
+      switch (a.type) {
+        case "send":
+          this.send(a.to, a.frame, a.body === "module" ? this.module : (a.body as Uint8Array | undefined));
+          break;
+        case "vm":
+          this.step(a.rank, a.id, () => this.vmStep(a.rank, a.step));
+          break;
+        case "backup":
+          this.step(a.rank, a.id, () => this.backupStep(a.rank, a.step));
+          break;
+        case "members":
+          this.membersStep(a.id, a.step);
+          break;
+        case "store_get":
+          this.storeGet(a.key);
+          break;
+        case "store_cas":
+          this.storeCas(a.key, a.expected, a.value);
+          break;
+        case "notify":
+          this.onNotice(a.notice);
+          break;
+      }
+    }
+  }
+
+  private send(to: string, frame: OutgoingFrame, body?: Uint8Array): void {
+    this.api.send(to, { ...frame, v: FRAME_VERSION, g: this.name, from: this.api.id } as GroupFrame, body);
+  }
+
+  /** Runs a replica step after the rank's earlier ones and answers the core with its result. */
+  private step(rank: number, id: number, job: () => Promise<StepValue>): void {
+    const run = async () => {
+      try {
+        const value = await job();
+        this.feed({ type: "done", id, ok: true, value });
+      } catch (error) {
+        this.feed({ type: "done", id, ok: false, error: (error as Error).message });
+      }
+    };
+    const tail = (this.chains.get(rank) ?? Promise.resolve()).then(run);
+    this.chains.set(rank, tail);
+  }
+
+  private member(rank: number): GroupMember {
+    const m = this.members.get(rank);
+    if (!m) throw new Error(`no primary of ${vmName(this.name, rank)} on this host`);
+    return m;
+  }
+
+  private backupOf(rank: number): BackupReplica {
+    const b = this.backups.get(rank);
+    if (!b) throw new Error(`no backup of ${vmName(this.name, rank)} on this host`);
+    return b;
+  }
+
+  private async vmStep(rank: number, step: VmStep): Promise<StepValue> {
+    const m = this.member(rank);
+    switch (step.op) {
+      case "capture_to":
+        await m.endEpoch(step.epoch, step.commit);
+        return {};
+      case "capture": {
+        const captured = await m.capture();
+        return { epoch: captured.epoch, delivered: captured.delivered, delta: captured.delta, held: m.heldCount };
+      }
+      case "commit":
+        await m.commit(step.epoch, step.trim);
+        return {};
+      case "trim":
+        await m.trim(step.delivered_by_receiver);
+        return {};
+      case "freeze":
+        await m.freeze();
+        return {};
+      case "restore":
+        return this.restore(m, step);
+      case "stop":
+        this.members.delete(rank);
+        await m.stop();
+        return {};
+    }
+  }
+
+  /** Recovery on this host for one primary: to the cut, the new incarnation, its output, an image for a new backup. */
+  private async restore(m: GroupMember, step: Extract<VmStep, { op: "restore" }>): Promise<StepValue> {
+    if (step.how === "reboot") {
+      // Cut 0 is the deployed state before boot: start the VM afresh.
+      m.replaceVm(await VmWorker.boot(this.guest, this.vmOptions(m.rank)));
+      m.captured = m.committed = 0;
+      await this.openPath(m);
+    } else if (step.how === "rollback") {
+      const result = await m.rollback(step.cut!);
+      this.log.info({ group: this.name, rank: m.rank, cut: step.cut, pages_restored: result.pages_restored, rollback_us: Number(result.rollback_us.toFixed(1)) }, "rolled back in place");
+    }
+    await m.setIncarnation(step.inc);
+    if (step.cut !== null) await m.releaseAt(step.cut);
+    if (step.image_to !== null) {
+      const image = step.fresh_image ? await m.imageFresh() : await m.imageCurrent();
+      const e = decodeImage(image).epoch;
+      m.captured = Math.max(m.captured, e);
+      const history = m.log.tail(OUTPUT_LOG_HISTORY_BYTES_MAX);
+      this.send(step.image_to, { k: "image", inc: step.inc, rank: m.rank, e, released_seq: m.log.lastSeq, history }, image);
+    }
+    const delivered = await m.deliveredVector();
+    return { delivered, route: m.route ?? undefined };
+  }
+
+  private async backupStep(rank: number, step: BackupStep): Promise<StepValue> {
+    switch (step.op) {
+      case "stage":
+        // Copied: the bytes may be a view into a socket chunk.
+        await this.backupOf(rank).stage(step.epoch, (step.delta as Uint8Array).slice());
+        return {};
+      case "commit":
+        await this.backupOf(rank).commit(step.cut);
+        return {};
+      case "install": {
+        const old = this.backups.get(rank);
+        const b = this.newBackup(rank);
+        this.backups.set(rank, b);
+        await old?.stop();
+        await b.install((step.image as Uint8Array).slice(), step.released_seq, step.history as LogRecordWire[]);
+        this.log.info({ group: this.name, rank, cut: step.epoch, bytes: (step.image as Uint8Array).length }, "backup image installed");
+        return {};
+      }
+      case "rollback_to":
+        await this.backupOf(rank).rollbackTo(step.cut);
+        return {};
+      case "promote": {
+        const b = this.backupOf(rank);
+        this.backups.delete(rank);
+        const { worker, cut } = step.cut === null ? await b.promote() : await b.promoteAt(step.cut);
+        const member = this.addMember(rank, worker, b.log, cut);
+        await this.openPath(member);
+        return {};
+      }
+      case "drop": {
+        const b = this.backups.get(rank);
+        this.backups.delete(rank);
+        await b?.stop();
+        return {};
+      }
+    }
+  }
+
+  /** Routes for every member here (MessageChannels pair the local ones), re-sends, run: after every rank's earlier steps. */
+  private membersStep(id: number, step: MembersStep): void {
+    const before = Promise.all([...this.chains.values()]);
+    const run = async () => {
+      await before;
+      try {
+        await this.setRoutes(step.routes);
+        if (step.delivered) {
+          const delivered = step.delivered;
+          // Arrivals from hosts that resumed first wait in the VM threads until `run`.
+          for (const [s, m] of this.members) await m.resend(delivered.map((row) => row[s]));
+        }
+        await Promise.all([...this.members.values()].map((m) => m.run()));
+        this.feed({ type: "done", id, ok: true, value: {} });
+      } catch (error) {
+        this.feed({ type: "done", id, ok: false, error: (error as Error).message });
+      }
+    };
+    const done = run();
+    for (const rank of new Set([...this.chains.keys(), ...this.members.keys()])) this.chains.set(rank, done);
+  }
+
+  /**
+   * Gives every member here the routes to its peers: TCP to the ranks on
+   * other hosts, a fresh MessageChannel to each rank on this host (the
+   * in-process path). Earlier channels are closed by the VM threads.
+   */
+  private async setRoutes(routes: (Route | null)[]): Promise<void> {
+    const locals = new Map<number, { rank: number; port: MessagePort }[]>();
+    const ranks = [...this.members.keys()];
+    for (const r of ranks) locals.set(r, []);
+    for (let i = 0; i < ranks.length; i++) {
+      for (let j = i + 1; j < ranks.length; j++) {
+        const { port1, port2 } = new MessageChannel();
+        locals.get(ranks[i])!.push({ rank: ranks[j], port: port1 });
+        locals.get(ranks[j])!.push({ rank: ranks[i], port: port2 });
+      }
+    }
+    await Promise.all([...this.members].map(([rank, m]) => m.setRoutes(routes, locals.get(rank)!)));
+  }
+
+  private storeGet(key: string): void {
+    this.api.store.get<ProtectionRecord>(key).then(
+      (current) => this.feed({ type: "store", op: "get", ok: true, record: current?.value ?? null, version: current?.version ?? 0 }),
+      (error: Error) => {
+        this.log.error({ err: error, group: this.name }, "store read failed; the failover decision waits for the next suspicion");
+        this.feed({ type: "store", op: "get", ok: false, record: null, version: 0 });
+      },
+    );
+  }
+
+  private storeCas(key: string, expected: number, value: ProtectionRecord): void {
+    const cas = async () => {
+      const version = await this.api.store.cas(key, expected, value);
+      if (version !== null) return this.feed({ type: "store", op: "cas", ok: true, record: value, version });
+      const current = await this.api.store.get<ProtectionRecord>(key);
+      this.feed({ type: "store", op: "cas", ok: false, record: current?.value ?? null, version: current?.version ?? 0 });
+    };
+    cas().catch((error: Error) => {
+      this.log.error({ err: error, group: this.name }, "store compare-and-swap failed");
+      this.feed({ type: "store", op: "cas", ok: false, record: null, version: 0 });
+    });
+  }
+
+  private onNotice(n: Notice): void {
+    const group = this.name;
+    switch (n.kind) {
+      case "suspected":
+        return this.log.warn({ group, event: "suspected", peer: n.host }, "host suspected");
+      case "decided":
+        return this.log.warn({ group, event: "decided", incarnation: n.inc, dead: n.dead, placement: n.record.placement }, "recovery: decided, coordinating");
+      case "cut_chosen":
+        return this.log.warn({ group, event: "cut_chosen", incarnation: n.inc, cut: n.cut, images: n.images, committed: n.committed }, "recovery: cut chosen");
+      case "rolled_back":
+        return this.log.warn({ group, event: "rolled_back", incarnation: n.inc, cut: n.cut, rolled_back: n.rolled_back, promoted: n.promoted }, "recovery: replicas going to the recovery cut");
+      case "resumed":
+        this.log.warn({ group, event: "resumed", incarnation: n.inc, cut: n.cut, recovery_ms: Math.round(n.recovery_ms) }, "recovery: group resumed");
+        return this.writeVmRecords();
+      case "committed":
+        return;
+      case "degraded":
+        return this.log.warn({ group, event: "degraded", ranks: n.ranks }, "members without a backup: nothing commits until the group has one");
+      case "lost":
+        return this.log.error({ group, event: "lost", incarnation: n.inc, vms: n.ranks.map((r) => vmName(group, r)) }, "no copy of these VMs survived: the group is stopped");
+      case "fenced":
+        return this.log.warn({ group, event: "fenced", incarnation: n.inc }, "fenced: the group's record names this host failed; its replicas stop");
+      case "refused":
+        return this.log.warn({ group, event: "refused", reason: n.reason }, "group frame refused");
+      case "step_failed":
+        return this.log.error({ group, event: "step_failed", rank: n.rank, step: n.step, error: n.error }, "replica step failed");
+    }
+  }
+
+  /** The store's per-VM records follow the placement (read by `cohort status` / `logs`). */
+  private writeVmRecords(): void {
+    const record = this.record;
+    Promise.all(record.placement.map((_, rank) => this.api.store.put(vmKey(vmName(record.group, rank)), this.vmRecord(rank)))).catch((error: Error) =>
+      this.log.warn({ err: error, group: this.name }, "VM records not updated"),
+    );
+  }
+
+  // ---- replicas ------------------------------------------------------------------------
+
+  private vmOptions(rank: number): WorkerVmOptions {
+    const record = this.record;
+    const limits: VmLimits = {
+      ...DEFAULT_LIMITS,
+      memory_pages_max: Math.floor((record.limits.memory_mib * 1024 * 1024) / 65536),
+      call_cpu_ms: record.limits.call_cpu_ms,
+      output_bytes_max: record.limits.output_bytes_max,
+    };
+    // Timers start with `run`, so nothing executes before the group is wired up.
+    return { rank, size: record.size, limits, timers: "manual", consistent_cut: record.mode === "group", sender_log: record.mode !== "none" };
+  }
+
+  /** A VM record for one member (what `cohort status`/`logs` read), mirroring the placement. */
+  vmRecord(rank: number): VmRecord {
+    const record = this.record;
+    const p = record.placement[rank];
+    return {
+      vm: vmName(record.group, rank),
+      group: record.group,
+      rank,
+      mode: record.mode,
+      primary: p.primary,
+      backup: p.backup,
+      incarnation: record.incarnation,
+      health: p.backup || record.mode === "none" ? "healthy" : "degraded",
+      interval_ms: record.epoch.interval_ms,
+      min_interval_ms: record.epoch.min_interval_ms,
+      max_interval_ms: record.epoch.max_interval_ms,
+      limits: record.limits,
+      size: record.size,
+    };
+  }
+
+  private newBackup(rank: number): BackupReplica {
+    return new BackupReplica(this.vmRecord(rank), this.guest, this.vmOptions(rank));
+  }
+
+  private openPath(member: GroupMember): Promise<Route> {
+    return member.openPath(this.api.listen_host, this.record.mode === "vm");
+  }
+
+  private addMember(rank: number, vm: VmWorker, log: OutputLog, cut: number): GroupMember {
+    const member = new GroupMember(rank, vm, log, cut);
+    member.on("output_pending", (epoch) => this.feed({ type: "output_pending", rank, epoch }));
+    member.on("captured", (c) => this.feed({ type: "captured", rank, epoch: c.epoch, delivered: c.delivered, delta: c.delta }));
+    member.on("problem", (reason) => this.log.error({ group: this.name, rank, reason }, "member problem"));
+    this.members.set(rank, member);
+    return member;
+  }
+
+  /** The rank of VM `vm` if it belongs to this group (VM names are `<group>-<rank>`). */
+  rankOf(vm: string): number | null {
+    const prefix = `${this.name}-`;
+    if (!vm.startsWith(prefix)) return null;
+    const rank = Number(vm.slice(prefix.length));
+    return Number.isInteger(rank) && rank >= 0 && rank < this.record.size && vmName(this.name, rank) === vm ? rank : null;
+  }
+
+  /** A member's released output, for `cohort logs`; a backup's mirror if the primary is elsewhere. */
+  outputLogOf(rank: number): { log: OutputLog; role: "primary" | "backup" } | null {
+    const m = this.members.get(rank);
+    if (m) return { log: m.log, role: "primary" };
+    const b = this.backups.get(rank);
+    return b ? { log: b.log, role: "backup" } : null;
+  }
+
+  status(): GroupStatus {
+    const core = this.core.status();
+    const record = this.record;
+    return {
+      group: this.name,
+      mode: record.mode,
+      incarnation: core.incarnation,
+      leader: core.leader,
+      committed: core.committed,
+      recovering: core.recovering,
+      state: core.state,
+      lost: core.lost,
+      refused: core.refused,
+      steps_failed: core.steps_failed,
+      primaries: core.primaries.flatMap((p) => {
+        const m = this.members.get(p.rank);
+        if (!m) return [];
+        return [
+          {
+            rank: p.rank,
+            vm: vmName(this.name, p.rank),
+            state: p.state,
+            captured: p.captured,
+            committed: p.committed,
+            backup: record.placement[p.rank].backup,
+            released_seq: m.log.lastSeq,
+            held: m.counters.held,
+            busy: m.busy ? `${m.busy.step} for ${Date.now() - m.busy.since_ms} ms` : null,
+            sent_before_commit: m.counters.sent_before_commit,
+            sent_after_commit: m.counters.sent_after_commit,
+            held_total: m.counters.held_total,
+          },
+        ];
+      }),
+      backups: core.backups.map((b) => ({ rank: b.rank, vm: vmName(this.name, b.rank), cut: b.cut, staged: b.staged })),
+    };
+  }
+}
+
+export { protectionKey };

@@ -1,0 +1,91 @@
+/**
+ * The group leader (src/core/leader.ts), pure: one epoch in flight, commits
+ * only once every member's backup staged the cut, and a commit riding on the
+ * next `end` when that leaves within min_interval_ms, else going out alone
+ * then. Time is whatever the test says it is.
+ */
+import { describe, expect, it } from "vitest";
+import { Leader, type LeaderOutput } from "../src/core/leader.js";
+
+const TIMING = { interval_ms: 20, min_interval_ms: 2, max_interval_ms: 100 };
+
+/** Ticks the leader every millisecond from `from` to `to` (inclusive), collecting what it sends and when. */
+function run(l: Leader, from: number, to: number, sent: (LeaderOutput & { at: number })[]): void {
+  for (let t = from; t <= to; t++) {
+    const out = l.tick(t);
+    if (out) sent.push({ ...out, at: t });
+  }
+}
+
+describe("group leader (core)", () => {
+  it("ends no new epoch while one is uncommitted, and commits only when every backup staged it", () => {
+    const l = new Leader(2, TIMING, 0, 0);
+    const sent: (LeaderOutput & { at: number })[] = [];
+    run(l, 0, 20, sent);
+    expect(sent).toEqual([{ kind: "end", e: 1, commit: null, at: 20 }]);
+    l.outputPending();
+    run(l, 21, 520, sent); // output waits, but epoch 1 is not committed
+    expect(sent).toHaveLength(1);
+    l.onStaged(0, 1, [0, 3], 520);
+    run(l, 521, 1020, sent);
+    expect(sent).toHaveLength(1); // rank 1's backup has not staged 1
+    expect(l.committed).toBe(0);
+    l.onStaged(1, 1, [5, 0], 1020);
+    expect(l.committed).toBe(1);
+    run(l, 1020, 1100, sent);
+    // Output was waiting: the next end leaves at once and carries the commit with the delivered matrix.
+    expect(sent[1]).toEqual({ kind: "end", e: 2, commit: { c: 1, d: [[0, 3], [5, 0]] }, at: 1020 });
+    expect(sent.filter((s) => s.kind === "commit")).toEqual([]); // told once, on the end
+  });
+
+  it("a commit with no end due within min_interval_ms goes out alone, min_interval_ms after the cut committed", () => {
+    const l = new Leader(2, TIMING, 0, 0);
+    const sent: (LeaderOutput & { at: number })[] = [];
+    run(l, 0, 20, sent);
+    l.onStaged(0, 1, [0, 1], 20);
+    l.onStaged(1, 1, [1, 0], 20);
+    run(l, 21, 21, sent);
+    expect(sent).toHaveLength(1);
+    run(l, 22, 22, sent);
+    expect(sent[1]).toEqual({ kind: "commit", commit: { c: 1, d: [[0, 1], [1, 0]] }, at: 20 + TIMING.min_interval_ms });
+    // Nothing waits for output: the next end comes at the doubled idle interval and carries no commit.
+    run(l, 23, 200, sent);
+    expect(sent[2]).toEqual({ kind: "end", e: 2, commit: null, at: 20 + 2 * TIMING.interval_ms });
+  });
+
+  it("ignores acks of epochs it did not end or already committed", () => {
+    const l = new Leader(2, TIMING, 0, 0);
+    const sent: (LeaderOutput & { at: number })[] = [];
+    run(l, 0, 20, sent);
+    l.onStaged(0, 2, [0, 0], 20);
+    l.onStaged(1, 2, [0, 0], 20);
+    expect(l.committed).toBe(0);
+    l.onStaged(0, 1, [0, 0], 20);
+    l.onStaged(1, 1, [0, 0], 20);
+    l.onStaged(1, 1, [0, 0], 20);
+    expect(l.committed).toBe(1);
+    run(l, 21, 25, sent);
+    expect(sent.filter((s) => s.kind === "commit").map((s) => (s.kind === "commit" ? s.commit.c : -1))).toEqual([1]);
+  });
+
+  it("idle epochs double up to max_interval_ms; output brings them back to min_interval_ms", () => {
+    const l = new Leader(1, TIMING, 0, 0);
+    const sent: (LeaderOutput & { at: number })[] = [];
+    for (let t = 0; t <= 1000; t++) {
+      const out = l.tick(t);
+      if (out?.kind === "end") {
+        sent.push({ ...out, at: t });
+        l.onStaged(0, out.e, [0], t);
+      }
+    }
+    const gaps = sent.slice(1).map((s, i) => s.at - sent[i].at);
+    expect(gaps.slice(0, 4)).toEqual([40, 80, 100, 100]);
+    l.outputPending();
+    const last = sent[sent.length - 1].at;
+    let next: LeaderOutput | null = null;
+    let at = 1001;
+    for (; at < 2000 && next?.kind !== "end"; at++) next = l.tick(at);
+    // The boundary is min_interval_ms after the last end, or now if that has passed.
+    expect(at - 1).toBe(Math.max(last + TIMING.min_interval_ms, 1001));
+  });
+});
