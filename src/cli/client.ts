@@ -4,7 +4,8 @@
  * released output across failovers.
  */
 import { Connection } from "../host/connection.js";
-import { MSG, type LogRecordWire } from "../host/messages.js";
+import { MSG } from "../host/messages.js";
+import type { ReleasedRecord } from "../core/frames.js";
 import { vmKey, type VmRecord } from "../host/records.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
 import { EmbeddedStore } from "../store/embedded.js";
@@ -37,7 +38,7 @@ export async function requestAny<T>(cluster: ClusterFile, op: string, args: Reco
   throw new Error(`no host answered (${errors.join("; ")})`);
 }
 
-export interface FollowedRecord extends LogRecordWire {
+export interface FollowedRecord extends ReleasedRecord {
   received_ms: number;
   host: string;
 }
@@ -100,15 +101,15 @@ export class LogFollower {
     const closed = new Promise<void>((resolve) => connection.once("close", () => resolve()));
     // Pushes can be handled before the reply's continuation runs (a resolved promise runs later):
     // hold them until the reply's records are delivered, to keep sequence order.
-    let early: LogRecordWire[][] | null = [];
+    let early: ReleasedRecord[][] | null = [];
     connection.on("message", (type, header) => {
       if (type !== MSG.LOG) return;
-      const records = (header as { records: LogRecordWire[] }).records;
+      const records = (header as { records: ReleasedRecord[] }).records;
       if (early) early.push(records);
       else this.deliver(host, records);
     });
     connection.send(MSG.HELLO, { from: "cli" });
-    const reply = await connection.request<{ role: string; records: LogRecordWire[] }>("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, 2000);
+    const reply = await connection.request<{ role: string; records: ReleasedRecord[] }>("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, 2000);
     if (reply.role !== "primary") {
       connection.close("not the primary");
       throw new Error("not the primary");
@@ -132,7 +133,7 @@ export class LogFollower {
     }
   }
 
-  private deliver(host: string, records: LogRecordWire[]): void {
+  private deliver(host: string, records: ReleasedRecord[]): void {
     const now = Date.now();
     for (const r of records) {
       if (r.seq < this.nextSeq) continue; // already delivered (re-released after a failover)

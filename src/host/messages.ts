@@ -15,17 +15,10 @@ export const MSG = {
   /** CLI or host asks a host to do something; answered by REPLY with the same id. */
   REQUEST: 3,
   REPLY: 4,
-  /** Primary → backup: full image of a VM at a cut (a new backup starts from it). */
-  IMAGE: 5,
-  /** Primary → backup: checkpoint delta of one epoch. */
-  DELTA: 6,
-  /** Backup → primary: epoch stored (staged). */
-  ACK: 7,
-  /** Primary → backup: cut committed; fold staged deltas up to it. */
-  COMMIT: 8,
+  // 5..8 carried the single-VM replication stream before every VM became a group: not reused.
   /** Host → log follower: released output records. */
   LOG: 9,
-  /** Traffic of a protected group (src/host/group/wire.ts): group messages, epochs, commits, recovery. */
+  /** Traffic of a protected group (src/core/frames.ts): epochs, deltas, commits, recovery. */
   GROUP: 10,
 } as const;
 
@@ -51,26 +44,6 @@ export interface Reply {
   ok: boolean;
   value?: unknown;
   error?: { code: string; message: string };
-}
-
-/** Replication messages name the VM and the incarnation they belong to; stale incarnations are dropped. */
-export interface VmMessage {
-  vm: string;
-  incarnation: number;
-  epoch: number;
-}
-
-export interface LogRecordWire {
-  seq: number;
-  epoch: number;
-  kind: number;
-  /** UTF-8 text of the record. */
-  text: string;
-  produced_ms: number;
-  /** When the host released it (its cut committed). */
-  released_ms: number;
-  /** Replies (kind 1): the client request they answer. */
-  request_id?: number;
 }
 
 const HEADER_LIMIT_BYTES = 1 << 20;
