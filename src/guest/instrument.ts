@@ -332,6 +332,8 @@ class Instrumenter {
     const activeSegments = this.makeSegmentsPassive(mem);
     this.addBoot(activeSegments);
     const mutableGlobals = this.addGlobalsSaveLoad();
+    const dropFlagNames = new Set(this.dropFlags.values());
+    const dataDropFlags = mutableGlobals.flatMap((g, i) => (dropFlagNames.has(g.name) ? [i] : []));
 
     m.setFeatures(OUTPUT_FEATURES);
     if (!m.validate()) throw new InvalidModuleError("instrumented module failed validation (instrumenter bug)");
@@ -344,6 +346,7 @@ class Instrumenter {
         guest_initial_pages: mem.initial,
         guest_maximum_pages: mem.maximum,
         mutable_globals: mutableGlobals,
+        data_drop_flags: dataDropFlags,
         exports,
         imports,
       },

@@ -605,7 +605,12 @@ export class VmCore implements AbiHost {
     const start = this.epochs.get(epoch + 1);
     assert(start, `start record of epoch ${epoch + 1}`);
     start.undo = null;
+    // A data segment dropped since the cut is gone from this instance, and loading the cut's
+    // globals can only drop segments, never bring one back: a new instance has every segment,
+    // and loadGlobals drops again those the cut had dropped.
+    const revive = this.droppedSince(start.globals);
     if (this.memory.buffer.byteLength / WASM_PAGE_BYTES !== start.memory_pages) this.shrinkMemory(start.memory_pages);
+    else if (revive) this.instantiate();
     this.loadGlobals(start.globals);
     const incarnation = this.state.incarnation;
     this.state = decodeRuntimeState(start.state);
@@ -788,6 +793,15 @@ export class VmCore implements AbiHost {
     assert(globals.length === this.guest.info.mutable_globals.length * GLOBAL_SLOT_BYTES, "globals save area size matches the module");
     this.tracker.bytes().set(globals, GLOBALS_OFFSET);
     this.exports[EXPORT_LOAD_GLOBALS]();
+  }
+
+  /** True if a data segment is dropped in the running instance but not at the cut whose saved globals are `cut_globals`. */
+  private droppedSince(cut_globals: Uint8Array): boolean {
+    const flags = this.guest.info.data_drop_flags;
+    if (flags.length === 0) return false;
+    const now = this.saveGlobals();
+    // Each flag is an i32 that is 0 or 1, stored little-endian at the start of its slot.
+    return flags.some((i) => now[i * GLOBAL_SLOT_BYTES] !== 0 && cut_globals[i * GLOBAL_SLOT_BYTES] === 0);
   }
 
   /** Memory cannot shrink in place: a rollback across memory.grow re-creates it and re-instantiates. */
