@@ -586,6 +586,9 @@ export class VmCore implements AbiHost {
    * Rolls back in place to cut `epoch` (committed <= epoch < current) from the
    * undo log: memory, globals and runtime state become exactly what they were
    * when checkpoint `epoch` was captured. Moves only the pages written since.
+   * Cut 0 is the freshly booted VM: rollback(0) runs boot again (its data
+   * segments and start function), and a trap in it crashes the VM
+   * (VmCrashedError), as it would in VmCore.boot.
    */
   rollback(epoch: number): { pages_restored: number } {
     assert(epoch >= this.committed, `rollback to ${epoch} below committed cut ${this.committed}`);
@@ -623,6 +626,10 @@ export class VmCore implements AbiHost {
     this.outbox = [];
     this.pending.clear();
     this.crash = null;
+    // Cut 0 is recorded before boot. Everywhere else it means "booted": a backup promoted from
+    // cut 0 boots (resume), and so must a primary rolled back to it, in the epoch after the cut
+    // as VmCore.boot does, or its next capture would ship a state that never booted.
+    if (!this.state.booted) this.runBoot();
     return { pages_restored: pages };
   }
 
