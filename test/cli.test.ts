@@ -1,0 +1,59 @@
+/**
+ * The `cohort` command line as a user runs it: a real child process of the
+ * built CLI (bin/cohort.js, so `npm run build` first), each bounded in time.
+ */
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, describe, expect, it } from "vitest";
+import { fixtureBytes } from "./support/guests.js";
+
+const root = fileURLToPath(new URL("../", import.meta.url));
+const CLI = join(root, "bin", "cohort.js");
+const dir = mkdtempSync(join(tmpdir(), "cohort-cli-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+interface Exit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+/** Runs the CLI; kills it (and fails the test) if it is still running after `limit_ms`. */
+function cohort(args: string[], options: { cwd?: string; limit_ms: number }): Promise<Exit> {
+  const started = Date.now();
+  const child = spawn(process.execPath, [CLI, ...args], {
+    cwd: options.cwd ?? root,
+    env: { ...process.env, COHORT_CACHE_DIR: join(dir, "cache") },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let stdout = "";
+  let stderr = "";
+  child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+  child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`cohort ${args.join(" ")} still running after ${options.limit_ms} ms; stderr: ${stderr}`));
+    }, options.limit_ms);
+    child.once("error", reject);
+    child.once("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr, ms: Date.now() - started });
+    });
+  });
+}
+
+describe("cohort run", () => {
+  it("a guest whose boot traps: exits non-zero with the trap, does not hang on the backup thread", async () => {
+    const file = join(dir, "boot-trap.wasm");
+    writeFileSync(file, fixtureBytes("boot-trap"));
+    const exit = await cohort(["run", file, "--duration-ms", "200"], { limit_ms: 30_000 });
+    expect(exit.code).toBe(1);
+    expect(exit.stderr).toMatch(/^cohort: .*boot.*start: unreachable/m);
+  }, 40_000);
+});
