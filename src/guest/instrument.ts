@@ -539,11 +539,38 @@ class Instrumenter {
       const [count, getAt, setAt] = spec.list;
       const n = cls[count](e);
       for (let i = 0; i < n; i++) {
-        const child = cls[getAt](e, i);
+        let child = cls[getAt](e, i);
+        if (id === b.TryId) {
+          child = this.hoistPop(child, ctx);
+          cls[setAt](e, i, child);
+        }
         const next = this.visit(child, ctx);
         if (next !== child) cls[setAt](e, i, next);
       }
     }
+  }
+
+  /**
+   * A catch body's `pop` (the caught values) must stay where Binaryen's
+   * validator finds it: in the catch body's first-executed position, nested
+   * in no block but the catch body itself. Rewriting its consumer (a store
+   * whose address is the pop, a memory.grow of it) wraps the pop in a block,
+   * which is invalid. So, as Binaryen's own passes do
+   * (EHUtils::handleBlockNestedPops), the pop moves into a local first:
+   *   (catch $e (block (local.set $t (pop T)) <body with the pop replaced by (local.get $t)>))
+   * Reading the pop first is what the body did anyway (it is the first thing
+   * a catch body evaluates) and a pop has no side effects.
+   */
+  private hoistPop(body: Ref, ctx: FunctionContext): Ref {
+    const m = this.m;
+    if (body === 0) return body;
+    if (b.getExpressionId(body) === b.PopId) return body; // already where it belongs
+    const site = findPop(body);
+    if (!site) return body;
+    const type = b.getExpressionType(site.pop);
+    const local = addVar(ctx.fn, type);
+    kindClass(site.parentId)[site.setter](site.parent, ...(site.index === null ? [] : [site.index]), m.local.get(local, type));
+    return m.block(null, [m.local.set(local, site.pop), body], b.getExpressionType(body));
   }
 
   private rewrite(e: Ref, id: number, ctx: FunctionContext): Ref {
@@ -754,6 +781,38 @@ class Instrumenter {
     m.addFunctionExport(this.names.load, EXPORT_LOAD_GLOBALS);
     return globals.map(({ name, type }) => ({ name, type }));
   }
+}
+
+/**
+ * The `pop` of a catch body and the slot that holds it (parent, setter and,
+ * for operand lists, the index). Nested `try`s are not entered: a pop inside
+ * one belongs to that try's own catch.
+ */
+function findPop(body: Ref): { pop: Ref; parent: Ref; parentId: number; setter: string; index: number | null } | null {
+  const stack: Ref[] = [body];
+  while (stack.length) {
+    const e = stack.pop()!;
+    const id = b.getExpressionId(e);
+    if (id === b.TryId) continue;
+    const spec = CHILDREN[id];
+    if (!spec) continue; // refused later, when the body is visited
+    const cls = kindClass(id);
+    for (const [getter, setter] of spec.one ?? []) {
+      const child = cls[getter](e);
+      if (child === 0) continue;
+      if (b.getExpressionId(child) === b.PopId) return { pop: child, parent: e, parentId: id, setter, index: null };
+      stack.push(child);
+    }
+    if (spec.list) {
+      const [count, getAt, setAt] = spec.list;
+      for (let i = 0, n = cls[count](e); i < n; i++) {
+        const child = cls[getAt](e, i);
+        if (b.getExpressionId(child) === b.PopId) return { pop: child, parent: e, parentId: id, setter: setAt, index: i };
+        stack.push(child);
+      }
+    }
+  }
+  return null;
 }
 
 /** Offset that makes any access trap: the memory never reaches 4 GiB (MEMORY_WASM_PAGES_MAX). */
