@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
+import binaryen from "binaryen";
 import { fixtureBytes } from "./support/guests.js";
 
 const root = fileURLToPath(new URL("../", import.meta.url));
@@ -55,5 +56,23 @@ describe("cohort run", () => {
     const exit = await cohort(["run", file, "--duration-ms", "200"], { limit_ms: 30_000 });
     expect(exit.code).toBe(1);
     expect(exit.stderr).toMatch(/^cohort: .*boot.*start: unreachable/m);
+  }, 40_000);
+});
+
+describe("cohort instrument", () => {
+  it("a memory that is not exported and has an unusual name: instruments it (was `cohort: undefined`)", async () => {
+    const m = binaryen.parseText(`(module (memory $"my mem" 1) (func (export "f") (i32.store (i32.const 0) (i32.const 1))))`);
+    const debug = binaryen.getDebugInfo();
+    binaryen.setDebugInfo(true); // keep the memory's name in the binary's name section
+    try {
+      writeFileSync(join(dir, "odd-memory.wasm"), m.emitBinary());
+    } finally {
+      binaryen.setDebugInfo(debug);
+      m.dispose();
+    }
+    const exit = await cohort(["instrument", join(dir, "odd-memory.wasm")], { limit_ms: 30_000 });
+    expect(exit.stderr).toBe("");
+    expect(exit.code).toBe(0);
+    expect(JSON.parse(exit.stdout).exports).toEqual(["f"]);
   }, 40_000);
 });

@@ -8,7 +8,7 @@ import binaryen from "binaryen";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { decodeDelta, sealDelta } from "../src/checkpoint/format.js";
-import { InvalidModuleError, UnsupportedModuleError } from "../src/guest/errors.js";
+import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "../src/guest/errors.js";
 import { instrument } from "../src/guest/instrument.js";
 import { BASE_BYTES, FIRST_GUEST_PAGE, PAGE_BYTES, PAGE_SHIFT, WASM_PAGE_BYTES } from "../src/vm/layout.js";
 import { VmCore, VmCrashedError } from "../src/vm/machine.js";
@@ -962,5 +962,62 @@ describe("exception handlers whose caught value feeds a rewritten instruction", 
     // The writes went through the barrier: a capture after one handler's store carries its page.
     vm.invoke("store", [3 * PAGE_BYTES + 8]);
     expect(capturePages(vm)).toEqual([(BASE_BYTES >> PAGE_SHIFT) + 3]);
+  });
+});
+
+describe("a memory that is not exported, whatever its name", () => {
+  const cases: [string, string][] = [
+    ["a name with a space", `(module (memory $"my mem" 1 2) (func (export "poke") (param i32 i32) (i32.store (local.get 0) (local.get 1))) (func (export "peek") (param i32) (result i32) (i32.load (local.get 0))))`],
+    [
+      "an import whose name looks like a memory declaration in text",
+      `(module (import "cohort" "rank" (func $"x (memory $y" (result i32))) (memory $m 1 2)
+        (func (export "poke") (param i32 i32) (i32.store (local.get 0) (i32.add (local.get 1) (call $"x (memory $y"))))
+        (func (export "peek") (param i32) (result i32) (i32.load (local.get 0))))`,
+    ],
+    ["a name like Binaryen's own", `(module (memory $0 1 2) (export "0" (func $p)) (func $p (export "poke") (param i32 i32) (i32.store (local.get 0) (local.get 1))) (func (export "peek") (param i32) (result i32) (i32.load (local.get 0))))`],
+  ];
+  it.each(cases)("%s: instruments, and stores reach the memory through the barrier", async (_, text) => {
+    const bytes = wasm(text);
+    const out = instrument(bytes);
+    expect(validInNode(out.wasm)).toBe(true);
+    expect(out.info.exports).not.toContain("__cohort_memory"); // the export that names the memory is gone again
+    const vm = await bootVm(bytes);
+    vm.invoke("poke", [5000, 42]);
+    expect(vm.invoke("peek", [5000])).toBe(42);
+    expect(capturePages(vm)).toEqual([(BASE_BYTES + 5000) >> PAGE_SHIFT]);
+  });
+
+  it("with an export section of other exports, without one, and with a data segment: the same module as when exported", () => {
+    const body = `(data (i32.const 16) "hello") (func $f (i32.store (i32.const 0) (i32.const 1)))`;
+    const hidden = instrument(wasm(`(module (memory $"m m" 1 2) ${body})`));
+    const shown = instrument(wasm(`(module (memory $"m m" 1 2) (export "mem" (memory $"m m")) ${body})`));
+    expect(validInNode(hidden.wasm)).toBe(true);
+    expect(Buffer.from(hidden.wasm).equals(Buffer.from(shown.wasm))).toBe(true);
+  });
+
+  it("a guest export named like the probe is refused by name", () => {
+    expectRefused(wasm(`(module (memory 1) (func (export "__cohort_memory")))`), /reserved export name/, `export "__cohort_memory"`);
+  });
+});
+
+describe("errors are typed, with a message", () => {
+  it("describeThrown gives a message for what Binaryen and wasm throw (bare objects, exceptions without one)", () => {
+    class SA {
+      gC = 5600776;
+    }
+    expect(describeThrown(new SA())).toBe("SA thrown (no message)");
+    expect(describeThrown({ message: "bad name" })).toBe("bad name");
+    expect(describeThrown(new RangeError("x"))).toBe("x");
+    expect(describeThrown(7)).toBe("7");
+    // Node 20 has WebAssembly.Tag and Exception; TypeScript's DOM-less lib does not declare them.
+    const wa = WebAssembly as unknown as { Tag: new (t: { parameters: string[] }) => object; Exception: new (tag: object, values: unknown[]) => object };
+    expect(describeThrown(new wa.Exception(new wa.Tag({ parameters: [] }), []))).toMatch(/Exception/);
+  });
+
+  it("InstrumenterError carries a stable code", () => {
+    const error = new InstrumenterError("Binaryen failed");
+    expect(error).toBeInstanceOf(Error);
+    expect(error.code).toBe("InstrumenterFailed");
+    expect(error.name).toBe("InstrumenterError");
   });
 });

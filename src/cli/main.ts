@@ -5,6 +5,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { readFile, writeFile } from "node:fs/promises";
 import { resolveGuest } from "../guest/examples.js";
+import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
@@ -116,7 +117,8 @@ groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   });
 
-program.parseAsync().catch((error: Error & { code?: string }) => {
-  console.error(`cohort: ${error.message}`);
+program.parseAsync().catch((error: unknown) => {
+  // Not every thrown value is an Error with a message (Binaryen throws bare objects, wasm exceptions have none).
+  console.error(`cohort: ${describeThrown(error)}`);
   process.exitCode = 1;
 });

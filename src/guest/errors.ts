@@ -19,3 +19,24 @@ export class InvalidModuleError extends Error {
   override name = "InvalidModuleError";
   readonly code = "InvalidModule";
 }
+
+/**
+ * Binaryen failed on a module the engine accepts (a Binaryen limitation or an
+ * instrumenter bug). Binaryen reports its internal errors as thrown non-Error
+ * objects; this gives them a type, a code and a message.
+ */
+export class InstrumenterError extends Error {
+  override name = "InstrumenterError";
+  readonly code = "InstrumenterFailed";
+}
+
+/** A message for anything thrown, Error or not (Binaryen throws bare objects, wasm exceptions have no message). */
+export function describeThrown(thrown: unknown): string {
+  if (thrown instanceof Error) return thrown.message || thrown.name;
+  if (typeof thrown === "object" && thrown !== null) {
+    const message = (thrown as { message?: unknown }).message;
+    if (typeof message === "string" && message) return message;
+    return `${thrown.constructor?.name ?? "object"} thrown (no message)`;
+  }
+  return String(thrown);
+}

@@ -23,7 +23,7 @@
  *  - Refuses what cannot be protected, naming the feature and where it occurs.
  */
 import binaryen from "binaryen";
-import { InvalidModuleError, UnsupportedModuleError } from "./errors.js";
+import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "./errors.js";
 import {
   BASE_BYTES,
   GLOBALS_MAX,
@@ -192,22 +192,122 @@ export function instrument(input: Uint8Array): InstrumentedModule {
     }
     throw new InvalidModuleError("not a valid WebAssembly module");
   }
-  checkMemoryDeclarations(bytes);
+  const readable = withMemoryExport(bytes, checkMemoryDeclarations(bytes));
   let m: binaryen.Module;
   try {
-    m = b.readBinary(input);
+    m = b.readBinary(readable);
   } catch (error) {
     // Binaryen throws plain objects, not Errors, for inputs it cannot read (e.g. a malformed name section).
-    throw new InvalidModuleError(`module cannot be read: ${(error as { message?: string })?.message ?? String(error)}`);
+    throw new InvalidModuleError(`module cannot be read: ${describeThrown(error)}`);
   }
   try {
     m.setFeatures(b.Features.All);
     // Dead code after an unconditional branch is stack-polymorphic; removing it first keeps every rewritten node well-typed.
     m.runPasses(["dce"]);
     return new Instrumenter(m).run();
+  } catch (error) {
+    if (error instanceof Error) throw error;
+    throw new InstrumenterError(`Binaryen failed while instrumenting: ${describeThrown(error)}`);
   } finally {
     m.dispose();
   }
+}
+
+/**
+ * Export the module's memory makes for itself when it has none, so Binaryen
+ * names it: binaryen.js has no getter for a memory's internal name (which
+ * comes from the name section and may be anything), but an export's value is
+ * that name. Removed again right after reading (Instrumenter.findMemoryName).
+ */
+const MEMORY_PROBE_EXPORT = "__cohort_memory";
+
+/** Section order of the binary format (custom sections, id 0, may go anywhere). */
+const SECTION_ORDER: Record<number, number> = { 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 13: 6, 6: 7, 7: 8, 8: 9, 9: 10, 12: 11, 10: 12, 11: 13 };
+
+/**
+ * `bytes` with an export of memory 0 named MEMORY_PROBE_EXPORT if it defines a
+ * memory and exports none; else `bytes` itself. Edits the export section of
+ * the binary (or adds one): nothing is printed to text, so the cost is one
+ * copy of the bytes whatever the size of the data segments.
+ */
+function withMemoryExport(bytes: Uint8Array, compiled: WebAssembly.Module): Uint8Array {
+  const exports = WebAssembly.Module.exports(compiled);
+  if (exports.some((e) => e.kind === "memory")) return bytes;
+  const probe = exports.find((e) => e.name === MEMORY_PROBE_EXPORT);
+  if (probe) throw new UnsupportedModuleError("reserved export name", `export "${probe.name}"`);
+  const sections = readSections(bytes);
+  if (!sections.some((s) => s.id === 5)) return bytes; // no memory of its own (an imported one is refused before)
+  const name = new TextEncoder().encode(MEMORY_PROBE_EXPORT);
+  const entry = [...uleb(name.length), ...name, 0x02 /* memory */, 0x00 /* index 0 */];
+  const existing = sections.find((s) => s.id === 7);
+  let before: number;
+  let after: number;
+  let content: Uint8Array;
+  if (existing) {
+    const { value: count, next } = readUleb(bytes, existing.content_start);
+    content = concat([Uint8Array.from(uleb(count + 1)), bytes.subarray(next, existing.end), Uint8Array.from(entry)]);
+    [before, after] = [existing.start, existing.end];
+  } else {
+    // A new export section goes right after the last section that must precede it.
+    const last = sections.filter((s) => s.id !== 0 && SECTION_ORDER[s.id] < SECTION_ORDER[7]).at(-1);
+    assert(last, "a module with a memory section has a section before the export section");
+    content = concat([Uint8Array.from(uleb(1)), Uint8Array.from(entry)]);
+    [before, after] = [last.end, last.end];
+  }
+  return concat([bytes.subarray(0, before), Uint8Array.from([7, ...uleb(content.length)]), content, bytes.subarray(after)]);
+}
+
+interface Section {
+  id: number;
+  /** Offset of the id byte. */
+  start: number;
+  content_start: number;
+  end: number;
+}
+
+function readSections(bytes: Uint8Array): Section[] {
+  const sections: Section[] = [];
+  let pos = 8; // magic + version; validity was already checked by the engine
+  while (pos < bytes.length) {
+    const start = pos;
+    const id = bytes[pos++];
+    const { value: size, next } = readUleb(bytes, pos);
+    sections.push({ id, start, content_start: next, end: next + size });
+    pos = next + size;
+  }
+  return sections;
+}
+
+function readUleb(bytes: Uint8Array, pos: number): { value: number; next: number } {
+  let value = 0;
+  let shift = 0;
+  for (;;) {
+    const byte = bytes[pos++];
+    value += (byte & 0x7f) * 2 ** shift;
+    if ((byte & 0x80) === 0) return { value, next: pos };
+    shift += 7;
+  }
+}
+
+function uleb(value: number): number[] {
+  const out: number[] = [];
+  do {
+    let byte = value % 128;
+    value = Math.floor(value / 128);
+    if (value > 0) byte |= 0x80;
+    out.push(byte);
+  } while (value > 0);
+  return out;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 /**
@@ -215,8 +315,9 @@ export function instrument(input: Uint8Array): InstrumentedModule {
  * the count (multi-memory) and flags (shared, memory64) of every memory,
  * imported or defined, and binaryen.js offers no way to enumerate memories.
  */
-function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): void {
-  const imports = WebAssembly.Module.imports(new WebAssembly.Module(bytes));
+function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): WebAssembly.Module {
+  const compiled = new WebAssembly.Module(bytes);
+  const imports = WebAssembly.Module.imports(compiled);
   for (const imp of imports) {
     const where = `import "${imp.module}"."${imp.name}"`;
     if (imp.kind === "memory") throw new UnsupportedModuleError("imported memory", where);
@@ -231,6 +332,7 @@ function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): void {
     if (flags & 0x02) throw new UnsupportedModuleError("shared memory (threads)", "memory 0");
     if (flags & 0x04) throw new UnsupportedModuleError("memory64", "memory 0");
   }
+  return compiled;
 }
 
 /** Returns the limits flags byte of each memory in the memory section (id 5). */
@@ -412,16 +514,16 @@ class Instrumenter {
     return { initial: info.initial, maximum };
   }
 
-  /** binaryen.js has no memory-name getter; a memory export or the text form names it. */
+  /** binaryen.js has no memory-name getter; a memory export names it (withMemoryExport made one if the guest has none). */
   private findMemoryName(): string {
     const m = this.m;
     for (let i = 0; i < m.getNumExports(); i++) {
       const e = b.getExportInfo(m.getExportByIndex(i));
-      if (e.kind === b.ExternalMemory) return e.value;
+      if (e.kind !== b.ExternalMemory) continue;
+      if (e.name === MEMORY_PROBE_EXPORT) m.removeExport(e.name);
+      return e.value;
     }
-    const match = /\(memory \$([^\s)]+)/.exec(m.emitText());
-    assert(match, "memory name in text form");
-    return match[1];
+    throw new InstrumenterError("the module's memory has no export to name it (instrumenter bug)");
   }
 
   private addHypervisorImports(): void {
