@@ -9,7 +9,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { decodeDelta, sealDelta } from "../src/checkpoint/format.js";
 import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "../src/guest/errors.js";
-import { instrument } from "../src/guest/instrument.js";
+import { instrument, NESTING_MAX } from "../src/guest/instrument.js";
 import { BASE_BYTES, FIRST_GUEST_PAGE, PAGE_BYTES, PAGE_SHIFT, WASM_PAGE_BYTES } from "../src/vm/layout.js";
 import { VmCore, VmCrashedError } from "../src/vm/machine.js";
 import { guestOf, options } from "./support/guests.js";
@@ -1019,5 +1019,65 @@ describe("errors are typed, with a message", () => {
     expect(error).toBeInstanceOf(Error);
     expect(error.code).toBe("InstrumenterFailed");
     expect(error.name).toBe("InstrumenterError");
+  });
+});
+
+describe("deep nesting", () => {
+  // Built as bytes: Binaryen's own text parser and writer recurse per level and would overflow first.
+  const uleb = (v: number): number[] => {
+    const out: number[] = [];
+    do {
+      const low = v & 0x7f;
+      v >>>= 7;
+      out.push(v ? low | 0x80 : low);
+    } while (v);
+    return out;
+  };
+  const section = (id: number, content: number[]) => [id, ...uleb(content.length), ...content];
+  const STORE_7_AT_4096 = [0x41, 0x80, 0x20, 0x41, 0x07, 0x36, 0x02, 0x00]; // i32.store (i32.const 4096) (i32.const 7)
+  /** One function "f" () -> () with `body`, memory 1 exported as "mem". */
+  const moduleOf = (body: number[]) => {
+    const code = [0x00, ...body, 0x0b];
+    return new Uint8Array([
+      ...[0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00],
+      ...section(1, [1, 0x60, 0, 0]),
+      ...section(3, [1, 0]),
+      ...section(5, [1, 0, 1]),
+      ...section(7, [2, 1, 0x66, 0x00, 0, 3, 0x6d, 0x65, 0x6d, 0x02, 0]),
+      ...section(10, [1, ...uleb(code.length), ...code]),
+    ]);
+  };
+  /** `depth` nested blocks (a compiled switch looks like this) around a store. */
+  const nestedBlocks = (depth: number) => moduleOf([...Array(depth).fill([0x02, 0x40]).flat(), ...STORE_7_AT_4096, ...Array(depth).fill(0x0b)]);
+
+  it("2,000 nested blocks instrument (no recursion in the walk) and run as the plain module", async () => {
+    const bytes = nestedBlocks(2000);
+    expect(validInNode(bytes)).toBe(true);
+    expect(validInNode(instrument(bytes).wasm)).toBe(true);
+    const vm = await bootVm(bytes);
+    const plain = plainInstance(bytes);
+    expect(runVm(vm, "f", [])).toEqual(runPlain(plain, "f", []));
+    expectSameBytes(guestView(vm), plain.memory(), "after f");
+    expect(plain.memory()[4096]).toBe(7);
+    expect(capturePages(vm)).toEqual([(BASE_BYTES + 4096) >> PAGE_SHIFT]);
+  });
+
+  it(`past NESTING_MAX (${NESTING_MAX} levels) the function is refused by name, quickly`, () => {
+    const started = performance.now();
+    expectRefused(nestedBlocks(NESTING_MAX + 10), new RegExp(`nested deeper than ${NESTING_MAX} levels`), "function 0");
+    expectRefused(nestedBlocks(20_000), new RegExp(`nested deeper than ${NESTING_MAX} levels`), "function 0");
+    expect(performance.now() - started).toBeLessThan(10_000);
+  });
+
+  it("nesting Binaryen's writer cannot take below the limit (binary operators) instruments or is refused, never a stack overflow", () => {
+    const depth = NESTING_MAX - 100;
+    const sum = [0x41, 0x00, ...Array(depth).fill([0x41, 0x01]).flat(), ...Array(depth).fill(0x6a)]; // 0 + 1 + 1 + ... nested to the left
+    const bytes = moduleOf([0x41, 0x00, ...sum, 0x36, 0x02, 0x00]);
+    expect(validInNode(bytes)).toBe(true);
+    const error = caught(() => instrument(bytes));
+    if (error !== undefined) {
+      expect(error).toBeInstanceOf(UnsupportedModuleError);
+      expect((error as Error).message).toMatch(/nested/);
+    }
   });
 });

@@ -206,6 +206,10 @@ export function instrument(input: Uint8Array): InstrumentedModule {
     m.runPasses(["dce"]);
     return new Instrumenter(m).run();
   } catch (error) {
+    if (error instanceof RangeError && /call stack/i.test(error.message)) {
+      // Binaryen's recursive parts (its binary writer) ran out of JS stack: nesting below NESTING_MAX, but too deep for them.
+      throw new UnsupportedModuleError("expressions nested too deeply for Binaryen's writer", "module");
+    }
     if (error instanceof Error) throw error;
     throw new InstrumenterError(`Binaryen failed while instrumenting: ${describeThrown(error)}`);
   } finally {
@@ -378,6 +382,32 @@ interface FunctionContext {
   loopDepth: number; // > 0 while visiting the body of a loop
   inits: Ref[]; // run at function entry: initial values of loop sites' cache locals
 }
+
+/** A node of the walk in Instrumenter.visit: its child slots and how many were entered. */
+interface Frame {
+  e: Ref;
+  id: number;
+  slots: Slot[];
+  next: number;
+}
+
+/** Where a child sits in its parent: the setter and, for operand lists, the index. */
+interface Slot {
+  child: Ref;
+  setter: string;
+  index: number | null;
+}
+
+/**
+ * Deepest expression nesting instrumented (levels below a function's body);
+ * deeper functions are refused by name. A large compiled `switch` nests one
+ * block per case, so a few thousand levels occur in real code. Binaryen's
+ * binary writer recurses per level on the JS stack: on a main thread's
+ * default stack it manages about 8,000 nested blocks but only about 2,500
+ * nested binary operators, so past this limit we refuse up front, and below
+ * it a stack overflow inside Binaryen is still refused by name (instrument()).
+ */
+export const NESTING_MAX = 4_000;
 
 /**
  * Each store site inside a loop gets its own "last dirty page" local, so two
@@ -610,46 +640,67 @@ class Instrumenter {
     else if (replaced !== body) K.Function.setBody(fn, replaced);
   }
 
-  /** Visits children first, then rewrites the node; returns the node to put in its place. */
-  private visit(e: Ref, ctx: FunctionContext): Ref {
-    if (e === 0) return e;
+  /**
+   * Visits children first, then rewrites the node; returns the node to put in
+   * its place. Walks with an explicit stack, not recursion: compiled code
+   * nests deeply (a large `switch` becomes thousands of nested blocks) and the
+   * JS stack would overflow long before NESTING_MAX.
+   */
+  private visit(root: Ref, ctx: FunctionContext): Ref {
+    if (root === 0) return root;
+    const stack: Frame[] = [this.frame(root, ctx)];
+    for (;;) {
+      const top = stack[stack.length - 1];
+      if (top.next < top.slots.length) {
+        if (stack.length >= NESTING_MAX) {
+          throw new UnsupportedModuleError(`expressions nested deeper than ${NESTING_MAX} levels`, `function ${ctx.name}`);
+        }
+        stack.push(this.frame(top.slots[top.next++].child, ctx));
+        continue;
+      }
+      stack.pop();
+      if (top.id === b.LoopId) ctx.loopDepth--;
+      const replaced = this.rewrite(top.e, top.id, ctx);
+      const parent = stack[stack.length - 1];
+      if (!parent) return replaced;
+      const slot = parent.slots[parent.next - 1];
+      if (replaced !== slot.child) {
+        const cls = kindClass(parent.id);
+        if (slot.index === null) cls[slot.setter](parent.e, replaced);
+        else cls[slot.setter](parent.e, slot.index, replaced);
+      }
+    }
+  }
+
+  /** A node about to be visited, with its child slots in visiting order (a catch body's pop already moved into a local). */
+  private frame(e: Ref, ctx: FunctionContext): Frame {
     const id = b.getExpressionId(e);
     const spec = CHILDREN[id];
     if (!spec) {
       const reason = REFUSED[id] ?? `instruction kind ${ID_NAMES[id] ?? id} not supported`;
       throw new UnsupportedModuleError(reason, `function ${ctx.name}`);
     }
-    if (!spec.one && !spec.list) return this.rewrite(e, id, ctx);
-    if (id === b.LoopId) ctx.loopDepth++;
-    try {
-      this.visitChildren(e, id, spec, ctx);
-    } finally {
-      if (id === b.LoopId) ctx.loopDepth--;
-    }
-    return this.rewrite(e, id, ctx);
-  }
-
-  private visitChildren(e: Ref, id: number, spec: ChildSpec, ctx: FunctionContext): void {
-    const cls = kindClass(id);
-    for (const [getter, setter] of spec.one ?? []) {
-      const child = cls[getter](e);
-      if (child === 0) continue;
-      const next = this.visit(child, ctx);
-      if (next !== child) cls[setter](e, next);
-    }
-    if (spec.list) {
-      const [count, getAt, setAt] = spec.list;
-      const n = cls[count](e);
-      for (let i = 0; i < n; i++) {
-        let child = cls[getAt](e, i);
-        if (id === b.TryId) {
-          child = this.hoistPop(child, ctx);
-          cls[setAt](e, i, child);
+    const slots: Slot[] = [];
+    if (spec.one || spec.list) {
+      const cls = kindClass(id);
+      for (const [getter, setter] of spec.one ?? []) {
+        const child = cls[getter](e);
+        if (child !== 0) slots.push({ child, setter, index: null });
+      }
+      if (spec.list) {
+        const [count, getAt, setAt] = spec.list;
+        for (let i = 0, n = cls[count](e); i < n; i++) {
+          let child = cls[getAt](e, i);
+          if (id === b.TryId) {
+            child = this.hoistPop(child, ctx);
+            cls[setAt](e, i, child);
+          }
+          slots.push({ child, setter: setAt, index: i });
         }
-        const next = this.visit(child, ctx);
-        if (next !== child) cls[setAt](e, i, next);
       }
     }
+    if (id === b.LoopId) ctx.loopDepth++;
+    return { e, id, slots, next: 0 };
   }
 
   /**
