@@ -1011,7 +1011,7 @@ describe("errors are typed, with a message", () => {
     expect(describeThrown(7)).toBe("7");
     // Node 20 has WebAssembly.Tag and Exception; TypeScript's DOM-less lib does not declare them.
     const wa = WebAssembly as unknown as { Tag: new (t: { parameters: string[] }) => object; Exception: new (tag: object, values: unknown[]) => object };
-    expect(describeThrown(new wa.Exception(new wa.Tag({ parameters: [] }), []))).toMatch(/Exception/);
+    expect(describeThrown(new wa.Exception(new wa.Tag({ parameters: [] }), []))).toMatch(/uncaught wasm exception/);
   });
 
   it("InstrumenterError carries a stable code", () => {
@@ -1079,5 +1079,46 @@ describe("deep nesting", () => {
       expect(error).toBeInstanceOf(UnsupportedModuleError);
       expect((error as Error).message).toMatch(/nested/);
     }
+  });
+});
+
+describe("crash messages say what the plain module says", () => {
+  const bulk = wasm(`(module
+    (memory (export "mem") 1 2)
+    (data $seg "0123456789")
+    (tag $e (param i32))
+    (func (export "fill") (param i32 i32) (memory.fill (local.get 0) (i32.const 1) (local.get 1)))
+    (func (export "copy") (param i32 i32 i32) (memory.copy (local.get 0) (local.get 1) (local.get 2)))
+    (func (export "init") (param i32 i32 i32) (memory.init $seg (local.get 0) (local.get 1) (local.get 2)))
+    (func (export "throws") (throw $e (i32.const 3))))`);
+
+  const plainMessage = (name: string, args: number[]): string => {
+    const error = caught(() => plainInstance(bulk).exports[name](...args));
+    expect(error).toBeInstanceOf(WebAssembly.RuntimeError);
+    return (error as Error).message;
+  };
+
+  it.each([
+    ["fill", [65530, 100]], // destination past the end
+    ["fill", [-1, 2]], // wrapping destination
+    ["copy", [65530, 0, 100]], // destination past the end
+    ["copy", [0, 65530, 100]], // source past the end
+    ["init", [65533, 0, 5]], // destination past the end
+    ["init", [0, 8, 5]], // past the end of the segment
+  ] as [string, number[]][])("out-of-bounds %s(%s) crashes with the engine's bounds message, not \"unreachable\"", async (name, args) => {
+    const expected = plainMessage(name, args);
+    expect(expected).toMatch(/out of bounds/);
+    const vm = VmCore.boot(await guestOf(bulk), options());
+    const error = caught(() => vm.invoke(name, args));
+    expect(error).toBeInstanceOf(VmCrashedError);
+    expect((error as Error).message).toBe(`${name}: ${expected}`);
+    expect(vm.crashed).toBe(`${name}: ${expected}`);
+  });
+
+  it("an exception escaping a guest call is named as such (not \"undefined\")", async () => {
+    const vm = VmCore.boot(await guestOf(bulk), options());
+    const error = caught(() => vm.invoke("throws", []));
+    expect(error).toBeInstanceOf(VmCrashedError);
+    expect((error as Error).message).toBe("throws: uncaught wasm exception (thrown by the guest, caught by no handler)");
   });
 });

@@ -33,6 +33,9 @@ export class InstrumenterError extends Error {
 /** A message for anything thrown, Error or not (Binaryen throws bare objects, wasm exceptions have no message). */
 export function describeThrown(thrown: unknown): string {
   if (thrown instanceof Error) return thrown.message || thrown.name;
+  // Node 20 has WebAssembly.Exception; TypeScript's DOM-less lib does not declare it.
+  const WasmException = (WebAssembly as unknown as { Exception?: abstract new (...args: never[]) => object }).Exception;
+  if (WasmException && thrown instanceof WasmException) return "uncaught wasm exception (thrown by the guest, caught by no handler)";
   if (typeof thrown === "object" && thrown !== null) {
     const message = (thrown as { message?: unknown }).message;
     if (typeof message === "string" && message) return message;

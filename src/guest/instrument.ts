@@ -604,7 +604,9 @@ class Instrumenter {
           m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))),
           m.i64.sub(m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), i64(WASM_PAGE_BYTES)), i64(BASE_BYTES)),
         ),
-        m.unreachable(),
+        // The trap the engine gives the original instruction ("memory access out of bounds", not
+        // "unreachable"): a load from (2^32 - 1) + (2^32 - 1), beyond any 32-bit memory.
+        m.drop(i32.load8_u(ALWAYS_TRAPS, 1, i32.const(-1), this.memoryName)),
       );
     // params: dest(0) len(1); vars: first(2) last(3)
     m.addFunction(

@@ -22,6 +22,7 @@ import {
 import { EXPORT_BOOT, EXPORT_LOAD_GLOBALS, EXPORT_SAVE_GLOBALS, HV_MODULE, type ModuleInfo } from "../guest/module-info.js";
 import { deltaByteLength, layoutDelta, type ImageParts } from "../checkpoint/format.js";
 import { assert } from "../util/assert.js";
+import { describeThrown } from "../guest/errors.js";
 
 export interface VmLimits {
   /** Guest memory ceiling, in 64 KiB wasm pages (the hypervisor region is extra). */
@@ -490,7 +491,8 @@ export class VmCore implements AbiHost {
     try {
       body();
     } catch (error) {
-      this.crash = `${what}: ${(error as Error).message}`;
+      // describeThrown: a wasm exception that escapes the guest is not an Error and has no message.
+      this.crash = `${what}: ${describeThrown(error)}`;
       throw new VmCrashedError(this.crash);
     }
   }
