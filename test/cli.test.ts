@@ -3,7 +3,7 @@
  * built CLI (bin/cohort.js, so `npm run build` first), each bounded in time.
  */
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -75,4 +75,19 @@ describe("cohort instrument", () => {
     expect(exit.code).toBe(0);
     expect(JSON.parse(exit.stdout).exports).toEqual(["f"]);
   }, 40_000);
+});
+
+describe("module arguments", () => {
+  it("a file whose name looks like an example's (`myguest`) is used as a file; a name that is neither is refused as such", async () => {
+    const cwd = join(dir, "guests");
+    mkdirSync(cwd, { recursive: true });
+    writeFileSync(join(cwd, "myguest"), fixtureBytes("segments"));
+    const exit = await cohort(["instrument", "myguest"], { cwd, limit_ms: 30_000 });
+    expect(exit.stderr).toBe("");
+    expect(exit.code).toBe(0);
+    expect(JSON.parse(exit.stdout).exports).toContain("init");
+    const missing = await cohort(["instrument", "nosuchguest"], { cwd, limit_ms: 30_000 });
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(/^cohort: "nosuchguest" is neither a file nor a built guest/);
+  }, 70_000);
 });

@@ -20,6 +20,12 @@ export class InvalidModuleError extends Error {
   readonly code = "InvalidModule";
 }
 
+/** A module argument names neither a file nor a built guest. */
+export class GuestNotFoundError extends Error {
+  override name = "GuestNotFoundError";
+  readonly code = "GuestNotFound";
+}
+
 /**
  * Binaryen failed on a module the engine accepts (a Binaryen limitation or an
  * instrumenter bug). Binaryen reports its internal errors as thrown non-Error
