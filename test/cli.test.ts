@@ -91,3 +91,29 @@ describe("module arguments", () => {
     expect(missing.stderr).toMatch(/^cohort: "nosuchguest" is neither a file nor a built guest/);
   }, 70_000);
 });
+
+describe("stdout's reader goes away (`cohort … | head -1`)", () => {
+  it("the CLI exits quietly on EPIPE, without a stack trace", async () => {
+    const child = spawn(process.execPath, [CLI, "run", "ticker", "--interval-ms", "10", "--duration-ms", "20000"], {
+      cwd: root,
+      env: { ...process.env, COHORT_CACHE_DIR: join(dir, "cache") },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stderr = "";
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    // Like `head -1`: read the first line, then close the pipe's read end.
+    child.stdout.once("data", () => child.stdout.destroy());
+    const exit = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        child.kill("SIGKILL");
+        reject(new Error(`cohort run still running after its reader went away; stderr: ${stderr}`));
+      }, 15_000);
+      child.once("close", (code, signal) => {
+        clearTimeout(timer);
+        resolve({ code, signal });
+      });
+    });
+    expect(stderr).not.toMatch(/EPIPE|Error|at /);
+    expect(exit).toEqual({ code: 0, signal: null });
+  }, 30_000);
+});

@@ -9,6 +9,14 @@ import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
+// `cohort logs vm --follow | head -1`: once stdout's reader has gone away, every write fails with
+// EPIPE. Nobody is left to read anything we could say, and the reader chose to stop: exit quietly
+// (status 0) instead of dying of an unhandled 'error' event with a stack trace.
+process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+  if (error.code === "EPIPE") process.exit(0);
+  throw error;
+});
+
 // Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
 // so that `cohort host` and the cluster commands start fast.
 const CHECKPOINT_BENCH_DEFAULTS = { memory_mib: [1, 64, 1024], dirty_pages: [16, 256, 4096], samples: 40, barrier_runs: 5 };
