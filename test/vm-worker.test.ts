@@ -127,6 +127,23 @@ describe("VM worker", () => {
     const head = await Promise.all([0, 1, 2].map((i) => vm.request("invoke", { name: "load8", args: [i] })));
     expect(Buffer.from(head as number[]).toString()).toBe("abc");
   });
+
+  it("rollback(0) through the worker boots the guest again, as a backup promoted from cut 0 does", async () => {
+    const guest = await bundle(fixtureBytes("segments"));
+    const vm = await boot(guest);
+    await vm.request("invoke", { name: "poke", args: [200, 0] });
+    await vm.capture();
+    await vm.request("rollback", { epoch: 0 });
+    const backup = await VmWorker.backup(guest, opts(), null);
+    started.push(backup);
+    await backup.request("promote", {});
+    for (const replica of [vm, backup]) {
+      expect(await replica.request("invoke", { name: "started", args: [] })).toBe(1);
+      expect(await replica.request("invoke", { name: "load8", args: [200] })).toBe(42);
+      expect(await replica.request("invoke", { name: "load8", args: [100] })).toBe("a".charCodeAt(0));
+    }
+    expect((await vm.status()).crashed).toBeNull();
+  });
 });
 
 describe("local primary/backup pair", () => {
