@@ -13,6 +13,7 @@ import { Channels, type GroupMessage, type ReceiveDecision } from "../core/chann
 import { EXPORT_BOOT, EXPORT_LOAD_GLOBALS, EXPORT_SAVE_GLOBALS, HV_MODULE, type ModuleInfo } from "../guest/module-info.js";
 import { deltaByteLength, layoutDelta, type ImageParts } from "../checkpoint/format.js";
 import { assert } from "../util/assert.js";
+import { describeThrown } from "../guest/errors.js";
 
 export interface VmLimits {
   /** Guest memory ceiling, in 64 KiB wasm pages (the hypervisor region is extra). */
@@ -408,7 +409,8 @@ export class VmCore implements AbiHost {
     try {
       body();
     } catch (error) {
-      this.crash = `${what}: ${(error as Error).message}`;
+      // describeThrown: a wasm exception that escapes the guest is not an Error and has no message.
+      this.crash = `${what}: ${describeThrown(error)}`;
       throw new VmCrashedError(this.crash);
     }
   }
@@ -504,6 +506,9 @@ export class VmCore implements AbiHost {
    * Rolls back in place to cut `epoch` (committed <= epoch < current) from the
    * undo log: memory, globals and runtime state become exactly what they were
    * when checkpoint `epoch` was captured. Moves only the pages written since.
+   * Cut 0 is the freshly booted VM: rollback(0) runs boot again (its data
+   * segments and start function), and a trap in it crashes the VM
+   * (VmCrashedError), as it would in VmCore.boot.
    */
   rollback(epoch: number): { pages_restored: number } {
     assert(epoch >= this.committed, `rollback to ${epoch} below committed cut ${this.committed}`);
@@ -523,7 +528,12 @@ export class VmCore implements AbiHost {
     const start = this.epochs.get(epoch + 1);
     assert(start, `start record of epoch ${epoch + 1}`);
     start.undo = null;
+    // A data segment dropped since the cut is gone from this instance, and loading the cut's
+    // globals can only drop segments, never bring one back: a new instance has every segment,
+    // and loadGlobals drops again those the cut had dropped.
+    const revive = this.droppedSince(start.globals);
     if (this.memory.buffer.byteLength / WASM_PAGE_BYTES !== start.memory_pages) this.shrinkMemory(start.memory_pages);
+    else if (revive) this.instantiate();
     this.loadGlobals(start.globals);
     this.state = decodeRuntimeState(start.state);
     assert(this.state.epoch === epoch + 1, "restored runtime state starts the epoch after the cut");
@@ -532,6 +542,10 @@ export class VmCore implements AbiHost {
     // Output of committed epochs was released already; the restored state must not release it twice.
     this.commitOutputFilter();
     this.crash = null;
+    // Cut 0 is recorded before boot. Everywhere else it means "booted": a backup promoted from
+    // cut 0 boots (resume), and so must a primary rolled back to it, in the epoch after the cut
+    // as VmCore.boot does, or its next capture would ship a state that never booted.
+    if (!this.state.booted) this.runBoot();
     return { pages_restored: pages };
   }
 
@@ -649,6 +663,15 @@ export class VmCore implements AbiHost {
     assert(globals.length === this.guest.info.mutable_globals.length * GLOBAL_SLOT_BYTES, "globals save area size matches the module");
     this.tracker.bytes().set(globals, GLOBALS_OFFSET);
     this.exports[EXPORT_LOAD_GLOBALS]();
+  }
+
+  /** True if a data segment is dropped in the running instance but not at the cut whose saved globals are `cut_globals`. */
+  private droppedSince(cut_globals: Uint8Array): boolean {
+    const flags = this.guest.info.data_drop_flags;
+    if (flags.length === 0) return false;
+    const now = this.saveGlobals();
+    // Each flag is an i32 that is 0 or 1, stored little-endian at the start of its slot.
+    return flags.some((i) => now[i * GLOBAL_SLOT_BYTES] !== 0 && cut_globals[i * GLOBAL_SLOT_BYTES] === 0);
   }
 
   /** Memory cannot shrink in place: a rollback across memory.grow re-creates it and re-instantiates. */

@@ -350,7 +350,8 @@ const handlers: Handlers = {
   },
   rollback({ epoch }) {
     const started = process.hrtime.bigint();
-    const result = needPrimary().rollback(epoch);
+    // Guarded like a guest call: rollback(0) runs the guest's boot again (CPU watchdog, crash event).
+    const result = guarded(() => needPrimary().rollback(epoch));
     path?.dropHeldAfter(epoch);
     scheduleTimers();
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
