@@ -60,12 +60,12 @@ export type VmStep =
   /** Recovery: stop timers and deliveries, keep arrivals. */
   | { op: "freeze" }
   /**
-   * Recovery: go to cut `cut` (`rollback` in place, `reboot` for cut 0, or
-   * `keep` the state as it is), adopt incarnation `inc`, release the cut's
+   * Recovery: go to cut `cut` (`rollback` in place; cut 0 is the booted
+   * deployed state) or `keep` the state as it is, adopt incarnation `inc`, release the cut's
    * output (if `cut` is not null), ship an image to `image_to` (at the cut;
    * `fresh`: at a new cut, vm mode), and answer the delivered vector and route.
    */
-  | { op: "restore"; how: "rollback" | "reboot" | "keep"; cut: Epoch | null; inc: Incarnation; image_to: HostId | null; fresh_image: boolean }
+  | { op: "restore"; how: "rollback" | "keep"; cut: Epoch | null; inc: Incarnation; image_to: HostId | null; fresh_image: boolean }
   /** This host was declared failed, or the group stopped: terminate; nothing more is released. */
   | { op: "stop" };
 

@@ -783,7 +783,7 @@ export class GroupCore {
       if (p.primary === this.host) {
         const target = frame.cut ?? frame.targets[rank] ?? null;
         let m = this.members.get(rank);
-        let how: "rollback" | "reboot" | "keep" = "keep";
+        let how: "rollback" | "keep" = "keep";
         if (m) {
           if (frame.cut !== null) {
             if (frame.cut < m.committed || frame.cut > m.captured) {
@@ -791,7 +791,7 @@ export class GroupCore {
               this.refuse(out, `rollback frame: member ${rank} cannot go to cut ${frame.cut} (reaches ${m.committed}..${m.captured})`);
               continue;
             }
-            how = frame.cut === 0 ? "reboot" : "rollback";
+            how = "rollback";
             m.captured = frame.cut;
             rolledBack.push(rank);
           }

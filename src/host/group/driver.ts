@@ -317,12 +317,7 @@ export class GroupDriver {
 
   /** Recovery on this host for one primary: to the cut, the new incarnation, its output, an image for a new backup. */
   private async restore(m: GroupMember, step: Extract<VmStep, { op: "restore" }>): Promise<StepValue> {
-    if (step.how === "reboot") {
-      // Cut 0 is the deployed state before boot: start the VM afresh.
-      m.replaceVm(await VmWorker.boot(await this.guestReady, this.vmOptions(m.rank)));
-      m.captured = m.committed = 0;
-      await this.openPath(m);
-    } else if (step.how === "rollback") {
+    if (step.how === "rollback") {
       const result = await m.rollback(step.cut!);
       this.log.info({ group: this.name, rank: m.rank, cut: step.cut, pages_restored: result.pages_restored, rollback_us: Number(result.rollback_us.toFixed(1)) }, "rolled back in place");
     }

@@ -72,15 +72,6 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     });
   }
 
-  /** Replaces the VM thread (re-boot at cut 0 during a recovery); its path must be opened again. */
-  replaceVm(vm: VmWorker): void {
-    const old = this.vm;
-    this.vm = vm;
-    this.route = null;
-    this.listen(vm);
-    void old.terminate();
-  }
-
   // ---- the message path -------------------------------------------------------------------
 
   /** Opens the VM's message path; vm mode holds what it sends until its epoch commits. */
