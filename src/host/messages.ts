@@ -141,7 +141,7 @@ const replySchema: z.ZodType<Reply> = z.strictObject({
   v: version,
   id: count,
   ok: z.boolean(),
-  value: z.unknown(),
+  value: z.unknown().optional(),
   error: z.strictObject({ code: z.string(), message: z.string() }).optional(),
 });
 const vmMessage = { v: version, vm: name, incarnation: count, epoch: count };
@@ -149,7 +149,7 @@ const vmMessage = { v: version, vm: name, incarnation: count, epoch: count };
 const controlSchemas: Record<number, z.ZodType> = {
   [MSG.HELLO]: z.strictObject({ v: version, from: name }),
   [MSG.HEARTBEAT]: z.strictObject({ v: version, from: name, sent_ms: z.number() }),
-  [MSG.REQUEST]: z.strictObject({ v: version, id: count, op: z.string().max(64), args: z.unknown() }),
+  [MSG.REQUEST]: z.strictObject({ v: version, id: count, op: z.string().max(64), args: z.unknown().optional() }),
   [MSG.REPLY]: replySchema,
   [MSG.LOG]: z.strictObject({ v: version, vm: name, records: z.array(logRecord) }),
   [MSG.IMAGE]: z.strictObject({ ...vmMessage, released_seq: count, history: z.array(logRecord).optional() }),
