@@ -202,6 +202,8 @@ describe("host API against real host processes", () => {
         expect((await requestAny(c, "vm_request", { vm, text: "put a 1" }, undefined, primary)).reply).toBe("ok");
         const got = await requestAny(c, "vm_request", { vm, text: "get a" }, undefined, primary);
         expect(got).toMatchObject({ vm, reply: "1" });
+        const logs = await requestAny(c, "logs", { vm }, undefined, primary);
+        expect(logs).toMatchObject({ vm, role: "primary", first_seq: 1 });
       }
       const status = await requestAny(c, "status", {}, undefined, h1.id);
       expect(status.id).toBe(h1.id);

@@ -4,7 +4,7 @@
  * released output across failovers.
  */
 import { Connection } from "../host/connection.js";
-import { MSG, type LogRecordWire } from "../host/messages.js";
+import { MSG, parseLogPush, type LogRecordWire } from "../host/messages.js";
 import { vmKey, type VmRecord } from "../host/records.js";
 import type { HostOp, HostOps } from "../host/api.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
@@ -104,7 +104,7 @@ export class LogFollower {
     let early: LogRecordWire[][] | null = [];
     connection.on("message", (type, header) => {
       if (type !== MSG.LOG) return;
-      const records = (header as { records: LogRecordWire[] }).records;
+      const { records } = parseLogPush(header);
       if (early) early.push(records);
       else this.deliver(host, records);
     });

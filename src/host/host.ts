@@ -9,7 +9,7 @@ import { createServer, type Server, type Socket } from "node:net";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
 import { Connection } from "./connection.js";
-import { MSG, type Heartbeat, type LogRecordWire, type Request, type VmMessage } from "./messages.js";
+import { MSG, type Heartbeat, type LogPush, type LogRecordWire, type Request, type VmMessage } from "./messages.js";
 import { argsObject, checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
 import { ProtectedPrimary } from "./primary.js";
 import { BackupReplica } from "./backup.js";
@@ -666,12 +666,12 @@ export class Host {
     const value: HostOps["logs"]["result"] = { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) };
     connection.reply(request_id, { ok: true, value });
     if (follow) {
-      const onAppend = (records: unknown[]) => {
+      const onAppend = (records: LogRecordWire[]) => {
         if (connection.isClosed) {
           log.off("append", onAppend);
           return;
         }
-        connection.send(MSG.LOG, { vm, records });
+        connection.send(MSG.LOG, { vm, records } satisfies LogPush);
       };
       log.on("append", onAppend);
       connection.once("close", () => log.off("append", onAppend));

@@ -93,6 +93,12 @@ export interface LogRecordWire {
   request_id?: number;
 }
 
+/** Host → log follower (after a `logs` request with `follow`): records released since. */
+export interface LogPush {
+  vm: string;
+  records: LogRecordWire[];
+}
+
 const HEADER_LIMIT_BYTES = 1 << 20;
 
 export function encodePayload(header: unknown, body?: Uint8Array): Uint8Array[] {
@@ -137,6 +143,7 @@ const logRecord = z.strictObject({
   released_ms: z.number(),
   request_id: count.optional(),
 });
+const logPushSchema: z.ZodType<LogPush> = z.strictObject({ v: version, vm: name, records: z.array(logRecord) });
 const replySchema: z.ZodType<Reply> = z.strictObject({
   v: version,
   id: count,
@@ -151,7 +158,7 @@ const controlSchemas: Record<number, z.ZodType> = {
   [MSG.HEARTBEAT]: z.strictObject({ v: version, from: name, sent_ms: z.number() }),
   [MSG.REQUEST]: z.strictObject({ v: version, id: count, op: z.string().max(64), args: z.unknown().optional() }),
   [MSG.REPLY]: replySchema,
-  [MSG.LOG]: z.strictObject({ v: version, vm: name, records: z.array(logRecord) }),
+  [MSG.LOG]: logPushSchema,
   [MSG.IMAGE]: z.strictObject({ ...vmMessage, released_seq: count, history: z.array(logRecord).optional() }),
   [MSG.DELTA]: z.strictObject(vmMessage),
   [MSG.ACK]: z.strictObject(vmMessage),
@@ -178,6 +185,11 @@ export function checkControl(type: number, header: Record<string, unknown>): voi
   const schema = controlSchemas[type];
   if (schema) checked(type, schema, header);
   else checkVersion(type, header);
+}
+
+/** A LOG header, checked as `checkControl` does. */
+export function parseLogPush(header: Record<string, unknown>): LogPush {
+  return checked(MSG.LOG, logPushSchema, header);
 }
 
 /** A REPLY header, checked as `checkControl` does. */
