@@ -97,13 +97,13 @@ describe("control frame versions", () => {
     expect(newer).toThrow(ControlFrameError);
     expect(newer).toThrow(`REQUEST frame version ${CONTROL_VERSION + 1} is newer than this host's ${CONTROL_VERSION}`);
     expect(() => checkControl(MSG.HEARTBEAT, { v: 9, from: "h2", sent_ms: 0 })).toThrow(/^HEARTBEAT frame version 9 is newer/);
-    expect(() => checkControl(MSG.DELTA, { v: 3, vm: "t-0", incarnation: 1, epoch: 4 })).toThrow(/^DELTA frame version 3 is newer/);
+    expect(() => checkControl(MSG.LOG, { v: 3, vm: "t-0", records: [] })).toThrow(/^LOG frame version 3 is newer/);
   });
 
   it("a header without a version, or of the wrong shape, is malformed", () => {
     expect(() => checkControl(MSG.HELLO, { from: "cli" })).toThrow(/malformed HELLO frame: v:/);
     expect(() => checkControl(MSG.REQUEST, { v: 1, id: "one", op: "ping", args: {} })).toThrow(/malformed REQUEST frame: id:/);
-    expect(() => checkControl(MSG.ACK, { v: 1, vm: "t-0", incarnation: -1, epoch: 4 })).toThrow(/malformed ACK frame: incarnation:/);
+    expect(() => checkControl(MSG.LOG, { v: 1, vm: "t-0", records: [{ seq: -1 }] })).toThrow(/malformed LOG frame: records\.0\.seq:/);
     expect(() => checkControl(MSG.HELLO, { v: CONTROL_VERSION, from: "cli" })).not.toThrow();
     // A failed request's REPLY has no value; a REQUEST without args is the op's to refuse.
     expect(() => checkControl(MSG.REPLY, { v: CONTROL_VERSION, id: 3, ok: false, error: { code: "BadArguments", message: "..." } })).not.toThrow();
@@ -194,7 +194,7 @@ describe("host API against real host processes", () => {
 
       // The host serves good requests afterwards: typed results, no casts.
       expect(await requestAny(c, "ping", {}, undefined, h1.id)).toEqual({ id: h1.id });
-      // A single VM (the single-VM replication path's versioned frames) and a group of two (group_prepare, group_run).
+      // A single VM (a group of one) and a group of two: deploy, group_prepare, group_run, vm_request, logs.
       await deploy(c, "kv", "vm", 1);
       await deploy(c, "kvg", "group", 2);
       for (const vm of ["kv-0", "kvg-1"]) {

@@ -4,7 +4,8 @@
  * released output across failovers.
  */
 import { Connection } from "../host/connection.js";
-import { MSG, parseLogPush, type LogRecordWire } from "../host/messages.js";
+import { MSG, parseLogPush } from "../host/messages.js";
+import type { ReleasedRecord } from "../core/frames.js";
 import { vmKey, type VmRecord } from "../host/records.js";
 import type { HostOp, HostOps } from "../host/api.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
@@ -38,7 +39,7 @@ export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op
   throw new Error(`no host answered (${errors.join("; ")})`);
 }
 
-export interface FollowedRecord extends LogRecordWire {
+export interface FollowedRecord extends ReleasedRecord {
   received_ms: number;
   host: string;
 }
@@ -101,7 +102,7 @@ export class LogFollower {
     const closed = new Promise<void>((resolve) => connection.once("close", () => resolve()));
     // Pushes can be handled before the reply's continuation runs (a resolved promise runs later):
     // hold them until the reply's records are delivered, to keep sequence order.
-    let early: LogRecordWire[][] | null = [];
+    let early: ReleasedRecord[][] | null = [];
     connection.on("message", (type, header) => {
       if (type !== MSG.LOG) return;
       const { records } = parseLogPush(header);
@@ -133,7 +134,7 @@ export class LogFollower {
     }
   }
 
-  private deliver(host: string, records: LogRecordWire[]): void {
+  private deliver(host: string, records: ReleasedRecord[]): void {
     const now = Date.now();
     for (const r of records) {
       if (r.seq < this.nextSeq) continue; // already delivered (re-released after a failover)

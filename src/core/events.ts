@@ -10,7 +10,7 @@
  * one at a time, and answers each with a `done` event carrying the step's
  * `id`. Steps of different ranks may finish in any order.
  */
-import type { GroupFrame, OutgoingFrame, Route } from "./frames.js";
+import type { GroupFrame, OutgoingFrame, ReleasedRecord, Route } from "./frames.js";
 import type { Epoch, HostId, Incarnation, ProtectionRecord, Rank } from "./types.js";
 
 /** Bytes or a reference to them, owned by the driver. */
@@ -75,7 +75,7 @@ export type BackupStep =
   /** Cut `cut` committed: fold staged deltas <= cut (lazily, in batches). */
   | { op: "commit"; cut: Epoch }
   /** Replace this backup by the full image (body of an `image` frame). */
-  | { op: "install"; epoch: Epoch; image: Handle; released_seq: number; history: unknown[] }
+  | { op: "install"; epoch: Epoch; image: Handle; released_seq: number; history: ReleasedRecord[] }
   /** Recovery: fold to `cut`, drop staged deltas above it. */
   | { op: "rollback_to"; cut: Epoch }
   /** Recovery: fold to `cut` (group) or to the newest staged checkpoint (vm: `cut` null), become the primary in place (paused). */

@@ -22,6 +22,7 @@
  * | rolled | host → coordinator | done; `d` = delivered vectors of the primaries here, `routes` = their message paths |
  * | resume | coordinator → hosts | routes (index: rank), re-send what receivers lack (`d`), run epoch `e` |
  * | halt | coordinator → hosts | members `lost` have no surviving copy: the group stops |
+ * | stale | host → a host the record declares failed that still sends | your incarnation is over: read the store (and stop) |
  */
 import { z } from "zod";
 import { GROUP_SIZE_MAX, type ProtectionRecord } from "./types.js";
@@ -86,7 +87,8 @@ export type GroupFrame =
   | (Base & { k: "rollback"; cut: number | null; targets: Record<string, number>; images: number[] })
   | (Base & { k: "rolled"; d: Record<string, number[]>; routes: Record<string, Route> })
   | (Base & { k: "resume"; e: number; d: number[][]; routes: (Route | null)[] })
-  | (Base & { k: "halt"; lost: number[] });
+  | (Base & { k: "halt"; lost: number[] })
+  | (Base & { k: "stale" });
 
 export type FrameKind = GroupFrame["k"];
 export type FrameOf<K extends FrameKind> = Extract<GroupFrame, { k: K }>;
@@ -147,6 +149,7 @@ const frameSchema = z.discriminatedUnion("k", [
   z.strictObject({ ...base, k: z.literal("rolled"), d: z.record(rankKey, vector), routes: z.record(rankKey, route) }),
   z.strictObject({ ...base, k: z.literal("resume"), e: count, d: matrix, routes: z.array(route.nullable()).max(GROUP_SIZE_MAX) }),
   z.strictObject({ ...base, k: z.literal("halt"), lost: z.array(count).max(GROUP_SIZE_MAX) }),
+  z.strictObject({ ...base, k: z.literal("stale") }),
 ]);
 
 export class FrameError extends Error {
@@ -254,6 +257,7 @@ export function checkFrameRanges(frame: GroupFrame, size: number): void {
       for (const r of frame.lost) rank(r, "lost rank");
       return;
     case "pending":
+    case "stale":
       return;
   }
 }

@@ -20,12 +20,13 @@ import { EpochTimer } from "./epoch-timer.js";
 import { checkFrameRanges, type FrameOf, type GroupFrame, type OutgoingFrame, type Route } from "./frames.js";
 import { Leader, type CutCommit } from "./leader.js";
 import { planRecovery, type HostReport, type RecoveryPlan } from "./recovery.js";
-import { activeHostsOf, lostRanks, needsFailover, planFailover, primaryHostsOf } from "./record.js";
+import { activeHostsOf, lostRanks, needsFailover, onlyDegrades, planFailover, primaryHostsOf } from "./record.js";
 import type { BackupStep, CoreAction, CoreEvent, Handle, MembersStep, Notice, VmStep } from "./events.js";
 import {
   MEMBER_INFLIGHT_MAX,
   PROPOSE_BACKOFF_DETECTS,
   RECOVER_RETRY_MS,
+  STALE_TELL_INTERVAL_MS,
   protectionKey,
   type Epoch,
   type HostId,
@@ -146,6 +147,8 @@ export class GroupCore {
   private coordination: Coordination | null = null;
   private local: LocalRecovery | null = null;
   private refusedCount = 0;
+  /** When each failed host that still sent was last told its incarnation is over. */
+  private readonly staleToldAt = new Map<HostId, number>();
   private stepsFailed = 0;
 
   private constructor(options: CoreOptions) {
@@ -170,7 +173,8 @@ export class GroupCore {
 
   /** A host the record names that holds nothing of the group yet (a new backup host during a recovery). */
   static joined(options: CoreOptions): GroupCore {
-    return new GroupCore(options);
+    // It took part in no earlier incarnation: it adopts the `recover` of this one when it arrives.
+    return new GroupCore({ ...options, record: { ...options.record, incarnation: options.record.incarnation - 1 } });
   }
 
   get incarnation(): Incarnation {
@@ -392,7 +396,13 @@ export class GroupCore {
     }
     // A halt may come from a coordinator whose incarnation this host never adopted (it found a member lost at once).
     if (frame.k === "halt" && frame.inc >= this.record.incarnation) return this.halt(frame.lost, out);
-    if (frame.inc !== this.record.incarnation) return; // stale (or an incarnation this host has not adopted yet): dropped
+    // A newer incarnation exists and this host was not told: the store says whether it was declared failed.
+    if (frame.k === "stale" && frame.inc > this.record.incarnation) {
+      this.proposeDue_ms = this.now_ms;
+      return;
+    }
+    if (frame.inc < this.record.incarnation) return this.onStaleFrame(from, out);
+    if (frame.inc !== this.record.incarnation) return; // an incarnation this host has not adopted yet: dropped
     switch (frame.k) {
       case "end":
         return this.onEnd(frame.e, frame.c !== undefined && frame.d ? { c: frame.c, d: frame.d } : null, out);
@@ -428,6 +438,19 @@ export class GroupCore {
       case "halt":
         return; // handled above
     }
+  }
+
+  /**
+   * A frame of an older incarnation: dropped. If its sender is one the record
+   * declares failed (paused, or cut off, while the others decided), it may
+   * not know: tell it, so that it reads the store and stops (fencing).
+   */
+  private onStaleFrame(from: HostId, out: CoreAction[]): void {
+    if (!this.record.failed.includes(from) || from === this.host) return;
+    const last = this.staleToldAt.get(from) ?? -Infinity;
+    if (this.now_ms - last < STALE_TELL_INTERVAL_MS) return;
+    this.staleToldAt.set(from, this.now_ms);
+    out.push({ type: "send", to: from, frame: { k: "stale", inc: this.record.incarnation } });
   }
 
   /** group mode: end epoch `e` of every member here (those a marker reached ended it already). */
@@ -584,6 +607,9 @@ export class GroupCore {
     if (this.state !== "running") return;
     const gone = [...before].filter((h) => !this.live.has(h));
     for (const h of gone) this.notify(out, { kind: "suspected", host: h });
+    // A host is back (or joined) and members lack a backup: the leader re-protects them.
+    const back = [...this.live].filter((h) => !before.has(h));
+    if (back.length && this.record.leader === this.host && this.degradedRanks(this.record).length) this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms);
     // A participant of a recovery this host coordinates died: this incarnation cannot finish; decide the next one now.
     const c = this.coordination;
     if (c && gone.some((h) => c.hosts.includes(h))) {
@@ -628,10 +654,31 @@ export class GroupCore {
       this.proposeDue_ms = this.now_ms + PROPOSE_BACKOFF_DETECTS * this.detect_ms;
       return;
     }
-    if (dead.length === 0) return;
+    if (dead.length === 0) {
+      // No failure to decide; a degraded group whose leader this is gets backups if a host is free.
+      if (current.incarnation !== this.record.incarnation || current.leader !== this.host || this.degradedRanks(current).length === 0) return;
+      const healed = planFailover(current, [], [...this.live], this.host);
+      if (this.degradedRanks(healed).length === this.degradedRanks(current).length) return; // no host to place them on
+      this.storeOp = { op: "cas", value: healed };
+      out.push({ type: "store_cas", key: protectionKey(this.record.group), expected: result.version, value: healed });
+      return;
+    }
     const next = planFailover(current, dead, [...this.live], this.host);
+    if (onlyDegrades(current, next, dead)) {
+      // Only backups are down and no live host can replace them: a decision would fence them for
+      // nothing. The group waits (nothing commits, output waits) for them to return or a host to join.
+      const ranks = current.placement.flatMap((p, rank) => (p.backup !== null && dead.includes(p.backup) ? [rank] : []));
+      this.notify(out, { kind: "degraded", inc: current.incarnation, ranks });
+      return;
+    }
     this.storeOp = { op: "cas", value: next };
     out.push({ type: "store_cas", key: protectionKey(this.record.group), expected: result.version, value: next });
+  }
+
+  /** Members without a backup (none mode has none by design). */
+  private degradedRanks(record: ProtectionRecord): Rank[] {
+    if (record.mode === "none") return [];
+    return record.placement.flatMap((p, rank) => (p.backup === null ? [rank] : []));
   }
 
   // ---- recovery: the coordinator -----------------------------------------------------------

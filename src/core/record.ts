@@ -72,3 +72,13 @@ export function planFailover(record: ProtectionRecord, dead: readonly HostId[], 
 export function lostRanks(record: ProtectionRecord, down: ReadonlySet<HostId>): Rank[] {
   return record.placement.flatMap((p, rank) => (down.has(p.primary) && (p.backup === null || down.has(p.backup)) ? [rank] : []));
 }
+
+/**
+ * Would `next` (planned from `current` after `dead` failed) only take
+ * backups away? True when no dead host leads or holds a primary and no
+ * member gets a new backup: every member keeps its backup or loses it.
+ */
+export function onlyDegrades(current: ProtectionRecord, next: ProtectionRecord, dead: readonly HostId[]): boolean {
+  if (dead.includes(current.leader)) return false;
+  return current.placement.every((p, rank) => !dead.includes(p.primary) && (next.placement[rank].backup === null || next.placement[rank].backup === p.backup));
+}

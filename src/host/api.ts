@@ -17,19 +17,16 @@
  *
  * A request whose arguments do not fit its op's schema is answered with an
  * error of code "BadArguments" naming each field that is off; nothing else
- * happens. An op not in the table is answered with "UnknownRequest". (The
- * single-VM replication ops `start_primary` and `install_backup` are still
- * dispatched by name in src/host/host.ts, outside this table.)
+ * happens. An op not in the table is answered with "UnknownRequest".
  *
  * Requests and replies travel as MSG.REQUEST / MSG.REPLY control frames
  * (src/host/messages.ts): a JSON header plus an optional binary body.
  */
 import { z } from "zod";
 import { manifestSchema, type Manifest, type ProtectionMode } from "../cluster/manifest.js";
-import { checkRecord, FrameError, protectionRecordSchema, routeSchema, type Route } from "../core/frames.js";
+import { checkRecord, FrameError, protectionRecordSchema, routeSchema, type ReleasedRecord, type Route } from "../core/frames.js";
 import { GROUP_SIZE_MAX, type ProtectionRecord } from "../core/types.js";
 import type { GroupStatus } from "./group/driver.js";
-import type { LogRecordWire } from "./messages.js";
 import type { VmRecord } from "./records.js";
 
 /** Longest request text `vm_request` carries to a VM. */
@@ -71,7 +68,7 @@ interface HostOpResults {
   group_run: { group: string };
   vm_request: { vm: string; reply: string; epoch: number };
   /** With `follow`, each record released afterwards comes as a MSG.LOG push on the same connection. */
-  logs: { vm: string; role: "primary" | "backup"; first_seq: number; records: LogRecordWire[] };
+  logs: { vm: string; role: "primary" | "backup"; first_seq: number; records: ReleasedRecord[] };
 }
 
 /**
@@ -126,12 +123,6 @@ export function checkArgs<Op extends HostOp>(op: Op, args: unknown): HostOps[Op]
   );
 }
 
-/** Arguments of a request outside the table (the single-VM ops): at least an object, or BadArgumentsError. */
-export function argsObject(op: string, args: unknown): Record<string, unknown> {
-  if (typeof args === "object" && args !== null && !Array.isArray(args)) return Object.fromEntries(Object.entries(args));
-  throw new BadArgumentsError(op, [{ path: "", message: "arguments are not an object" }]);
-}
-
 /** The REPLY of a request that failed: the error's code (BadArguments, UnknownRequest, NoSuchVm, ...) and message. */
 export function errorReply(error: unknown): { ok: false; error: { code: string; message: string } } {
   const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "Error";
@@ -147,7 +138,7 @@ export interface PeerStatus {
   silent_ms: number | null;
 }
 
-/** A primary on this host: a single VM's, or a group member's. */
+/** A primary on this host (a member of a group; a single VM is a group of one). */
 export interface PrimaryStatus {
   vm: string;
   group: string;
@@ -160,12 +151,9 @@ export interface PrimaryStatus {
   checkpoints: number;
   committed: number;
   released_seq: number;
-  /** Single-VM primaries only: the last checkpoint's pause and commit round trip. */
-  pause_us_last?: number;
-  commit_ms_last?: number;
 }
 
-/** A single VM's backup on this host (group members' backups are in `groups`). */
+/** A backup on this host. */
 export interface BackupStatus {
   vm: string;
   primary: string;

@@ -15,7 +15,7 @@ import type { OutputRecord } from "../vm/runtime-state.js";
 import { VmWorker } from "../vm/vm.js";
 import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { OutputLog } from "./output-log.js";
-import type { LogRecordWire } from "./messages.js";
+import type { ReleasedRecord } from "../core/frames.js";
 import type { VmRecord } from "./records.js";
 import { assert } from "../util/assert.js";
 
@@ -82,7 +82,7 @@ export class BackupReplica {
   }
 
   /** A full image from the primary: replaces whatever this replica held. Returns the epoch to acknowledge. */
-  async install(image: Uint8Array, released_seq: number, history: readonly LogRecordWire[] = []): Promise<number> {
+  async install(image: Uint8Array, released_seq: number, history: readonly ReleasedRecord[] = []): Promise<number> {
     const epoch = decodeImage(image).epoch;
     await this.enqueue(async () => {
       const previous = this.worker;

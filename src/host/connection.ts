@@ -11,9 +11,6 @@ import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES_DEFAULT } from "../transport
 import { checkControl, CONTROL_VERSION, decodePayload, encodePayload, MSG, parseReply, type Reply, type Request } from "./messages.js";
 import type { HostOp, HostOps } from "./api.js";
 
-/** Single-VM replication requests, dispatched by name in src/host/host.ts outside the host API table. */
-export type SingleVmOp = "start_primary" | "install_backup";
-
 export interface ConnectionEvents {
   message: [type: number, header: Record<string, unknown>, body: Uint8Array];
   close: [reason: string];
@@ -96,7 +93,6 @@ export class Connection extends EventEmitter<ConnectionEvents> {
 
   /** A request of the host API (control plane): its arguments are checked by the host, its result typed by the table. */
   request<Op extends HostOp>(op: Op, args: HostOps[Op]["args"], body?: Uint8Array, timeout_ms?: number): Promise<HostOps[Op]["result"]>;
-  request(op: SingleVmOp, args: Record<string, unknown>, body?: Uint8Array, timeout_ms?: number): Promise<unknown>;
   request(op: string, args: unknown, body?: Uint8Array, timeout_ms = REQUEST_TIMEOUT_MS_DEFAULT): Promise<unknown> {
     if (this.closed) return Promise.reject(new Error(`${this.label}: connection closed (${this.closed})`));
     const id = this.nextRequestId++;

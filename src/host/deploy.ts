@@ -1,8 +1,8 @@
 /**
  * Placement and start of a group, run by whichever host the CLI asked. Every
  * VM gets its primary and its backup on two different live hosts; the records
- * are created in the store first (create-only), then each primary host is
- * told to start its VM, which installs its own backup.
+ * are created in the store first (create-only), then every host the placement
+ * names prepares its replicas, and only then do they run.
  */
 import type { Manifest } from "../cluster/manifest.js";
 import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
@@ -58,22 +58,13 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
     size: manifest.size,
   }));
   for (const record of records) await host.store.put(vmKey(record.vm), record);
-  if (manifest.size >= 2) {
-    await startProtectedGroup(host, manifest, records, module);
-    return { group: manifest.group, vms: records };
-  }
-  await Promise.all(
-    records.map(async (record) => {
-      if (record.primary === host.id) return host.startPrimary(record, module);
-      const connection = await host.peerConnection(record.primary);
-      return connection.request("start_primary", { record }, module);
-    }),
-  );
+  await startProtectedGroup(host, manifest, records, module);
   return { group: manifest.group, vms: records };
 }
 
 /**
- * A group of two or more VMs runs as one protected group (src/host/group/):
+ * Every manifest runs as one protected group (src/host/group/), a single VM
+ * as a group of one:
  * the record of its placement goes to the store, every host it names prepares
  * its replicas (primaries booted but not running, backups at the deployed
  * state), and only then are the primaries started, so no message or delta

@@ -1,27 +1,25 @@
 /**
  * The `cohort host` daemon: one per machine (several on loopback for a local
  * cluster). It listens for peer frames on one TCP port, heartbeats every other
- * host, runs the primaries and backups placed on it, and takes over the VMs
- * whose primary host died: the decision is a compare-and-swap of the VM's
- * record in the coordination store, so exactly one backup is ever promoted.
+ * host, and runs one GroupDriver (src/host/group/driver.ts) per protected
+ * group with a replica here: the group protocol core decides, the driver
+ * carries it out. A single VM is a group of one.
  */
 import { createServer, type Server, type Socket } from "node:net";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
 import { Connection } from "./connection.js";
-import { MSG, type Heartbeat, type LogPush, type LogRecordWire, type Request, type VmMessage } from "./messages.js";
-import { argsObject, checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
-import { ProtectedPrimary } from "./primary.js";
-import { BackupReplica } from "./backup.js";
+import { MSG, type Heartbeat, type LogPush, type Request } from "./messages.js";
+import { checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
+import type { ReleasedRecord } from "../core/frames.js";
 import { OutputLog } from "./output-log.js";
-import { hostKey, vmKey, type VmRecord } from "./records.js";
+import { hostKey } from "./records.js";
 import { deployGroup } from "./deploy.js";
 import type { CoordinationStore, Versioned } from "../store/store.js";
 import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
-import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
+import type { GuestBundle } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
-import { DEFAULT_LIMITS, type VmLimits } from "../vm/machine.js";
 import { GroupDriver, type GroupHostApi } from "./group/driver.js";
 import type { ProtectionRecord } from "../core/types.js";
 import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
@@ -38,8 +36,6 @@ export interface HostOptions {
 }
 
 export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300 };
-/** How long a primary waits for a host to install a new backup before trying again (maybe elsewhere). */
-export const INSTALL_BACKUP_TIMEOUT_MS = 5000;
 /** Idle VM threads kept ready, so a promotion's new backup or a deploy does not wait for a thread to start. */
 export const VM_THREADS_PREWARMED = 2;
 
@@ -65,13 +61,8 @@ export class Host {
   readonly log: Logger;
   private readonly peers = new Map<string, Peer>();
   private readonly incoming = new Set<Connection>();
-  readonly primaries = new Map<string, ProtectedPrimary>();
-  readonly backups = new Map<string, BackupReplica>();
   private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
   private timers: NodeJS.Timeout[] = [];
-  private maintaining = false;
-  /** VMs whose backup is being attached right now. */
-  private readonly reprotecting = new Set<string>();
   /** Group frames whose header was malformed or of a newer version (their connections were closed). */
   private groupFramesRefused = 0;
   private stopping = false;
@@ -115,7 +106,6 @@ export class Host {
     VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     this.timers.push(setInterval(() => void this.refreshPeers(), 250));
-    this.timers.push(setInterval(() => void this.maintain(), 250));
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid }, "host listening");
@@ -126,9 +116,6 @@ export class Host {
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
     await Promise.all([...this.groups.values()].map((g) => g.stop()));
-    for (const p of this.primaries.values()) p.stop();
-    await Promise.all([...this.primaries.values()].map((p) => p.vm.terminate()));
-    await Promise.all([...this.backups.values()].map((b) => b.stop()));
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
@@ -209,7 +196,7 @@ export class Host {
         peer.failed = true;
         peer.out?.close("peer failed");
         this.log.warn({ peer: peer.id, silent_ms: now - peer.last_seen_ms }, "peer failed");
-        void this.onPeerFailed(peer.id);
+        this.onLivenessChanged(peer.id);
       }
     }
   }
@@ -248,78 +235,11 @@ export class Host {
     if (!peer.connecting) void this.connectPeer(peer);
   }
 
-  private async onPeerFailed(host: string): Promise<void> {
+  /** The detector's view changed: every group re-evaluates (its core decides whether a failover is due). */
+  private onLivenessChanged(host: string): void {
     const peer = this.peers.get(host);
-    if (peer) peer.queue = [];
+    if (peer?.failed) peer.queue = [];
     for (const g of this.groups.values()) g.onHostsChanged();
-    for (const backup of [...this.backups.values()]) {
-      if (backup.record.primary === host) await this.promote(backup).catch((error: Error) => this.log.error({ err: error, vm: backup.record.vm }, "promotion failed"));
-    }
-    for (const primary of this.primaries.values()) {
-      if (primary.backupHostId === host) {
-        primary.detachBackup();
-        await this.reprotect(primary).catch((error: Error) => this.log.error({ err: error, vm: primary.record.vm }, "re-protection failed"));
-      }
-    }
-  }
-
-  /**
-   * Periodic upkeep: fence primaries that were taken over, retry promotions that a transient
-   * error (store busy, peer unreachable) stopped, give degraded primaries a backup when a host
-   * is available. Every step re-checks the store, so repeating one is harmless.
-   */
-  private async maintain(): Promise<void> {
-    if (this.stopping || this.maintaining) return;
-    this.maintaining = true;
-    try {
-      await this.maintainOnce();
-    } finally {
-      this.maintaining = false;
-    }
-  }
-
-  private async maintainOnce(): Promise<void> {
-    await this.checkFenced();
-    for (const backup of [...this.backups.values()]) {
-      if (this.peers.get(backup.record.primary)?.failed) {
-        await this.promote(backup).catch((error: Error) => this.log.error({ err: error, vm: backup.record.vm }, "promotion failed"));
-      }
-    }
-    for (const primary of this.primaries.values()) {
-      if (primary.record.mode !== "none" && primary.backupHostId === null) {
-        await this.reprotect(primary).catch((error: Error) => this.log.error({ err: error, vm: primary.record.vm }, "re-protection failed"));
-      }
-    }
-  }
-
-  /**
-   * A primary whose record names another primary or a newer incarnation was
-   * taken over (this host was wrongly suspected, or paused): it stops. It could
-   * not have released anything meanwhile, since no backup acknowledges a stale
-   * incarnation; stopping frees the VM's resources and its name on this host.
-   */
-  private async checkFenced(): Promise<void> {
-    for (const primary of [...this.primaries.values()]) {
-      const current = await this.store.get<VmRecord>(vmKey(primary.record.vm)).catch(() => null);
-      if (!current) continue;
-      if (current.value.primary !== this.id || current.value.incarnation > primary.record.incarnation) {
-        primary.stop();
-        this.primaries.delete(primary.record.vm);
-        await primary.vm.terminate();
-        this.log.warn({ vm: primary.record.vm, incarnation: primary.record.incarnation, now: current.value.incarnation }, "primary fenced: another host took over");
-      }
-    }
-    for (const backup of [...this.backups.values()]) {
-      const current = await this.store.get<VmRecord>(vmKey(backup.record.vm)).catch(() => null);
-      // Dropped once the VM has moved to another primary or incarnation. (A backup that is being
-      // attached is not named in the store yet, so "not named" alone must not drop it; a replaced
-      // backup of the same incarnation lingers, harmless: it gets no deltas and may not promote.)
-      if (current && (current.value.incarnation > backup.record.incarnation || current.value.primary !== backup.record.primary)) {
-        this.backups.delete(backup.record.vm);
-        await backup.stop();
-        this.log.info({ vm: backup.record.vm }, "backup of an older incarnation: dropped");
-      }
-    }
   }
 
   // ---- messages ------------------------------------------------------------------
@@ -338,27 +258,13 @@ export class Host {
           if (peer.failed) {
             peer.failed = false;
             this.log.info({ peer: peer.id }, "peer is back");
+            this.onLivenessChanged(peer.id);
           }
         }
         return;
       }
       case MSG.REQUEST:
         return this.onRequest(connection, header as unknown as Request, body);
-      case MSG.IMAGE:
-        return this.onImage(header as unknown as VmMessage & { released_seq: number; history?: LogRecordWire[] }, body);
-      case MSG.DELTA:
-        return this.onDelta(header as unknown as VmMessage, body);
-      case MSG.ACK: {
-        const m = header as unknown as VmMessage;
-        await this.primaries.get(m.vm)?.onAck(m);
-        return;
-      }
-      case MSG.COMMIT: {
-        const m = header as unknown as VmMessage;
-        const backup = this.backups.get(m.vm);
-        if (backup && backup.record.incarnation === m.incarnation) await backup.commit(m.epoch);
-        return;
-      }
       case MSG.GROUP:
         return this.onGroupFrame(connection, header, body);
       default:
@@ -390,32 +296,12 @@ export class Host {
     driver.handleFrame(frame.from, frame, body);
   }
 
-  private async sendTo(host: string, type: number, header: unknown): Promise<void> {
-    (await this.peerConnection(host)).send(type, header);
-  }
-
-  private async onImage(m: VmMessage & { released_seq: number; history?: LogRecordWire[] }, image: Uint8Array): Promise<void> {
-    const backup = this.backups.get(m.vm);
-    if (!backup || backup.record.incarnation !== m.incarnation) return;
-    const epoch = await backup.install(image.slice(), m.released_seq, Array.isArray(m.history) ? m.history : []);
-    await this.sendTo(backup.record.primary, MSG.ACK, { vm: m.vm, incarnation: m.incarnation, epoch } satisfies VmMessage);
-  }
-
-  private async onDelta(m: VmMessage, delta: Uint8Array): Promise<void> {
-    const backup = this.backups.get(m.vm);
-    if (!backup || backup.record.incarnation !== m.incarnation) return; // stale incarnation: dropped
-    try {
-      await backup.stage(m.epoch, delta.slice());
-    } catch (error) {
-      this.log.error({ err: error, vm: m.vm, epoch: m.epoch }, "delta refused");
-      return;
-    }
-    await this.sendTo(backup.record.primary, MSG.ACK, { vm: m.vm, incarnation: m.incarnation, epoch: m.epoch } satisfies VmMessage);
-  }
-
   private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
     const op = request.op;
-    if (!isHostOp(op)) return this.answer(connection, request.id, () => this.handleSingleVm(op, request.args, body));
+    if (!isHostOp(op)) {
+      connection.reply(request.id, { ok: false, error: { code: "UnknownRequest", message: `unknown request ${op}` } });
+      return;
+    }
     if (op === "logs") {
       // Answered synchronously so that no released record can be pushed before the reply.
       try {
@@ -455,19 +341,6 @@ export class Host {
     return this.handlers[op](checkArgs(op, args), body);
   }
 
-  /** The single-VM replication requests, dispatched by name outside the host API table. */
-  private async handleSingleVm(op: string, request_args: unknown, body: Uint8Array): Promise<unknown> {
-    const args = argsObject(op, request_args);
-    switch (op) {
-      case "start_primary":
-        return this.startPrimary(args.record as VmRecord, body.slice());
-      case "install_backup":
-        return this.installBackup(args.record as VmRecord, body.slice());
-      default:
-        throw Object.assign(new Error(`unknown request ${op}`), { code: "UnknownRequest" });
-    }
-  }
-
   // ---- replicas --------------------------------------------------------------------
 
   /** Boots this host's replicas of a group (timers stopped); answers where its primaries' message paths listen. */
@@ -489,8 +362,6 @@ export class Host {
 
   /** The primary of `vm` on this host, with its released-output log and VM thread. */
   private primaryOf(vm: string): { log: OutputLog; worker: VmWorker } | null {
-    const p = this.primaries.get(vm);
-    if (p) return { log: p.log, worker: p.vm };
     for (const g of this.groups.values()) {
       const rank = g.rankOf(vm);
       const m = rank === null ? undefined : g.members.get(rank);
@@ -513,7 +384,7 @@ export class Host {
         primary.log.off("append", onAppend);
         reject(Object.assign(new Error(`${vm}: no reply released within ${VM_REQUEST_TIMEOUT_MS} ms`), { code: "Timeout" }));
       }, VM_REQUEST_TIMEOUT_MS);
-      const onAppend = (records: LogRecordWire[]) => {
+      const onAppend = (records: ReleasedRecord[]) => {
         const reply = records.find((r) => r.kind === 1 && r.request_id === request_id);
         if (!reply) return;
         clearTimeout(timer);
@@ -540,123 +411,10 @@ export class Host {
     return entry.guest;
   }
 
-  private moduleBytesOf(guest: GuestBundle): Uint8Array {
-    for (const entry of this.modules.values()) if (entry.guest === guest) return entry.bytes;
-    throw new Error("module bytes not kept");
-  }
-
-  private vmOptions(record: VmRecord): WorkerVmOptions {
-    const limits: VmLimits = {
-      ...DEFAULT_LIMITS,
-      memory_pages_max: Math.floor((record.limits.memory_mib * 1024 * 1024) / 65536),
-      call_cpu_ms: record.limits.call_cpu_ms,
-      output_bytes_max: record.limits.output_bytes_max,
-    };
-    return { rank: record.rank, size: record.size, limits, timers: "auto" };
-  }
-
-  async startPrimary(record: VmRecord, module: Uint8Array): Promise<{ vm: string; protected: boolean }> {
-    if (this.primaries.has(record.vm)) throw new Error(`${record.vm} already runs here`);
-    const guest = await this.guestFor(module);
-    const worker = await VmWorker.boot(guest, this.vmOptions(record));
-    const primary = new ProtectedPrimary(record, guest, worker, new OutputLog(), this.problemReporter, (host) => this.nameBackup(record.vm, host));
-    this.primaries.set(record.vm, primary);
-    primary.start();
-    if (record.backup) {
-      // Counted as a re-protection in progress, so maintain() does not attach a second backup meanwhile.
-      this.reprotecting.add(record.vm);
-      try {
-        await this.attachBackup(primary, record.backup);
-      } finally {
-        this.reprotecting.delete(record.vm);
-      }
-    }
-    this.log.info({ vm: record.vm, backup: record.backup, incarnation: record.incarnation }, "primary started");
-    return { vm: record.vm, protected: primary.protectedNow };
-  }
-
-  private async attachBackup(primary: ProtectedPrimary, host: string): Promise<void> {
-    const connection = await this.peerConnection(host);
-    // Bounded: a host that does not answer soon is passed over at the next attempt.
-    await connection.request("install_backup", { record: { ...primary.record, backup: host } }, this.moduleBytesOf(primary.guest), INSTALL_BACKUP_TIMEOUT_MS);
-    await primary.attachBackup(host, connection);
-  }
-
-  private async installBackup(record: VmRecord, module: Uint8Array): Promise<{ vm: string }> {
-    const guest = await this.guestFor(module);
-    await this.backups.get(record.vm)?.stop();
-    this.backups.set(record.vm, new BackupReplica(record, guest, this.vmOptions(record)));
-    this.log.info({ vm: record.vm, primary: record.primary, incarnation: record.incarnation }, "backup installed");
-    return { vm: record.vm };
-  }
-
-  /** The primary of this backup's VM is gone: decide by CAS, then promote in place. */
-  private async promote(backup: BackupReplica): Promise<void> {
-    const key = vmKey(backup.record.vm);
-    const current = await this.store.get<VmRecord>(key);
-    // Only the backup the record names may take over: a replaced (stale) backup must not.
-    if (!current || current.value.incarnation !== backup.record.incarnation || current.value.primary !== backup.record.primary || current.value.backup !== this.id) {
-      return;
-    }
-    const next: VmRecord = { ...current.value, primary: this.id, backup: null, incarnation: current.value.incarnation + 1, health: "degraded" };
-    if ((await this.store.cas(key, current.version, next)) === null) return; // someone else decided
-    const started = performance.now();
-    this.backups.delete(backup.record.vm);
-    const { worker, cut } = await backup.promote();
-    const primary = new ProtectedPrimary(next, backup.guest, worker, backup.log, this.problemReporter, (host) => this.nameBackup(next.vm, host));
-    this.primaries.set(next.vm, primary);
-    // The recovery cut is committed by definition: its output may leave now (sinks drop what they had).
-    await primary.releaseCommitted(cut);
-    primary.start();
-    this.log.warn({ vm: next.vm, cut, incarnation: next.incarnation, promote_ms: Number((performance.now() - started).toFixed(1)) }, "backup promoted");
-    await this.reprotect(primary);
-  }
-
-  /** Gives a primary that lost its backup a new one on another live host (one attempt at a time per VM). */
-  private async reprotect(primary: ProtectedPrimary): Promise<void> {
-    if (primary.record.mode === "none" || this.reprotecting.has(primary.record.vm)) return;
-    this.reprotecting.add(primary.record.vm);
-    try {
-      await this.reprotectOnce(primary);
-    } finally {
-      this.reprotecting.delete(primary.record.vm);
-    }
-  }
-
-  private async reprotectOnce(primary: ProtectedPrimary): Promise<void> {
-    const candidates = this.liveHosts().filter((h) => h !== this.id);
-    const current = await this.store.get<VmRecord>(vmKey(primary.record.vm));
-    if (!current || current.value.primary !== this.id) return;
-    if (candidates.length === 0) return; // degraded until a host is available; maintain() tries again
-    // Load is not tracked across hosts yet: take the first live one. The store names it only
-    // once it holds the image (nameBackup, called before the first commit with it).
-    const host = candidates[0];
-    const started = performance.now();
-    await this.attachBackup(primary, host);
-    this.log.info({ vm: primary.record.vm, backup: host, attach_ms: Number((performance.now() - started).toFixed(1)) }, "new backup attached");
-  }
-
-  /** CAS: `host` becomes the VM's named backup (only this host, as primary of this incarnation, may do it). */
-  private async nameBackup(vm: string, host: string): Promise<boolean> {
-    const key = vmKey(vm);
-    const current = await this.store.get<VmRecord>(key);
-    const primary = this.primaries.get(vm);
-    if (!current || !primary || current.value.primary !== this.id || current.value.incarnation !== primary.record.incarnation) return false;
-    if (current.value.backup === host && current.value.health === "healthy") return true;
-    const next: VmRecord = { ...current.value, backup: host, health: "healthy" };
-    if ((await this.store.cas(key, current.version, next)) === null) return false;
-    Object.assign(primary.record, next);
-    this.log.info({ vm, backup: host }, "re-protected: backup named in the store");
-    return true;
-  }
-
-  private readonly problemReporter = (vm: string, reason: string) => this.log.error({ vm, reason }, "primary problem");
-
   /** Replies with the records kept from `from_seq`, then (with `follow`) pushes every new one, in order. */
   private followLogs(connection: Connection, request_id: number, { vm, from_seq, follow }: HostOps["logs"]["checked"]): void {
-    const primary = this.primaries.get(vm);
-    let log = primary?.log ?? this.backups.get(vm)?.log;
-    let role: "primary" | "backup" = primary ? "primary" : "backup";
+    let log: OutputLog | undefined;
+    let role: "primary" | "backup" = "backup";
     for (const g of this.groups.values()) {
       const rank = g.rankOf(vm);
       const found = log || rank === null ? null : g.outputLogOf(rank);
@@ -666,7 +424,7 @@ export class Host {
     const value: HostOps["logs"]["result"] = { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) };
     connection.reply(request_id, { ok: true, value });
     if (follow) {
-      const onAppend = (records: LogRecordWire[]) => {
+      const onAppend = (records: ReleasedRecord[]) => {
         if (connection.isClosed) {
           log.off("append", onAppend);
           return;
@@ -685,22 +443,7 @@ export class Host {
       address: this.address,
       pid: process.pid,
       peers: [...this.peers.values()].map((p) => ({ id: p.id, alive: !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms, silent_ms: p.last_seen_ms ? now - p.last_seen_ms : null })),
-      primaries: [
-        ...[...this.primaries.values()].map((p) => ({
-        vm: p.record.vm,
-        group: p.record.group,
-        mode: p.record.mode,
-        incarnation: p.record.incarnation,
-        backup: p.backupHostId,
-        protected: p.protectedNow,
-        epoch: p.currentEpoch,
-        checkpoints: p.stats.epochs,
-        committed: p.stats.committed,
-        released_seq: p.log.lastSeq,
-        pause_us_last: Number(p.stats.pause_us_last.toFixed(1)),
-        commit_ms_last: Number(p.stats.commit_ms_last.toFixed(2)),
-      })),
-      ...[...this.groups.values()].flatMap((g) =>
+      primaries: [...this.groups.values()].flatMap((g) =>
         g.status().primaries.map((m) => ({
           vm: m.vm,
           group: g.name,
@@ -714,8 +457,7 @@ export class Host {
           released_seq: m.released_seq,
         })),
       ),
-      ],
-      backups: [...this.backups.values()].map((b) => ({ vm: b.record.vm, primary: b.record.primary, incarnation: b.record.incarnation, cut: b.committedCut, staged: b.stagedCount })),
+      backups: [...this.groups.values()].flatMap((g) => g.status().backups.map((b) => ({ vm: b.vm, primary: g.record.placement[b.rank].primary, incarnation: g.record.incarnation, cut: b.cut, staged: b.staged }))),
       groups: [...this.groups.values()].map((g) => g.status()),
       group_frames_refused: this.groupFramesRefused,
     };

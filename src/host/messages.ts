@@ -16,6 +16,7 @@
  * src/host/api.ts.
  */
 import { z } from "zod";
+import type { ReleasedRecord } from "../core/frames.js";
 import { assert } from "../util/assert.js";
 
 export const MSG = {
@@ -25,17 +26,10 @@ export const MSG = {
   /** CLI or host asks a host to do something; answered by REPLY with the same id. */
   REQUEST: 3,
   REPLY: 4,
-  /** Primary → backup: full image of a VM at a cut (a new backup starts from it). */
-  IMAGE: 5,
-  /** Primary → backup: checkpoint delta of one epoch. */
-  DELTA: 6,
-  /** Backup → primary: epoch stored (staged). */
-  ACK: 7,
-  /** Primary → backup: cut committed; fold staged deltas up to it. */
-  COMMIT: 8,
+  // 5..8 carried the single-VM replication stream before every VM became a group: not reused.
   /** Host → log follower: released output records. */
   LOG: 9,
-  /** Traffic of a protected group (src/host/group/wire.ts): group messages, epochs, commits, recovery. */
+  /** Traffic of a protected group (src/core/frames.ts): epochs, deltas, commits, recovery. */
   GROUP: 10,
 } as const;
 
@@ -73,30 +67,10 @@ export interface Reply {
   error?: { code: string; message: string };
 }
 
-/** Replication messages name the VM and the incarnation they belong to; stale incarnations are dropped. */
-export interface VmMessage {
-  vm: string;
-  incarnation: number;
-  epoch: number;
-}
-
-export interface LogRecordWire {
-  seq: number;
-  epoch: number;
-  kind: number;
-  /** UTF-8 text of the record. */
-  text: string;
-  produced_ms: number;
-  /** When the host released it (its cut committed). */
-  released_ms: number;
-  /** Replies (kind 1): the client request they answer. */
-  request_id?: number;
-}
-
 /** Host → log follower (after a `logs` request with `follow`): records released since. */
 export interface LogPush {
   vm: string;
-  records: LogRecordWire[];
+  records: ReleasedRecord[];
 }
 
 const HEADER_LIMIT_BYTES = 1 << 20;
@@ -151,7 +125,6 @@ const replySchema: z.ZodType<Reply> = z.strictObject({
   value: z.unknown().optional(),
   error: z.strictObject({ code: z.string(), message: z.string() }).optional(),
 });
-const vmMessage = { v: version, vm: name, incarnation: count, epoch: count };
 
 const controlSchemas: Record<number, z.ZodType> = {
   [MSG.HELLO]: z.strictObject({ v: version, from: name }),
@@ -159,10 +132,6 @@ const controlSchemas: Record<number, z.ZodType> = {
   [MSG.REQUEST]: z.strictObject({ v: version, id: count, op: z.string().max(64), args: z.unknown().optional() }),
   [MSG.REPLY]: replySchema,
   [MSG.LOG]: logPushSchema,
-  [MSG.IMAGE]: z.strictObject({ ...vmMessage, released_seq: count, history: z.array(logRecord).optional() }),
-  [MSG.DELTA]: z.strictObject(vmMessage),
-  [MSG.ACK]: z.strictObject(vmMessage),
-  [MSG.COMMIT]: z.strictObject(vmMessage),
 };
 
 export class ControlFrameError extends Error {

@@ -7,15 +7,15 @@
  */
 import { EventEmitter } from "node:events";
 import { OUTPUT_REPLY, type OutputRecord } from "../vm/runtime-state.js";
-import type { LogRecordWire } from "./messages.js";
+import type { ReleasedRecord } from "../core/frames.js";
 
 /** Records kept per VM; older ones are dropped (followers that fall further behind see a gap notice). */
 export const OUTPUT_LOG_RECORDS_MAX = 200_000;
 /** Released history a primary sends a new backup with its image (newest first, up to this much text). */
 export const OUTPUT_LOG_HISTORY_BYTES_MAX = 256 * 1024;
 
-export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]] }> {
-  private records: LogRecordWire[] = [];
+export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]] }> {
+  private records: ReleasedRecord[] = [];
   private first = 1; // seq of records[0]
 
   get lastSeq(): number {
@@ -27,13 +27,13 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
   }
 
   /** Appends records with seq > lastSeq, in order; returns those that were new. */
-  append(records: readonly OutputRecord[]): LogRecordWire[] {
-    const fresh: LogRecordWire[] = [];
+  append(records: readonly OutputRecord[]): ReleasedRecord[] {
+    const fresh: ReleasedRecord[] = [];
     for (const r of records) {
       if (r.seq <= this.lastSeq) continue;
       // Sequence numbers are dense: a hole would be lost output.
       if (r.seq !== this.lastSeq + 1) throw new Error(`output log gap: have up to ${this.lastSeq}, got ${r.seq}`);
-      const wire: LogRecordWire = { seq: r.seq, epoch: r.epoch, kind: r.kind, text: Buffer.from(r.bytes).toString("utf8"), produced_ms: r.produced_ms, released_ms: Date.now() };
+      const wire: ReleasedRecord = { seq: r.seq, epoch: r.epoch, kind: r.kind, text: Buffer.from(r.bytes).toString("utf8"), produced_ms: r.produced_ms, released_ms: Date.now() };
       if (r.kind === OUTPUT_REPLY) wire.request_id = r.request_id;
       this.records.push(wire);
       fresh.push(wire);
@@ -48,7 +48,7 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
   }
 
   /** The newest records whose text adds up to at most `bytes_max`: what a new backup gets of the history. */
-  tail(bytes_max: number): LogRecordWire[] {
+  tail(bytes_max: number): ReleasedRecord[] {
     let bytes = 0;
     let i = this.records.length;
     while (i > 0 && bytes + this.records[i - 1].text.length <= bytes_max) bytes += this.records[--i].text.length;
@@ -56,7 +56,7 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
   }
 
   /** A new backup's log: the history the primary sent, then whatever its commits release. */
-  adopt(history: readonly LogRecordWire[], last_seq: number): void {
+  adopt(history: readonly ReleasedRecord[], last_seq: number): void {
     const first = history.length ? history[0].seq : last_seq + 1;
     if (history.length && history[history.length - 1].seq !== last_seq) throw new Error(`log history ends at ${history[history.length - 1].seq}, released up to ${last_seq}`);
     this.records = [...history];
@@ -64,7 +64,7 @@ export class OutputLog extends EventEmitter<{ append: [records: LogRecordWire[]]
   }
 
   /** Records with seq >= from_seq that are still kept. */
-  since(from_seq: number): LogRecordWire[] {
+  since(from_seq: number): ReleasedRecord[] {
     const start = Math.max(0, from_seq - this.first);
     return this.records.slice(start);
   }

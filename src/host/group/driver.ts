@@ -22,7 +22,6 @@ import type { GuestBundle, WorkerVmOptions } from "../../vm/protocol.js";
 import { VmWorker } from "../../vm/vm.js";
 import type { CoordinationStore } from "../../store/store.js";
 import { BackupReplica } from "../backup.js";
-import type { LogRecordWire } from "../messages.js";
 import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
 import { vmKey, vmName, type VmRecord } from "../records.js";
 import { GroupMember } from "./member.js";
@@ -346,7 +345,7 @@ export class GroupDriver {
         const b = this.newBackup(rank);
         this.backups.set(rank, b);
         await old?.stop();
-        await b.install((step.image as Uint8Array).slice(), step.released_seq, step.history as LogRecordWire[]);
+        await b.install((step.image as Uint8Array).slice(), step.released_seq, step.history);
         this.log.info({ group: this.name, rank, cut: step.epoch, bytes: (step.image as Uint8Array).length }, "backup image installed");
         return {};
       }
