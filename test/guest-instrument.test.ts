@@ -3,12 +3,13 @@
  * write barrier's exactness, containment of a misbehaving guest, and a
  * differential test against the uninstrumented module.
  */
+import { readFileSync } from "node:fs";
 import binaryen from "binaryen";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { decodeDelta, sealDelta } from "../src/checkpoint/format.js";
-import { InvalidModuleError, UnsupportedModuleError } from "../src/guest/errors.js";
-import { instrument } from "../src/guest/instrument.js";
+import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "../src/guest/errors.js";
+import { instrument, NESTING_MAX } from "../src/guest/instrument.js";
 import { BASE_BYTES, FIRST_GUEST_PAGE, PAGE_BYTES, PAGE_SHIFT, WASM_PAGE_BYTES } from "../src/vm/layout.js";
 import { VmCore, VmCrashedError } from "../src/vm/machine.js";
 import { guestOf, options } from "./support/guests.js";
@@ -925,5 +926,199 @@ describe("differential: instrumented VM vs uninstrumented module", () => {
       }),
       { numRuns: 150 },
     );
+  });
+});
+
+// ---------------------------------------------------------------------------
+// 5. Valid modules that are easy to break
+
+describe("exception handlers whose caught value feeds a rewritten instruction", () => {
+  const catchPop = wasm(readFileSync(new URL("./fixtures/wat/catch-pop.wat", import.meta.url), "utf8"));
+
+  it("instrument into a valid module that behaves as the plain one", async () => {
+    expect(validInNode(catchPop)).toBe(true);
+    const out = instrument(catchPop);
+    expect(validInNode(out.wasm)).toBe(true);
+    const vm = await bootVm(catchPop);
+    const plain = plainInstance(catchPop);
+    const calls: [string, (number | bigint)[]][] = [
+      ["store", [100]],
+      ["store", [4094]], // straddles a 4 KiB page boundary
+      ["grow", [1]],
+      ["grow_dropped", [1]],
+      ["fill", [5000]],
+      ["lane", [9000]],
+      ["pair", [12000, 5]],
+      ["nested", [20000]],
+      ["store", [0x7fffffff]], // out of bounds: both trap
+    ];
+    for (const [name, args] of calls) {
+      const what = `${name}(${args.join(", ")})`;
+      expect(runVm(vm, name, args), what).toEqual(runPlain(plain, name, args));
+      expectSameBytes(guestView(vm), plain.memory(), what);
+      if (vm.crashed) vm.rollback(vm.committedEpoch);
+      else vm.commit(vm.capture().epoch);
+    }
+    // The writes went through the barrier: a capture after one handler's store carries its page.
+    vm.invoke("store", [3 * PAGE_BYTES + 8]);
+    expect(capturePages(vm)).toEqual([(BASE_BYTES >> PAGE_SHIFT) + 3]);
+  });
+});
+
+describe("a memory that is not exported, whatever its name", () => {
+  const cases: [string, string][] = [
+    ["a name with a space", `(module (memory $"my mem" 1 2) (func (export "poke") (param i32 i32) (i32.store (local.get 0) (local.get 1))) (func (export "peek") (param i32) (result i32) (i32.load (local.get 0))))`],
+    [
+      "an import whose name looks like a memory declaration in text",
+      `(module (import "cohort" "rank" (func $"x (memory $y" (result i32))) (memory $m 1 2)
+        (func (export "poke") (param i32 i32) (i32.store (local.get 0) (i32.add (local.get 1) (call $"x (memory $y"))))
+        (func (export "peek") (param i32) (result i32) (i32.load (local.get 0))))`,
+    ],
+    ["a name like Binaryen's own", `(module (memory $0 1 2) (export "0" (func $p)) (func $p (export "poke") (param i32 i32) (i32.store (local.get 0) (local.get 1))) (func (export "peek") (param i32) (result i32) (i32.load (local.get 0))))`],
+  ];
+  it.each(cases)("%s: instruments, and stores reach the memory through the barrier", async (_, text) => {
+    const bytes = wasm(text);
+    const out = instrument(bytes);
+    expect(validInNode(out.wasm)).toBe(true);
+    expect(out.info.exports).not.toContain("__cohort_memory"); // the export that names the memory is gone again
+    const vm = await bootVm(bytes);
+    vm.invoke("poke", [5000, 42]);
+    expect(vm.invoke("peek", [5000])).toBe(42);
+    expect(capturePages(vm)).toEqual([(BASE_BYTES + 5000) >> PAGE_SHIFT]);
+  });
+
+  it("with an export section of other exports, without one, and with a data segment: the same module as when exported", () => {
+    const body = `(data (i32.const 16) "hello") (func $f (i32.store (i32.const 0) (i32.const 1)))`;
+    const hidden = instrument(wasm(`(module (memory $"m m" 1 2) ${body})`));
+    const shown = instrument(wasm(`(module (memory $"m m" 1 2) (export "mem" (memory $"m m")) ${body})`));
+    expect(validInNode(hidden.wasm)).toBe(true);
+    expect(Buffer.from(hidden.wasm).equals(Buffer.from(shown.wasm))).toBe(true);
+  });
+
+  it("a guest export named like the probe is refused by name", () => {
+    expectRefused(wasm(`(module (memory 1) (func (export "__cohort_memory")))`), /reserved export name/, `export "__cohort_memory"`);
+  });
+});
+
+describe("errors are typed, with a message", () => {
+  it("describeThrown gives a message for what Binaryen and wasm throw (bare objects, exceptions without one)", () => {
+    class SA {
+      gC = 5600776;
+    }
+    expect(describeThrown(new SA())).toBe("SA thrown (no message)");
+    expect(describeThrown({ message: "bad name" })).toBe("bad name");
+    expect(describeThrown(new RangeError("x"))).toBe("x");
+    expect(describeThrown(7)).toBe("7");
+    // Node 20 has WebAssembly.Tag and Exception; TypeScript's DOM-less lib does not declare them.
+    const wa = WebAssembly as unknown as { Tag: new (t: { parameters: string[] }) => object; Exception: new (tag: object, values: unknown[]) => object };
+    expect(describeThrown(new wa.Exception(new wa.Tag({ parameters: [] }), []))).toMatch(/uncaught wasm exception/);
+  });
+
+  it("InstrumenterError carries a stable code", () => {
+    const error = new InstrumenterError("Binaryen failed");
+    expect(error).toBeInstanceOf(Error);
+    expect(error.code).toBe("InstrumenterFailed");
+    expect(error.name).toBe("InstrumenterError");
+  });
+});
+
+describe("deep nesting", () => {
+  // Built as bytes: Binaryen's own text parser and writer recurse per level and would overflow first.
+  const uleb = (v: number): number[] => {
+    const out: number[] = [];
+    do {
+      const low = v & 0x7f;
+      v >>>= 7;
+      out.push(v ? low | 0x80 : low);
+    } while (v);
+    return out;
+  };
+  const section = (id: number, content: number[]) => [id, ...uleb(content.length), ...content];
+  const STORE_7_AT_4096 = [0x41, 0x80, 0x20, 0x41, 0x07, 0x36, 0x02, 0x00]; // i32.store (i32.const 4096) (i32.const 7)
+  /** One function "f" () -> () with `body`, memory 1 exported as "mem". */
+  const moduleOf = (body: number[]) => {
+    const code = [0x00, ...body, 0x0b];
+    return new Uint8Array([
+      ...[0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00],
+      ...section(1, [1, 0x60, 0, 0]),
+      ...section(3, [1, 0]),
+      ...section(5, [1, 0, 1]),
+      ...section(7, [2, 1, 0x66, 0x00, 0, 3, 0x6d, 0x65, 0x6d, 0x02, 0]),
+      ...section(10, [1, ...uleb(code.length), ...code]),
+    ]);
+  };
+  /** `depth` nested blocks (a compiled switch looks like this) around a store. */
+  const nestedBlocks = (depth: number) => moduleOf([...Array(depth).fill([0x02, 0x40]).flat(), ...STORE_7_AT_4096, ...Array(depth).fill(0x0b)]);
+
+  it("2,000 nested blocks instrument (no recursion in the walk) and run as the plain module", async () => {
+    const bytes = nestedBlocks(2000);
+    expect(validInNode(bytes)).toBe(true);
+    expect(validInNode(instrument(bytes).wasm)).toBe(true);
+    const vm = await bootVm(bytes);
+    const plain = plainInstance(bytes);
+    expect(runVm(vm, "f", [])).toEqual(runPlain(plain, "f", []));
+    expectSameBytes(guestView(vm), plain.memory(), "after f");
+    expect(plain.memory()[4096]).toBe(7);
+    expect(capturePages(vm)).toEqual([(BASE_BYTES + 4096) >> PAGE_SHIFT]);
+  });
+
+  it(`past NESTING_MAX (${NESTING_MAX} levels) the function is refused by name, quickly`, () => {
+    const started = performance.now();
+    expectRefused(nestedBlocks(NESTING_MAX + 10), new RegExp(`nested deeper than ${NESTING_MAX} levels`), "function 0");
+    expectRefused(nestedBlocks(20_000), new RegExp(`nested deeper than ${NESTING_MAX} levels`), "function 0");
+    expect(performance.now() - started).toBeLessThan(10_000);
+  });
+
+  it("nesting Binaryen's writer cannot take below the limit (binary operators) instruments or is refused, never a stack overflow", () => {
+    const depth = NESTING_MAX - 100;
+    const sum = [0x41, 0x00, ...Array(depth).fill([0x41, 0x01]).flat(), ...Array(depth).fill(0x6a)]; // 0 + 1 + 1 + ... nested to the left
+    const bytes = moduleOf([0x41, 0x00, ...sum, 0x36, 0x02, 0x00]);
+    expect(validInNode(bytes)).toBe(true);
+    const error = caught(() => instrument(bytes));
+    if (error !== undefined) {
+      expect(error).toBeInstanceOf(UnsupportedModuleError);
+      expect((error as Error).message).toMatch(/nested/);
+    }
+  });
+});
+
+describe("crash messages say what the plain module says", () => {
+  const bulk = wasm(`(module
+    (memory (export "mem") 1 2)
+    (data $seg "0123456789")
+    (tag $e (param i32))
+    (func (export "fill") (param i32 i32) (memory.fill (local.get 0) (i32.const 1) (local.get 1)))
+    (func (export "copy") (param i32 i32 i32) (memory.copy (local.get 0) (local.get 1) (local.get 2)))
+    (func (export "init") (param i32 i32 i32) (memory.init $seg (local.get 0) (local.get 1) (local.get 2)))
+    (func (export "throws") (throw $e (i32.const 3))))`);
+
+  const plainMessage = (name: string, args: number[]): string => {
+    const error = caught(() => plainInstance(bulk).exports[name](...args));
+    expect(error).toBeInstanceOf(WebAssembly.RuntimeError);
+    return (error as Error).message;
+  };
+
+  it.each([
+    ["fill", [65530, 100]], // destination past the end
+    ["fill", [-1, 2]], // wrapping destination
+    ["copy", [65530, 0, 100]], // destination past the end
+    ["copy", [0, 65530, 100]], // source past the end
+    ["init", [65533, 0, 5]], // destination past the end
+    ["init", [0, 8, 5]], // past the end of the segment
+  ] as [string, number[]][])("out-of-bounds %s(%s) crashes with the engine's bounds message, not \"unreachable\"", async (name, args) => {
+    const expected = plainMessage(name, args);
+    expect(expected).toMatch(/out of bounds/);
+    const vm = VmCore.boot(await guestOf(bulk), options());
+    const error = caught(() => vm.invoke(name, args));
+    expect(error).toBeInstanceOf(VmCrashedError);
+    expect((error as Error).message).toBe(`${name}: ${expected}`);
+    expect(vm.crashed).toBe(`${name}: ${expected}`);
+  });
+
+  it("an exception escaping a guest call is named as such (not \"undefined\")", async () => {
+    const vm = VmCore.boot(await guestOf(bulk), options());
+    const error = caught(() => vm.invoke("throws", []));
+    expect(error).toBeInstanceOf(VmCrashedError);
+    expect((error as Error).message).toBe("throws: uncaught wasm exception (thrown by the guest, caught by no handler)");
   });
 });

@@ -12,7 +12,7 @@ import { DEFAULT_LIMITS, type VmLimits } from "../src/vm/machine.js";
 import type { GuestBundle, WorkerVmOptions } from "../src/vm/protocol.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { LocalPair } from "../src/protect/local-pair.js";
-import { builtBytes, watBytes } from "./support/guests.js";
+import { builtBytes, fixtureBytes, watBytes } from "./support/guests.js";
 
 const started: VmWorker[] = [];
 afterEach(async () => {
@@ -114,6 +114,35 @@ describe("VM worker", () => {
     const result = await vm.request("rollback", { epoch: cut.epoch });
     expect(result.pages_restored).toBe(1);
     expect(await vm.request("invoke", { name: "bump", args: [] })).toBe(2);
+  });
+
+  it("rollback through the worker (group recovery's in-place path) undoes a data.drop: memory.init works again", async () => {
+    const guest = await bundle(fixtureBytes("segments"));
+    const vm = await boot(guest);
+    const cut = await vm.capture();
+    await vm.request("commit", { epoch: cut.epoch });
+    await vm.request("invoke", { name: "drop", args: [] });
+    await vm.request("rollback", { epoch: cut.epoch });
+    await vm.request("invoke", { name: "init", args: [] });
+    const head = await Promise.all([0, 1, 2].map((i) => vm.request("invoke", { name: "load8", args: [i] })));
+    expect(Buffer.from(head as number[]).toString()).toBe("abc");
+  });
+
+  it("rollback(0) through the worker boots the guest again, as a backup promoted from cut 0 does", async () => {
+    const guest = await bundle(fixtureBytes("segments"));
+    const vm = await boot(guest);
+    await vm.request("invoke", { name: "poke", args: [200, 0] });
+    await vm.capture();
+    await vm.request("rollback", { epoch: 0 });
+    const backup = await VmWorker.backup(guest, opts(), null);
+    started.push(backup);
+    await backup.request("promote", {});
+    for (const replica of [vm, backup]) {
+      expect(await replica.request("invoke", { name: "started", args: [] })).toBe(1);
+      expect(await replica.request("invoke", { name: "load8", args: [200] })).toBe(42);
+      expect(await replica.request("invoke", { name: "load8", args: [100] })).toBe("a".charCodeAt(0));
+    }
+    expect((await vm.status()).crashed).toBeNull();
   });
 });
 

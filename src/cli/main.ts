@@ -5,8 +5,17 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { readFile, writeFile } from "node:fs/promises";
 import { resolveGuest } from "../guest/examples.js";
+import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
+
+// `cohort logs vm --follow | head -1`: once stdout's reader has gone away, every write fails with
+// EPIPE. Nobody is left to read anything we could say, and the reader chose to stop: exit quietly
+// (status 0) instead of dying of an unhandled 'error' event with a stack trace.
+process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+  if (error.code === "EPIPE") process.exit(0);
+  throw error;
+});
 
 // Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
 // so that `cohort host` and the cluster commands start fast.
@@ -116,7 +125,8 @@ groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   });
 
-program.parseAsync().catch((error: Error & { code?: string }) => {
-  console.error(`cohort: ${error.message}`);
+program.parseAsync().catch((error: unknown) => {
+  // Not every thrown value is an Error with a message (Binaryen throws bare objects, wasm exceptions have none).
+  console.error(`cohort: ${describeThrown(error)}`);
   process.exitCode = 1;
 });

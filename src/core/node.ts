@@ -51,6 +51,8 @@ interface Member {
 interface MemberClock {
   timer: EpochTimer;
   capturing: boolean;
+  /** The epoch the capture in progress ends (its output is on its way); output of later epochs waits for the next. */
+  ending: Epoch;
   /** vm mode: deltas shipped and not staged yet, oldest first. */
   inflight: { epoch: Epoch; delivered: number[] }[];
 }
@@ -310,7 +312,7 @@ export class GroupCore {
       this.leader = this.record.leader === this.host ? new Leader(this.record.size, this.record.epoch, committed, this.now_ms) : null;
       return;
     }
-    for (const m of this.members.values()) m.clock = { timer: new EpochTimer(this.record.epoch, this.now_ms), capturing: false, inflight: [] };
+    for (const m of this.members.values()) m.clock = { timer: new EpochTimer(this.record.epoch, this.now_ms), capturing: false, ending: m.captured, inflight: [] };
   }
 
   private stopClocks(): void {
@@ -342,7 +344,10 @@ export class GroupCore {
     }
     for (const m of this.members.values()) {
       if (!m.clock || !this.clockCanRun(m) || now < m.clock.timer.due(m.held > 0)) continue;
+      // The epoch ends now, as the VM sees it: output that shows up from here on is the next epoch's.
       m.clock.capturing = true;
+      m.clock.ending = m.captured + 1;
+      m.clock.timer.ended(now);
       this.vm(out, m.rank, { op: "capture" }, { kind: "capture", rank: m.rank, member: m });
     }
   }
@@ -358,7 +363,7 @@ export class GroupCore {
     const m = this.members.get(rank);
     if (!m || m.state !== "running" || this.state !== "running") return;
     if (this.record.mode !== "group") {
-      m.clock?.timer.outputPending();
+      if (m.clock && epoch > Math.max(m.captured, m.clock.ending)) m.clock.timer.outputPending();
       return;
     }
     if (epoch <= m.captured) return; // captured already: its commit is on its way
@@ -555,7 +560,6 @@ export class GroupCore {
         assert(v.epoch !== undefined && v.delivered && v.delta !== undefined, "capture answers epoch, delivered and delta");
         m.captured = v.epoch;
         m.held = v.held ?? 0;
-        m.clock.timer.ended(this.now_ms);
         if (this.record.mode === "none") {
           m.committed = v.epoch;
           this.vm(out, m.rank, { op: "commit", epoch: v.epoch }, { kind: "plain", rank: m.rank, what: "commit" });

@@ -19,3 +19,33 @@ export class InvalidModuleError extends Error {
   override name = "InvalidModuleError";
   readonly code = "InvalidModule";
 }
+
+/** A module argument names neither a file nor a built guest. */
+export class GuestNotFoundError extends Error {
+  override name = "GuestNotFoundError";
+  readonly code = "GuestNotFound";
+}
+
+/**
+ * Binaryen failed on a module the engine accepts (a Binaryen limitation or an
+ * instrumenter bug). Binaryen reports its internal errors as thrown non-Error
+ * objects; this gives them a type, a code and a message.
+ */
+export class InstrumenterError extends Error {
+  override name = "InstrumenterError";
+  readonly code = "InstrumenterFailed";
+}
+
+/** A message for anything thrown, Error or not (Binaryen throws bare objects, wasm exceptions have no message). */
+export function describeThrown(thrown: unknown): string {
+  if (thrown instanceof Error) return thrown.message || thrown.name;
+  // Node 20 has WebAssembly.Exception; TypeScript's DOM-less lib does not declare it.
+  const WasmException = (WebAssembly as unknown as { Exception?: abstract new (...args: never[]) => object }).Exception;
+  if (WasmException && thrown instanceof WasmException) return "uncaught wasm exception (thrown by the guest, caught by no handler)";
+  if (typeof thrown === "object" && thrown !== null) {
+    const message = (thrown as { message?: unknown }).message;
+    if (typeof message === "string" && message) return message;
+    return `${thrown.constructor?.name ?? "object"} thrown (no message)`;
+  }
+  return String(thrown);
+}

@@ -2,7 +2,8 @@
  * Where the guests compiled by the build live: `cohort run ticker` and the
  * benchmarks name a built guest instead of a path.
  */
-import { existsSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
+import { GuestNotFoundError } from "./errors.js";
 import { fileURLToPath } from "node:url";
 
 export const EXAMPLE_GUESTS = ["ticker", "kv", "bank", "allreduce", "ring", "phases"] as const;
@@ -11,11 +12,17 @@ const BUILD_DIR = fileURLToPath(new URL(import.meta.url.endsWith(".ts") ? "../..
 
 export function guestPath(name: string): string {
   const path = `${BUILD_DIR}${name}.wasm`;
-  if (!existsSync(path)) throw new Error(`guest "${name}" is not built (${path}); run \`npm run build\``);
-  return path;
+  if (existsSync(path)) return path;
+  if ((EXAMPLE_GUESTS as readonly string[]).includes(name)) throw new GuestNotFoundError(`guest "${name}" is not built (${path}); run \`npm run build\``);
+  throw new GuestNotFoundError(`"${name}" is neither a file nor a built guest (examples: ${EXAMPLE_GUESTS.join(", ")})`);
 }
 
-/** A module argument is a built guest's name or a path to a .wasm file. */
+/**
+ * A module argument is a path to a .wasm file or a built guest's name. A path
+ * that exists as a file is a file, even when it looks like a name (`myguest`
+ * in the current directory).
+ */
 export function resolveGuest(nameOrPath: string): string {
+  if (statSync(nameOrPath, { throwIfNoEntry: false })?.isFile()) return nameOrPath;
   return /^[a-z_]+$/.test(nameOrPath) ? guestPath(nameOrPath) : nameOrPath;
 }

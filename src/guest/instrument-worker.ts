@@ -6,6 +6,7 @@
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
 import type { InstrumentedModule } from "./module-info.js";
+import { describeThrown } from "./errors.js";
 
 const SELF = import.meta.url.endsWith(".ts") ? new URL("../../dist/src/guest/instrument-worker.js", import.meta.url) : new URL(import.meta.url);
 
@@ -29,6 +30,6 @@ if (!isMainThread && parentPort && workerData?.wasm) {
     parentPort.postMessage({ ok: true, result: instrument(workerData.wasm as Uint8Array) });
   } catch (error) {
     const e = error as Error & { code?: string; feature?: string; where?: string };
-    parentPort.postMessage({ ok: false, error: { name: e.name, message: e.message, code: e.code, feature: e.feature, where: e.where } });
+    parentPort.postMessage({ ok: false, error: { name: e.name, message: describeThrown(error), code: e.code, feature: e.feature, where: e.where } });
   }
 }

@@ -23,7 +23,7 @@
  *  - Refuses what cannot be protected, naming the feature and where it occurs.
  */
 import binaryen from "binaryen";
-import { InvalidModuleError, UnsupportedModuleError } from "./errors.js";
+import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "./errors.js";
 import {
   BASE_BYTES,
   GLOBALS_MAX,
@@ -192,22 +192,126 @@ export function instrument(input: Uint8Array): InstrumentedModule {
     }
     throw new InvalidModuleError("not a valid WebAssembly module");
   }
-  checkMemoryDeclarations(bytes);
+  const readable = withMemoryExport(bytes, checkMemoryDeclarations(bytes));
   let m: binaryen.Module;
   try {
-    m = b.readBinary(input);
+    m = b.readBinary(readable);
   } catch (error) {
     // Binaryen throws plain objects, not Errors, for inputs it cannot read (e.g. a malformed name section).
-    throw new InvalidModuleError(`module cannot be read: ${(error as { message?: string })?.message ?? String(error)}`);
+    throw new InvalidModuleError(`module cannot be read: ${describeThrown(error)}`);
   }
   try {
     m.setFeatures(b.Features.All);
     // Dead code after an unconditional branch is stack-polymorphic; removing it first keeps every rewritten node well-typed.
     m.runPasses(["dce"]);
     return new Instrumenter(m).run();
+  } catch (error) {
+    if (error instanceof RangeError && /call stack/i.test(error.message)) {
+      // Binaryen's recursive parts (its binary writer) ran out of JS stack: nesting below NESTING_MAX, but too deep for them.
+      throw new UnsupportedModuleError("expressions nested too deeply for Binaryen's writer", "module");
+    }
+    if (error instanceof Error) throw error;
+    throw new InstrumenterError(`Binaryen failed while instrumenting: ${describeThrown(error)}`);
   } finally {
     m.dispose();
   }
+}
+
+/**
+ * Export the module's memory makes for itself when it has none, so Binaryen
+ * names it: binaryen.js has no getter for a memory's internal name (which
+ * comes from the name section and may be anything), but an export's value is
+ * that name. Removed again right after reading (Instrumenter.findMemoryName).
+ */
+const MEMORY_PROBE_EXPORT = "__cohort_memory";
+
+/** Section order of the binary format (custom sections, id 0, may go anywhere). */
+const SECTION_ORDER: Record<number, number> = { 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 13: 6, 6: 7, 7: 8, 8: 9, 9: 10, 12: 11, 10: 12, 11: 13 };
+
+/**
+ * `bytes` with an export of memory 0 named MEMORY_PROBE_EXPORT if it defines a
+ * memory and exports none; else `bytes` itself. Edits the export section of
+ * the binary (or adds one): nothing is printed to text, so the cost is one
+ * copy of the bytes whatever the size of the data segments.
+ */
+function withMemoryExport(bytes: Uint8Array, compiled: WebAssembly.Module): Uint8Array {
+  const exports = WebAssembly.Module.exports(compiled);
+  if (exports.some((e) => e.kind === "memory")) return bytes;
+  const probe = exports.find((e) => e.name === MEMORY_PROBE_EXPORT);
+  if (probe) throw new UnsupportedModuleError("reserved export name", `export "${probe.name}"`);
+  const sections = readSections(bytes);
+  if (!sections.some((s) => s.id === 5)) return bytes; // no memory of its own (an imported one is refused before)
+  const name = new TextEncoder().encode(MEMORY_PROBE_EXPORT);
+  const entry = [...uleb(name.length), ...name, 0x02 /* memory */, 0x00 /* index 0 */];
+  const existing = sections.find((s) => s.id === 7);
+  let before: number;
+  let after: number;
+  let content: Uint8Array;
+  if (existing) {
+    const { value: count, next } = readUleb(bytes, existing.content_start);
+    content = concat([Uint8Array.from(uleb(count + 1)), bytes.subarray(next, existing.end), Uint8Array.from(entry)]);
+    [before, after] = [existing.start, existing.end];
+  } else {
+    // A new export section goes right after the last section that must precede it.
+    const last = sections.filter((s) => s.id !== 0 && SECTION_ORDER[s.id] < SECTION_ORDER[7]).at(-1);
+    assert(last, "a module with a memory section has a section before the export section");
+    content = concat([Uint8Array.from(uleb(1)), Uint8Array.from(entry)]);
+    [before, after] = [last.end, last.end];
+  }
+  return concat([bytes.subarray(0, before), Uint8Array.from([7, ...uleb(content.length)]), content, bytes.subarray(after)]);
+}
+
+interface Section {
+  id: number;
+  /** Offset of the id byte. */
+  start: number;
+  content_start: number;
+  end: number;
+}
+
+function readSections(bytes: Uint8Array): Section[] {
+  const sections: Section[] = [];
+  let pos = 8; // magic + version; validity was already checked by the engine
+  while (pos < bytes.length) {
+    const start = pos;
+    const id = bytes[pos++];
+    const { value: size, next } = readUleb(bytes, pos);
+    sections.push({ id, start, content_start: next, end: next + size });
+    pos = next + size;
+  }
+  return sections;
+}
+
+function readUleb(bytes: Uint8Array, pos: number): { value: number; next: number } {
+  let value = 0;
+  let shift = 0;
+  for (;;) {
+    const byte = bytes[pos++];
+    value += (byte & 0x7f) * 2 ** shift;
+    if ((byte & 0x80) === 0) return { value, next: pos };
+    shift += 7;
+  }
+}
+
+function uleb(value: number): number[] {
+  const out: number[] = [];
+  do {
+    let byte = value % 128;
+    value = Math.floor(value / 128);
+    if (value > 0) byte |= 0x80;
+    out.push(byte);
+  } while (value > 0);
+  return out;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }
 
 /**
@@ -215,8 +319,9 @@ export function instrument(input: Uint8Array): InstrumentedModule {
  * the count (multi-memory) and flags (shared, memory64) of every memory,
  * imported or defined, and binaryen.js offers no way to enumerate memories.
  */
-function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): void {
-  const imports = WebAssembly.Module.imports(new WebAssembly.Module(bytes));
+function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): WebAssembly.Module {
+  const compiled = new WebAssembly.Module(bytes);
+  const imports = WebAssembly.Module.imports(compiled);
   for (const imp of imports) {
     const where = `import "${imp.module}"."${imp.name}"`;
     if (imp.kind === "memory") throw new UnsupportedModuleError("imported memory", where);
@@ -231,6 +336,7 @@ function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): void {
     if (flags & 0x02) throw new UnsupportedModuleError("shared memory (threads)", "memory 0");
     if (flags & 0x04) throw new UnsupportedModuleError("memory64", "memory 0");
   }
+  return compiled;
 }
 
 /** Returns the limits flags byte of each memory in the memory section (id 5). */
@@ -276,6 +382,32 @@ interface FunctionContext {
   loopDepth: number; // > 0 while visiting the body of a loop
   inits: Ref[]; // run at function entry: initial values of loop sites' cache locals
 }
+
+/** A node of the walk in Instrumenter.visit: its child slots and how many were entered. */
+interface Frame {
+  e: Ref;
+  id: number;
+  slots: Slot[];
+  next: number;
+}
+
+/** Where a child sits in its parent: the setter and, for operand lists, the index. */
+interface Slot {
+  child: Ref;
+  setter: string;
+  index: number | null;
+}
+
+/**
+ * Deepest expression nesting instrumented (levels below a function's body);
+ * deeper functions are refused by name. A large compiled `switch` nests one
+ * block per case, so a few thousand levels occur in real code. Binaryen's
+ * binary writer recurses per level on the JS stack: on a main thread's
+ * default stack it manages about 8,000 nested blocks but only about 2,500
+ * nested binary operators, so past this limit we refuse up front, and below
+ * it a stack overflow inside Binaryen is still refused by name (instrument()).
+ */
+export const NESTING_MAX = 4_000;
 
 /**
  * Each store site inside a loop gets its own "last dirty page" local, so two
@@ -332,6 +464,8 @@ class Instrumenter {
     const activeSegments = this.makeSegmentsPassive(mem);
     this.addBoot(activeSegments);
     const mutableGlobals = this.addGlobalsSaveLoad();
+    const dropFlagNames = new Set(this.dropFlags.values());
+    const dataDropFlags = mutableGlobals.flatMap((g, i) => (dropFlagNames.has(g.name) ? [i] : []));
 
     m.setFeatures(OUTPUT_FEATURES);
     if (!m.validate()) throw new InvalidModuleError("instrumented module failed validation (instrumenter bug)");
@@ -344,6 +478,7 @@ class Instrumenter {
         guest_initial_pages: mem.initial,
         guest_maximum_pages: mem.maximum,
         mutable_globals: mutableGlobals,
+        data_drop_flags: dataDropFlags,
         exports,
         imports,
       },
@@ -409,16 +544,16 @@ class Instrumenter {
     return { initial: info.initial, maximum };
   }
 
-  /** binaryen.js has no memory-name getter; a memory export or the text form names it. */
+  /** binaryen.js has no memory-name getter; a memory export names it (withMemoryExport made one if the guest has none). */
   private findMemoryName(): string {
     const m = this.m;
     for (let i = 0; i < m.getNumExports(); i++) {
       const e = b.getExportInfo(m.getExportByIndex(i));
-      if (e.kind === b.ExternalMemory) return e.value;
+      if (e.kind !== b.ExternalMemory) continue;
+      if (e.name === MEMORY_PROBE_EXPORT) m.removeExport(e.name);
+      return e.value;
     }
-    const match = /\(memory \$([^\s)]+)/.exec(m.emitText());
-    assert(match, "memory name in text form");
-    return match[1];
+    throw new InstrumenterError("the module's memory has no export to name it (instrumenter bug)");
   }
 
   private addHypervisorImports(): void {
@@ -469,7 +604,9 @@ class Instrumenter {
           m.i64.add(m.i64.extend_u(get(0)), m.i64.extend_u(get(1))),
           m.i64.sub(m.i64.mul(m.i64.extend_u(m.memory.size(this.memoryName)), i64(WASM_PAGE_BYTES)), i64(BASE_BYTES)),
         ),
-        m.unreachable(),
+        // The trap the engine gives the original instruction ("memory access out of bounds", not
+        // "unreachable"): a load from (2^32 - 1) + (2^32 - 1), beyond any 32-bit memory.
+        m.drop(i32.load8_u(ALWAYS_TRAPS, 1, i32.const(-1), this.memoryName)),
       );
     // params: dest(0) len(1); vars: first(2) last(3)
     m.addFunction(
@@ -505,42 +642,90 @@ class Instrumenter {
     else if (replaced !== body) K.Function.setBody(fn, replaced);
   }
 
-  /** Visits children first, then rewrites the node; returns the node to put in its place. */
-  private visit(e: Ref, ctx: FunctionContext): Ref {
-    if (e === 0) return e;
+  /**
+   * Visits children first, then rewrites the node; returns the node to put in
+   * its place. Walks with an explicit stack, not recursion: compiled code
+   * nests deeply (a large `switch` becomes thousands of nested blocks) and the
+   * JS stack would overflow long before NESTING_MAX.
+   */
+  private visit(root: Ref, ctx: FunctionContext): Ref {
+    if (root === 0) return root;
+    const stack: Frame[] = [this.frame(root, ctx)];
+    for (;;) {
+      const top = stack[stack.length - 1];
+      if (top.next < top.slots.length) {
+        if (stack.length >= NESTING_MAX) {
+          throw new UnsupportedModuleError(`expressions nested deeper than ${NESTING_MAX} levels`, `function ${ctx.name}`);
+        }
+        stack.push(this.frame(top.slots[top.next++].child, ctx));
+        continue;
+      }
+      stack.pop();
+      if (top.id === b.LoopId) ctx.loopDepth--;
+      const replaced = this.rewrite(top.e, top.id, ctx);
+      const parent = stack[stack.length - 1];
+      if (!parent) return replaced;
+      const slot = parent.slots[parent.next - 1];
+      if (replaced !== slot.child) {
+        const cls = kindClass(parent.id);
+        if (slot.index === null) cls[slot.setter](parent.e, replaced);
+        else cls[slot.setter](parent.e, slot.index, replaced);
+      }
+    }
+  }
+
+  /** A node about to be visited, with its child slots in visiting order (a catch body's pop already moved into a local). */
+  private frame(e: Ref, ctx: FunctionContext): Frame {
     const id = b.getExpressionId(e);
     const spec = CHILDREN[id];
     if (!spec) {
       const reason = REFUSED[id] ?? `instruction kind ${ID_NAMES[id] ?? id} not supported`;
       throw new UnsupportedModuleError(reason, `function ${ctx.name}`);
     }
-    if (!spec.one && !spec.list) return this.rewrite(e, id, ctx);
-    if (id === b.LoopId) ctx.loopDepth++;
-    try {
-      this.visitChildren(e, id, spec, ctx);
-    } finally {
-      if (id === b.LoopId) ctx.loopDepth--;
-    }
-    return this.rewrite(e, id, ctx);
-  }
-
-  private visitChildren(e: Ref, id: number, spec: ChildSpec, ctx: FunctionContext): void {
-    const cls = kindClass(id);
-    for (const [getter, setter] of spec.one ?? []) {
-      const child = cls[getter](e);
-      if (child === 0) continue;
-      const next = this.visit(child, ctx);
-      if (next !== child) cls[setter](e, next);
-    }
-    if (spec.list) {
-      const [count, getAt, setAt] = spec.list;
-      const n = cls[count](e);
-      for (let i = 0; i < n; i++) {
-        const child = cls[getAt](e, i);
-        const next = this.visit(child, ctx);
-        if (next !== child) cls[setAt](e, i, next);
+    const slots: Slot[] = [];
+    if (spec.one || spec.list) {
+      const cls = kindClass(id);
+      for (const [getter, setter] of spec.one ?? []) {
+        const child = cls[getter](e);
+        if (child !== 0) slots.push({ child, setter, index: null });
+      }
+      if (spec.list) {
+        const [count, getAt, setAt] = spec.list;
+        for (let i = 0, n = cls[count](e); i < n; i++) {
+          let child = cls[getAt](e, i);
+          if (id === b.TryId) {
+            child = this.hoistPop(child, ctx);
+            cls[setAt](e, i, child);
+          }
+          slots.push({ child, setter: setAt, index: i });
+        }
       }
     }
+    if (id === b.LoopId) ctx.loopDepth++;
+    return { e, id, slots, next: 0 };
+  }
+
+  /**
+   * A catch body's `pop` (the caught values) must stay where Binaryen's
+   * validator finds it: in the catch body's first-executed position, nested
+   * in no block but the catch body itself. Rewriting its consumer (a store
+   * whose address is the pop, a memory.grow of it) wraps the pop in a block,
+   * which is invalid. So, as Binaryen's own passes do
+   * (EHUtils::handleBlockNestedPops), the pop moves into a local first:
+   *   (catch $e (block (local.set $t (pop T)) <body with the pop replaced by (local.get $t)>))
+   * Reading the pop first is what the body did anyway (it is the first thing
+   * a catch body evaluates) and a pop has no side effects.
+   */
+  private hoistPop(body: Ref, ctx: FunctionContext): Ref {
+    const m = this.m;
+    if (body === 0) return body;
+    if (b.getExpressionId(body) === b.PopId) return body; // already where it belongs
+    const site = findPop(body);
+    if (!site) return body;
+    const type = b.getExpressionType(site.pop);
+    const local = addVar(ctx.fn, type);
+    kindClass(site.parentId)[site.setter](site.parent, ...(site.index === null ? [] : [site.index]), m.local.get(local, type));
+    return m.block(null, [m.local.set(local, site.pop), body], b.getExpressionType(body));
   }
 
   private rewrite(e: Ref, id: number, ctx: FunctionContext): Ref {
@@ -751,6 +936,38 @@ class Instrumenter {
     m.addFunctionExport(this.names.load, EXPORT_LOAD_GLOBALS);
     return globals.map(({ name, type }) => ({ name, type }));
   }
+}
+
+/**
+ * The `pop` of a catch body and the slot that holds it (parent, setter and,
+ * for operand lists, the index). Nested `try`s are not entered: a pop inside
+ * one belongs to that try's own catch.
+ */
+function findPop(body: Ref): { pop: Ref; parent: Ref; parentId: number; setter: string; index: number | null } | null {
+  const stack: Ref[] = [body];
+  while (stack.length) {
+    const e = stack.pop()!;
+    const id = b.getExpressionId(e);
+    if (id === b.TryId) continue;
+    const spec = CHILDREN[id];
+    if (!spec) continue; // refused later, when the body is visited
+    const cls = kindClass(id);
+    for (const [getter, setter] of spec.one ?? []) {
+      const child = cls[getter](e);
+      if (child === 0) continue;
+      if (b.getExpressionId(child) === b.PopId) return { pop: child, parent: e, parentId: id, setter, index: null };
+      stack.push(child);
+    }
+    if (spec.list) {
+      const [count, getAt, setAt] = spec.list;
+      for (let i = 0, n = cls[count](e); i < n; i++) {
+        const child = cls[getAt](e, i);
+        if (b.getExpressionId(child) === b.PopId) return { pop: child, parent: e, parentId: id, setter: setAt, index: i };
+        stack.push(child);
+      }
+    }
+  }
+  return null;
 }
 
 /** Offset that makes any access trap: the memory never reaches 4 GiB (MEMORY_WASM_PAGES_MAX). */

@@ -5,7 +5,7 @@
  * never load Binaryen.
  */
 /** Bump when the output of instrument() changes, so cached modules are rebuilt. */
-export const INSTRUMENTER_VERSION = 4;
+export const INSTRUMENTER_VERSION = 7;
 
 export const HV_MODULE = "cohort_hv";
 export const EXPORT_BOOT = "__cohort_boot";
@@ -22,6 +22,13 @@ export interface ModuleInfo {
   guest_maximum_pages: number;
   /** Saved in this order, one 16-byte slot each, at GLOBALS_OFFSET. */
   mutable_globals: { name: string; type: ValueTypeName }[];
+  /**
+   * Indices into mutable_globals of the i32 flags the instrumenter adds to
+   * remember a `data.drop` (1 = that segment is dropped). A rollback to a cut
+   * whose flag is 0 while the running instance has it at 1 must revive the
+   * segment, which only a new instance can (wasm has no "undrop").
+   */
+  data_drop_flags: number[];
   /** Function exports of the guest (start, message, request, timer, cohort_inbox, ...). */
   exports: string[];
   /** "module.name" of every function import. */

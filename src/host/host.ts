@@ -288,9 +288,8 @@ export class Host {
       // A new backup host of a recovering group: it gets the module with the record.
       const record = frame.record;
       if (!record.placement.some((p) => p.primary === this.id || p.backup === this.id)) return;
-      const joined = await GroupDriver.join(this.groupApi, record, body.slice());
-      if (!this.groups.has(frame.g)) this.groups.set(frame.g, joined);
-      driver = this.groups.get(frame.g)!;
+      driver = GroupDriver.join(this.groupApi, record, body.slice());
+      this.groups.set(frame.g, driver);
     }
     if (!driver) return;
     driver.handleFrame(frame.from, frame, body);

@@ -26,6 +26,16 @@ export interface LocalPairEvents {
   onEpoch?: (report: EpochReport) => void;
 }
 
+/** The pair could not start: the guest's boot crashed or a VM thread failed; both threads are stopped. */
+export class PairStartError extends Error {
+  override name = "PairStartError";
+  readonly code = "PairStartFailed";
+}
+
+function messageOf(reason: unknown): string {
+  return reason instanceof Error ? reason.message : String(reason);
+}
+
 export class LocalPair {
   private primary: VmWorker;
   private backup: VmWorker;
@@ -43,9 +53,17 @@ export class LocalPair {
     this.backup = backup;
   }
 
+  /**
+   * Boots the primary and starts a blank backup. If either fails (the guest's
+   * boot traps, a thread does not start), the other is stopped too: a live
+   * worker thread would keep the process running with nothing to do.
+   */
   static async start(guest: GuestBundle, options: WorkerVmOptions, events: LocalPairEvents): Promise<LocalPair> {
-    const [primary, backup] = await Promise.all([VmWorker.boot(guest, options), VmWorker.backup(guest, options, null)]);
-    return new LocalPair(guest, options, primary, backup, events);
+    const [primary, backup] = await Promise.allSettled([VmWorker.boot(guest, options), VmWorker.backup(guest, options, null)]);
+    if (primary.status === "fulfilled" && backup.status === "fulfilled") return new LocalPair(guest, options, primary.value, backup.value, events);
+    await Promise.all([primary, backup].map((r) => (r.status === "fulfilled" ? r.value.terminate() : undefined)));
+    if (primary.status === "rejected") throw new PairStartError(`the primary failed to boot: ${messageOf(primary.reason)}`);
+    throw new PairStartError(`the backup failed to start: ${messageOf((backup as PromiseRejectedResult).reason)}`);
   }
 
   /** One checkpoint: capture, ship to the backup, commit once it is stored, release the cut's output. */

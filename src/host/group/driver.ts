@@ -89,7 +89,8 @@ export class GroupDriver {
     private readonly api: GroupHostApi,
     record: ProtectionRecord,
     readonly module: Uint8Array,
-    readonly guest: GuestBundle,
+    /** The instrumented, compiled module; a joining host compiles it while the recovery goes on. */
+    private readonly guestReady: Promise<GuestBundle>,
     joined: boolean,
   ) {
     const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts() };
@@ -114,15 +115,16 @@ export class GroupDriver {
    * deployed image. `run` starts it.
    */
   static async prepare(api: GroupHostApi, record: ProtectionRecord, module: Uint8Array): Promise<GroupDriver> {
-    const d = new GroupDriver(api, record, module, await api.guestFor(module), false);
+    const guest = await api.guestFor(module);
+    const d = new GroupDriver(api, record, module, Promise.resolve(guest), false);
     await Promise.all(
       record.placement.map(async (p, rank) => {
         if (p.primary === api.id) {
-          const member = d.addMember(rank, await VmWorker.boot(d.guest, d.vmOptions(rank)), new OutputLog(), 0);
+          const member = d.addMember(rank, await VmWorker.boot(guest, d.vmOptions(rank)), new OutputLog(), 0);
           await d.openPath(member);
         }
         if (p.backup === api.id) {
-          const b = d.newBackup(rank);
+          const b = d.newBackup(rank, guest);
           await b.installBlank();
           d.backups.set(rank, b);
         }
@@ -131,9 +133,15 @@ export class GroupDriver {
     return d;
   }
 
-  /** A host the record names that has nothing of the group yet (a new backup host during a recovery). */
-  static async join(api: GroupHostApi, record: ProtectionRecord, module: Uint8Array): Promise<GroupDriver> {
-    return new GroupDriver(api, record, module, await api.guestFor(module), true);
+  /**
+   * A host the record names that has nothing of the group yet (a new backup
+   * host during a recovery). It takes part at once (its report is empty); the
+   * module compiles meanwhile, and the image it will install waits for it.
+   */
+  static join(api: GroupHostApi, record: ProtectionRecord, module: Uint8Array): GroupDriver {
+    const guest = api.guestFor(module);
+    guest.catch((error: Error) => api.log.error({ err: error, group: record.group }, "the group's module does not load on this host"));
+    return new GroupDriver(api, record, module, guest, true);
   }
 
   /** Where the message paths of the primaries on this host listen (what `group_prepare` answers). */
@@ -311,7 +319,7 @@ export class GroupDriver {
   private async restore(m: GroupMember, step: Extract<VmStep, { op: "restore" }>): Promise<StepValue> {
     if (step.how === "reboot") {
       // Cut 0 is the deployed state before boot: start the VM afresh.
-      m.replaceVm(await VmWorker.boot(this.guest, this.vmOptions(m.rank)));
+      m.replaceVm(await VmWorker.boot(await this.guestReady, this.vmOptions(m.rank)));
       m.captured = m.committed = 0;
       await this.openPath(m);
     } else if (step.how === "rollback") {
@@ -342,7 +350,7 @@ export class GroupDriver {
         return {};
       case "install": {
         const old = this.backups.get(rank);
-        const b = this.newBackup(rank);
+        const b = this.newBackup(rank, await this.guestReady);
         this.backups.set(rank, b);
         await old?.stop();
         await b.install((step.image as Uint8Array).slice(), step.released_seq, step.history);
@@ -505,8 +513,8 @@ export class GroupDriver {
     };
   }
 
-  private newBackup(rank: number): BackupReplica {
-    return new BackupReplica(this.vmRecord(rank), this.guest, this.vmOptions(rank));
+  private newBackup(rank: number, guest: GuestBundle): BackupReplica {
+    return new BackupReplica(this.vmRecord(rank), guest, this.vmOptions(rank));
   }
 
   private openPath(member: GroupMember): Promise<Route> {
