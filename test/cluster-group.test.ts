@@ -29,7 +29,7 @@ async function deploy(c: ClusterFile, group: string, guest: string, mode: string
 }
 
 async function groupStatus(c: ClusterFile, group: string): Promise<GroupStatus[]> {
-  const all = await Promise.all(c.hosts.map((h) => requestAny<{ groups: GroupStatus[] }>(c, "status", {}, undefined, h.id)));
+  const all = await Promise.all(c.hosts.map((h) => requestAny(c, "status", {}, undefined, h.id)));
   return all.flatMap((s) => s.groups.filter((g) => g.group === group));
 }
 
@@ -121,7 +121,7 @@ describe("modes: what leaves a VM before its checkpoint commits", () => {
         // Unbuffered: nearly every message leaves while its epoch is still uncommitted.
         expect(sent.before).toBeGreaterThan(sent.after);
       }
-      const stats = JSON.parse((await requestAny<{ reply: string }>(c, "vm_request", { vm: "pp-0", text: "stats" }, undefined, (await recordOf(c, "pp-0")).primary)).reply) as { round_trips: number };
+      const stats = JSON.parse((await requestAny(c, "vm_request", { vm: "pp-0", text: "stats" }, undefined, (await recordOf(c, "pp-0")).primary)).reply) as { round_trips: number };
       expect(stats.round_trips).toBeGreaterThan(0);
     }, 30_000);
   }

@@ -63,7 +63,7 @@ async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, h
     const ask = async (vm: string, text: string) => {
       const record = await store.get<VmRecord>(vmKey(vm));
       if (!record) throw new Error(`${vm} has no record`);
-      const reply = await requestAny<{ reply: string }>(c, "vm_request", { vm, text }, undefined, record.value.primary);
+      const reply = await requestAny(c, "vm_request", { vm, text }, undefined, record.value.primary);
       return reply.reply;
     };
     try {

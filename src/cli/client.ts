@@ -4,9 +4,10 @@
  * released output across failovers.
  */
 import { Connection } from "../host/connection.js";
-import { MSG } from "../host/messages.js";
+import { MSG, parseLogPush } from "../host/messages.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { vmKey, type VmRecord } from "../host/records.js";
+import type { HostOp, HostOps } from "../host/api.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
 import { EmbeddedStore } from "../store/embedded.js";
 
@@ -17,7 +18,7 @@ export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
 }
 
 /** Sends one request to the first host that answers (or to `host_id`). */
-export async function requestAny<T>(cluster: ClusterFile, op: string, args: Record<string, unknown>, body?: Uint8Array, host_id?: string): Promise<T> {
+export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string): Promise<HostOps[Op]["result"]> {
   const errors: string[] = [];
   for (const host of cluster.hosts) {
     if (host_id && host.id !== host_id) continue;
@@ -25,7 +26,7 @@ export async function requestAny<T>(cluster: ClusterFile, op: string, args: Reco
     try {
       connection = await Connection.open(host.address, `cli→${host.id}`, 1000);
       connection.send(MSG.HELLO, { from: "cli" });
-      return await connection.request<T>(op, args, body);
+      return await connection.request(op, args, body);
     } catch (error) {
       const e = error as Error & { code?: string };
       // An answer that says no is final; only unreachable hosts make us try the next one.
@@ -104,12 +105,12 @@ export class LogFollower {
     let early: ReleasedRecord[][] | null = [];
     connection.on("message", (type, header) => {
       if (type !== MSG.LOG) return;
-      const records = (header as { records: ReleasedRecord[] }).records;
+      const { records } = parseLogPush(header);
       if (early) early.push(records);
       else this.deliver(host, records);
     });
     connection.send(MSG.HELLO, { from: "cli" });
-    const reply = await connection.request<{ role: string; records: ReleasedRecord[] }>("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, 2000);
+    const reply = await connection.request("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, 2000);
     if (reply.role !== "primary") {
       connection.close("not the primary");
       throw new Error("not the primary");

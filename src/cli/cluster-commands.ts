@@ -77,7 +77,7 @@ export function registerClusterCommands(program: Command): void {
   ).action(async (file: string, opts: { json?: boolean; stateDir?: string }) => {
     const manifest = await loadManifest(file);
     const cluster = await clusterOrFail(stateDir(opts));
-    const result = await requestAny<{ group: string; vms: VmRecord[] }>(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
+    const result = await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
     if (opts.json) console.log(JSON.stringify(result));
     else for (const vm of result.vms) console.log(`${vm.vm}  primary ${vm.primary}  backup ${vm.backup ?? "-"}  mode ${vm.mode}`);
   });
@@ -92,7 +92,7 @@ export function registerClusterCommands(program: Command): void {
       const hosts = await Promise.all(
         cluster.hosts.map(async (h) => {
           try {
-            return { ...h, up: true, status: await requestAny<HostStatus>(cluster, "status", {}, undefined, h.id) };
+            return { ...h, up: true, status: await requestAny(cluster, "status", {}, undefined, h.id) };
           } catch {
             return { ...h, up: false, status: null };
           }
@@ -193,9 +193,4 @@ async function bankDemo(opts: { hosts: number; detectMs: number; json?: boolean 
     for (const [check, ok] of Object.entries(report.checks)) console.log(`  ${ok ? "ok  " : "FAIL"} ${check}`);
   }
   if (!Object.values(report.checks).every(Boolean)) process.exitCode = 1;
-}
-
-interface HostStatus {
-  id: string;
-  primaries: { vm: string; backup: string | null; protected: boolean; epoch: number; committed: number; released_seq: number }[];
 }

@@ -118,7 +118,8 @@ const limitsSchema = z
   )
   .prefault({});
 
-const manifestSchema = z.strictObject(
+/** Also checks a manifest as a `deploy` request carries it (src/host/api.ts). */
+export const manifestSchema = z.strictObject(
   {
     group: z
       .string({ error: typeError("a string") })

@@ -117,6 +117,8 @@ const record = z.strictObject({
   limits,
 });
 const base = { v: z.literal(FRAME_VERSION), g: name, from: name, inc: count };
+/** The shapes of a protection record and a route, for host requests that carry them (src/host/api.ts); `checkRecord` completes the record's. */
+export { record as protectionRecordSchema, route as routeSchema };
 
 const frameSchema = z.discriminatedUnion("k", [
   z.strictObject({ ...base, k: z.literal("end"), e: count, c: count.optional(), d: matrix.optional() }),
@@ -180,7 +182,8 @@ export function parseFrame(header: unknown): GroupFrame {
   return frame;
 }
 
-function checkRecord(r: ProtectionRecord): void {
+/** Checks what the record schema cannot: placement against size, distinct hosts per member, epoch timing (FrameError otherwise). */
+export function checkRecord(r: ProtectionRecord): void {
   if (r.placement.length !== r.size) throw new FrameError("FrameOutOfRange", `record places ${r.placement.length} members of a group of ${r.size}`);
   r.placement.forEach((p, rank) => {
     if (p.primary === p.backup) throw new FrameError("FrameOutOfRange", `record places member ${rank}'s primary and backup on one host`);

@@ -1,12 +1,15 @@
 /**
  * One TCP connection carrying peer frames, either direction. A malformed or
- * oversized frame (or a message that does not parse) closes this connection
- * with a logged reason; nothing else is affected.
+ * oversized frame, a message that does not parse, or a control frame of a
+ * newer version or the wrong shape (src/host/messages.ts checkControl)
+ * closes this connection with a logged reason; nothing else is affected.
+ * Requests are the typed host API (src/host/api.ts).
  */
 import { connect, type Socket } from "node:net";
 import { EventEmitter } from "node:events";
 import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES_DEFAULT } from "../transport/frame.js";
-import { decodePayload, encodePayload, MSG, type Reply, type Request } from "./messages.js";
+import { checkControl, CONTROL_VERSION, decodePayload, encodePayload, MSG, parseReply, type Reply, type Request } from "./messages.js";
+import type { HostOp, HostOps } from "./api.js";
 
 export interface ConnectionEvents {
   message: [type: number, header: Record<string, unknown>, body: Uint8Array];
@@ -64,13 +67,15 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     return this.closed;
   }
 
+  /** Sends one frame; a control frame's header (every type but GROUP) gets the control version `v`. */
   send(type: number, header: unknown, body?: Uint8Array): boolean {
     if (this.closed) return false;
     if (this.socket.writableLength > SEND_BUFFER_MAX_BYTES) {
       this.close(`send buffer above ${SEND_BUFFER_MAX_BYTES} bytes: peer too slow`);
       return false;
     }
-    const parts = encodeFrame(type, encodePayload(header, body));
+    const stamped = type === MSG.GROUP ? header : Object.assign({ v: CONTROL_VERSION }, header);
+    const parts = encodeFrame(type, encodePayload(stamped, body));
     // Frames sent in the same event-loop turn (a commit to every host, the deltas of several
     // members to one backup host, acks) leave in one writev once the turn's I/O and VM-thread
     // messages are handled: one syscall and one wake-up of the peer, not one per frame.
@@ -86,16 +91,17 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     return true;
   }
 
-  /** A request/reply exchange (control plane). */
-  request<T>(op: string, args: Record<string, unknown>, body?: Uint8Array, timeout_ms = REQUEST_TIMEOUT_MS_DEFAULT): Promise<T> {
+  /** A request of the host API (control plane): its arguments are checked by the host, its result typed by the table. */
+  request<Op extends HostOp>(op: Op, args: HostOps[Op]["args"], body?: Uint8Array, timeout_ms?: number): Promise<HostOps[Op]["result"]>;
+  request(op: string, args: unknown, body?: Uint8Array, timeout_ms = REQUEST_TIMEOUT_MS_DEFAULT): Promise<unknown> {
     if (this.closed) return Promise.reject(new Error(`${this.label}: connection closed (${this.closed})`));
     const id = this.nextRequestId++;
-    return new Promise<T>((resolve, reject) => {
+    return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
         reject(new Error(`${this.label}: ${op} timed out after ${timeout_ms} ms`));
       }, timeout_ms);
-      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
+      this.pending.set(id, { resolve, reject, timer });
       this.send(MSG.REQUEST, { id, op, args } satisfies Request, body);
     });
   }
@@ -134,7 +140,13 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         return;
       }
       if (frame.type === MSG.REPLY) {
-        const reply = decoded.header as unknown as Reply;
+        let reply;
+        try {
+          reply = parseReply(decoded.header);
+        } catch (error) {
+          this.close(`control frame refused: ${(error as Error).message}`);
+          return;
+        }
         const pending = this.pending.get(reply.id);
         if (!pending) continue;
         this.pending.delete(reply.id);
@@ -142,6 +154,14 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         if (reply.ok) pending.resolve(reply.value);
         else pending.reject(Object.assign(new Error(reply.error?.message ?? "request failed"), { code: reply.error?.code }));
         continue;
+      }
+      if (frame.type !== MSG.GROUP) {
+        try {
+          checkControl(frame.type, decoded.header);
+        } catch (error) {
+          this.close(`control frame refused: ${(error as Error).message}`);
+          return;
+        }
       }
       this.emit("message", frame.type, decoded.header, decoded.body);
     }

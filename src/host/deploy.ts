@@ -10,6 +10,7 @@ import type { Host } from "./host.js";
 import { hostsOf } from "../core/record.js";
 import { protectionKey, type ProtectionRecord } from "../core/types.js";
 import type { Route } from "../core/frames.js";
+import type { HostOps } from "./api.js";
 import { assert } from "../util/assert.js";
 
 export class DeployError extends Error {
@@ -83,7 +84,7 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
   };
   await host.store.put(protectionKey(manifest.group), protection);
   const hosts = hostsOf(protection);
-  const call = async (h: string, op: string, args: Record<string, unknown>, body?: Uint8Array) => {
+  const call = async <Op extends "group_prepare" | "group_run">(h: string, op: Op, args: HostOps[Op]["args"], body?: Uint8Array): Promise<HostOps[Op]["result"]> => {
     if (h === host.id) return host.handleLocal(op, args, body ?? new Uint8Array(0));
     return (await host.peerConnection(h)).request(op, args, body);
   };
@@ -94,7 +95,7 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
   prepared.push(...(await Promise.all(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)))));
   // Every primary's message path listens now; each host hands the whole table to its VMs.
   const routes: (Route | null)[] = protection.placement.map(() => null);
-  for (const p of prepared as { routes: Record<number, Route> }[]) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
+  for (const p of prepared) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
   assert(routes.every((r) => r !== null), "a group member has no message path after group_prepare");
   await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group, routes })));
 }

@@ -9,7 +9,8 @@ import { createServer, type Server, type Socket } from "node:net";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
 import { Connection } from "./connection.js";
-import { MSG, type Heartbeat, type Request } from "./messages.js";
+import { MSG, type Heartbeat, type LogPush, type Request } from "./messages.js";
+import { checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { OutputLog } from "./output-log.js";
 import { hostKey } from "./records.js";
@@ -19,7 +20,6 @@ import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
 import type { GuestBundle } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
-import type { Manifest } from "../cluster/manifest.js";
 import { GroupDriver, type GroupHostApi } from "./group/driver.js";
 import type { ProtectionRecord } from "../core/types.js";
 import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
@@ -296,47 +296,48 @@ export class Host {
   }
 
   private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
-    if (request.op === "logs") {
+    const op = request.op;
+    if (!isHostOp(op)) {
+      connection.reply(request.id, { ok: false, error: { code: "UnknownRequest", message: `unknown request ${op}` } });
+      return;
+    }
+    if (op === "logs") {
       // Answered synchronously so that no released record can be pushed before the reply.
       try {
-        this.followLogs(connection, request.id, String(request.args.vm), Number(request.args.from_seq ?? 1), Boolean(request.args.follow));
+        this.followLogs(connection, request.id, checkArgs(op, request.args));
       } catch (error) {
-        const e = error as Error & { code?: string };
-        connection.reply(request.id, { ok: false, error: { code: e.code ?? "Error", message: e.message } });
+        connection.reply(request.id, errorReply(error));
       }
       return;
     }
+    return this.answer(connection, request.id, () => this.handleLocal(op, request.args, body));
+  }
+
+  private async answer(connection: Connection, id: number, work: () => Promise<unknown>): Promise<void> {
     try {
-      const value = await this.handleLocal(request.op, request.args, body);
-      connection.reply(request.id, { ok: true, value });
+      connection.reply(id, { ok: true, value: await work() });
     } catch (error) {
-      const e = error as Error & { code?: string };
-      connection.reply(request.id, { ok: false, error: { code: e.code ?? "Error", message: e.message } });
+      connection.reply(id, errorReply(error));
     }
   }
 
-  /** A request, from a connection or from this host itself (a deploy it runs). */
-  async handleLocal(op: string, args: Record<string, unknown>, body: Uint8Array): Promise<unknown> {
-    switch (op) {
-      case "ping":
-        return { id: this.id };
-      case "status":
-        return this.status();
-      case "deploy":
-        return deployGroup(this, args.manifest as Manifest, body.slice());
-      case "group_prepare":
-        return this.prepareGroup(args.record as ProtectionRecord, body.slice());
-      case "group_run": {
-        const g = this.groups.get(String(args.group));
-        if (!g) throw Object.assign(new Error(`group ${String(args.group)} is not prepared on ${this.id}`), { code: "NoSuchGroup" });
-        g.run(args.routes as (Route | null)[]);
-        return { group: g.name };
-      }
-      case "vm_request":
-        return this.vmRequest(String(args.vm), String(args.text));
-      default:
-        throw Object.assign(new Error(`unknown request ${op}`), { code: "UnknownRequest" });
-    }
+  /** The host API's ops (src/host/api.ts) but `logs` (onRequest answers it), each handed its checked arguments. */
+  private readonly handlers: { [Op in LocalOp]: (args: HostOps[Op]["checked"], body: Uint8Array) => HostOps[Op]["result"] | Promise<HostOps[Op]["result"]> } = {
+    ping: () => ({ id: this.id }),
+    status: () => this.status(),
+    deploy: ({ manifest }, body) => deployGroup(this, manifest, body.slice()),
+    group_prepare: ({ record }, body) => this.prepareGroup(record, body.slice()),
+    group_run: ({ group, routes }) => this.runGroup(group, routes),
+    vm_request: ({ vm, text }) => this.vmRequest(vm, text),
+  };
+
+  /**
+   * A request of the host API, from a connection or from this host itself (a
+   * deploy it runs): `args` are checked against the op's schema (BadArgumentsError
+   * naming the fields otherwise) before the op's handler sees them.
+   */
+  async handleLocal<Op extends LocalOp>(op: Op, args: unknown, body: Uint8Array): Promise<HostOps[Op]["result"]> {
+    return this.handlers[op](checkArgs(op, args), body);
   }
 
   // ---- replicas --------------------------------------------------------------------
@@ -348,6 +349,14 @@ export class Host {
     this.groups.set(record.group, runtime);
     this.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
     return { group: record.group, routes: runtime.pathRoutes() };
+  }
+
+  /** Every primary of the group listens: hand its VMs the whole route table and start them. */
+  private runGroup(group: string, routes: (Route | null)[]): { group: string } {
+    const g = this.groups.get(group);
+    if (!g) throw Object.assign(new Error(`group ${group} is not prepared on ${this.id}`), { code: "NoSuchGroup" });
+    g.run(routes);
+    return { group: g.name };
   }
 
   /** The primary of `vm` on this host, with its released-output log and VM thread. */
@@ -402,7 +411,7 @@ export class Host {
   }
 
   /** Replies with the records kept from `from_seq`, then (with `follow`) pushes every new one, in order. */
-  private followLogs(connection: Connection, request_id: number, vm: string, from_seq: number, follow: boolean): void {
+  private followLogs(connection: Connection, request_id: number, { vm, from_seq, follow }: HostOps["logs"]["checked"]): void {
     let log: OutputLog | undefined;
     let role: "primary" | "backup" = "backup";
     for (const g of this.groups.values()) {
@@ -411,21 +420,22 @@ export class Host {
       if (found) ({ log, role } = found);
     }
     if (!log) throw Object.assign(new Error(`no replica of ${vm} on ${this.id}`), { code: "NoSuchVm" });
-    connection.reply(request_id, { ok: true, value: { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) } });
+    const value: HostOps["logs"]["result"] = { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) };
+    connection.reply(request_id, { ok: true, value });
     if (follow) {
-      const onAppend = (records: unknown[]) => {
+      const onAppend = (records: ReleasedRecord[]) => {
         if (connection.isClosed) {
           log.off("append", onAppend);
           return;
         }
-        connection.send(MSG.LOG, { vm, records });
+        connection.send(MSG.LOG, { vm, records } satisfies LogPush);
       };
       log.on("append", onAppend);
       connection.once("close", () => log.off("append", onAppend));
     }
   }
 
-  status(): unknown {
+  status(): HostStatus {
     const now = Date.now();
     return {
       id: this.id,

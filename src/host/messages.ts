@@ -5,7 +5,18 @@
  * go through JSON.
  *
  *   payload = u32 header_bytes | header (UTF-8 JSON) | body
+ *
+ * Every header but a GROUP frame's carries `v`, the control frame version
+ * (CONTROL_VERSION, stamped by Connection.send); GROUP frames carry their own
+ * (src/core/frames.ts). `checkControl` checks a control header's version and
+ * shape on arrival: a frame of a newer version, or one that does not parse,
+ * closes its connection with the reason, and nothing else.
+ *
+ * What a REQUEST asks and what its REPLY holds is the host API table,
+ * src/host/api.ts.
  */
+import { z } from "zod";
+import type { ReleasedRecord } from "../core/frames.js";
 import { assert } from "../util/assert.js";
 
 export const MSG = {
@@ -24,6 +35,15 @@ export const MSG = {
 
 export type MsgType = (typeof MSG)[keyof typeof MSG];
 
+/** Version of the control frames (every type but GROUP); a frame of a newer one is refused by name. */
+export const CONTROL_VERSION = 1;
+
+/** A frame type's name, for refusals and logs. */
+export function msgName(type: number): string {
+  for (const [name, t] of Object.entries(MSG)) if (t === type) return name;
+  return `type ${type}`;
+}
+
 export interface Hello {
   from: string; // host id, or "cli"
 }
@@ -35,8 +55,9 @@ export interface Heartbeat {
 
 export interface Request {
   id: number;
+  /** An op of the host API (src/host/api.ts); its `args` are checked against the op's schema. */
   op: string;
-  args: Record<string, unknown>;
+  args: unknown;
 }
 
 export interface Reply {
@@ -44,6 +65,12 @@ export interface Reply {
   ok: boolean;
   value?: unknown;
   error?: { code: string; message: string };
+}
+
+/** Host → log follower (after a `logs` request with `follow`): records released since. */
+export interface LogPush {
+  vm: string;
+  records: ReleasedRecord[];
 }
 
 const HEADER_LIMIT_BYTES = 1 << 20;
@@ -74,4 +101,84 @@ export function decodePayload<T>(payload: Uint8Array): { header: T; body: Uint8A
   }
   if (header === null || typeof header !== "object") throw new MalformedMessageError("header is not an object");
   return { header, body: payload.subarray(4 + n) };
+}
+
+// ---- control frame checks ------------------------------------------------------------------
+
+const count = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+const name = z.string().min(1).max(256);
+const version = z.number().int().min(1);
+const logRecord = z.strictObject({
+  seq: count,
+  epoch: count,
+  kind: count,
+  text: z.string(),
+  produced_ms: z.number(),
+  released_ms: z.number(),
+  request_id: count.optional(),
+});
+const logPushSchema: z.ZodType<LogPush> = z.strictObject({ v: version, vm: name, records: z.array(logRecord) });
+const replySchema: z.ZodType<Reply> = z.strictObject({
+  v: version,
+  id: count,
+  ok: z.boolean(),
+  value: z.unknown().optional(),
+  error: z.strictObject({ code: z.string(), message: z.string() }).optional(),
+});
+
+const controlSchemas: Record<number, z.ZodType> = {
+  [MSG.HELLO]: z.strictObject({ v: version, from: name }),
+  [MSG.HEARTBEAT]: z.strictObject({ v: version, from: name, sent_ms: z.number() }),
+  [MSG.REQUEST]: z.strictObject({ v: version, id: count, op: z.string().max(64), args: z.unknown().optional() }),
+  [MSG.REPLY]: replySchema,
+  [MSG.LOG]: logPushSchema,
+};
+
+export class ControlFrameError extends Error {
+  override name = "ControlFrameError";
+  constructor(
+    readonly code: "FrameVersion" | "FrameMalformed",
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * Checks the header of a control frame (any type but GROUP) as it arrived:
+ * its version first, so a newer peer is told apart from a broken one, then
+ * its shape (ControlFrameError otherwise). Types without a schema here pass:
+ * their receiver refuses them.
+ */
+export function checkControl(type: number, header: Record<string, unknown>): void {
+  const schema = controlSchemas[type];
+  if (schema) checked(type, schema, header);
+  else checkVersion(type, header);
+}
+
+/** A LOG header, checked as `checkControl` does. */
+export function parseLogPush(header: Record<string, unknown>): LogPush {
+  return checked(MSG.LOG, logPushSchema, header);
+}
+
+/** A REPLY header, checked as `checkControl` does. */
+export function parseReply(header: Record<string, unknown>): Reply {
+  return checked(MSG.REPLY, replySchema, header);
+}
+
+function checkVersion(type: number, header: Record<string, unknown>): void {
+  const v = header.v;
+  if (typeof v === "number" && v > CONTROL_VERSION) {
+    throw new ControlFrameError("FrameVersion", `${msgName(type)} frame version ${v} is newer than this host's ${CONTROL_VERSION}`);
+  }
+}
+
+function checked<T>(type: number, schema: z.ZodType<T>, header: Record<string, unknown>): T {
+  checkVersion(type, header);
+  const parsed = schema.safeParse(header);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new ControlFrameError("FrameMalformed", `malformed ${msgName(type)} frame: ${issue.path.join(".") || "(header)"}: ${issue.message}`);
+  }
+  return parsed.data;
 }

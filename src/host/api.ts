@@ -1,0 +1,175 @@
+/**
+ * The host API: every request the CLI (or another host) sends a host, in one
+ * table shared by both sides, like the worker protocol in src/vm/protocol.ts.
+ * Each op has an argument schema (zod), checked by the host before anything
+ * uses the arguments, and a result type, which the caller's
+ * `Connection.request(op, args, body?)` returns.
+ *
+ * | op | who sends it | arguments | body | result |
+ * |---|---|---|---|---|
+ * | ping | anyone | none | – | the host's id |
+ * | status | CLI | none | – | HostStatus |
+ * | deploy | CLI → any host | a validated manifest | the module | the VM records placed |
+ * | group_prepare | deploying host → hosts of the group | the group's ProtectionRecord | the module | where its primaries' message paths listen |
+ * | group_run | deploying host → hosts of the group | group name, every rank's route | – | the group name |
+ * | vm_request | CLI → a VM's primary host | VM name, request text | – | the released reply |
+ * | logs | CLI → a VM's host | VM name, first seq, follow | – | records kept; with follow, MSG.LOG pushes after it |
+ *
+ * A request whose arguments do not fit its op's schema is answered with an
+ * error of code "BadArguments" naming each field that is off; nothing else
+ * happens. An op not in the table is answered with "UnknownRequest".
+ *
+ * Requests and replies travel as MSG.REQUEST / MSG.REPLY control frames
+ * (src/host/messages.ts): a JSON header plus an optional binary body.
+ */
+import { z } from "zod";
+import { manifestSchema, type Manifest, type ProtectionMode } from "../cluster/manifest.js";
+import { checkRecord, FrameError, protectionRecordSchema, routeSchema, type ReleasedRecord, type Route } from "../core/frames.js";
+import { GROUP_SIZE_MAX, type ProtectionRecord } from "../core/types.js";
+import type { GroupStatus } from "./group/driver.js";
+import type { VmRecord } from "./records.js";
+
+/** Longest request text `vm_request` carries to a VM. */
+export const VM_REQUEST_TEXT_CHARS_MAX = 64 * 1024;
+
+const count = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+const name = z.string().min(1).max(256);
+
+const record = protectionRecordSchema.check((ctx) => {
+  try {
+    checkRecord(ctx.value);
+  } catch (error) {
+    if (!(error instanceof FrameError)) throw error;
+    ctx.issues.push({ code: "custom", message: error.message, input: ctx.value });
+  }
+});
+
+/** The argument schema of every op. */
+export const HOST_OP_ARGS = {
+  ping: z.strictObject({}),
+  status: z.strictObject({}),
+  deploy: z.strictObject({ manifest: manifestSchema }),
+  group_prepare: z.strictObject({ record }),
+  group_run: z.strictObject({ group: name, routes: z.array(routeSchema.nullable()).min(1).max(GROUP_SIZE_MAX) }),
+  vm_request: z.strictObject({ vm: name, text: z.string().max(VM_REQUEST_TEXT_CHARS_MAX) }),
+  logs: z.strictObject({ vm: name, from_seq: count.default(1), follow: z.boolean().default(false) }),
+};
+
+export type HostOp = keyof typeof HOST_OP_ARGS;
+/** The ops a host handles the same from a connection or from itself (a deploy it runs); `logs` needs a connection. */
+export type LocalOp = Exclude<HostOp, "logs">;
+
+/** What a host answers to each op. */
+interface HostOpResults {
+  ping: { id: string };
+  status: HostStatus;
+  deploy: { group: string; vms: VmRecord[] };
+  group_prepare: { group: string; routes: Record<number, Route> };
+  group_run: { group: string };
+  vm_request: { vm: string; reply: string; epoch: number };
+  /** With `follow`, each record released afterwards comes as a MSG.LOG push on the same connection. */
+  logs: { vm: string; role: "primary" | "backup"; first_seq: number; records: ReleasedRecord[] };
+}
+
+/**
+ * The table: per op, the arguments a caller passes (`args`, defaults
+ * optional), the arguments a handler gets once checked (`checked`, defaults
+ * filled in), and the result.
+ */
+export type HostOps = {
+  [Op in HostOp]: { args: z.input<(typeof HOST_OP_ARGS)[Op]>; checked: z.output<(typeof HOST_OP_ARGS)[Op]>; result: HostOpResults[Op] };
+};
+
+// The checked arguments are the project's own types, not look-alikes.
+type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
+const sameTypes: [Same<HostOps["deploy"]["checked"]["manifest"], Manifest>, Same<HostOps["group_prepare"]["checked"]["record"], ProtectionRecord>] = [true, true];
+void sameTypes;
+
+/** The same table, typed per op, so that a generic op picks its own schema. */
+const schemas: { [Op in HostOp]: z.ZodType<HostOps[Op]["checked"], HostOps[Op]["args"]> } = HOST_OP_ARGS;
+
+export function isHostOp(op: string): op is HostOp {
+  return Object.hasOwn(HOST_OP_ARGS, op);
+}
+
+export interface ArgumentIssue {
+  /** Dotted path of the field ("manifest.size"); "" for the arguments as a whole. */
+  path: string;
+  message: string;
+}
+
+export class BadArgumentsError extends Error {
+  override name = "BadArgumentsError";
+  readonly code = "BadArguments";
+  constructor(
+    readonly op: string,
+    readonly issues: ArgumentIssue[],
+  ) {
+    super(`bad arguments for ${op}: ${issues.map((i) => (i.path ? `${i.path}: ${i.message}` : i.message)).join("; ")}`);
+  }
+}
+
+/** Checks `args` against `op`'s schema: the arguments with defaults filled in, or BadArgumentsError naming every field that is off. */
+export function checkArgs<Op extends HostOp>(op: Op, args: unknown): HostOps[Op]["checked"] {
+  const parsed = schemas[op].safeParse(args);
+  if (parsed.success) return parsed.data;
+  throw new BadArgumentsError(
+    op,
+    parsed.error.issues.flatMap((issue) => {
+      const at = issue.path.map(String);
+      if (issue.code === "unrecognized_keys") return issue.keys.map((k) => ({ path: [...at, k].join("."), message: "unknown field" }));
+      return [{ path: at.join("."), message: issue.message }];
+    }),
+  );
+}
+
+/** The REPLY of a request that failed: the error's code (BadArguments, UnknownRequest, NoSuchVm, ...) and message. */
+export function errorReply(error: unknown): { ok: false; error: { code: string; message: string } } {
+  const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "Error";
+  return { ok: false, error: { code, message: error instanceof Error ? error.message : String(error) } };
+}
+
+// ---- status ------------------------------------------------------------------------------
+
+export interface PeerStatus {
+  id: string;
+  /** Heard from within the detection timeout. */
+  alive: boolean;
+  silent_ms: number | null;
+}
+
+/** A primary on this host (a member of a group; a single VM is a group of one). */
+export interface PrimaryStatus {
+  vm: string;
+  group: string;
+  mode: ProtectionMode;
+  incarnation: number;
+  backup: string | null;
+  protected: boolean;
+  /** The epoch being executed. */
+  epoch: number;
+  checkpoints: number;
+  committed: number;
+  released_seq: number;
+}
+
+/** A backup on this host. */
+export interface BackupStatus {
+  vm: string;
+  primary: string;
+  incarnation: number;
+  cut: number;
+  staged: number;
+}
+
+export interface HostStatus {
+  id: string;
+  address: string;
+  pid: number;
+  peers: PeerStatus[];
+  primaries: PrimaryStatus[];
+  backups: BackupStatus[];
+  groups: GroupStatus[];
+  /** Group frames whose header was malformed or of a newer version (their connections were closed). */
+  group_frames_refused: number;
+}
