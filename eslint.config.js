@@ -20,6 +20,18 @@ export default tseslint.config(
     },
   },
   {
+    // Every promise in the daemon is handled: a rejection nobody awaits would crash the host process
+    // (Node's default for unhandled rejections), so each async path ends in a handler that logs and
+    // contains the error. `void promise` does not count as a handler.
+    files: ["src/**/*.ts"],
+    languageOptions: { parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname } },
+    rules: {
+      "@typescript-eslint/no-floating-promises": ["error", { ignoreVoid: false, ignoreIIFE: false }],
+      // A promise where a callback's result is ignored (timers, EventEmitter listeners) floats too.
+      "@typescript-eslint/no-misused-promises": ["error", { checksVoidReturn: true, checksConditionals: true, checksSpreads: true }],
+    },
+  },
+  {
     files: ["src/core/**/*.ts"],
     rules: {
       "no-restricted-imports": [

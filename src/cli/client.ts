@@ -93,7 +93,7 @@ export class LogFollower {
   stop(): void {
     this.stopped = true;
     this.connection?.close("follower stopped");
-    void this.store.close();
+    this.store.close().catch((error: Error) => this.onNotice(`-- store not closed: ${error.message}`));
   }
 
   private async followOn(host: string, address: string): Promise<void> {

@@ -14,7 +14,7 @@ export function instrumentOffThread(wasm: Uint8Array): Promise<InstrumentedModul
   return new Promise((resolve, reject) => {
     const worker = new Worker(fileURLToPath(SELF), { workerData: { wasm } });
     worker.once("message", (message: { ok: true; result: InstrumentedModule } | { ok: false; error: { name: string; message: string; code?: string; feature?: string; where?: string } }) => {
-      void worker.terminate();
+      worker.terminate().catch((error: Error) => process.emitWarning(`instrumenter thread did not terminate: ${error.message}`));
       if (message.ok) resolve(message.result);
       else reject(Object.assign(new Error(message.error.message), message.error));
     });

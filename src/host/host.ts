@@ -105,7 +105,11 @@ export class Host {
     await this.store.put(hostKey(this.id), record);
     VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
-    this.timers.push(setInterval(() => void this.refreshPeers(), 250));
+    this.timers.push(
+      setInterval(() => {
+        this.refreshPeers().catch((error: Error) => this.log.error({ err: error }, "peer refresh failed"));
+      }, 250),
+    );
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid }, "host listening");
@@ -157,7 +161,7 @@ export class Host {
         this.peers.set(value.id, peer);
       }
       // Failed peers too: a paused host comes back, and it learns we are alive from our heartbeats.
-      if (!peer.out && !peer.connecting) void this.connectPeer(peer);
+      if (!peer.out && !peer.connecting) this.connectInBackground(peer);
     }
   }
 
@@ -181,6 +185,11 @@ export class Host {
     } finally {
       peer.connecting = false;
     }
+  }
+
+  /** Opens a connection to `peer` without waiting for it (connectPeer answers null when the peer is unreachable). */
+  private connectInBackground(peer: Peer): void {
+    this.connectPeer(peer).catch((error: Error) => this.log.error({ err: error, peer: peer.id }, "connecting to a peer failed"));
   }
 
   private heartbeat(): void {
@@ -232,7 +241,7 @@ export class Host {
       return;
     }
     peer.queue.push({ header, body });
-    if (!peer.connecting) void this.connectPeer(peer);
+    if (!peer.connecting) this.connectInBackground(peer);
   }
 
   /** The detector's view changed: every group re-evaluates (its core decides whether a failover is due). */

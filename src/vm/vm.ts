@@ -245,7 +245,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
     this.pending.clear();
     if (reason !== "terminated") {
       this.emit("crashed", reason);
-      void this.worker.terminate();
+      this.worker.terminate().catch((error: Error) => this.emit("problem", `VM thread did not terminate: ${error.message}`));
     }
   }
 }
