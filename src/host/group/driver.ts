@@ -12,7 +12,7 @@
  */
 import type { Logger } from "pino";
 import { MessageChannel, type MessagePort } from "node:worker_threads";
-import { decodeImage } from "../../checkpoint/format.js";
+import { decodeDelta, decodeImage } from "../../checkpoint/format.js";
 import { GroupCore, type CoreStatus } from "../../core/node.js";
 import { FRAME_VERSION, type GroupFrame, type OutgoingFrame, type Route } from "../../core/frames.js";
 import type { BackupStep, CoreAction, CoreEvent, MembersStep, Notice, StepValue, VmStep } from "../../core/events.js";
@@ -84,6 +84,10 @@ export class GroupDriver {
   private feeding = false;
   private lastNow_ms = 0;
   private lastTick_ms = 0;
+  /** Frames this driver refused before the core saw them (a corrupt delta or image body). */
+  private refusedHere = 0;
+  /** Events the core failed on and actions that threw: contained to this group (a bug; each is logged). */
+  private failedHere = 0;
 
   private constructor(
     private readonly api: GroupHostApi,
@@ -156,8 +160,20 @@ export class GroupDriver {
     this.feed({ type: "start", routes });
   }
 
-  /** A validated GROUP frame of this group from another host. */
+  /**
+   * A GROUP frame of this group from another host, its header validated. A
+   * delta or image whose body does not decode (damaged, truncated, another
+   * checkpoint than the header says) is refused here, before the core counts
+   * the checkpoint as arrived: the real one may still come, and a backup is
+   * never replaced by bytes it cannot install.
+   */
   handleFrame(from: string, frame: GroupFrame, body: Uint8Array): void {
+    const problem = bodyProblem(frame, body);
+    if (problem !== null) {
+      this.refusedHere++;
+      this.log.warn({ group: this.name, event: "refused", from, kind: frame.k, reason: problem }, "group frame refused");
+      return;
+    }
     this.feed({ type: "frame", from, frame, body });
   }
 
@@ -195,7 +211,7 @@ export class GroupDriver {
         if (next.type === "tick") this.tick(now);
         else {
           if (now > this.lastTick_ms) this.tick(now);
-          this.execute(this.core.handle(next));
+          this.handle(next);
         }
         // Something became due at once (a commit made room for the next epoch): tick now, not a timer later.
         if (this.core.deadline() <= this.now()) this.tick(this.now());
@@ -208,7 +224,26 @@ export class GroupDriver {
 
   private tick(now_ms: number): void {
     this.lastTick_ms = now_ms;
-    this.execute(this.core.handle({ type: "tick", now_ms }));
+    this.handle({ type: "tick", now_ms });
+  }
+
+  /**
+   * One event through the core, its actions carried out. Whatever throws
+   * here is contained to this group and this event: logged, counted in
+   * `steps_failed`, and the group's next events are handled as usual. Events
+   * come from timers, sockets, VM threads and store answers, where an
+   * exception would end the host process and every other group with it.
+   */
+  private handle(event: CoreEvent): void {
+    let actions: CoreAction[];
+    try {
+      actions = this.core.handle(event);
+    } catch (error) {
+      this.failedHere++;
+      this.log.error({ err: error, group: this.name, event: event.type, frame: event.type === "frame" ? event.frame.k : undefined }, "the group core failed on an event; the event is dropped");
+      return;
+    }
+    this.execute(actions);
   }
 
   private schedule(): void {
@@ -231,29 +266,39 @@ export class GroupDriver {
 
   private execute(actions: CoreAction[]): void {
     for (const a of actions) {
-      switch (a.type) {
-        case "send":
-          this.send(a.to, a.frame, a.body === "module" ? this.module : (a.body as Uint8Array | undefined));
-          break;
-        case "vm":
-          this.step(a.rank, a.id, () => this.vmStep(a.rank, a.step));
-          break;
-        case "backup":
-          this.step(a.rank, a.id, () => this.backupStep(a.rank, a.step));
-          break;
-        case "members":
-          this.membersStep(a.id, a.step);
-          break;
-        case "store_get":
-          this.storeGet(a.key);
-          break;
-        case "store_cas":
-          this.storeCas(a.key, a.expected, a.value);
-          break;
-        case "notify":
-          this.onNotice(a.notice);
-          break;
+      try {
+        this.carryOut(a);
+      } catch (error) {
+        // E.g. a frame whose header would not encode: that action fails, the others go ahead.
+        this.failedHere++;
+        this.log.error({ err: error, group: this.name, action: a.type }, "a core action failed");
       }
+    }
+  }
+
+  private carryOut(a: CoreAction): void {
+    switch (a.type) {
+      case "send":
+        this.send(a.to, a.frame, a.body === "module" ? this.module : (a.body as Uint8Array | undefined));
+        break;
+      case "vm":
+        this.step(a.rank, a.id, () => this.vmStep(a.rank, a.step));
+        break;
+      case "backup":
+        this.step(a.rank, a.id, () => this.backupStep(a.rank, a.step));
+        break;
+      case "members":
+        this.membersStep(a.id, a.step);
+        break;
+      case "store_get":
+        this.storeGet(a.key);
+        break;
+      case "store_cas":
+        this.storeCas(a.key, a.expected, a.value);
+        break;
+      case "notify":
+        this.onNotice(a.notice);
+        break;
     }
   }
 
@@ -261,17 +306,18 @@ export class GroupDriver {
     this.api.send(to, { ...frame, v: FRAME_VERSION, g: this.name, from: this.api.id } as GroupFrame, body);
   }
 
-  /** Runs a replica step after the rank's earlier ones and answers the core with its result. */
+  /** Runs a replica step after the rank's earlier ones and answers the core with its result (a failed step is a `done` with its error). */
   private step(rank: number, id: number, job: () => Promise<StepValue>): void {
     const run = async () => {
+      let done: CoreEvent;
       try {
-        const value = await job();
-        this.feed({ type: "done", id, ok: true, value });
+        done = { type: "done", id, ok: true, value: await job() };
       } catch (error) {
-        this.feed({ type: "done", id, ok: false, error: (error as Error).message });
+        done = { type: "done", id, ok: false, error: errorText(error) };
       }
+      this.feed(done);
     };
-    const tail = (this.chains.get(rank) ?? Promise.resolve()).then(run);
+    const tail = (this.chains.get(rank) ?? Promise.resolve()).then(run, run);
     this.chains.set(rank, tail);
   }
 
@@ -337,18 +383,26 @@ export class GroupDriver {
   private async backupStep(rank: number, step: BackupStep): Promise<StepValue> {
     switch (step.op) {
       case "stage":
-        // Copied: the bytes may be a view into a socket chunk.
-        await this.backupOf(rank).stage(step.epoch, (step.delta as Uint8Array).slice());
+        // Copied: the bytes may be a view into a socket chunk. Its checksum was verified on arrival (handleFrame).
+        await this.backupOf(rank).stage(step.epoch, (step.delta as Uint8Array).slice(), { checksum_verified: true });
         return {};
       case "commit":
         await this.backupOf(rank).commit(step.cut);
         return {};
       case "install": {
+        // The copy held so far goes only once the new one is installed; if the install fails the core drops this backup.
         const old = this.backups.get(rank);
         const b = this.newBackup(rank, await this.guestReady);
         this.backups.set(rank, b);
-        await old?.stop();
-        await b.install((step.image as Uint8Array).slice(), step.released_seq, step.history);
+        try {
+          await b.install((step.image as Uint8Array).slice(), step.released_seq, step.history);
+        } catch (error) {
+          if (this.backups.get(rank) === b) this.backups.delete(rank);
+          await b.stop();
+          throw error;
+        } finally {
+          await old?.stop();
+        }
         this.log.info({ group: this.name, rank, cut: step.epoch, bytes: (step.image as Uint8Array).length }, "backup image installed");
         return {};
       }
@@ -374,7 +428,8 @@ export class GroupDriver {
 
   /** Routes for every member here (MessageChannels pair the local ones), re-sends, run: after every rank's earlier steps. */
   private membersStep(id: number, step: MembersStep): void {
-    const before = Promise.all([...this.chains.values()]);
+    // Settled, not resolved: a rank whose earlier step failed does not keep the others from running.
+    const before = Promise.allSettled([...this.chains.values()]);
     const run = async () => {
       await before;
       try {
@@ -385,10 +440,11 @@ export class GroupDriver {
           for (const [s, m] of this.members) await m.resend(delivered.map((row) => row[s]));
         }
         await Promise.all([...this.members.values()].map((m) => m.run()));
-        this.feed({ type: "done", id, ok: true, value: {} });
       } catch (error) {
-        this.feed({ type: "done", id, ok: false, error: (error as Error).message });
+        this.feed({ type: "done", id, ok: false, error: errorText(error) });
+        return;
       }
+      this.feed({ type: "done", id, ok: true, value: {} });
     };
     const done = run();
     for (const rank of new Set([...this.chains.keys(), ...this.members.keys()])) this.chains.set(rank, done);
@@ -553,8 +609,8 @@ export class GroupDriver {
       recovering: core.recovering,
       state: core.state,
       lost: core.lost,
-      refused: core.refused,
-      steps_failed: core.steps_failed,
+      refused: core.refused + this.refusedHere,
+      steps_failed: core.steps_failed + this.failedHere,
       primaries: core.primaries.flatMap((p) => {
         const m = this.members.get(p.rank);
         if (!m) return [];
@@ -581,3 +637,19 @@ export class GroupDriver {
 }
 
 export { protectionKey };
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** Why the body of a delta or image frame cannot be what its header says (null: it can). */
+export function bodyProblem(frame: GroupFrame, body: Uint8Array): string | null {
+  if (frame.k !== "delta" && frame.k !== "image") return null;
+  let epoch: number;
+  try {
+    epoch = frame.k === "delta" ? decodeDelta(body).epoch : decodeImage(body).epoch;
+  } catch (error) {
+    return `${frame.k} of member ${frame.rank} at ${frame.e}: body refused: ${errorText(error)}`;
+  }
+  return epoch === frame.e ? null : `${frame.k} frame says checkpoint ${frame.e} of member ${frame.rank}, its body holds ${epoch}`;
+}
