@@ -102,7 +102,16 @@ const name = z.string().min(1).max(256);
 const vector = z.array(count).max(GROUP_SIZE_MAX);
 const matrix = z.array(vector).max(GROUP_SIZE_MAX);
 const rankKey = z.string().regex(/^(0|[1-9][0-9]{0,3})$/);
-const route = z.strictObject({ address: z.string().max(512), token: z.string().max(256) });
+/** host:port with a port a socket can connect to (a VM thread connects to it as it stands). */
+const address = z
+  .string()
+  .max(512)
+  .refine((a) => {
+    const i = a.lastIndexOf(":");
+    const port = a.slice(i + 1);
+    return i > 0 && /^[0-9]{1,5}$/.test(port) && Number(port) >= 1 && Number(port) <= 65535;
+  }, "not host:port");
+const route = z.strictObject({ address, token: z.string().max(256) });
 const epochTiming = z.strictObject({ interval_ms: z.number().positive(), min_interval_ms: z.number().positive(), max_interval_ms: z.number().positive() });
 const limits = z.strictObject({ memory_mib: z.number().positive(), call_cpu_ms: z.number().positive(), output_bytes_max: count });
 const record = z.strictObject({
@@ -231,7 +240,10 @@ export function checkFrameRanges(frame: GroupFrame, size: number): void {
       if (frame.record.size !== size) throw new FrameError("FrameOutOfRange", `recover frame: record of ${frame.record.size} members for a group of ${size}`);
       return;
     case "report":
-      for (const p of frame.primaries) rank(p.rank, "primary rank");
+      for (const p of frame.primaries) {
+        rank(p.rank, "primary rank");
+        if (p.committed > p.hi) throw new FrameError("FrameOutOfRange", `report frame: primary ${p.rank} committed ${p.committed} but captured only ${p.hi}`);
+      }
       for (const b of frame.backups) {
         rank(b.rank, "backup rank");
         if (b.lo > b.hi) throw new FrameError("FrameOutOfRange", `report frame: backup ${b.rank} reaches ${b.lo}..${b.hi}`);

@@ -152,6 +152,8 @@ export class GroupCore {
   /** When each failed host that still sent was last told its incarnation is over. */
   private readonly staleToldAt = new Map<HostId, number>();
   private stepsFailed = 0;
+  /** The recovery step this host takes next (a `rollback` after adopting an incarnation, then its `resume`); null: none expected. */
+  private recoveryNext: { k: "rollback" } | { k: "resume"; cut: Epoch | null } | null = null;
 
   private constructor(options: CoreOptions) {
     this.host = options.host;
@@ -400,7 +402,10 @@ export class GroupCore {
       return;
     }
     // A halt may come from a coordinator whose incarnation this host never adopted (it found a member lost at once).
-    if (frame.k === "halt" && frame.inc >= this.record.incarnation) return this.halt(frame.lost, out);
+    if (frame.k === "halt" && frame.inc >= this.record.incarnation) {
+      const problem = this.haltProblem(from, frame);
+      return problem ? this.refuse(out, problem) : this.halt(frame.lost, out);
+    }
     // A newer incarnation exists and this host was not told: the store says whether it was declared failed.
     if (frame.k === "stale" && frame.inc > this.record.incarnation) {
       this.proposeDue_ms = this.now_ms;
@@ -408,6 +413,8 @@ export class GroupCore {
     }
     if (frame.inc < this.record.incarnation) return this.onStaleFrame(from, out);
     if (frame.inc !== this.record.incarnation) return; // an incarnation this host has not adopted yet: dropped
+    const sender = this.senderProblem(from, frame);
+    if (sender) return this.refuse(out, sender);
     switch (frame.k) {
       case "end":
         return this.onEnd(frame.e, frame.c !== undefined && frame.d ? { c: frame.c, d: frame.d } : null, out);
@@ -424,6 +431,8 @@ export class GroupCore {
         return this.onCommit(frame.c, frame.d, out);
       case "vcommit": {
         const b = this.backups.get(frame.rank);
+        if (this.record.mode !== "vm") return this.refuse(out, `vcommit frame for a group in mode ${this.record.mode}`);
+        if (b && frame.e > b.hi) return this.refuse(out, `vcommit frame: checkpoint ${frame.e} of member ${frame.rank} was never staged here (newest ${b.hi})`);
         if (b && frame.e > b.lo) {
           b.lo = frame.e;
           this.backup(out, frame.rank, { op: "commit", cut: frame.e }, { kind: "plain", rank: frame.rank, what: "backup commit" });
@@ -431,6 +440,7 @@ export class GroupCore {
         return;
       }
       case "dv":
+        if (this.record.mode !== "vm") return this.refuse(out, `dv frame for a group in mode ${this.record.mode}`);
         return this.onDeliveredVector(frame.rank, frame.d, out);
       case "report":
         return this.onReport(from, frame, out);
@@ -458,9 +468,53 @@ export class GroupCore {
     out.push({ type: "send", to: from, frame: { k: "stale", inc: this.record.incarnation } });
   }
 
+  /**
+   * Who may send `frame` in this incarnation: the leader ends, commits and
+   * steers a recovery; a member's primary host ships its deltas, images and
+   * vm-mode commits; its backup host acknowledges. Anything else is refused
+   * (a bug, or a peer that is not what it claims).
+   */
+  private senderProblem(from: HostId, frame: GroupFrame): string | null {
+    const r = this.record;
+    const expect = (host: HostId | null, role: string) => (from === host ? null : `${frame.k} frame from ${from}, but ${role} is ${host ?? "nobody"}`);
+    switch (frame.k) {
+      case "end":
+      case "commit":
+      case "rollback":
+      case "resume":
+        return expect(r.leader, "the leader");
+      case "delta":
+      case "image":
+      case "vcommit":
+      case "dv":
+        return expect(r.placement[frame.rank].primary, `member ${frame.rank}'s primary host`);
+      case "staged":
+        return expect(r.placement[frame.rank].backup, `member ${frame.rank}'s backup host`);
+      case "pending":
+        return primaryHostsOf(r).includes(from) ? null : `pending frame from ${from}, which holds no primary of the group`;
+      default:
+        return null; // recover, report, rolled: checked where they are handled
+    }
+  }
+
+  /** A halt stops the group here: never for a member whose primary runs on this host (its copy survived), never for nothing. */
+  private haltProblem(from: HostId, frame: FrameOf<"halt">): string | null {
+    if (frame.lost.length === 0) return "halt frame names no lost member";
+    // In this host's own incarnation only its coordinator decides; a newer one's coordinator is not known here yet.
+    if (frame.inc === this.record.incarnation && from !== this.record.leader) return `halt frame from ${from}, but the leader is ${this.record.leader}`;
+    const here = frame.lost.filter((rank) => this.members.has(rank));
+    return here.length ? `halt frame: members ${here.join(", ")} it calls lost have their primary running on this host` : null;
+  }
+
   /** group mode: end epoch `e` of every member here (those a marker reached ended it already). */
   private onEnd(e: Epoch, commit: CutCommit | null, out: CoreAction[]): void {
     if (this.record.mode !== "group") return this.refuse(out, `end frame for a group in mode ${this.record.mode}`);
+    // The leader ends e once cut e-1 committed, which needed every member's checkpoint e-1: a member is never more than one epoch behind.
+    for (const m of this.members.values()) {
+      if (m.state !== "running") continue;
+      if (e > m.captured + 1) return this.refuse(out, `end frame: epoch ${e} is past member ${m.rank}'s next (${m.captured + 1})`);
+      if (commit && commit.c > m.captured) return this.refuse(out, `end frame: cut ${commit.c} commits a checkpoint member ${m.rank} never took (newest ${m.captured})`);
+    }
     for (const m of this.members.values()) {
       if (m.state !== "running") continue;
       // Sender `rank` may drop what each receiver delivered at the committed cut.
@@ -472,6 +526,10 @@ export class GroupCore {
   }
 
   private onCommit(c: Epoch, delivered: number[][], out: CoreAction[]): void {
+    if (this.record.mode !== "group") return this.refuse(out, `commit frame for a group in mode ${this.record.mode}`);
+    for (const m of this.members.values()) {
+      if (m.state === "running" && c > m.captured) return this.refuse(out, `commit frame: cut ${c} commits a checkpoint member ${m.rank} never took (newest ${m.captured})`);
+    }
     for (const m of this.members.values()) {
       if (m.state !== "running" || c <= m.committed) continue;
       m.committed = c;
@@ -491,7 +549,8 @@ export class GroupCore {
   private onDelta(frame: FrameOf<"delta">, body: Handle, out: CoreAction[]): void {
     const b = this.backups.get(frame.rank);
     if (!b || !b.has_image) return this.refuse(out, `delta of member ${frame.rank}, which has no backup here`);
-    if (frame.e <= b.hi) return this.refuse(out, `delta ${frame.e} of member ${frame.rank} is not after the newest staged ${b.hi}`);
+    // Deltas come in epoch order on one connection; any other one would leave a gap the backup cannot fold past.
+    if (frame.e !== b.hi + 1) return this.refuse(out, `delta ${frame.e} of member ${frame.rank} does not follow the newest staged ${b.hi}`);
     b.hi = frame.e;
     this.backup(out, frame.rank, { op: "stage", epoch: frame.e, delta: body }, { kind: "stage", rank: frame.rank, epoch: frame.e, delivered: frame.d, inc: frame.inc });
   }
@@ -704,11 +763,23 @@ export class GroupCore {
 
   private onReport(from: HostId, frame: FrameOf<"report">, out: CoreAction[]): void {
     const c = this.coordination;
-    if (!c || c.plan !== null || !c.hosts.includes(from)) return;
+    if (!c || c.plan !== null) return; // late: this host does not coordinate (now)
+    if (!c.hosts.includes(from)) return this.refuse(out, `report frame from ${from}, which takes no part in the recovery`);
+    // A host reports only the replicas the record places on it: a claim about another's would steer the cut.
+    const p = c.record.placement;
+    const primary = frame.primaries.find((x) => p[x.rank].primary !== from);
+    if (primary) return this.refuse(out, `report frame from ${from}: member ${primary.rank}'s primary is not placed there`);
+    const backup = frame.backups.find((x) => p[x.rank].primary !== from && p[x.rank].backup !== from);
+    if (backup) return this.refuse(out, `report frame from ${from}: no replica of member ${backup.rank} is placed there`);
     c.reports.set(from, { primaries: frame.primaries, backups: frame.backups });
     if (c.reports.size < c.hosts.length) return;
     const plan = planRecovery(c.record, c.reports);
     c.plan = plan;
+    if (plan.refused) {
+      // Rolling back to a cut below a released one would undo output: the group stays stopped here (a further failure decides again).
+      this.coordination = null;
+      return this.refuse(out, `recovery of incarnation ${c.record.incarnation} not carried out: ${plan.refused}`);
+    }
     if (plan.lost.length) {
       this.coordination = null;
       this.broadcast(out, c.hosts, { k: "halt", inc: c.record.incarnation, lost: plan.lost });
@@ -720,7 +791,10 @@ export class GroupCore {
 
   private onRolled(from: HostId, frame: FrameOf<"rolled">, out: CoreAction[]): void {
     const c = this.coordination;
-    if (!c || c.plan === null || !c.hosts.includes(from)) return;
+    if (!c || c.plan === null) return; // late: this host does not coordinate (now)
+    if (!c.hosts.includes(from)) return this.refuse(out, `rolled frame from ${from}, which takes no part in the recovery`);
+    const notHere = [...Object.keys(frame.d), ...Object.keys(frame.routes)].find((rank) => c.record.placement[Number(rank)].primary !== from);
+    if (notHere !== undefined) return this.refuse(out, `rolled frame from ${from}: member ${notHere}'s primary is not placed there`);
     c.rolled.set(from, frame.d);
     Object.assign(c.routes, frame.routes);
     if (c.rolled.size < c.hosts.length) return;
@@ -738,7 +812,15 @@ export class GroupCore {
 
   /** A new incarnation: refuse older frames from now on, stop, say what each replica here can reach. */
   private adopt(record: ProtectionRecord, coordinator: HostId, out: CoreAction[]): void {
-    if (record.failed.includes(this.host)) return this.fence(out);
+    if (record.failed.includes(this.host)) {
+      // A coordinator sends `recover` only to hosts it keeps: the store, not this frame, says whether this host was declared failed.
+      this.refuse(out, `recover frame: record declares this host failed; asking the store`);
+      this.proposeDue_ms = this.now_ms;
+      return;
+    }
+    if (record.leader !== coordinator) return this.refuse(out, `recover frame from ${coordinator}, but its record's leader is ${record.leader}`);
+    const revived = this.record.failed.filter((h) => !record.failed.includes(h));
+    if (revived.length) return this.refuse(out, `recover frame: record places hosts declared failed again (${revived.join(", ")})`);
     if (record.group !== this.record.group || record.mode !== this.record.mode || record.size !== this.record.size) {
       return this.refuse(out, `recover frame: record of group ${record.group} (${record.mode}, ${record.size}) does not describe this group`);
     }
@@ -748,6 +830,7 @@ export class GroupCore {
     }
     this.record = record;
     this.local = null;
+    this.recoveryNext = { k: "rollback" };
     this.proposeDue_ms = Infinity;
     if (this.coordination && this.coordination.record.incarnation !== record.incarnation) this.coordination = null;
     this.stopClocks();
@@ -764,6 +847,10 @@ export class GroupCore {
   private onRollback(from: HostId, frame: FrameOf<"rollback">, out: CoreAction[]): void {
     const record = this.record;
     const inc = record.incarnation;
+    // Only once per incarnation this host adopted, before its resume: a rollback at any other time would undo a running group's work.
+    if (this.recoveryNext?.k !== "rollback") return this.refuse(out, `rollback frame while no recovery of incarnation ${inc} awaits one`);
+    if ((frame.cut === null) !== (record.mode !== "group")) return this.refuse(out, `rollback frame: ${frame.cut === null ? "no cut" : `cut ${frame.cut}`} for a group in mode ${record.mode}`);
+    this.recoveryNext = { k: "resume", cut: frame.cut };
     const local: LocalRecovery = { inc, coordinator: from, outstanding: 1, delivered: {}, routes: {} };
     this.local = local;
     const rolledBack: Rank[] = [];
@@ -842,6 +929,10 @@ export class GroupCore {
 
   /** Every host: new routes, re-send what each receiver's restored state lacks, then run. */
   private onResume(frame: FrameOf<"resume">, out: CoreAction[]): void {
+    const next = this.recoveryNext;
+    if (next?.k !== "resume") return this.refuse(out, `resume frame while no recovery of incarnation ${this.record.incarnation} awaits one`);
+    if (frame.e !== (next.cut ?? 0) + 1) return this.refuse(out, `resume frame: epoch ${frame.e} does not follow the recovery cut ${next.cut ?? 0}`);
+    this.recoveryNext = null;
     // Running from now on: the leader's first `end` may arrive while the members' run step is in
     // progress, and the deltas of the captures it asks for must be shipped.
     for (const m of this.members.values()) m.state = "running";
@@ -874,6 +965,7 @@ export class GroupCore {
     this.stopClocks();
     this.coordination = null;
     this.local = null;
+    this.recoveryNext = null;
     this.proposeDue_ms = Infinity;
     for (const m of this.members.values()) this.vm(out, m.rank, { op: "stop" }, { kind: "plain", rank: m.rank, what: "stop" });
     for (const b of this.backups.values()) this.backup(out, b.rank, { op: "drop" }, { kind: "plain", rank: b.rank, what: "drop backup" });

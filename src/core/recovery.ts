@@ -34,6 +34,13 @@ export interface RecoveryPlan {
   committed: Epoch;
   /** Members with no surviving copy: the group cannot recover. */
   lost: Rank[];
+  /**
+   * Reports that cannot all be true (a committed cut some member's copies
+   * cannot reach): there is no safe cut, the plan must not be carried out.
+   * Honest reports never disagree so (a cut commits only once every
+   * member's backup staged it); which report lies cannot be told.
+   */
+  refused?: string;
 }
 
 export function planRecovery(record: ProtectionRecord, reports: ReadonlyMap<HostId, HostReport>): RecoveryPlan {
@@ -70,7 +77,9 @@ export function planRecovery(record: ProtectionRecord, reports: ReadonlyMap<Host
     if (b && b.hi >= committed) cut = Math.min(cut, b.hi);
   });
   assert(Number.isFinite(cut), "a group has members");
-  assert(cut >= committed, `output commit: recovery cut ${cut} is below the committed cut ${committed}`);
+  if (cut < committed) {
+    return { cut: null, targets, images: [], committed, lost, refused: `reports claim cut ${committed} committed, but the members' copies reach only ${cut}: no safe recovery cut` };
+  }
   const images: Rank[] = [];
   record.placement.forEach((p, rank) => {
     const b = backupAt(p.backup, rank);
