@@ -10,7 +10,7 @@ import { pino, type Logger } from "pino";
 import { join } from "node:path";
 import { Connection } from "./connection.js";
 import { MSG, type Heartbeat, type LogPush, type Request } from "./messages.js";
-import { checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
+import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { OutputLog } from "./output-log.js";
 import { hostKey } from "./records.js";
@@ -292,6 +292,12 @@ export class Host {
       connection.close(`group frame refused: ${error.message}`);
       return;
     }
+    if (frame.from === this.id) {
+      // This host's own frames never travel: one that says it does is not from a peer of this cluster (or a host runs twice).
+      this.groupFramesRefused++;
+      this.log.warn({ connection: connection.label, kind: frame.k, group: frame.g }, "group frame refused: it claims to come from this host");
+      return;
+    }
     let driver = this.groups.get(frame.g);
     if (!driver && frame.k === "recover") {
       // A new backup host of a recovering group: it gets the module with the record.
@@ -364,6 +370,7 @@ export class Host {
   private runGroup(group: string, routes: (Route | null)[]): { group: string } {
     const g = this.groups.get(group);
     if (!g) throw Object.assign(new Error(`group ${group} is not prepared on ${this.id}`), { code: "NoSuchGroup" });
+    if (routes.length !== g.record.size) throw new BadArgumentsError("group_run", [{ path: "routes", message: `${routes.length} routes for a group of ${g.record.size}` }]);
     g.run(routes);
     return { group: g.name };
   }
@@ -432,12 +439,18 @@ export class Host {
     const value: HostOps["logs"]["result"] = { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) };
     connection.reply(request_id, { ok: true, value });
     if (follow) {
+      // Runs inside whatever appends to the log (a commit step): a push that fails closes this follower's connection only.
       const onAppend = (records: ReleasedRecord[]) => {
         if (connection.isClosed) {
           log.off("append", onAppend);
           return;
         }
-        connection.send(MSG.LOG, { vm, records } satisfies LogPush);
+        try {
+          connection.send(MSG.LOG, { vm, records } satisfies LogPush);
+        } catch (error) {
+          log.off("append", onAppend);
+          connection.close(`log push failed: ${(error as Error).message}`);
+        }
       };
       log.on("append", onAppend);
       connection.once("close", () => log.off("append", onAppend));

@@ -22,7 +22,7 @@
  * A connection that breaks loses what was in flight on it; only a recovery
  * re-sends (the sender log has it), as when a host dies.
  */
-import { connect, createServer, type Server, type Socket } from "node:net";
+import { connect, createServer, Socket, type Server } from "node:net";
 import type { MessagePort } from "node:worker_threads";
 import { randomUUID } from "node:crypto";
 import type { Route } from "../core/frames.js";
@@ -93,7 +93,14 @@ class OutLink {
     private readonly problem: (reason: string) => void,
   ) {
     const i = route.address.lastIndexOf(":");
-    this.socket = connect({ host: route.address.slice(0, i), port: Number(route.address.slice(i + 1)) });
+    try {
+      this.socket = connect({ host: route.address.slice(0, i), port: Number(route.address.slice(i + 1)) });
+    } catch (error) {
+      // A route that is no address (the host checks routes, this is the last line): a link that is closed from the start.
+      this.socket = new Socket();
+      this.close(`cannot connect to ${JSON.stringify(route.address)}: ${(error as Error).message}`);
+      return;
+    }
     this.socket.setNoDelay(true);
     this.socket.on("connect", () => {
       this.ready = true;

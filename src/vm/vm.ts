@@ -109,9 +109,17 @@ export class VmWorker extends EventEmitter<VmEvents> {
     while (spares.length < count) {
       const thread = spawnThread();
       thread.worker.unref();
-      thread.worker.once("exit", () => {
+      const drop = () => {
         const i = spares.indexOf(thread);
         if (i >= 0) spares.splice(i, 1);
+      };
+      thread.worker.once("exit", drop);
+      // An idle thread that fails (it could not load) must not take the process with it: an unheard
+      // 'error' event throws. Once taken, the VmWorker that owns it handles its errors.
+      thread.worker.on("error", (error) => {
+        if (!spares.includes(thread)) return;
+        drop();
+        process.emitWarning(`idle VM thread failed: ${error.message}`);
       });
       spares.push(thread);
     }

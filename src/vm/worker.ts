@@ -302,13 +302,15 @@ const handlers: Handlers = {
   },
   capture_to({ epoch, commit }) {
     const vm = needPrimary();
+    if (commit) checkCut(vm, commit.epoch, "commit");
     const released = commit ? commitCut(vm, commit.epoch, commit.trim) : [];
     if (vm.epoch > epoch) {
       // Ended already (captureForMarker), which does not offer refused messages again: now.
       path?.retryRefused();
       return { captured: null, released };
     }
-    assert(vm.epoch === epoch, `capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
+    // The epoch comes from a peer's frame (the core checks it): a wrong one fails this request, not the VM's thread.
+    if (vm.epoch !== epoch) throw new Error(`capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
     assert(path, "capture_to is for group members, whose sends go out on their message path");
     emitCaptured(guarded(() => vm.capture()));
     path.retryRefused();
@@ -316,7 +318,9 @@ const handlers: Handlers = {
     return { captured: epoch, released };
   },
   commit({ epoch, trim }) {
-    return commitCut(needPrimary(), epoch, trim);
+    const vm = needPrimary();
+    checkCut(vm, epoch, "commit");
+    return commitCut(vm, epoch, trim);
   },
   receive({ messages }) {
     const vm = needPrimary();
@@ -350,8 +354,10 @@ const handlers: Handlers = {
   },
   rollback({ epoch }) {
     const started = process.hrtime.bigint();
+    const vm = needPrimary();
+    checkCut(vm, epoch, "rollback to");
     // Guarded like a guest call: rollback(0) runs the guest's boot again (CPU watchdog, crash event).
-    const result = guarded(() => needPrimary().rollback(epoch));
+    const result = guarded(() => vm.rollback(epoch));
     path?.dropHeldAfter(epoch);
     scheduleTimers();
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
@@ -425,10 +431,31 @@ const handlers: Handlers = {
   },
 };
 
+/**
+ * Cuts in commit and rollback requests come from peers' frames (the group
+ * core checks them first): one that is not a captured, uncommitted cut fails
+ * the request, where VmCore's own checks, which guard its invariants, would
+ * end this thread.
+ */
+function checkCut(vm: VmCore, epoch: number, what: string): void {
+  if (!Number.isSafeInteger(epoch) || epoch < vm.committedEpoch || epoch >= vm.epoch) {
+    throw new Error(`${what} ${epoch}: not a cut this VM can go to (committed ${vm.committedEpoch}, in epoch ${vm.epoch})`);
+  }
+}
+
 /** Cut `epoch` committed: release its output, trim the sender log, (vm mode) send what was held for it. */
 function commitCut(vm: VmCore, epoch: number, trim: number[] | undefined): OutputRecord[] {
   const released = vm.commit(epoch);
-  if (trim) vm.trimSenderLog(trim);
+  if (trim) {
+    // The trim vector is a peer's word (what receivers delivered). One that is not a cut of this
+    // VM's history changes nothing and is reported; the commit stands, and its output is released.
+    try {
+      vm.trimSenderLog(trim);
+    } catch (error) {
+      if (!(error instanceof RangeError)) throw error;
+      emit({ event: "problem", message: `sender log not trimmed at cut ${epoch}: ${error.message}` });
+    }
+  }
   path?.release(epoch);
   return released;
 }
