@@ -411,8 +411,12 @@ export class GroupCore {
       this.proposeDue_ms = this.now_ms;
       return;
     }
-    if (frame.inc < this.record.incarnation) return this.onStaleFrame(from, out);
-    if (frame.inc !== this.record.incarnation) return; // an incarnation this host has not adopted yet: dropped
+    if (frame.inc !== this.record.incarnation) {
+      // Older: in flight when the group moved on. Newer: not adopted here (yet). Either way not acted on.
+      this.refuse(out, `${frame.k} frame of incarnation ${frame.inc} from ${from}: this host is at ${this.record.incarnation}`);
+      if (frame.inc < this.record.incarnation) this.onStaleFrame(from, out);
+      return;
+    }
     const sender = this.senderProblem(from, frame);
     if (sender) return this.refuse(out, sender);
     switch (frame.k) {
@@ -763,8 +767,8 @@ export class GroupCore {
 
   private onReport(from: HostId, frame: FrameOf<"report">, out: CoreAction[]): void {
     const c = this.coordination;
+    if (!(c ? c.hosts : activeHostsOf(this.record)).includes(from)) return this.refuse(out, `report frame from ${from}, which takes no part in the recovery`);
     if (!c || c.plan !== null) return; // late: this host does not coordinate (now)
-    if (!c.hosts.includes(from)) return this.refuse(out, `report frame from ${from}, which takes no part in the recovery`);
     // A host reports only the replicas the record places on it: a claim about another's would steer the cut.
     const p = c.record.placement;
     const primary = frame.primaries.find((x) => p[x.rank].primary !== from);
@@ -791,8 +795,8 @@ export class GroupCore {
 
   private onRolled(from: HostId, frame: FrameOf<"rolled">, out: CoreAction[]): void {
     const c = this.coordination;
+    if (!(c ? c.hosts : activeHostsOf(this.record)).includes(from)) return this.refuse(out, `rolled frame from ${from}, which takes no part in the recovery`);
     if (!c || c.plan === null) return; // late: this host does not coordinate (now)
-    if (!c.hosts.includes(from)) return this.refuse(out, `rolled frame from ${from}, which takes no part in the recovery`);
     const notHere = [...Object.keys(frame.d), ...Object.keys(frame.routes)].find((rank) => c.record.placement[Number(rank)].primary !== from);
     if (notHere !== undefined) return this.refuse(out, `rolled frame from ${from}: member ${notHere}'s primary is not placed there`);
     c.rolled.set(from, frame.d);

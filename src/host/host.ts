@@ -262,7 +262,8 @@ export class Host {
         // A heartbeat that sat in a socket buffer (this host was paused) says nothing about the present.
         // Compares the sender's clock with ours: fine on one machine, and within NTP skew across machines.
         const age_ms = Date.now() - Number(header.sent_ms);
-        if (peer && age_ms < this.options.detect_ms) {
+        // One from the future (by more than the detector's timeout) is a broken clock or a forgery: it proves nothing.
+        if (peer && age_ms < this.options.detect_ms && age_ms > -this.options.detect_ms) {
           peer.last_seen_ms = Date.now();
           if (peer.failed) {
             peer.failed = false;
@@ -299,14 +300,16 @@ export class Host {
       return;
     }
     let driver = this.groups.get(frame.g);
-    if (!driver && frame.k === "recover") {
+    if (!driver && frame.k === "recover" && frame.record.placement.some((p) => p.primary === this.id || p.backup === this.id)) {
       // A new backup host of a recovering group: it gets the module with the record.
-      const record = frame.record;
-      if (!record.placement.some((p) => p.primary === this.id || p.backup === this.id)) return;
-      driver = GroupDriver.join(this.groupApi, record, body.slice());
+      driver = GroupDriver.join(this.groupApi, frame.record, body.slice());
       this.groups.set(frame.g, driver);
     }
-    if (!driver) return;
+    if (!driver) {
+      this.groupFramesRefused++;
+      this.log.warn({ connection: connection.label, kind: frame.k, group: frame.g, from: frame.from }, "group frame refused: no replica of that group here");
+      return;
+    }
     driver.handleFrame(frame.from, frame, body);
   }
 
