@@ -1,0 +1,291 @@
+/**
+ * No peer frame can crash a host (docs/ARCHITECTURE.md, "Hosts, replication
+ * and failover"). First the group protocol core on its own, fed bad frames
+ * of every kind: each is refused with a counted reason, asks for no replica
+ * step and leaves the group running. Then real host processes: a fake peer
+ * sends a bad frame of every GROUP kind (and bad control frames) to live
+ * hosts running two groups, and every host stays up, both groups keep
+ * committing and releasing output, no replica step fails, and each refusal
+ * shows in `status`.
+ */
+import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { afterEach, describe, expect, it } from "vitest";
+import { GroupCore } from "../src/core/node.js";
+import { parseFrame, type GroupFrame } from "../src/core/frames.js";
+import { planRecovery } from "../src/core/recovery.js";
+import type { CoreAction } from "../src/core/events.js";
+import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
+import { MessagePath } from "../src/vm/message-path.js";
+import type { ClusterFile } from "../src/cluster/local-cluster.js";
+import { parseManifest } from "../src/cluster/manifest.js";
+import { guestPath } from "../src/guest/examples.js";
+import { Connection } from "../src/host/connection.js";
+import { MSG } from "../src/host/messages.js";
+import { requestAny, sleep } from "../src/cli/client.js";
+import type { HostStatus } from "../src/host/api.js";
+import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
+
+// ---- the core on its own -------------------------------------------------------------------
+
+const RECORD: ProtectionRecord = {
+  group: "bank",
+  mode: "group",
+  size: 2,
+  incarnation: 3,
+  leader: "h1",
+  placement: [
+    { primary: "h1", backup: "h2" },
+    { primary: "h2", backup: "h1" },
+  ],
+  failed: [],
+  epoch: { interval_ms: 20, min_interval_ms: 5, max_interval_ms: 200 },
+  limits: { memory_mib: 64, call_cpu_ms: 1000, output_bytes_max: 1 << 20 },
+};
+
+const route = (port: number) => ({ address: `127.0.0.1:${port}`, token: `t${port}` });
+
+/** A header as a host would send it, through the same validation as on arrival. */
+function frame(from: string, fields: Record<string, unknown>, inc = RECORD.incarnation): GroupFrame {
+  return parseFrame({ v: 1, g: RECORD.group, from, inc, ...fields });
+}
+
+/** h1 of RECORD: leader, primary of rank 0, backup of rank 1; running, epoch 1 ended by its leader. */
+function runningCore(): { core: GroupCore; now: () => number; tick: (ms: number) => CoreAction[] } {
+  let now_ms = 0;
+  const core = GroupCore.deployed({ host: "h1", record: RECORD, now_ms, detect_ms: 300, live: ["h1", "h2"] });
+  const [run] = core.handle({ type: "start", routes: [route(1), route(2)] });
+  expect(run.type).toBe("members");
+  core.handle({ type: "done", id: (run as Extract<CoreAction, { type: "members" }>).id, ok: true, value: {} });
+  const tick = (ms: number) => {
+    now_ms += ms;
+    return core.handle({ type: "tick", now_ms });
+  };
+  return { core, now: () => now_ms, tick };
+}
+
+const steps = (actions: CoreAction[]) => actions.filter((a) => a.type === "vm" || a.type === "backup" || a.type === "members");
+
+describe("the group core refuses bad frames of every kind", () => {
+  const bad: [string, string, Record<string, unknown>, number?][] = [
+    ["end from a host that does not lead", "h2", { k: "end", e: 1 }],
+    ["end of an epoch past the member's next", "h1", { k: "end", e: 50 }],
+    ["commit of a cut never taken", "h1", { k: "commit", c: 9, d: [[0, 0], [0, 0]] }],
+    ["pending from a host that holds no primary", "h9", { k: "pending" }],
+    ["delta that does not follow the staged one", "h2", { k: "delta", rank: 1, e: 7, d: [0, 0] }],
+    ["delta from a host that is not the member's primary", "h1", { k: "delta", rank: 1, e: 1, d: [0, 0] }],
+    ["delta of a rank the group does not have", "h2", { k: "delta", rank: 5, e: 1, d: [0, 0] }],
+    ["delta with a vector of the wrong length", "h2", { k: "delta", rank: 1, e: 1, d: [0, 0, 0] }],
+    ["image from a host that is not the member's primary", "h9", { k: "image", rank: 1, e: 1, released_seq: 0, history: [] }],
+    ["staged from a host that is not the member's backup", "h1", { k: "staged", rank: 0, e: 1, d: [0, 0] }],
+    ["vcommit in group mode", "h2", { k: "vcommit", rank: 1, e: 1 }],
+    ["dv in group mode", "h2", { k: "dv", rank: 1, e: 1, d: [0, 0] }],
+    ["recover whose record declares this host failed", "h2", { k: "recover", record: { ...RECORD, incarnation: 4, leader: "h2", failed: ["h1"] } }, 4],
+    ["recover from a host its record does not name leader", "h9", { k: "recover", record: { ...RECORD, incarnation: 4, leader: "h2" } }, 4],
+    ["report from a host not in the record", "h9", { k: "report", primaries: [], backups: [] }],
+    ["report whose primary committed past what it captured", "h2", { k: "report", primaries: [{ rank: 1, hi: 2, committed: 5 }], backups: [] }],
+    ["rollback outside a recovery", "h1", { k: "rollback", cut: 0, targets: {}, images: [] }],
+    ["rolled from a host not in the record", "h9", { k: "rolled", d: {}, routes: {} }],
+    ["resume outside a recovery", "h1", { k: "resume", e: 1, d: [[0, 0], [0, 0]], routes: [null, null] }],
+    ["halt naming no member", "h1", { k: "halt", lost: [] }],
+    ["halt from a host that does not lead", "h2", { k: "halt", lost: [1] }],
+    ["halt calling lost a member whose primary runs here", "h9", { k: "halt", lost: [0] }, 9],
+    ["frame of an older incarnation", "h2", { k: "staged", rank: 0, e: 1, d: [0, 0] }, 1],
+    ["frame of an incarnation not adopted", "h1", { k: "end", e: 1 }, 8],
+  ];
+  for (const [what, from, fields, inc] of bad) {
+    it(what, () => {
+      const { core, tick } = runningCore();
+      tick(1000); // the leader ends epoch 1
+      const before = core.status();
+      let f: GroupFrame;
+      try {
+        f = frame(from, fields, inc);
+      } catch {
+        // Refused by its shape already (the host closes the connection): nothing reaches the core.
+        return;
+      }
+      const actions = core.handle({ type: "frame", from, frame: f, body: new Uint8Array(0) });
+      expect(core.status().refused, what).toBe(before.refused + 1);
+      expect(steps(actions), what).toEqual([]);
+      expect(actions.some((a) => a.type === "notify" && a.notice.kind === "refused")).toBe(true);
+      const after = core.status();
+      expect(after.state).toBe("running");
+      expect(after.incarnation).toBe(RECORD.incarnation);
+      expect(after.recovering).toBe(false);
+      expect(after.primaries).toEqual(before.primaries);
+      expect(after.backups).toEqual(before.backups);
+    });
+  }
+
+  it("a recover that names this host failed asks the store instead of fencing", () => {
+    const { core, tick } = runningCore();
+    core.handle({ type: "frame", from: "h2", frame: frame("h2", { k: "recover", record: { ...RECORD, incarnation: 4, leader: "h2", failed: ["h1"] } }, 4), body: null });
+    expect(tick(1).some((a) => a.type === "store_get")).toBe(true);
+    expect(core.status().state).toBe("running");
+  });
+
+  it("after every bad frame the group still ends epochs and stages the real delta", () => {
+    const { core, tick } = runningCore();
+    const ended = tick(1000);
+    expect(ended.some((a) => a.type === "vm" && a.step.op === "capture_to" && a.step.epoch === 1)).toBe(true);
+    for (const [, from, fields, inc] of bad) {
+      try {
+        core.handle({ type: "frame", from, frame: frame(from, fields, inc), body: null });
+      } catch (error) {
+        expect((error as Error).name).toBe("FrameError");
+      }
+    }
+    const staged = core.handle({ type: "frame", from: "h2", frame: frame("h2", { k: "delta", rank: 1, e: 1, d: [0, 0] }), body: null });
+    expect(staged.some((a) => a.type === "backup" && a.step.op === "stage" && a.step.epoch === 1)).toBe(true);
+    expect(core.status().state).toBe("running");
+  });
+
+  it("a delta of a corrupt body that fails to stage is refused and counted; the next delta is still judged on its own", () => {
+    const { core } = runningCore();
+    const [stage] = core.handle({ type: "frame", from: "h2", frame: frame("h2", { k: "delta", rank: 1, e: 1, d: [0, 0] }), body: null });
+    expect(stage.type).toBe("backup");
+    const before = core.status();
+    core.handle({ type: "done", id: (stage as Extract<CoreAction, { type: "backup" }>).id, ok: false, error: "ChecksumMismatch" });
+    expect(core.status().refused).toBe(before.refused + 1);
+    expect(core.status().steps_failed).toBe(before.steps_failed + 1);
+    expect(core.status().state).toBe("running");
+  });
+
+  it("reports that cannot all be true give no recovery plan, not an assertion", () => {
+    const next = { ...RECORD, incarnation: 4, placement: [{ primary: "h1", backup: "h3" }, { primary: "h2", backup: "h1" }], failed: [] };
+    const plan = planRecovery(
+      next,
+      new Map([
+        ["h1", { primaries: [{ rank: 0, hi: 3, committed: 2 }], backups: [{ rank: 1, has_image: true, lo: 90, hi: 90 }] }],
+        ["h2", { primaries: [{ rank: 1, hi: 3, committed: 2 }], backups: [] }],
+        ["h3", { primaries: [], backups: [] }],
+      ]),
+    );
+    expect(plan.refused).toMatch(/no safe recovery cut/);
+  });
+
+  it("a route that is no address gives a closed link and a reported problem, not an exception", () => {
+    const problems: string[] = [];
+    const path = new MessagePath({ rank: 0, bind_host: "127.0.0.1", hold_until_commit: false }, { offer: () => [], committed: () => 0, problem: (p) => problems.push(p) });
+    path.setRoutes([null, { address: "127.0.0.1:99999", token: "x" }], []);
+    path.run();
+    expect(() => path.send([{ from: 0, to: 1, incarnation: 0, epoch: 1, seq: 1, bytes: new Uint8Array(1) }])).not.toThrow();
+    expect(problems.join()).toMatch(/cannot connect/);
+    path.close();
+  });
+});
+
+// ---- live hosts ----------------------------------------------------------------------------
+
+// Generous, like the other group tests: deploys boot VM threads on a shared 2-core machine.
+const DETECT_MS = 1000;
+afterEach(stopClusters);
+
+async function deploy(c: ClusterFile, group: string, guest: string, mode: string, size: number): Promise<void> {
+  const module = guestPath(guest);
+  const manifest = parseManifest(`group: ${group}\nmode: ${mode}\nsize: ${size}\nmodule: ${JSON.stringify(module)}\nepoch:\n  interval_ms: 20\n`, { source: "test", base_dir: "/" });
+  await requestAny(c, "deploy", { manifest }, new Uint8Array(await readFile(module)));
+}
+
+describe("bad frames sent to live hosts", () => {
+  it("every host stays up, a second group keeps releasing output, the first keeps committing, and each refusal is counted", async () => {
+    const { cluster: c, store } = await startCluster(3, DETECT_MS);
+    await deploy(c, "bank", "bank", "group", 2);
+    await deploy(c, "tick", "ticker", "vm", 1);
+    const record = (await store.get<ProtectionRecord>(protectionKey("bank")))!.value;
+    await store.close();
+    const address = (id: string) => c.hosts.find((h) => h.id === id)!.address;
+    const status = (id: string): Promise<HostStatus> => requestAny(c, "status", {}, undefined, id);
+    const all = () => Promise.all(c.hosts.map((h) => status(h.id)));
+    const bankCommitted = async () => (await status(record.leader)).groups.find((g) => g.group === "bank")?.committed ?? 0;
+    const tickReleased = async () => Math.max(0, ...(await all()).flatMap((s) => s.primaries.filter((p) => p.vm === "tick-0").map((p) => p.released_seq)));
+    await waitFor(async () => (await bankCommitted()) >= 5 && (await tickReleased()) >= 5, 20_000, "both groups running");
+    const start = { bank: await bankCommitted(), tick: await tickReleased() };
+
+    // deploy places rank r's primary on hosts[o + r] and its backup on hosts[o + r + 1]; rank 0's host leads.
+    const L = record.leader;
+    const [p0, p1] = record.placement;
+    expect(p0.primary).toBe(L);
+    const inc = record.incarnation;
+    const refusedOf = async (id: string) => {
+      const s = await status(id);
+      return { group: s.groups.find((g) => g.group === "bank")!.refused, host: s.group_frames_refused };
+    };
+
+    /** Sends one frame on a fresh connection, as a peer would; resolves once the host handled it (or closed the connection). */
+    async function send(to: string, type: number, header: Record<string, unknown>, body?: Uint8Array): Promise<boolean> {
+      const connection = await Connection.open(address(to), "fake-peer", 2000);
+      connection.send(MSG.HELLO, { from: "fake" });
+      connection.send(type, header, body);
+      const closed = await Promise.race([new Promise<boolean>((resolve) => connection.once("close", () => resolve(true))), sleep(200).then(() => false)]);
+      connection.close("done");
+      return closed;
+    }
+    const group = (from: string, fields: Record<string, unknown>, at = inc) => ({ v: 1, g: "bank", from, inc: at, ...fields });
+    const garbage = new Uint8Array(randomBytes(4096));
+
+    // [what, to, header, body, where the refusal is counted]
+    const cases: [string, string, Record<string, unknown>, Uint8Array | undefined, "group" | "host"][] = [
+      ["malformed group frame (end without an epoch)", p1.primary, group(L, { k: "end" }), undefined, "host"],
+      ["group frame of a newer version", p1.primary, { ...group(L, { k: "pending" }), v: 2 }, undefined, "host"],
+      ["group frame of a group not on the host", p1.primary, { ...group(L, { k: "pending" }), g: "nope" }, undefined, "host"],
+      ["group frame that claims to come from its receiver", p1.primary, group(p1.primary, { k: "pending" }), undefined, "host"],
+      ["end: an epoch far past the members'", p1.primary, group(L, { k: "end", e: 1_000_000 }), undefined, "group"],
+      ["end: from a host that does not lead", p1.primary, group(p1.backup!, { k: "end", e: 1 }), undefined, "group"],
+      ["end: an incarnation never decided", p1.primary, group(L, { k: "end", e: 1 }, inc + 7), undefined, "group"],
+      ["pending: from a host of no primary", L, group("fake", { k: "pending" }), undefined, "group"],
+      ["delta: corrupt body", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: [0, 0] }), garbage, "group"],
+      ["delta: rank out of range", p0.backup!, group(p0.primary, { k: "delta", rank: 9, e: 1, d: [0, 0] }), undefined, "group"],
+      ["delta: huge vector", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: new Array(200).fill(1) }), undefined, "group"],
+      ["image: garbage body", p0.backup!, group(p0.primary, { k: "image", rank: 0, e: 1, released_seq: 0, history: [] }), garbage, "group"],
+      ["staged: from a host that is not the backup", L, group(p1.primary, { k: "staged", rank: 1, e: 1, d: [0, 0] }), undefined, "group"],
+      ["commit: a cut never staged", p1.primary, group(L, { k: "commit", c: 1_000_000, d: [[0, 0], [0, 0]] }), undefined, "group"],
+      ["vcommit: in group mode", p0.backup!, group(p0.primary, { k: "vcommit", rank: 0, e: 1 }), undefined, "group"],
+      ["dv: in group mode", p1.primary, group(L, { k: "dv", rank: 0, e: 1, d: [0, 0] }), undefined, "group"],
+      ["recover: a record declaring the receiver failed", p1.primary, group(L, { k: "recover", record: { ...record, incarnation: inc + 1, failed: [p1.primary] } }, inc + 1), undefined, "group"],
+      ["recover: from a host its record does not name leader", p1.primary, group(p1.backup!, { k: "recover", record: { ...record, incarnation: inc + 1 } }, inc + 1), undefined, "group"],
+      ["report: from a host not in the record", L, group("fake", { k: "report", primaries: [], backups: [{ rank: 1, has_image: true, lo: 99, hi: 99 }] }), undefined, "group"],
+      ["rollback: to a cut out of range, outside a recovery", p1.primary, group(L, { k: "rollback", cut: 1_000_000, targets: {}, images: [] }), undefined, "group"],
+      ["rolled: from a host not in the record", L, group("fake", { k: "rolled", d: { 0: [5, 5] }, routes: {} }), undefined, "group"],
+      ["resume: a wrong matrix, outside a recovery", p1.primary, group(L, { k: "resume", e: 2, d: [[9, 9], [9, 9]], routes: [null, null] }), undefined, "group"],
+      ["halt: calling lost a member whose primary runs on the receiver", p1.primary, group("fake", { k: "halt", lost: [1] }, inc + 1), undefined, "group"],
+      ["halt: from a host that does not lead", p1.primary, group(p1.backup!, { k: "halt", lost: [0] }), undefined, "group"],
+    ];
+    for (const [what, to, header, body, where] of cases) {
+      const before = await refusedOf(to);
+      const closed = await send(to, MSG.GROUP, header, body);
+      // A header that does not parse closes its connection; anything else is refused and the connection serves on.
+      expect(closed, `${what}: connection closed`).toBe(what.startsWith("malformed") || what.includes("newer version"));
+      await waitFor(async () => (await refusedOf(to))[where] > before[where], 5000, `${what}: refusal counted on ${to}`);
+    }
+    // A newer incarnation's `stale` only makes the host ask the store, which says nothing changed.
+    await send(p1.primary, MSG.GROUP, group("fake", { k: "stale" }, inc + 1));
+
+    // Control frames: the wrong shape closes that connection only.
+    for (const [type, header] of [
+      [MSG.HEARTBEAT, { from: 7 }],
+      [MSG.REQUEST, { id: "x", op: "status" }],
+      [MSG.REPLY, { id: 1, ok: "yes" }],
+      [MSG.LOG, { vm: "tick-0", records: [] }],
+      [MSG.HELLO, { v: 99, from: "fake" }],
+      [77, { anything: true }],
+    ] as [number, Record<string, unknown>][]) {
+      expect(await send(L, type, header), `control frame ${type} of the wrong shape closes its connection`).toBe(true);
+    }
+
+    // Both groups kept going: the bank commits further, the ticker releases further.
+    await waitFor(async () => (await bankCommitted()) >= start.bank + 10 && (await tickReleased()) >= start.tick + 10, 15_000, "both groups progressing after the bad frames");
+    const final = await all();
+    for (const h of c.hosts) expect(() => process.kill(h.pid, 0), `host ${h.id} is alive`).not.toThrow();
+    for (const s of final) {
+      for (const g of s.groups) {
+        expect(g.state, `${g.group} on ${s.id}`).toBe("running");
+        expect(g.steps_failed, `${g.group} on ${s.id}: no replica step failed`).toBe(0);
+        expect(g.recovering).toBe(false);
+        expect(g.incarnation).toBe(g.group === "bank" ? inc : g.incarnation);
+      }
+    }
+    expect(final.reduce((n, s) => n + (s.groups.find((g) => g.group === "bank")?.refused ?? 0), 0)).toBeGreaterThanOrEqual(cases.filter((x) => x[4] === "group").length);
+  }, 60_000);
+});
