@@ -17,6 +17,11 @@ import { planRecovery } from "../src/core/recovery.js";
 import type { CoreAction } from "../src/core/events.js";
 import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
 import { MessagePath } from "../src/vm/message-path.js";
+import { DEFAULT_LIMITS } from "../src/vm/machine.js";
+import { VmWorker } from "../src/vm/vm.js";
+import { instrument } from "../src/guest/instrument.js";
+import { compileGuest } from "../src/guest/module-cache.js";
+import { builtBytes } from "./support/guests.js";
 import type { ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
@@ -175,6 +180,53 @@ describe("the group core refuses bad frames of every kind", () => {
     path.close();
   });
 });
+
+// ---- a VM thread -------------------------------------------------------------------------
+
+describe("a VM thread fed bad values", () => {
+  const vms: VmWorker[] = [];
+  afterEach(async () => {
+    await Promise.all(vms.splice(0).map((vm) => vm.terminate()));
+  });
+
+  it("a cut out of range, a far epoch or a bad trim fails that request only; the VM goes on", async () => {
+    const guest = await compileGuest(instrument(builtBytes("pingpong")));
+    const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
+    vms.push(vm);
+    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false });
+    await expect(vm.captureTo(5)).rejects.toThrow(/capture_to 5/);
+    await expect(vm.request("commit", { epoch: 7 })).rejects.toThrow(/commit 7/);
+    await expect(vm.request("rollback", { epoch: 3 })).rejects.toThrow(/rollback to 3/);
+    expect((await vm.captureTo(1)).captured).toBe(1);
+    // A trim that is not a cut of this VM's history (it sent nothing): reported, and the commit stands.
+    const problems: string[] = [];
+    vm.on("problem", (p) => problems.push(p));
+    await vm.request("commit", { epoch: 1, trim: [0, 99] });
+    expect((await vm.status()).committed).toBe(1);
+    await until(() => problems.some((p) => /not trimmed/.test(p)), "the trim reported");
+    expect(vm.goneReason).toBeNull();
+  });
+
+  it("a broken invariant ends that VM's thread, not the process", async () => {
+    const guest = await compileGuest(instrument(builtBytes("pingpong")));
+    const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
+    vms.push(vm);
+    const crashed = new Promise<string>((resolve) => vm.once("crashed", resolve));
+    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false });
+    // Opening the path twice trips an assertion in the worker: it answers, then its thread dies loudly.
+    await expect(vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false })).rejects.toThrow(/open already/);
+    expect(await crashed).toMatch(/VM thread/);
+    await expect(vm.status()).rejects.toThrow();
+  });
+});
+
+async function until(check: () => boolean, what: string, timeout_ms = 5000): Promise<void> {
+  const start = Date.now();
+  while (!check()) {
+    if (Date.now() - start > timeout_ms) throw new Error(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}
 
 // ---- live hosts ----------------------------------------------------------------------------
 
