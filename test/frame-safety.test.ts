@@ -283,6 +283,7 @@ describe("bad frames sent to live hosts", () => {
       ["group frame of a newer version", p1.primary, { ...group(L, { k: "pending" }), v: 2 }, undefined, "host"],
       ["group frame of a group not on the host", p1.primary, { ...group(L, { k: "pending" }), g: "nope" }, undefined, "host"],
       ["group frame that claims to come from its receiver", p1.primary, group(p1.primary, { k: "pending" }), undefined, "host"],
+      ["recover: joining a group the store does not know", p1.primary, { ...group(L, { k: "recover", record: { ...record, group: "ghost", incarnation: 1 } }, 1), g: "ghost" }, garbage, "host"],
       ["end: an epoch far past the members'", p1.primary, group(L, { k: "end", e: 1_000_000 }), undefined, "group"],
       ["end: from a host that does not lead", p1.primary, group(p1.backup!, { k: "end", e: 1 }), undefined, "group"],
       ["end: an incarnation never decided", p1.primary, group(L, { k: "end", e: 1 }, inc + 7), undefined, "group"],
@@ -329,6 +330,7 @@ describe("bad frames sent to live hosts", () => {
     // Both groups kept going: the bank commits further, the ticker releases further.
     await waitFor(async () => (await bankCommitted()) >= start.bank + 10 && (await tickReleased()) >= start.tick + 10, 15_000, "both groups progressing after the bad frames");
     const final = await all();
+    expect(final.flatMap((s) => s.groups.map((g) => g.group)).filter((g) => g !== "bank" && g !== "tick")).toEqual([]);
     for (const h of c.hosts) expect(() => process.kill(h.pid, 0), `host ${h.id} is alive`).not.toThrow();
     for (const s of final) {
       for (const g of s.groups) {

@@ -21,7 +21,7 @@ import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js
 import type { GuestBundle } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
 import { GroupDriver, type GroupHostApi } from "./group/driver.js";
-import type { ProtectionRecord } from "../core/types.js";
+import { protectionKey, type ProtectionRecord } from "../core/types.js";
 import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
 
 export interface HostOptions {
@@ -66,6 +66,8 @@ export class Host {
   /** Group frames whose header was malformed or of a newer version (their connections were closed). */
   private groupFramesRefused = 0;
   private stopping = false;
+  /** Groups a `recover` asks this host to join, while the store is asked whether that decision stands. */
+  private readonly joining = new Set<string>();
   /** Protected groups (size >= 2) with a replica on this host. */
   readonly groups = new Map<string, GroupDriver>();
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -302,8 +304,17 @@ export class Host {
     let driver = this.groups.get(frame.g);
     if (!driver && frame.k === "recover" && frame.record.placement.some((p) => p.primary === this.id || p.backup === this.id)) {
       // A new backup host of a recovering group: it gets the module with the record.
-      driver = GroupDriver.join(this.groupApi, frame.record, body.slice());
-      this.groups.set(frame.g, driver);
+      if (this.joining.has(frame.g)) return; // a repeated `recover` while the store is asked
+      const refusal = await this.joinRefusal(frame);
+      driver = this.groups.get(frame.g);
+      if (!driver && refusal === null) {
+        driver = GroupDriver.join(this.groupApi, frame.record, body.slice());
+        this.groups.set(frame.g, driver);
+      } else if (!driver) {
+        this.groupFramesRefused++;
+        this.log.warn({ connection: connection.label, group: frame.g, from: frame.from, reason: refusal }, "group frame refused");
+        return;
+      }
     }
     if (!driver) {
       this.groupFramesRefused++;
@@ -311,6 +322,26 @@ export class Host {
       return;
     }
     driver.handleFrame(frame.from, frame, body);
+  }
+
+  /**
+   * Joining a group runs its module and takes part in its recovery: only for
+   * a decision the store holds (the compare-and-swap that won), not on a
+   * frame's word. Null: join; else why not.
+   */
+  private async joinRefusal(frame: Extract<GroupFrame, { k: "recover" }>): Promise<string | null> {
+    this.joining.add(frame.g);
+    try {
+      const stored = await this.store.get<ProtectionRecord>(protectionKey(frame.g));
+      if (!stored) return `recover frame for group ${frame.g}, which the store does not know`;
+      const r = stored.value;
+      if (r.incarnation !== frame.inc || r.leader !== frame.from) return `recover frame of incarnation ${frame.inc} from ${frame.from}; the store holds incarnation ${r.incarnation} led by ${r.leader}`;
+      return null;
+    } catch (error) {
+      return `recover frame for group ${frame.g}: the store could not be read (${(error as Error).message})`;
+    } finally {
+      this.joining.delete(frame.g);
+    }
   }
 
   private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
