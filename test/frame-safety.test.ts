@@ -297,6 +297,7 @@ describe("bad frames sent to live hosts", () => {
       ["vcommit: in group mode", p0.backup!, group(p0.primary, { k: "vcommit", rank: 0, e: 1 }), undefined, "group"],
       ["dv: in group mode", p1.primary, group(L, { k: "dv", rank: 0, e: 1, d: [0, 0] }), undefined, "group"],
       ["recover: a record declaring the receiver failed", p1.primary, group(L, { k: "recover", record: { ...record, incarnation: inc + 1, failed: [p1.primary] } }, inc + 1), undefined, "group"],
+      ["recover: a next incarnation the store never decided", p1.primary, group(L, { k: "recover", record: { ...record, incarnation: inc + 1 } }, inc + 1), undefined, "group"],
       ["recover: from a host its record does not name leader", p1.primary, group(p1.backup!, { k: "recover", record: { ...record, incarnation: inc + 1 } }, inc + 1), undefined, "group"],
       ["report: from a host not in the record", L, group("fake", { k: "report", primaries: [], backups: [{ rank: 1, has_image: true, lo: 99, hi: 99 }] }), undefined, "group"],
       ["rollback: to a cut out of range, outside a recovery", p1.primary, group(L, { k: "rollback", cut: 1_000_000, targets: {}, images: [] }), undefined, "group"],

@@ -84,8 +84,10 @@ export class GroupDriver {
   private feeding = false;
   private lastNow_ms = 0;
   private lastTick_ms = 0;
-  /** Frames this driver refused before the core saw them (a corrupt delta or image body). */
+  /** Frames this driver refused before the core saw them (a corrupt delta or image body, a newer incarnation the store does not hold). */
   private refusedHere = 0;
+  /** `recover`/`halt` frames of a newer incarnation waiting for the store to confirm it. */
+  private readonly confirming = new Set<string>();
   /** Events the core failed on and actions that threw: contained to this group (a bug; each is logged). */
   private failedHere = 0;
 
@@ -169,12 +171,39 @@ export class GroupDriver {
    */
   handleFrame(from: string, frame: GroupFrame, body: Uint8Array): void {
     const problem = bodyProblem(frame, body);
-    if (problem !== null) {
-      this.refusedHere++;
-      this.log.warn({ group: this.name, event: "refused", from, kind: frame.k, reason: problem }, "group frame refused");
-      return;
-    }
+    if (problem !== null) return this.refuseHere(from, frame, problem);
+    if ((frame.k === "recover" || frame.k === "halt") && frame.inc > this.core.incarnation) return this.feedOnceStored(from, frame, body);
     this.feed({ type: "frame", from, frame, body });
+  }
+
+  private refuseHere(from: string, frame: GroupFrame, reason: string): void {
+    this.refusedHere++;
+    this.log.warn({ group: this.name, event: "refused", from, kind: frame.k, reason }, "group frame refused");
+  }
+
+  /**
+   * A `recover` or `halt` of a newer incarnation stops this group's work
+   * here: it reaches the core only once the store holds that incarnation,
+   * led by the frame's sender (the compare-and-swap that decided it). A
+   * repeated one while the store is asked is dropped; the coordinator
+   * repeats `recover` until this host reports.
+   */
+  private feedOnceStored(from: string, frame: GroupFrame, body: Uint8Array): void {
+    const key = `${frame.k} ${frame.inc}`;
+    if (this.confirming.has(key)) return;
+    this.confirming.add(key);
+    this.api.store.get<ProtectionRecord>(protectionKey(this.name)).then(
+      (stored) => {
+        this.confirming.delete(key);
+        const r = stored?.value;
+        if (r?.incarnation === frame.inc && r.leader === from) return this.feed({ type: "frame", from, frame, body });
+        this.refuseHere(from, frame, `${frame.k} frame of incarnation ${frame.inc} from ${from}; the store holds ${r ? `incarnation ${r.incarnation} led by ${r.leader}` : "no record"}`);
+      },
+      (error: Error) => {
+        this.confirming.delete(key);
+        this.refuseHere(from, frame, `${frame.k} frame of incarnation ${frame.inc}: the store could not be read (${error.message})`);
+      },
+    );
   }
 
   /** The failure detector's view changed (a peer failed or came back). */
