@@ -20,8 +20,8 @@ import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
 import type { GuestBundle } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
-import { GroupDriver, type GroupHostApi } from "./group/driver.js";
-import type { ProtectionRecord } from "../core/types.js";
+import type { GroupHostApi } from "./group/driver.js";
+import { GroupTable } from "./group/table.js";
 import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
 
 export interface HostOptions {
@@ -66,8 +66,8 @@ export class Host {
   /** Group frames whose header was malformed or of a newer version (their connections were closed). */
   private groupFramesRefused = 0;
   private stopping = false;
-  /** Protected groups (size >= 2) with a replica on this host. */
-  readonly groups = new Map<string, GroupDriver>();
+  /** Protected groups with a replica on this host (a single VM is a group of one). */
+  readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
   readonly groupApi: GroupHostApi;
 
@@ -86,6 +86,7 @@ export class Host {
       liveHosts: () => this.liveHosts(),
       guestFor: (module) => this.guestFor(module),
     };
+    this.groups = new GroupTable(this.groupApi);
   }
 
   get id(): string {
@@ -115,7 +116,7 @@ export class Host {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
-    await Promise.all([...this.groups.values()].map((g) => g.stop()));
+    await this.groups.stop();
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
@@ -239,7 +240,7 @@ export class Host {
   private onLivenessChanged(host: string): void {
     const peer = this.peers.get(host);
     if (peer?.failed) peer.queue = [];
-    for (const g of this.groups.values()) g.onHostsChanged();
+    this.groups.hostsChanged();
   }
 
   // ---- messages ------------------------------------------------------------------
@@ -283,16 +284,7 @@ export class Host {
       connection.close(`group frame refused: ${error.message}`);
       return;
     }
-    let driver = this.groups.get(frame.g);
-    if (!driver && frame.k === "recover") {
-      // A new backup host of a recovering group: it gets the module with the record.
-      const record = frame.record;
-      if (!record.placement.some((p) => p.primary === this.id || p.backup === this.id)) return;
-      driver = GroupDriver.join(this.groupApi, record, body.slice());
-      this.groups.set(frame.g, driver);
-    }
-    if (!driver) return;
-    driver.handleFrame(frame.from, frame, body);
+    this.groups.dispatch(frame, body);
   }
 
   private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
@@ -326,7 +318,7 @@ export class Host {
     ping: () => ({ id: this.id }),
     status: () => this.status(),
     deploy: ({ manifest }, body) => deployGroup(this, manifest, body.slice()),
-    group_prepare: ({ record }, body) => this.prepareGroup(record, body.slice()),
+    group_prepare: ({ record }, body) => this.groups.prepare(record, body.slice()),
     group_run: ({ group, routes }) => this.runGroup(group, routes),
     vm_request: ({ vm, text }) => this.vmRequest(vm, text),
   };
@@ -341,15 +333,6 @@ export class Host {
   }
 
   // ---- replicas --------------------------------------------------------------------
-
-  /** Boots this host's replicas of a group (timers stopped); answers where its primaries' message paths listen. */
-  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, Route> }> {
-    if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.id}`), { code: "GroupExists" });
-    const runtime = await GroupDriver.prepare(this.groupApi, record, module);
-    this.groups.set(record.group, runtime);
-    this.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
-    return { group: record.group, routes: runtime.pathRoutes() };
-  }
 
   /** Every primary of the group listens: hand its VMs the whole route table and start them. */
   private runGroup(group: string, routes: (Route | null)[]): { group: string } {
