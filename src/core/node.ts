@@ -63,6 +63,8 @@ interface Backup {
   lo: Epoch;
   /** Newest staged checkpoint. */
   hi: Epoch;
+  /** The incarnation whose recovery sent this backup its image (0: deployed with the group). */
+  image_inc?: Incarnation;
 }
 
 /** Steps waiting for their `done`, and what to do then. */
@@ -472,7 +474,7 @@ export class GroupCore {
     if (this.record.placement[frame.rank].backup !== this.host) return this.refuse(out, `image of member ${frame.rank}, whose backup is not this host`);
     // Replaces whatever copy is here: the new backup starts from this image. The driver runs this
     // rank's steps in order, so deltas staged after it wait for the install.
-    this.backups.set(frame.rank, { rank: frame.rank, has_image: true, lo: frame.e, hi: frame.e });
+    this.backups.set(frame.rank, { rank: frame.rank, has_image: true, lo: frame.e, hi: frame.e, image_inc: frame.inc });
     this.backup(out, frame.rank, { op: "install", epoch: frame.e, image: body, released_seq: frame.released_seq, history: frame.history }, { kind: "install", rank: frame.rank, epoch: frame.e, inc: frame.inc });
   }
 
@@ -720,7 +722,9 @@ export class GroupCore {
     // First the copies that new images replace and those the new placement does not keep here.
     for (const [rank, b] of [...this.backups]) {
       const p = record.placement[rank];
-      const replaced = p.backup === this.host && frame.images.includes(rank);
+      // The image of this very recovery may arrive before the coordinator's rollback (it comes from
+      // the member's primary host, on another connection): that copy is the new one, not one to replace.
+      const replaced = p.backup === this.host && frame.images.includes(rank) && b.image_inc !== inc;
       if (replaced || (p.backup !== this.host && p.primary !== this.host)) {
         this.backups.delete(rank);
         this.backup(out, b.rank, { op: "drop" }, { kind: "plain", rank, what: "drop backup" });
