@@ -738,14 +738,14 @@ export class GroupCore {
         let m = this.members.get(rank);
         let how: "rollback" | "reboot" | "keep" = "keep";
         if (m) {
-          if (frame.cut !== null) {
-            if (frame.cut < m.committed || frame.cut > m.captured) {
+          if (target !== null) {
+            if (target < m.committed || target > m.captured) {
               // The coordinator chose from this host's own report, so this is a bug or a hostile peer.
-              this.refuse(out, `rollback frame: member ${rank} cannot go to cut ${frame.cut} (reaches ${m.committed}..${m.captured})`);
+              this.refuse(out, `rollback frame: member ${rank} cannot go to cut ${target} (reaches ${m.committed}..${m.captured})`);
               continue;
             }
-            how = frame.cut === 0 ? "reboot" : "rollback";
-            m.captured = frame.cut;
+            how = target === 0 ? "reboot" : "rollback";
+            m.captured = target;
             rolledBack.push(rank);
           }
         } else {
@@ -767,11 +767,12 @@ export class GroupCore {
         }
         local.outstanding++;
         this.vm(out, rank, { op: "restore", how, cut: target, inc, image_to, fresh_image: target === null }, { kind: "restore", rank, inc });
-      } else if (p.backup === this.host && !frame.images.includes(rank) && frame.cut !== null) {
+      } else if (p.backup === this.host && !frame.images.includes(rank)) {
         const b = this.backups.get(rank);
-        if (b) {
-          b.lo = b.hi = frame.cut;
-          this.backup(out, rank, { op: "rollback_to", cut: frame.cut }, { kind: "plain", rank, what: "backup rollback" });
+        const target = frame.cut ?? frame.targets[rank];
+        if (b && target !== undefined) {
+          b.lo = b.hi = target;
+          this.backup(out, rank, { op: "rollback_to", cut: target }, { kind: "plain", rank, what: "backup rollback" });
         }
       }
     }
