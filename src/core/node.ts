@@ -560,7 +560,10 @@ export class GroupCore {
         this.sendTo(out, to, { k: "staged", inc: ctx.inc, rank: ctx.rank, e: ctx.epoch, d: ctx.delivered });
         return;
       }
-      case "restore":
+      case "restore": {
+        // A fresh image (vm mode) is a checkpoint the VM took: the next delta must follow it.
+        const m = this.members.get(ctx.rank);
+        if (m && v.epoch !== undefined && v.epoch > m.captured) m.captured = v.epoch;
         if (this.local && this.local.inc === ctx.inc) {
           assert(v.delivered, "restore answers the delivered vector");
           this.local.delivered[ctx.rank] = v.delivered;
@@ -568,6 +571,7 @@ export class GroupCore {
         }
         this.localStepDone(ctx.inc, out);
         return;
+      }
       case "run":
         if (ctx.inc === this.record.incarnation && this.state === "running") this.startClocks(ctx.epoch === null ? 0 : ctx.epoch - 1);
         return;
@@ -642,12 +646,13 @@ export class GroupCore {
   private coordinate(next: ProtectionRecord, out: CoreAction[]): void {
     const down = new Set(next.failed);
     const lost = lostRanks(next, down);
-    if (lost.length) {
-      this.broadcast(out, activeHostsOf(next), { k: "halt", inc: next.incarnation, lost });
-      return;
-    }
+    // The coordinator takes part even when the record places nothing on it (then it only leads).
     const hosts = activeHostsOf(next);
     if (!hosts.includes(this.host)) hosts.push(this.host);
+    if (lost.length) {
+      this.broadcast(out, hosts, { k: "halt", inc: next.incarnation, lost });
+      return;
+    }
     this.coordination = { record: next, hosts, reports: new Map(), rolled: new Map(), routes: {}, plan: null, started_ms: this.now_ms, retryDue_ms: this.now_ms + RECOVER_RETRY_MS };
     for (const h of hosts) if (h !== this.host) out.push({ type: "send", to: h, frame: { k: "recover", inc: next.incarnation, record: next }, body: "module" });
     this.adopt(next, this.host, out);
