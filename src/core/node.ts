@@ -20,7 +20,7 @@ import { EpochTimer } from "./epoch-timer.js";
 import { checkFrameRanges, type FrameOf, type GroupFrame, type OutgoingFrame, type Route } from "./frames.js";
 import { Leader, type CutCommit } from "./leader.js";
 import { planRecovery, type HostReport, type RecoveryPlan } from "./recovery.js";
-import { activeHostsOf, lostRanks, needsFailover, planFailover, primaryHostsOf } from "./record.js";
+import { activeHostsOf, needsFailover, planFailover, primaryHostsOf } from "./record.js";
 import type { BackupStep, CoreAction, CoreEvent, Handle, MembersStep, Notice, VmStep } from "./events.js";
 import {
   MEMBER_INFLIGHT_MAX,
@@ -644,15 +644,10 @@ export class GroupCore {
 
   /** This host won the compare-and-swap: it coordinates the recovery and leads the group afterwards. */
   private coordinate(next: ProtectionRecord, out: CoreAction[]): void {
-    const down = new Set(next.failed);
-    const lost = lostRanks(next, down);
-    // The coordinator takes part even when the record places nothing on it (then it only leads).
+    // Members the record shows without a copy are not halted on here: whether a live host holds one
+    // (a new backup's image may never have arrived) only the reports tell, and the halt names them all.
     const hosts = activeHostsOf(next);
     if (!hosts.includes(this.host)) hosts.push(this.host);
-    if (lost.length) {
-      this.broadcast(out, hosts, { k: "halt", inc: next.incarnation, lost });
-      return;
-    }
     this.coordination = { record: next, hosts, reports: new Map(), rolled: new Map(), routes: {}, plan: null, started_ms: this.now_ms, retryDue_ms: this.now_ms + RECOVER_RETRY_MS };
     for (const h of hosts) if (h !== this.host) out.push({ type: "send", to: h, frame: { k: "recover", inc: next.incarnation, record: next }, body: "module" });
     this.adopt(next, this.host, out);
