@@ -1,5 +1,8 @@
 import js from "@eslint/js";
 import tseslint from "typescript-eslint";
+import { builtinModules } from "node:module";
+
+const SANS_IO = "src/core is the deterministic, sans-I/O protocol core that the daemon and the simulator both drive: no Node builtins, clocks, timers or process state; the caller passes time and effects in and out.";
 
 export default tseslint.config(
   { ignores: ["dist/", "build/", "node_modules/", ".scratch/", "sdk/assemblyscript/", "examples/", "bench/guests/"] },
@@ -14,6 +17,30 @@ export default tseslint.config(
     rules: {
       "@typescript-eslint/no-explicit-any": "error",
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_" }],
+    },
+  },
+  {
+    files: ["src/core/**/*.ts"],
+    rules: {
+      "no-restricted-imports": [
+        "error",
+        {
+          // Every builtin by its bare name too ("fs", "fs/promises", "net", "worker_threads", "timers", ...).
+          paths: builtinModules.map((name) => ({ name, message: SANS_IO })),
+          patterns: [
+            { group: ["node:*"], message: SANS_IO },
+            // Out of src/core only to pure utilities: anything else may bring I/O in through the back door.
+            { regex: "^\\.\\./(?!util/assert\\.js$)", message: `${SANS_IO} Imports stay inside src/core (pure utilities such as src/util/assert.ts excepted).` },
+          ],
+        },
+      ],
+      "no-restricted-globals": [
+        "error",
+        ...["setTimeout", "setInterval", "setImmediate", "clearTimeout", "clearInterval", "clearImmediate", "queueMicrotask", "process", "Date", "performance", "Buffer"].map(
+          (name) => ({ name, message: SANS_IO }),
+        ),
+      ],
+      "no-restricted-properties": ["error", { object: "Math", property: "random", message: SANS_IO }],
     },
   },
 );

@@ -28,6 +28,7 @@ import {
   type ImageParts,
 } from "../src/checkpoint/format.js";
 import { AssertionError } from "../src/util/assert.js";
+import { Channels } from "../src/core/channel.js";
 import { PAGE_BYTES } from "../src/vm/layout.js";
 
 // Header offsets, duplicated from the layout table on purpose: the tests pin the wire format.
@@ -482,6 +483,22 @@ describe("runtime state encoding", () => {
     const state = { ...initialRuntimeState(), sender_log, output };
     expect(decodeRuntimeState(serialize(state)).sender_log).toEqual(sender_log);
     expect(decodeOutputRecords(serialize(state))).toEqual(output);
+  });
+
+  it("the group channels are the state's own fields: what Channels did round-trips, and a state from before channels restores as all zeros", () => {
+    const cfg = { rank: 0, size: 3, limits: { message_bytes_max: 64, outbox_max: 64, sender_log_bytes_max: 1 << 20, pending_messages_max: 64, pending_bytes_max: 1 << 20 } };
+    const state = initialRuntimeState();
+    const ch = new Channels(cfg, state);
+    for (const to of [1, 2, 1, 1]) ch.send(to, new Uint8Array([to]), 1);
+    ch.receive({ from: 2, to: 0, incarnation: 0, epoch: 1, seq: 1, bytes: new Uint8Array(1) }, 1);
+    ch.trim([0, 1, 0]);
+    const restored = new Channels(cfg, decodeRuntimeState(encodeRuntimeState(state)));
+    expect(restored.snapshot()).toEqual(ch.snapshot());
+    expect(restored.resendFor(1, 1).map((m) => m.seq)).toEqual([2, 3]);
+    // Written before group messaging: V8 bytes only, no channel fields.
+    const { epoch, timers, output, output_bytes, output_seq, booted } = initialRuntimeState();
+    const legacy = new Channels(cfg, decodeRuntimeState(serialize({ epoch, timers, output, output_bytes, output_seq, booted })));
+    expect([legacy.incarnation, legacy.sentVector(), legacy.deliveredVector(), legacy.senderLogLength]).toEqual([0, [0, 0, 0], [0, 0, 0], 0]);
   });
 
   it("refuses a packed log whose lengths do not add up", () => {

@@ -27,7 +27,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import fc from "fast-check";
 import { BackupImage } from "../src/checkpoint/backup-image.js";
 import { decodeDelta, decodeImage, encodeImage, sealDelta, type DeltaParts } from "../src/checkpoint/format.js";
-import { checkCut, recoveryResends, trimVectors } from "../src/group/messaging.js";
+import { Channels, checkCut, recoveryResends, trimVectors } from "../src/core/channel.js";
 import { E_BAD_RANK, E_FULL, E_TOO_BIG } from "../src/vm/abi.js";
 import { RESERVED_WASM_PAGES } from "../src/vm/layout.js";
 import { DEFAULT_LIMITS, VmCore, type GroupMessage, type GuestModule, type VmLimits, type VmOptions } from "../src/vm/machine.js";
@@ -1065,14 +1065,24 @@ describe("group messaging: random schedules (fast-check)", () => {
 
 describe("group messaging: the checks catch a broken runtime (mutation tests)", () => {
   const proto = VmCore.prototype as unknown as Record<string, unknown>;
+  // The consistent-cut and incarnation rules live in the channels (src/core/channel.ts) that VmCore drives.
+  const channelProto = Channels.prototype as unknown as Record<string, unknown>;
   const saved = new Map<string, unknown>();
+  const savedChannel = new Map<string, unknown>();
   const mutate = (name: string, replacement: unknown) => {
     saved.set(name, proto[name]);
     proto[name] = replacement;
   };
+  const mutateChannel = (name: string, replacement: unknown) => {
+    expect(typeof channelProto[name], `Channels.${name}`).toBe("function");
+    savedChannel.set(name, channelProto[name]);
+    channelProto[name] = replacement;
+  };
   afterEach(() => {
     for (const [name, fn] of saved) proto[name] = fn;
+    for (const [name, fn] of savedChannel) channelProto[name] = fn;
     saved.clear();
+    savedChannel.clear();
   });
 
   /** The message of the property's failure and of its cause (the first failing check). */
@@ -1091,12 +1101,12 @@ describe("group messaging: the checks catch a broken runtime (mutation tests)", 
   });
 
   it("delivering s > r at once (no consistent-cut rule) is caught", async () => {
-    mutate("deliverable", () => true);
+    mutateChannel("deliverable", () => true);
     expect(await failure(bankProperty({}, 100, { rollbacks: false }))).toMatch(/consistent cut: \d+>\d+#\d+ sent in epoch (\d+) delivered in epoch/);
   });
 
   it("accepting messages of any incarnation (stale ones after a rollback) is caught", async () => {
-    mutate("incarnationCheck", () => null);
+    mutateChannel("incarnationCheck", () => null);
     // Whichever check trips first: the delivery hook, the runtime's own cut checks, conservation, or a stuck channel.
     expect(await failure(bankProperty({}, 300))).toMatch(
       /incarnation: \d+>\d+#\d+ of incarnation \d+ delivered in \d+|not a cut of this VM's history|is consistent|money at the recovery cut|bank (dup|recv)|bank: transfer|does not quiesce/,

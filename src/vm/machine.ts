@@ -8,17 +8,8 @@
 import { abiImports, E_BAD_RANK, E_FULL, E_INVALID, E_OK, E_TOO_BIG, type AbiHost } from "./abi.js";
 import { DirtyTracker, type UndoLog } from "./dirty-tracker.js";
 import { BASE_BYTES, GLOBALS_OFFSET, GLOBAL_SLOT_BYTES, PAGE_BYTES, RESERVED_WASM_PAGES, WASM_PAGE_BYTES } from "./layout.js";
-import {
-  decodeRuntimeState,
-  encodeRuntimeState,
-  initialRuntimeState,
-  OUTPUT_LOG,
-  OUTPUT_REPLY,
-  SENDER_LOG_ENTRY_OVERHEAD_BYTES,
-  type LoggedMessage,
-  type OutputRecord,
-  type RuntimeState,
-} from "./runtime-state.js";
+import { decodeRuntimeState, encodeRuntimeState, initialRuntimeState, OUTPUT_LOG, OUTPUT_REPLY, type OutputRecord, type RuntimeState } from "./runtime-state.js";
+import { Channels, type GroupMessage, type ReceiveDecision } from "../core/channel.js";
 import { EXPORT_BOOT, EXPORT_LOAD_GLOBALS, EXPORT_SAVE_GLOBALS, HV_MODULE, type ModuleInfo } from "../guest/module-info.js";
 import { deltaByteLength, layoutDelta, type ImageParts } from "../checkpoint/format.js";
 import { assert } from "../util/assert.js";
@@ -94,24 +85,7 @@ export interface VmOptions {
   on_deliver?: (message: GroupMessage, receiver_epoch: number) => void;
 }
 
-/**
- * A group message between two VMs of one group, as the hosts carry it.
- * `(incarnation, epoch, seq)` is the DESIGN's (incarnation, sender epoch s,
- * channel seq). `epoch` is also the sender's cut the message belongs to: in
- * `vm` mode the host holds it until the sender's cut `epoch` commits; in
- * `group` and `none` mode it is sent at once.
- */
-export interface GroupMessage {
-  from: number;
-  to: number;
-  incarnation: number;
-  /** Sender epoch s: deliverable only by a receiver in epoch r >= s (consistent-cut rule). */
-  epoch: number;
-  /** Channel (from -> to) sequence number, dense from 1. */
-  seq: number;
-  /** Shared with the sender log in the VM that sent it: never mutate it, never put its buffer in a transfer list. */
-  bytes: Uint8Array;
-}
+export type { GroupMessage } from "../core/channel.js";
 
 /**
  * What receive() did with one message:
@@ -122,7 +96,7 @@ export interface GroupMessage {
  * - "full": NOT accepted, the pending queue is full: offer it again after the next capture;
  * - "early": NOT accepted, newer incarnation than the VM's: offer it again after setIncarnation.
  */
-export type ReceiveStatus = "delivered" | "held" | "duplicate" | "stale" | "full" | "early";
+export type ReceiveStatus = "delivered" | Exclude<ReceiveDecision, "deliver">;
 
 export interface ReceiveResult {
   status: ReceiveStatus;
@@ -185,9 +159,8 @@ export class VmCore implements AbiHost {
   private state: RuntimeState;
   private committed = 0;
   private readonly epochs = new Map<number, EpochRecord>();
-  private outbox: GroupMessage[] = [];
-  /** Not replicated: after a rollback the senders re-send, so held messages need not survive one. */
-  private readonly pending = new PendingQueue();
+  /** The group channels; their replicated part is `state`'s channel fields (Channels adopts them). */
+  private readonly channels: Channels;
   private crash: string | null = null;
 
   private constructor(
@@ -199,9 +172,7 @@ export class VmCore implements AbiHost {
     this.memory = memory;
     this.tracker = new DirtyTracker(memory);
     this.state = state;
-    padTo(state.sent_seq, options.size);
-    padTo(state.delivered, options.size);
-    padTo(state.sender_log_trimmed, options.size);
+    this.channels = new Channels(options, state);
     this.instantiate();
   }
 
@@ -323,56 +294,39 @@ export class VmCore implements AbiHost {
 
   // ---- group messaging ---------------------------------------------------
   //
-  // Sending: cohort.send stamps (incarnation, sender epoch, channel seq),
-  // appends the message to the replicated sender log and to the outbox the
-  // host drains. Receiving: receive() drops stale incarnations and duplicate
-  // seqs, delivers in channel order and only when the sender's epoch s is not
-  // after this VM's epoch r (consistent-cut rule); everything else waits in a
-  // bounded pending queue that is not replicated (after a rollback the senders
-  // re-send from their logs). See docs/GUEST_ABI.md and DESIGN "Messages
-  // inside a group".
+  // The channel logic (stamps, sender log, delivered vector, pending queue,
+  // consistent-cut and incarnation rules) is Channels (src/core/channel.ts),
+  // whose replicated part is this.state's channel fields. VmCore gives it the
+  // epoch and hands to the guest, in order, what it says to deliver.
 
   /** The group generation this VM belongs to (stamped on what it sends). */
   get incarnation(): number {
-    return this.state.incarnation;
+    return this.channels.incarnation;
   }
 
   /** Received messages held until deliverable (not replicated). */
   get pendingMessages(): number {
-    return this.pending.count;
+    return this.channels.pendingCount;
   }
 
   /** Size of the sender log as counted against `sender_log_bytes_max`. */
   get senderLogBytes(): number {
-    return this.state.sender_log_bytes;
+    return this.channels.senderLogBytes;
   }
 
   /** Entries in the sender log. */
   get senderLogLength(): number {
-    return this.state.sender_log.length;
+    return this.channels.senderLogLength;
   }
 
   /** Group messages the guest sent since the host last took them, in send order; the host routes them. */
   takeOutbox(): GroupMessage[] {
-    const out = this.outbox;
-    this.outbox = [];
-    return out;
+    return this.channels.takeOutbox();
   }
 
-  /**
-   * The host tells the VM the group's incarnation (after a failover or a
-   * reconfiguration). Never lowers it. Held messages of the old incarnation
-   * are dropped (their senders re-send them, stamped anew, if the receiver's
-   * state has not delivered them); untaken outbox messages are re-stamped.
-   */
+  /** See Channels.setIncarnation: never lowers it, drops held messages of the old one, re-stamps the outbox. */
   setIncarnation(incarnation: number): void {
-    if (!Number.isSafeInteger(incarnation) || incarnation < this.state.incarnation) {
-      throw new RangeError(`incarnation ${incarnation} is not >= the VM's incarnation ${this.state.incarnation}`);
-    }
-    if (incarnation === this.state.incarnation) return;
-    this.state.incarnation = incarnation;
-    this.pending.clear();
-    for (const message of this.outbox) message.incarnation = incarnation;
+    this.channels.setIncarnation(incarnation);
   }
 
   /**
@@ -383,22 +337,20 @@ export class VmCore implements AbiHost {
    * guest call, VmCrashedError if delivery crashes the guest.
    */
   receive(message: GroupMessage): ReceiveResult {
-    this.checkIncoming(message);
-    if (this.crash) throw new VmCrashedError(`VM crashed earlier: ${this.crash}`);
-    const refused = this.incarnationCheck(message);
-    if (refused) return { status: refused, delivered: 0 };
-    const from = message.from;
-    if (message.seq <= this.state.delivered[from] || this.pending.has(from, message.seq)) return { status: "duplicate", delivered: 0 };
-    if (message.seq === this.state.delivered[from] + 1 && this.deliverable(message)) {
-      this.deliver(message);
-      return { status: "delivered", delivered: 1 + this.deliverChannel(from) };
+    if (this.crash) {
+      this.channels.check(message); // a malformed message is reported as such, crashed VM or not
+      throw new VmCrashedError(`VM crashed earlier: ${this.crash}`);
     }
-    const limits = this.options.limits;
-    if (this.pending.count >= limits.pending_messages_max || this.pending.bytes + message.bytes.length > limits.pending_bytes_max) {
-      return { status: "full", delivered: 0 };
+    const epoch = this.state.epoch;
+    const decision = this.channels.receive(message, epoch);
+    if (decision !== "deliver") return { status: decision, delivered: 0 };
+    this.deliver(message);
+    let delivered = 1;
+    for (let next = this.channels.next(message.from, epoch); next; next = this.channels.next(message.from, epoch)) {
+      this.deliver(next);
+      delivered++;
     }
-    this.pending.add(message);
-    return { status: "held", delivered: 0 };
+    return { status: "delivered", delivered };
   }
 
   /**
@@ -407,76 +359,42 @@ export class VmCore implements AbiHost {
    * capture() calls it once the new epoch started; returns how many it delivered.
    */
   deliverPending(): number {
+    const epoch = this.state.epoch;
     let delivered = 0;
-    for (const from of this.pending.senders()) delivered += this.deliverChannel(from);
+    for (let next = this.channels.deliverPending(epoch); next; next = this.channels.deliverPending(epoch)) {
+      this.deliver(next);
+      delivered++;
+    }
     return delivered;
+  }
+
+  /** The marker rule (see Channels.markerEpoch): the epoch to capture up to before offering `message`, or null. */
+  markerEpoch(message: GroupMessage): number | null {
+    return this.channels.markerEpoch(message, this.state.epoch);
   }
 
   /** Index = sender rank: the highest channel seq delivered from it, in the current state. */
   deliveredVector(): number[] {
-    return this.state.delivered.slice();
+    return this.channels.deliveredVector();
   }
 
   /** Index = receiver rank: the last channel seq sent to it, in the current state. */
   sentVector(): number[] {
-    return this.state.sent_seq.slice();
+    return this.channels.sentVector();
   }
 
   /**
-   * Drops sender-log entries the receivers have delivered at a committed cut.
-   * `delivered_by_receiver[r]` = the highest seq receiver r had delivered from
-   * this VM at that cut (its CapturedDelta.delivered[this rank]). Monotonic:
-   * a lower value than an earlier trim changes nothing.
+   * Drops sender-log entries the receivers have delivered at a committed cut
+   * (see Channels.trim): `delivered_by_receiver[r]` = receiver r's
+   * CapturedDelta.delivered[this rank] at that cut. Monotonic.
    */
   trimSenderLog(delivered_by_receiver: readonly number[]): { trimmed: number; sender_log_bytes: number } {
-    const size = this.options.size;
-    if (delivered_by_receiver.length !== size) throw new RangeError(`trimSenderLog: ${delivered_by_receiver.length} receivers, group size ${size}`);
-    const floor = this.state.sender_log_trimmed;
-    for (let r = 0; r < size; r++) {
-      const d = delivered_by_receiver[r];
-      if (!Number.isSafeInteger(d) || d < 0) throw new RangeError(`trimSenderLog: receiver ${r}: bad seq ${d}`);
-      if (d > this.state.sent_seq[r]) {
-        throw new RangeError(`trimSenderLog: receiver ${r} delivered seq ${d} from rank ${this.options.rank}, which sent only ${this.state.sent_seq[r]}: not a cut of this VM's history`);
-      }
-      if (d > floor[r]) floor[r] = d;
-    }
-    const before = this.state.sender_log.length;
-    const kept: LoggedMessage[] = [];
-    let bytes = 0;
-    for (const entry of this.state.sender_log) {
-      if (entry.seq > floor[entry.to]) {
-        kept.push(entry);
-        bytes += entry.bytes.length + SENDER_LOG_ENTRY_OVERHEAD_BYTES;
-      }
-    }
-    this.state.sender_log = kept;
-    this.state.sender_log_bytes = bytes;
-    return { trimmed: before - kept.length, sender_log_bytes: bytes };
+    return this.channels.trim(delivered_by_receiver);
   }
 
-  /**
-   * The sender-log entries to `receiver` with seq > `delivered`, in seq order,
-   * stamped with the current incarnation: what to re-send after a rollback or
-   * promotion, given the receiver's restored deliveredVector()[this rank].
-   * Throws if the receiver's state cannot be a cut consistent with this one
-   * (it delivered more than was sent) or if the log was trimmed past it.
-   */
+  /** What to re-send to `receiver` after a rollback or promotion (see Channels.resendFor). */
   resendFor(receiver: number, delivered: number): GroupMessage[] {
-    if (!Number.isInteger(receiver) || receiver < 0 || receiver >= this.options.size) throw new RangeError(`resendFor: no rank ${receiver}`);
-    if (!Number.isSafeInteger(delivered) || delivered < 0) throw new RangeError(`resendFor: bad seq ${delivered}`);
-    if (delivered > this.state.sent_seq[receiver]) {
-      throw new RangeError(
-        `resendFor: rank ${receiver} delivered seq ${delivered} from rank ${this.options.rank}, which sent only ${this.state.sent_seq[receiver]}: the states are not one consistent cut`,
-      );
-    }
-    if (delivered < this.state.sender_log_trimmed[receiver]) {
-      throw new RangeError(
-        `resendFor: rank ${receiver} has delivered only seq ${delivered} but the log to it was trimmed to ${this.state.sender_log_trimmed[receiver]} (rollback below a committed cut?)`,
-      );
-    }
-    const out: GroupMessage[] = [];
-    for (const entry of this.state.sender_log) if (entry.to === receiver && entry.seq > delivered) out.push(this.stamp(entry));
-    return out;
+    return this.channels.resendFor(receiver, delivered);
   }
 
   /** Unreleased output (tests and status). */
@@ -547,7 +465,7 @@ export class VmCore implements AbiHost {
     assert(record && record.undo === null, `epoch ${epoch} has a start record and no undo log yet`);
     record.undo = this.tracker.endEpoch();
     this.epochs.set(epoch + 1, { globals, state: stateBytes, memory_pages: memoryPages, undo: null });
-    const delivered = this.state.delivered.slice();
+    const delivered = this.channels.deliveredVector();
     const pause_us = Number(process.hrtime.bigint() - started) / 1000;
     let delivered_after = 0;
     if (options.deliver_pending ?? true) {
@@ -607,16 +525,12 @@ export class VmCore implements AbiHost {
     start.undo = null;
     if (this.memory.buffer.byteLength / WASM_PAGE_BYTES !== start.memory_pages) this.shrinkMemory(start.memory_pages);
     this.loadGlobals(start.globals);
-    const incarnation = this.state.incarnation;
     this.state = decodeRuntimeState(start.state);
     assert(this.state.epoch === epoch + 1, "restored runtime state starts the epoch after the cut");
-    // The incarnation is the group's clock, set by the host: a rollback does not lower it.
-    this.state.incarnation = Math.max(this.state.incarnation, incarnation);
+    // Keeps the incarnation (the group's clock); forgets the outbox (sent after the cut) and held messages (re-sent).
+    this.channels.restore(this.state);
     // Output of committed epochs was released already; the restored state must not release it twice.
     this.commitOutputFilter();
-    // Sent after the cut: gone with the epochs that sent them. Held: the senders re-send what the cut lacks.
-    this.outbox = [];
-    this.pending.clear();
     this.crash = null;
     return { pages_restored: pages };
   }
@@ -648,19 +562,9 @@ export class VmCore implements AbiHost {
   }
 
   send(rank: number, bytes: Uint8Array): number {
-    const limits = this.options.limits;
-    if (rank < 0 || rank >= this.options.size || !Number.isInteger(rank)) return E_BAD_RANK;
-    if (bytes.length > limits.message_bytes_max) return E_TOO_BIG;
-    if (this.outbox.length >= limits.outbox_max) return E_FULL;
-    const cost = bytes.length + SENDER_LOG_ENTRY_OVERHEAD_BYTES;
-    if (this.state.sender_log_bytes + cost > limits.sender_log_bytes_max) return E_FULL;
-    const entry: LoggedMessage = { to: rank, epoch: this.state.epoch, seq: ++this.state.sent_seq[rank], bytes };
-    if (this.options.sender_log !== false) {
-      this.state.sender_log.push(entry);
-      this.state.sender_log_bytes += cost;
-    }
-    this.outbox.push(this.stamp(entry));
-    return E_OK;
+    const sent = this.channels.send(rank, bytes, this.state.epoch);
+    if (typeof sent !== "string") return E_OK;
+    return sent === "bad_rank" ? E_BAD_RANK : sent === "too_big" ? E_TOO_BIG : E_FULL;
   }
 
   timerSet(id: number, delay_ms: number): number {
@@ -700,52 +604,9 @@ export class VmCore implements AbiHost {
     return E_OK;
   }
 
-  private stamp(entry: LoggedMessage): GroupMessage {
-    return { from: this.options.rank, to: entry.to, incarnation: this.state.incarnation, epoch: entry.epoch, seq: entry.seq, bytes: entry.bytes };
-  }
-
-  /** Messages of another incarnation are not this group generation's: older ones are dropped, newer ones refused for now. */
-  private incarnationCheck(message: GroupMessage): "stale" | "early" | null {
-    if (message.incarnation < this.state.incarnation) return "stale";
-    if (message.incarnation > this.state.incarnation) return "early";
-    return null;
-  }
-
-  /** Consistent-cut rule: a receiver in epoch r delivers a message sent in sender epoch s only if s <= r. */
-  private deliverable(message: GroupMessage): boolean {
-    return this.options.consistent_cut === false || message.epoch <= this.state.epoch;
-  }
-
   private deliver(message: GroupMessage): void {
     this.options.on_deliver?.(message, this.state.epoch);
-    this.state.delivered[message.from] = message.seq;
     this.message(message.from, message.bytes);
-  }
-
-  /** Delivers held messages of one channel while the next in seq order is held and deliverable. */
-  private deliverChannel(from: number): number {
-    let delivered = 0;
-    for (;;) {
-      const next = this.pending.get(from, this.state.delivered[from] + 1);
-      if (!next || !this.deliverable(next)) return delivered;
-      this.pending.remove(next);
-      this.deliver(next);
-      delivered++;
-    }
-  }
-
-  /** A malformed message is the host's bug, not the guest's: an error for the caller, the VM carries on. */
-  private checkIncoming(message: GroupMessage): void {
-    const { from, to, incarnation, epoch, seq, bytes } = message;
-    const rank = (n: number) => Number.isInteger(n) && n >= 0 && n < this.options.size;
-    const count = (n: number, min: number) => Number.isSafeInteger(n) && n >= min;
-    if (!rank(from)) throw new RangeError(`group message from rank ${from}: no such rank in a group of ${this.options.size}`);
-    if (to !== this.options.rank) throw new RangeError(`group message for rank ${to} offered to rank ${this.options.rank}`);
-    if (!count(incarnation, 0) || !count(epoch, 1) || !count(seq, 1)) throw new RangeError(`group message with bad stamp (incarnation ${incarnation}, epoch ${epoch}, seq ${seq})`);
-    if (!(bytes instanceof Uint8Array)) throw new TypeError("group message bytes are not a Uint8Array");
-    if (bytes.length > this.options.limits.message_bytes_max) {
-      throw new RangeError(`group message of ${bytes.length} bytes exceeds message_bytes_max ${this.options.limits.message_bytes_max}`);
-    }
   }
 
   private commitOutputFilter(): void {
@@ -835,51 +696,6 @@ export function imageOf(mem: Uint8Array, epoch: number, module_hash: Uint8Array,
     globals,
     runtime_state,
   };
-}
-
-/** Received group messages waiting for their turn: per sender, by seq. */
-class PendingQueue {
-  private readonly channels = new Map<number, Map<number, GroupMessage>>();
-  count = 0;
-  bytes = 0;
-
-  has(from: number, seq: number): boolean {
-    return this.channels.get(from)?.has(seq) ?? false;
-  }
-
-  get(from: number, seq: number): GroupMessage | undefined {
-    return this.channels.get(from)?.get(seq);
-  }
-
-  add(message: GroupMessage): void {
-    let channel = this.channels.get(message.from);
-    if (!channel) this.channels.set(message.from, (channel = new Map()));
-    channel.set(message.seq, message);
-    this.count++;
-    this.bytes += message.bytes.length;
-  }
-
-  remove(message: GroupMessage): void {
-    const channel = this.channels.get(message.from);
-    if (!channel?.delete(message.seq)) return;
-    if (channel.size === 0) this.channels.delete(message.from);
-    this.count--;
-    this.bytes -= message.bytes.length;
-  }
-
-  senders(): number[] {
-    return [...this.channels.keys()].sort((a, b) => a - b);
-  }
-
-  clear(): void {
-    this.channels.clear();
-    this.count = 0;
-    this.bytes = 0;
-  }
-}
-
-function padTo(values: number[], length: number): void {
-  while (values.length < length) values.push(0);
 }
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {

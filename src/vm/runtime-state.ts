@@ -21,6 +21,7 @@
  */
 import { deserialize, serialize } from "node:v8";
 import { assert } from "../util/assert.js";
+import type { ChannelRecord, LoggedMessage } from "../core/channel.js";
 
 export const OUTPUT_LOG = 0;
 export const OUTPUT_REPLY = 1;
@@ -40,25 +41,8 @@ export interface OutputRecord {
   produced_ms: number;
 }
 
-/**
- * One group message in its sender's log: kept (replicated with the sender)
- * until a committed cut shows the receiver delivered it, and re-sent from here
- * after a rollback or promotion.
- */
-export interface LoggedMessage {
-  /** Receiver rank. */
-  to: number;
-  /** Sender epoch when the guest sent it (the consistent-cut stamp s). */
-  epoch: number;
-  /** Channel sequence number (sender -> `to`), dense from 1. */
-  seq: number;
-  bytes: Uint8Array;
-}
-
-/** Bytes a logged message counts against `sender_log_bytes_max` on top of its payload. */
-export const SENDER_LOG_ENTRY_OVERHEAD_BYTES = 32;
-
-export interface RuntimeState {
+/** The channel fields (ChannelRecord) are the group channels' replicated part, kept by Channels (src/core/channel.ts). */
+export interface RuntimeState extends ChannelRecord {
   /** Epoch being executed; checkpoint `epoch` ends it. */
   epoch: number;
   /** Armed timers: id -> due time (wall clock, ms). */
@@ -70,25 +54,10 @@ export interface RuntimeState {
   output_seq: number;
   /** Set when the guest has booted (its `start` ran); a restored VM never boots again. */
   booted: boolean;
-  /**
-   * The group's generation as last told by the host (setIncarnation). Stamped
-   * on every message this VM sends; messages of older incarnations are dropped.
-   * Never lowered by a rollback: it is the group's clock, not the guest's.
-   */
-  incarnation: number;
-  /** Index = receiver rank: the last channel sequence number sent to it (0: none yet). */
-  sent_seq: number[];
-  /** Index = sender rank: the highest channel sequence number delivered from it (in order, so all below too). */
-  delivered: number[];
-  /** Messages sent and not yet known delivered at a committed cut, in send order. */
-  sender_log: LoggedMessage[];
-  /** Payload bytes + SENDER_LOG_ENTRY_OVERHEAD_BYTES per entry of `sender_log`. */
-  sender_log_bytes: number;
-  /** Index = receiver rank: entries with seq <= this were trimmed (delivered at a committed cut). */
-  sender_log_trimmed: number[];
 }
 
 export function initialRuntimeState(): RuntimeState {
+  // Written out, not spread from emptyChannelRecord(): property order is the order V8 serializes, i.e. part of the format.
   return {
     epoch: 1,
     timers: new Map(),

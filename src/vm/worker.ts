@@ -35,8 +35,6 @@ let timerHandle: NodeJS.Timeout | null = null;
 let outputEpochSignalled = 0;
 /** The group message data path, once the host opened it (group members); until then sends go out in outboxes. */
 let path: MessagePath | null = null;
-/** VmOptions.consistent_cut of the primary (group mode). */
-let consistentCut = false;
 
 function post(message: WorkerResponse, transfer: ArrayBuffer[] = []): void {
   port!.postMessage(message, transfer);
@@ -52,7 +50,6 @@ function nowMs(): number {
 }
 
 function vmOptions(options: WorkerVmOptions): VmOptions {
-  consistentCut = options.consistent_cut !== false;
   // Every guest call ticks the watchdog's counter, so a chain of deliveries inside one request gets a budget per call.
   return {
     rank: options.rank,
@@ -152,14 +149,6 @@ function flush(vm: VmCore): GroupMessage[] {
 }
 
 /**
- * How many epochs a message may be ahead of this VM and still end them here
- * at once; the daemon's leader keeps fewer epochs uncommitted than this
- * (src/host/group/leader.ts), so a message further ahead is malformed or
- * hostile and simply waits (VmCore holds it).
- */
-const MARKER_EPOCHS_MAX = 4;
-
-/**
  * group mode: a message from a later epoch than the VM's means the leader
  * ended the VM's epoch (its sender captured it): capture now and deliver,
  * rather than hold the message until the leader's `end` reaches this host.
@@ -167,9 +156,11 @@ const MARKER_EPOCHS_MAX = 4;
  * finds them done), taken a little earlier.
  */
 function captureForMarker(vm: VmCore, m: GroupMessage): void {
-  if (!consistentCut || !path?.running || m.incarnation !== vm.incarnation || m.to !== vm.rank()) return;
-  if (!(m.epoch > vm.epoch && m.epoch <= vm.epoch + MARKER_EPOCHS_MAX)) return;
-  while (vm.epoch < m.epoch) emitCaptured(vm.capture());
+  // Not while the path is frozen: a recovery is choosing the cut.
+  if (!path?.running) return;
+  const to = vm.markerEpoch(m); // null unless group mode, this VM's incarnation and at most MARKER_EPOCHS_MAX ahead
+  if (to === null) return;
+  while (vm.epoch < to) emitCaptured(vm.capture());
 }
 
 /** group mode: a checkpoint leaves as a `captured` event, whichever way it was taken, so the host sees them all in epoch order. */
