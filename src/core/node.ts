@@ -651,6 +651,12 @@ export class GroupCore {
     this.coordination = { record: next, hosts, reports: new Map(), rolled: new Map(), routes: {}, plan: null, started_ms: this.now_ms, retryDue_ms: this.now_ms + RECOVER_RETRY_MS };
     for (const h of hosts) if (h !== this.host) out.push({ type: "send", to: h, frame: { k: "recover", inc: next.incarnation, record: next }, body: "module" });
     this.adopt(next, this.host, out);
+    // A host of this incarnation died while the decision was in flight (its death came meanwhile, with
+    // nothing left to re-trigger the proposal): it will never report. Decide the next incarnation now.
+    if (this.coordination && hosts.some((h) => !this.live.has(h))) {
+      this.coordination = null;
+      this.proposeDue_ms = this.now_ms;
+    }
   }
 
   private onReport(from: HostId, frame: FrameOf<"report">, out: CoreAction[]): void {
