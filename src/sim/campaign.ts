@@ -101,6 +101,7 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
     steps_per_s: 0,
   };
   const started = clock();
+  let elapsed = 0;
   for (let run = options.firstRun ?? 0; summary.steps < options.steps; run++) {
     const schedule = scheduleFor(options.seed, run, options);
     const r = simulate(schedule);
@@ -113,13 +114,14 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
     if (r.halted) summary.halts++;
     for (const k of STEP_KINDS) summary.second_failures_by_step[k] += r.second_failures_by_step[k];
     if (r.violation_count) {
+      elapsed = clock() - started; // the simulated runs only, not the shrinking
       summary.violations += r.violation_count;
       const shrunk = shrink(schedule, r);
       summary.failure = { run, schedule, violations: r.violations, shrunk: shrunk.schedule, shrunk_violations: shrunk.result.violations, shrunk_timeline: shrunk.result.timeline };
       break;
     }
   }
-  const elapsed = clock() - started;
+  if (!summary.failure) elapsed = clock() - started;
   summary.steps_per_s = elapsed > 0 ? Math.round((summary.steps / elapsed) * 1000) : 0;
   return summary;
 }
