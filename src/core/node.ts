@@ -816,7 +816,7 @@ export class GroupCore {
           }
           if (target < b.lo || target > b.hi) {
             local.failed = true;
-              this.refuse(out, `rollback frame: the backup of member ${rank} here cannot be promoted at ${target} (reaches ${b.lo}..${b.hi})`);
+            this.refuse(out, `rollback frame: the backup of member ${rank} here cannot be promoted at ${target} (reaches ${b.lo}..${b.hi})`);
             continue;
           }
           this.backups.delete(rank);
@@ -837,7 +837,7 @@ export class GroupCore {
         const target = frame.cut ?? frame.targets[rank];
         if (b && target !== undefined && (target < b.lo || target > b.hi)) {
           local.failed = true;
-              this.refuse(out, `rollback frame: the backup of member ${rank} here cannot go to cut ${target} (reaches ${b.lo}..${b.hi})`);
+          this.refuse(out, `rollback frame: the backup of member ${rank} here cannot go to cut ${target} (reaches ${b.lo}..${b.hi})`);
         } else if (b && target !== undefined) {
           b.lo = b.hi = target;
           this.backup(out, rank, { op: "rollback_to", cut: target }, { kind: "plain", rank, what: "backup rollback" });
