@@ -35,11 +35,11 @@ const program = new Command()
 
 program
   .command("run")
-  .description("run a guest protected by a backup replica in this process: checkpoints every interval, output released at commit")
+  .description("run a guest protected by a backup in this process (a group of one on three in-process hosts): output released at commit")
   .argument("<guest>", "a built example (ticker, kv, bank) or a path to a .wasm module")
   .option("--interval-ms <ms>", "epoch length", int("--interval-ms"), 20)
   .option("--duration-ms <ms>", "how long to run", int("--duration-ms"), 2000)
-  .option("--failover-at-ms <ms>", "kill the primary's thread at this time and promote the backup", int("--failover-at-ms"))
+  .option("--failover-at-ms <ms>", "kill the primary's host at this time: the backup takes over, the spare becomes the new backup", int("--failover-at-ms"))
   .option("--json", "print one JSON summary instead of the released output")
   .option("--quiet", "print only the summary")
   .action(async (guest: string, opts: { intervalMs: number; durationMs: number; failoverAtMs?: number; json?: boolean; quiet?: boolean }) => {
@@ -53,7 +53,7 @@ program
     else {
       console.log(
         `-- ${summary.epochs} epochs, ${summary.released} output records released (contiguous: ${summary.output_contiguous}), ` +
-          `pause p50 ${summary.pause_us_p50} µs, commit p50 ${summary.commit_ms_p50} ms`,
+          `pause p50 ${summary.pause_us_p50} µs, release latency p50 ${summary.release_latency_ms_p50} ms`,
       );
     }
     if (!summary.output_contiguous) process.exitCode = 1;

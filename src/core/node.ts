@@ -633,8 +633,13 @@ export class GroupCore {
     // Survivors all see the failure; the lowest-named live one proposes first, the others only if
     // nothing happened after a while (it may have died too). The compare-and-swap decides either way.
     const candidates = activeHostsOf(this.record).filter((h) => this.live.has(h));
-    const delay = candidates[0] === this.host ? 0 : PROPOSE_BACKOFF_DETECTS * this.detect_ms;
+    const delay = candidates[0] === this.host ? 0 : this.backoff_ms();
     this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + delay);
+  }
+
+  /** How long a host that is not the first candidate waits before it proposes or looks again; never 0, so a look never loops. */
+  private backoff_ms(): number {
+    return Math.max(PROPOSE_BACKOFF_DETECTS * this.detect_ms, RECOVER_RETRY_MS);
   }
 
   private readStore(out: CoreAction[]): void {
@@ -663,7 +668,7 @@ export class GroupCore {
     const dead = needsFailover(current, this.live);
     if (current.incarnation > this.record.incarnation && !dead.includes(current.leader)) {
       // Decided already by a live coordinator: its `recover` is on its way. Look again later in case it dies.
-      this.proposeDue_ms = this.now_ms + PROPOSE_BACKOFF_DETECTS * this.detect_ms;
+      this.proposeDue_ms = this.now_ms + this.backoff_ms();
       return;
     }
     if (dead.length === 0) {
