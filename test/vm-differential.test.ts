@@ -10,24 +10,14 @@
 import { describe, expect, it } from "vitest";
 import fc from "fast-check";
 import { BackupImage } from "../src/checkpoint/backup-image.js";
-import { decodeDelta, decodeImage, encodeImage, sealDelta } from "../src/checkpoint/format.js";
+import { decodeImage, encodeImage } from "../src/checkpoint/format.js";
 import { VmCore, type GuestModule } from "../src/vm/machine.js";
 import { RESERVED_WASM_PAGES } from "../src/vm/layout.js";
 import type { OutputRecord } from "../src/vm/runtime-state.js";
+import { imageBytes, shipDelta } from "./support/checkpoint.js";
 import { builtBytes, fixtureBytes, guestOf, options } from "./support/guests.js";
 
 type Op = { name: string; args: (number | bigint)[] };
-
-function shipDelta(vm: VmCore, backup: BackupImage): number {
-  const captured = vm.capture();
-  sealDelta(captured.delta);
-  backup.apply(decodeDelta(captured.delta));
-  return captured.epoch;
-}
-
-function imageBytes(source: { image(): ReturnType<VmCore["image"]> }): Buffer {
-  return Buffer.from(encodeImage(source.image()));
-}
 
 /**
  * Runs epochs of ops on a primary, ships each delta to a backup, and checks
