@@ -96,6 +96,19 @@ describe("checkpoint differential (WAT fixtures)", () => {
     expect(promoted.crashed).toMatch(/init/);
   });
 
+  it("a promoted backup's image equals the primary's image of the same cut byte for byte", async () => {
+    // The runtime state travels through decode and is encoded again by the
+    // promoted VM: the encoding must not depend on how its arrays were built.
+    const guest = await guestOf(fixtureBytes("globals"));
+    const opts = options({ size: 3 });
+    const vm = VmCore.boot(guest, opts);
+    const backup = BackupImage.blank(guest, opts, RESERVED_WASM_PAGES + guest.info.guest_initial_pages);
+    vm.invoke("mix", [5n]);
+    shipDelta(vm, backup);
+    const primary = imageBytes(vm);
+    expect(imageBytes(backup.promote()).equals(primary)).toBe(true);
+  });
+
   it("memory.grow mid-epoch: deltas carry the new size; rollback across a grow shrinks memory back", async () => {
     const guest = await guestOf(fixtureBytes("grow"));
     const op: fc.Arbitrary<Op> = fc.oneof(

@@ -194,7 +194,17 @@ type EncodedState = Omit<RuntimeState, "sender_log" | "output"> & { output?: Out
 
 export function encodeRuntimeState(state: RuntimeState): Uint8Array {
   const { sender_log, output, ...rest } = state;
-  const encoded: EncodedState = { ...rest, sender_log_packed: packSenderLog(sender_log) };
+  // Packed copies of the number arrays: V8 writes a packed array densely and a
+  // holey one (deserialize() returns holey arrays) sparsely, so without them a
+  // decoded-then-encoded state (a promoted backup's) would differ in bytes
+  // from the same state encoded by the primary.
+  const encoded: EncodedState = {
+    ...rest,
+    sent_seq: packedCopy(rest.sent_seq),
+    delivered: packedCopy(rest.delivered),
+    sender_log_trimmed: packedCopy(rest.sender_log_trimmed),
+    sender_log_packed: packSenderLog(sender_log),
+  };
   const section = packOutput(output);
   const tail = serialize(encoded);
   const out = new Uint8Array(5 + section.length + tail.length);
@@ -202,6 +212,13 @@ export function encodeRuntimeState(state: RuntimeState): Uint8Array {
   new DataView(out.buffer).setUint32(1, section.length, true);
   out.set(section, 5);
   out.set(tail, 5 + section.length);
+  return out;
+}
+
+/** A copy with packed elements (spread and Array.from keep a holey array holey). */
+function packedCopy(values: readonly number[]): number[] {
+  const out: number[] = [];
+  for (const v of values) out.push(v);
   return out;
 }
 
