@@ -7,6 +7,7 @@
  *
  * CI runs DEFAULT_MODULES modules from DEFAULT_SEED. Longer or other runs:
  *   COHORT_FUZZ_MODULES=5000 COHORT_FUZZ_SEED=12345 npx vitest run test/wasm-fuzz.test.ts
+ * (COHORT_FUZZ_STEPS sets the operations per module, default DEFAULT_STEPS.)
  * Module i of a run uses seed COHORT_FUZZ_SEED + i; to re-run one failure,
  * COHORT_FUZZ_SEED=<its seed> COHORT_FUZZ_MODULES=1.
  */
@@ -25,7 +26,7 @@ import { watBytes } from "./support/guests.js";
 const DEFAULT_MODULES = 150;
 const DEFAULT_SEED = 1;
 /** Operations per module (calls, captures, commits, rollbacks, failovers). */
-const STEPS = 30;
+const DEFAULT_STEPS = 30;
 
 function envInt(name: string, fallback: number): number {
   const raw = process.env[name];
@@ -37,6 +38,13 @@ function envInt(name: string, fallback: number): number {
 
 const MODULES = envInt("COHORT_FUZZ_MODULES", DEFAULT_MODULES);
 const SEED = envInt("COHORT_FUZZ_SEED", DEFAULT_SEED);
+const STEPS = envInt("COHORT_FUZZ_STEPS", DEFAULT_STEPS);
+
+/** The command that re-runs the module of `seed` alone, with this run's settings. */
+function reproduce(seed: number): string {
+  const extra = [STEPS !== DEFAULT_STEPS ? ` COHORT_FUZZ_STEPS=${STEPS}` : "", process.env.COHORT_FUZZ_DATA_DROP === "1" ? " COHORT_FUZZ_DATA_DROP=1" : ""].join("");
+  return `COHORT_FUZZ_SEED=${seed} COHORT_FUZZ_MODULES=1${extra} npx vitest run test/wasm-fuzz.test.ts -t "generated modules"`;
+}
 
 /** The reason a refusal gives, with numbers and names folded so that equal reasons count together. */
 function reasonOf(error: Error): string {
@@ -59,9 +67,9 @@ beforeAll(async () => {
 });
 afterAll(() => ttf?.close());
 
-describe(`differential fuzzing of generated modules (${MODULES} modules from seed ${SEED})`, () => {
+describe(`differential fuzzing of generated modules (${MODULES} modules from seed ${SEED}, ${STEPS} steps each)`, () => {
   // A long run (COHORT_FUZZ_MODULES) gets time in proportion; the CI run stays within the default.
-  const timeout = Math.max(60_000, MODULES * 1_000);
+  const timeout = Math.max(60_000, MODULES * STEPS * 40);
   it("plain and instrumented agree on results, traps, memory and globals across checkpoints, rollbacks and failovers", { timeout }, async () => {
     const started = performance.now();
     let generated = 0;
@@ -111,7 +119,7 @@ describe(`differential fuzzing of generated modules (${MODULES} modules from see
         if (!(error instanceof DivergenceError)) throw error;
         const path = join(tmpdir(), `cohort-fuzz-${seed}.wat`);
         writeFileSync(path, wat(prepared.guest));
-        failures.push(`seed ${seed}: ${error.message}\n  module: ${path}\n  reproduce: COHORT_FUZZ_SEED=${seed} COHORT_FUZZ_MODULES=1 npx vitest run test/wasm-fuzz.test.ts`);
+        failures.push(`seed ${seed}: ${error.message}\n  module: ${path}\n  reproduce: ${reproduce(seed)}`);
       }
     }
 
