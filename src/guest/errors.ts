@@ -19,3 +19,13 @@ export class InvalidModuleError extends Error {
   override name = "InvalidModuleError";
   readonly code = "InvalidModule";
 }
+
+/**
+ * Instrumenting failed in a way that is neither of the above: the
+ * instrumenter threw something it should not have, or its thread died before
+ * answering. A Cohort bug, not the module's fault; the message says what was thrown.
+ */
+export class InstrumenterError extends Error {
+  override name = "InstrumenterError";
+  readonly code = "InstrumenterFailed";
+}
