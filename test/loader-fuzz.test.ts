@@ -19,6 +19,7 @@ import { decodeDelta, decodeImage, encodeDelta, encodeImage, type DeltaParts } f
 import { ManifestError, parseManifest, MANIFEST_CHARS_MAX } from "../src/cluster/manifest.js";
 import { InvalidModuleError, UnsupportedModuleError } from "../src/guest/errors.js";
 import { instrument } from "../src/guest/instrument.js";
+import { instrumentOffThread } from "../src/guest/instrument-worker.js";
 import { FrameError } from "../src/transport/errors.js";
 import { decodeFrame, encodeFrameBytes, FrameDecoder } from "../src/transport/frame.js";
 import { PAGE_BYTES } from "../src/vm/layout.js";
@@ -33,7 +34,7 @@ import {
   OUTPUT_REPLY,
   type RuntimeState,
 } from "../src/vm/runtime-state.js";
-import { fixtureBytes } from "./support/guests.js";
+import { fixtureBytes, watBytes } from "./support/guests.js";
 
 const seed = process.env.COHORT_FUZZ_SEED ? Number(process.env.COHORT_FUZZ_SEED) : undefined;
 const RUNS = 400;
@@ -325,6 +326,17 @@ describe("module loader (instrumenter)", () => {
       ...params,
       numRuns: RUNS / 2,
     });
+  });
+
+  it("through the instrumenter thread (how cohort run and hosts load a module), refusals keep their classes", async () => {
+    // The error crosses a thread boundary as plain data; the caller must still be able to catch it by class.
+    const garbage = instrumentOffThread(new TextEncoder().encode("not a module"));
+    await expect(garbage).rejects.toBeInstanceOf(InvalidModuleError);
+    await expect(garbage).rejects.toThrow(/not a valid WebAssembly module/);
+    const refused = instrumentOffThread(watBytes(`(module (import "env" "foo" (func)))`));
+    await expect(refused).rejects.toBeInstanceOf(UnsupportedModuleError);
+    await expect(refused).rejects.toMatchObject({ feature: "import not in guest ABI v1", where: 'import "env"."foo"' });
+    await expect(instrumentOffThread(module)).resolves.toMatchObject({ info: { exports: ["fill", "copy", "init", "drop", "size"] } });
   });
 
   it("damaged modules", () => {
