@@ -23,7 +23,7 @@ import { DivergenceError, runDifferential, type DifferentialStats } from "./supp
 import { prepareModule, prng, TranslateToFuzz } from "./support/wasm-fuzz.js";
 import { watBytes } from "./support/guests.js";
 
-const DEFAULT_MODULES = 150;
+const DEFAULT_MODULES = 100;
 const DEFAULT_SEED = 1;
 /** Operations per module (calls, captures, commits, rollbacks, failovers). */
 const DEFAULT_STEPS = 30;
