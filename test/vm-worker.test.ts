@@ -5,7 +5,7 @@
  * in-process primary/backup pair used by `cohort run`.
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { decodeDelta, decodeImage } from "../src/checkpoint/format.js";
+import { decodeDelta } from "../src/checkpoint/format.js";
 import { instrument } from "../src/guest/instrument.js";
 import { compileGuest } from "../src/guest/module-cache.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../src/vm/machine.js";
