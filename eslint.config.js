@@ -55,4 +55,19 @@ export default tseslint.config(
       "no-restricted-properties": ["error", { object: "Math", property: "random", message: SANS_IO }],
     },
   },
+  {
+    // The simulator is deterministic: a seed is a run. Time is simulated, randomness is its seeded Rng,
+    // and the wall clock (for steps/s) is passed in by the command.
+    files: ["src/sim/**/*.ts"],
+    rules: {
+      "no-restricted-globals": [
+        "error",
+        ...["setTimeout", "setInterval", "setImmediate", "queueMicrotask", "Date", "performance", "process"].map((name) => ({
+          name,
+          message: "src/sim is deterministic: simulated time only, randomness from its seeded Rng (src/sim/rng.ts).",
+        })),
+      ],
+      "no-restricted-properties": ["error", { object: "Math", property: "random", message: "src/sim draws from its seeded Rng (src/sim/rng.ts)." }],
+    },
+  },
 );

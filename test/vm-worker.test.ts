@@ -5,13 +5,12 @@
  * in-process primary/backup pair used by `cohort run`.
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { decodeDelta, decodeImage } from "../src/checkpoint/format.js";
+import { decodeDelta } from "../src/checkpoint/format.js";
 import { instrument } from "../src/guest/instrument.js";
 import { compileGuest } from "../src/guest/module-cache.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../src/vm/machine.js";
 import type { GuestBundle, WorkerVmOptions } from "../src/vm/protocol.js";
 import { VmWorker } from "../src/vm/vm.js";
-import { LocalPair } from "../src/protect/local-pair.js";
 import { builtBytes, fixtureBytes, watBytes } from "./support/guests.js";
 
 const started: VmWorker[] = [];
@@ -143,32 +142,5 @@ describe("VM worker", () => {
       expect(await replica.request("invoke", { name: "load8", args: [100] })).toBe("a".charCodeAt(0));
     }
     expect((await vm.status()).crashed).toBeNull();
-  });
-});
-
-describe("local primary/backup pair", () => {
-  it("ticker: output released only at commit, contiguous across a failover", async () => {
-    const guest = await bundle(builtBytes("ticker"));
-    const released: string[] = [];
-    const pair = await LocalPair.start(guest, { ...opts(), timers: "auto" }, { onRelease: (r) => released.push(...r.map((x) => Buffer.from(x.bytes).toString().trim())) });
-    try {
-      for (let i = 0; i < 10; i++) {
-        await new Promise((r) => setTimeout(r, 15));
-        await pair.checkpoint();
-      }
-      const before = released.length;
-      const failover = await pair.failover();
-      expect(failover.cut).toBeGreaterThan(0);
-      for (let i = 0; i < 10; i++) {
-        await new Promise((r) => setTimeout(r, 15));
-        await pair.checkpoint();
-      }
-      expect(released.length).toBeGreaterThan(before);
-      expect(released).toEqual(released.map((_, i) => String(i + 1)));
-      const image = decodeImage(await pair.primaryWorker.request("image", {}));
-      expect(image.epoch).toBeGreaterThan(failover.cut);
-    } finally {
-      await pair.stop();
-    }
   });
 });

@@ -137,12 +137,25 @@ export const manifestSchema = z.strictObject(
 
 // ---- parsing --------------------------------------------------------------
 
+/** Longest manifest text parseManifest reads. */
+export const MANIFEST_CHARS_MAX = 8 * 1024;
+
 /**
  * Parse and validate manifest text. `source` names it in error messages;
  * `base_dir` is the directory `module` is relative to. Does not touch the
  * file system (see `loadManifest` for the module-exists check).
  */
 export function parseManifest(text: string, opts: { source: string; base_dir: string }): Manifest {
+  if (text.length > MANIFEST_CHARS_MAX) {
+    // The YAML parser's time grows faster than linearly on some inputs (deep
+    // flow nesting, many anchors: ≈ 0.5 s for 16 KiB, 2 s for 32 KiB); a manifest is a few
+    // hundred bytes, so a small cap bounds parse time without refusing any real one.
+    throw new ManifestError("InvalidManifest", opts.source, [
+      { path: "", message: `manifest is ${text.length} characters long; the limit is ${MANIFEST_CHARS_MAX}` },
+    ]);
+  }
+  const nesting = nestingProblem(text);
+  if (nesting) throw new ManifestError("ManifestSyntax", opts.source, [{ path: "", message: nesting }]);
   const doc = parseDocument(text);
   if (doc.errors.length > 0) {
     throw new ManifestError(
@@ -188,6 +201,51 @@ export async function loadManifest(file: string): Promise<Manifest> {
   );
   if (problem) throw new ManifestError("InvalidManifest", file, [{ path: "module", message: problem }]);
   return manifest;
+}
+
+/** Flow collections ([ or {) a manifest may open in all; it needs two or three. */
+export const MANIFEST_FLOW_COLLECTIONS_MAX = 128;
+/** Block nesting a manifest may reach; it needs two levels. */
+export const MANIFEST_BLOCK_DEPTH_MAX = 64;
+
+/**
+ * The YAML parser recurses once per nesting level: about a thousand levels
+ * overflow the stack, and about two thousand `[` (a 2 KiB file) make Node
+ * abort the whole process with a fatal out-of-memory error from inside the
+ * parser. So nesting is bounded before parsing, by upper bounds that need no
+ * YAML parsing: every `[` or `{` anywhere counts as a flow level (closing
+ * brackets are not subtracted, as one inside a quoted string would be), and
+ * a line's block depth is at most its number of enclosing indentation
+ * levels plus the `-`, `?` and `:` indicators on it.
+ */
+function nestingProblem(text: string): string | null {
+  let flow = 0;
+  const indents: number[] = [];
+  let line = 1;
+  let at = 0;
+  while (at < text.length) {
+    let end = text.indexOf("\n", at);
+    if (end < 0) end = text.length;
+    let indent = 0;
+    while (at + indent < end && text[at + indent] === " ") indent++;
+    let indicators = 0;
+    for (let i = at + indent; i < end; i++) {
+      const c = text[i];
+      if (c === "[" || c === "{") {
+        if (++flow > MANIFEST_FLOW_COLLECTIONS_MAX) return `more than ${MANIFEST_FLOW_COLLECTIONS_MAX} flow collections ([ or {) (line ${line})`;
+      } else if ((c === "-" || c === "?" || c === ":") && (i + 1 === end || text[i + 1] === " " || text[i + 1] === "\t" || text[i + 1] === "\r")) {
+        indicators++;
+      }
+    }
+    if (at + indent < end && text[at + indent] !== "#") {
+      while (indents.length && indent < indents[indents.length - 1]) indents.pop();
+      if (!indents.length || indent > indents[indents.length - 1]) indents.push(indent);
+      if (indents.length + indicators > MANIFEST_BLOCK_DEPTH_MAX) return `nested deeper than ${MANIFEST_BLOCK_DEPTH_MAX} levels (line ${line})`;
+    }
+    at = end + 1;
+    line++;
+  }
+  return null;
 }
 
 function syntaxMessage(e: YAMLError): string {

@@ -40,7 +40,7 @@ export type CoreEvent =
 
 /** What a finished step reports (the fields its kind has). */
 export interface StepValue {
-  /** capture (vm/none): the checkpoint taken, its delivered vector, the sealed delta, messages held (vm mode). */
+  /** capture (vm/none): the checkpoint taken, its delivered vector, the sealed delta, messages held (vm mode); restore with a fresh image: the image's checkpoint. */
   epoch?: Epoch;
   delivered?: number[];
   delta?: Handle;

@@ -20,7 +20,7 @@ import { EpochTimer } from "./epoch-timer.js";
 import { checkFrameRanges, type FrameOf, type GroupFrame, type OutgoingFrame, type Route } from "./frames.js";
 import { Leader, type CutCommit } from "./leader.js";
 import { planRecovery, type HostReport, type RecoveryPlan } from "./recovery.js";
-import { activeHostsOf, lostRanks, needsFailover, onlyDegrades, planFailover, primaryHostsOf } from "./record.js";
+import { activeHostsOf, needsFailover, onlyDegrades, planFailover, primaryHostsOf } from "./record.js";
 import type { BackupStep, CoreAction, CoreEvent, Handle, MembersStep, Notice, VmStep } from "./events.js";
 import {
   MEMBER_INFLIGHT_MAX,
@@ -66,6 +66,8 @@ interface Backup {
   lo: Epoch;
   /** Newest staged checkpoint. */
   hi: Epoch;
+  /** The incarnation whose recovery sent this backup its image (0: deployed with the group). */
+  image_inc?: Incarnation;
 }
 
 /** Steps waiting for their `done`, and what to do then. */
@@ -97,6 +99,8 @@ interface LocalRecovery {
   inc: Incarnation;
   coordinator: HostId;
   outstanding: number;
+  /** A replica here cannot go where the rollback frame says: no `rolled` answer (a wrong delivered matrix would follow). */
+  failed: boolean;
   delivered: Record<string, number[]>;
   routes: Record<string, Route>;
 }
@@ -563,7 +567,7 @@ export class GroupCore {
     if (this.record.placement[frame.rank].backup !== this.host) return this.refuse(out, `image of member ${frame.rank}, whose backup is not this host`);
     // Replaces whatever copy is here: the new backup starts from this image. The driver runs this
     // rank's steps in order, so deltas staged after it wait for the install.
-    this.backups.set(frame.rank, { rank: frame.rank, has_image: true, lo: frame.e, hi: frame.e });
+    this.backups.set(frame.rank, { rank: frame.rank, has_image: true, lo: frame.e, hi: frame.e, image_inc: frame.inc });
     this.backup(out, frame.rank, { op: "install", epoch: frame.e, image: body, released_seq: frame.released_seq, history: frame.history }, { kind: "install", rank: frame.rank, epoch: frame.e, inc: frame.inc });
   }
 
@@ -648,7 +652,10 @@ export class GroupCore {
         this.sendTo(out, to, { k: "staged", inc: ctx.inc, rank: ctx.rank, e: ctx.epoch, d: ctx.delivered });
         return;
       }
-      case "restore":
+      case "restore": {
+        // A fresh image (vm mode) is a checkpoint the VM took: the next delta must follow it.
+        const m = this.members.get(ctx.rank);
+        if (m && v.epoch !== undefined && v.epoch > m.captured) m.captured = v.epoch;
         if (this.local && this.local.inc === ctx.inc) {
           assert(v.delivered, "restore answers the delivered vector");
           this.local.delivered[ctx.rank] = v.delivered;
@@ -656,6 +663,7 @@ export class GroupCore {
         }
         this.localStepDone(ctx.inc, out);
         return;
+      }
       case "run":
         if (ctx.inc === this.record.incarnation && this.state === "running") this.startClocks(ctx.epoch === null ? 0 : ctx.epoch - 1);
         return;
@@ -688,8 +696,13 @@ export class GroupCore {
     // Survivors all see the failure; the lowest-named live one proposes first, the others only if
     // nothing happened after a while (it may have died too). The compare-and-swap decides either way.
     const candidates = activeHostsOf(this.record).filter((h) => this.live.has(h));
-    const delay = candidates[0] === this.host ? 0 : PROPOSE_BACKOFF_DETECTS * this.detect_ms;
+    const delay = candidates[0] === this.host ? 0 : this.backoff_ms();
     this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + delay);
+  }
+
+  /** How long a host that is not the first candidate waits before it proposes or looks again; never 0, so a look never loops. */
+  private backoff_ms(): number {
+    return Math.max(PROPOSE_BACKOFF_DETECTS * this.detect_ms, RECOVER_RETRY_MS);
   }
 
   private readStore(out: CoreAction[]): void {
@@ -718,7 +731,7 @@ export class GroupCore {
     const dead = needsFailover(current, this.live);
     if (current.incarnation > this.record.incarnation && !dead.includes(current.leader)) {
       // Decided already by a live coordinator: its `recover` is on its way. Look again later in case it dies.
-      this.proposeDue_ms = this.now_ms + PROPOSE_BACKOFF_DETECTS * this.detect_ms;
+      this.proposeDue_ms = this.now_ms + this.backoff_ms();
       return;
     }
     if (dead.length === 0) {
@@ -752,17 +765,19 @@ export class GroupCore {
 
   /** This host won the compare-and-swap: it coordinates the recovery and leads the group afterwards. */
   private coordinate(next: ProtectionRecord, out: CoreAction[]): void {
-    const down = new Set(next.failed);
-    const lost = lostRanks(next, down);
-    if (lost.length) {
-      this.broadcast(out, activeHostsOf(next), { k: "halt", inc: next.incarnation, lost });
-      return;
-    }
+    // Members the record shows without a copy are not halted on here: whether a live host holds one
+    // (a new backup's image may never have arrived) only the reports tell, and the halt names them all.
     const hosts = activeHostsOf(next);
     if (!hosts.includes(this.host)) hosts.push(this.host);
     this.coordination = { record: next, hosts, reports: new Map(), rolled: new Map(), routes: {}, plan: null, started_ms: this.now_ms, retryDue_ms: this.now_ms + RECOVER_RETRY_MS };
     for (const h of hosts) if (h !== this.host) out.push({ type: "send", to: h, frame: { k: "recover", inc: next.incarnation, record: next }, body: "module" });
     this.adopt(next, this.host, out);
+    // A host of this incarnation died while the decision was in flight (its death came meanwhile, with
+    // nothing left to re-trigger the proposal): it will never report. Decide the next incarnation now.
+    if (this.coordination && hosts.some((h) => !this.live.has(h))) {
+      this.coordination = null;
+      this.proposeDue_ms = this.now_ms;
+    }
   }
 
   private onReport(from: HostId, frame: FrameOf<"report">, out: CoreAction[]): void {
@@ -855,14 +870,16 @@ export class GroupCore {
     if (this.recoveryNext?.k !== "rollback") return this.refuse(out, `rollback frame while no recovery of incarnation ${inc} awaits one`);
     if ((frame.cut === null) !== (record.mode !== "group")) return this.refuse(out, `rollback frame: ${frame.cut === null ? "no cut" : `cut ${frame.cut}`} for a group in mode ${record.mode}`);
     this.recoveryNext = { k: "resume", cut: frame.cut };
-    const local: LocalRecovery = { inc, coordinator: from, outstanding: 1, delivered: {}, routes: {} };
+    const local: LocalRecovery = { inc, coordinator: from, outstanding: 1, failed: false, delivered: {}, routes: {} };
     this.local = local;
     const rolledBack: Rank[] = [];
     const promoted: Rank[] = [];
     // First the copies that new images replace and those the new placement does not keep here.
     for (const [rank, b] of [...this.backups]) {
       const p = record.placement[rank];
-      const replaced = p.backup === this.host && frame.images.includes(rank);
+      // The image of this very recovery may arrive before the coordinator's rollback (it comes from
+      // the member's primary host, on another connection): that copy is the new one, not one to replace.
+      const replaced = p.backup === this.host && frame.images.includes(rank) && b.image_inc !== inc;
       if (replaced || (p.backup !== this.host && p.primary !== this.host)) {
         this.backups.delete(rank);
         this.backup(out, b.rank, { op: "drop" }, { kind: "plain", rank, what: "drop backup" });
@@ -876,14 +893,15 @@ export class GroupCore {
         let m = this.members.get(rank);
         let how: "rollback" | "keep" = "keep";
         if (m) {
-          if (frame.cut !== null) {
-            if (frame.cut < m.committed || frame.cut > m.captured) {
+          if (target !== null) {
+            if (target < m.committed || target > m.captured) {
               // The coordinator chose from this host's own report, so this is a bug or a hostile peer.
-              this.refuse(out, `rollback frame: member ${rank} cannot go to cut ${frame.cut} (reaches ${m.committed}..${m.captured})`);
+              local.failed = true;
+              this.refuse(out, `rollback frame: member ${rank} cannot go to cut ${target} (reaches ${m.committed}..${m.captured})`);
               continue;
             }
             how = "rollback";
-            m.captured = frame.cut;
+            m.captured = target;
             rolledBack.push(rank);
           }
         } else {
@@ -893,6 +911,7 @@ export class GroupCore {
             continue;
           }
           if (target < b.lo || target > b.hi) {
+            local.failed = true;
             this.refuse(out, `rollback frame: the backup of member ${rank} here cannot be promoted at ${target} (reaches ${b.lo}..${b.hi})`);
             continue;
           }
@@ -909,13 +928,15 @@ export class GroupCore {
         }
         local.outstanding++;
         this.vm(out, rank, { op: "restore", how, cut: target, inc, image_to, fresh_image: target === null }, { kind: "restore", rank, inc });
-      } else if (p.backup === this.host && !frame.images.includes(rank) && frame.cut !== null) {
+      } else if (p.backup === this.host && !frame.images.includes(rank)) {
         const b = this.backups.get(rank);
-        if (b && (frame.cut < b.lo || frame.cut > b.hi)) {
-          this.refuse(out, `rollback frame: the backup of member ${rank} here cannot go to cut ${frame.cut} (reaches ${b.lo}..${b.hi})`);
-        } else if (b) {
-          b.lo = b.hi = frame.cut;
-          this.backup(out, rank, { op: "rollback_to", cut: frame.cut }, { kind: "plain", rank, what: "backup rollback" });
+        const target = frame.cut ?? frame.targets[rank];
+        if (b && target !== undefined && (target < b.lo || target > b.hi)) {
+          local.failed = true;
+          this.refuse(out, `rollback frame: the backup of member ${rank} here cannot go to cut ${target} (reaches ${b.lo}..${b.hi})`);
+        } else if (b && target !== undefined) {
+          b.lo = b.hi = target;
+          this.backup(out, rank, { op: "rollback_to", cut: target }, { kind: "plain", rank, what: "backup rollback" });
         }
       }
     }
@@ -928,6 +949,11 @@ export class GroupCore {
     if (!l || l.inc !== inc || l.inc !== this.record.incarnation) return;
     if (--l.outstanding > 0) return;
     this.local = null;
+    if (l.failed) {
+      // The group waits here rather than resume on a wrong delivered matrix; the refusal is logged and counted.
+      this.notify(out, { kind: "step_failed", rank: null, step: "rollback", error: "a replica here could not go to the recovery cut: not answering rolled" });
+      return;
+    }
     this.sendTo(out, l.coordinator, { k: "rolled", inc, d: l.delivered, routes: l.routes });
   }
 

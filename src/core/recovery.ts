@@ -9,8 +9,9 @@
  * only a member whose backup is new (or cannot reach the cut) gets an image,
  * so a VM that kept both replicas moves no memory (invariant 6).
  *
- * vm mode: survivors keep their state; a promoted member goes to its
- * backup's newest checkpoint; a member with a new backup gets a fresh image.
+ * vm mode: a promoted member goes to its backup's newest checkpoint, and so
+ * does a survivor whose backup survived (in place); a survivor with a new
+ * backup keeps its state and its backup gets a fresh image.
  *
  * none mode: nothing to restore (no backups); members of a dead host are lost.
  */
@@ -26,7 +27,7 @@ export interface HostReport {
 export interface RecoveryPlan {
   /** group mode: the recovery cut; vm and none mode: null (each member has its own target). */
   cut: Epoch | null;
-  /** vm mode: promoted member → the checkpoint its backup goes to. */
+  /** vm mode: member → the checkpoint it goes to (its backup's newest staged, promoted or in place). */
   targets: Record<number, Epoch>;
   /** Members whose (new) backup gets a full image. */
   images: Rank[];
@@ -60,8 +61,14 @@ export function planRecovery(record: ProtectionRecord, reports: ReadonlyMap<Host
   if (record.mode !== "group") {
     const images: Rank[] = [];
     record.placement.forEach((p, rank) => {
+      const kept = backupAt(p.backup, rank);
       if (!primaries.has(rank)) targets[rank] = backupAt(p.primary, rank)!.hi;
-      if (record.mode === "vm" && p.backup !== null && !(primaries.has(rank) && backupAt(p.backup, rank))) images.push(rank);
+      // vm mode: a survivor whose backup survived goes back in place to the newest checkpoint that
+      // backup staged. Later ones never committed (nothing of them left the VM), and their deltas may
+      // be lost (in flight at the failover, or captured after the freeze): the next delta must follow
+      // what the backup holds.
+      else if (record.mode === "vm" && kept) targets[rank] = kept.hi;
+      if (record.mode === "vm" && p.backup !== null && !(primaries.has(rank) && kept)) images.push(rank);
     });
     return { cut: null, targets, images, committed: 0, lost };
   }

@@ -27,9 +27,11 @@ export class GuestNotFoundError extends Error {
 }
 
 /**
- * Binaryen failed on a module the engine accepts (a Binaryen limitation or an
- * instrumenter bug). Binaryen reports its internal errors as thrown non-Error
- * objects; this gives them a type, a code and a message.
+ * Instrumenting failed in a way that is neither of the above: Binaryen failed
+ * on a module the engine accepts (it reports internal errors as thrown
+ * non-Error objects), the instrumenter threw something it should not have, or
+ * its thread died before answering. A Cohort or Binaryen limitation, not the
+ * module's fault; the message says what was thrown.
  */
 export class InstrumenterError extends Error {
   override name = "InstrumenterError";

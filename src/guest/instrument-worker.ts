@@ -5,21 +5,51 @@
  */
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
+import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "./errors.js";
 import type { InstrumentedModule } from "./module-info.js";
-import { describeThrown } from "./errors.js";
 
 const SELF = import.meta.url.endsWith(".ts") ? new URL("../../dist/src/guest/instrument-worker.js", import.meta.url) : new URL(import.meta.url);
 
+/** What crosses the thread boundary of a failure: structured clone keeps neither the class nor a non-Error's meaning. */
+interface ThrownData {
+  name: string;
+  message: string;
+  code?: string;
+  feature?: string;
+  where?: string;
+}
+
+/**
+ * Instruments on a worker thread; fails with the same classes instrument()
+ * throws (UnsupportedModuleError, InvalidModuleError), or InstrumenterError
+ * for anything else, so callers can tell a refused module from a Cohort bug.
+ */
 export function instrumentOffThread(wasm: Uint8Array): Promise<InstrumentedModule> {
   return new Promise((resolve, reject) => {
     const worker = new Worker(fileURLToPath(SELF), { workerData: { wasm } });
-    worker.once("message", (message: { ok: true; result: InstrumentedModule } | { ok: false; error: { name: string; message: string; code?: string; feature?: string; where?: string } }) => {
+    let answered = false;
+    worker.once("message", (message: { ok: true; result: InstrumentedModule } | { ok: false; error: ThrownData }) => {
+      answered = true;
       worker.terminate().catch((error: Error) => process.emitWarning(`instrumenter thread did not terminate: ${error.message}`));
       if (message.ok) resolve(message.result);
-      else reject(Object.assign(new Error(message.error.message), message.error));
+      else reject(revive(message.error));
     });
-    worker.once("error", reject);
+    worker.once("error", (error) => {
+      answered = true;
+      reject(new InstrumenterError(`instrumenter thread failed: ${describeThrown(error)}`, { cause: error }));
+    });
+    // Without this a thread that exits without a word (an abort inside Binaryen) would leave the caller waiting forever.
+    worker.once("exit", (code) => {
+      if (!answered) reject(new InstrumenterError(`instrumenter thread exited with code ${code} before answering`));
+    });
   });
+}
+
+/** The error instrument() threw on the worker, as its own class again. */
+function revive(e: ThrownData): Error {
+  if (e.name === "UnsupportedModuleError" && e.feature !== undefined && e.where !== undefined) return new UnsupportedModuleError(e.feature, e.where);
+  if (e.name === "InvalidModuleError") return new InvalidModuleError(e.message);
+  return new InstrumenterError(`instrumenting failed: ${e.name ? `${e.name}: ` : ""}${e.message}`);
 }
 
 if (!isMainThread && parentPort && workerData?.wasm) {
@@ -30,6 +60,8 @@ if (!isMainThread && parentPort && workerData?.wasm) {
     parentPort.postMessage({ ok: true, result: instrument(workerData.wasm as Uint8Array) });
   } catch (error) {
     const e = error as Error & { code?: string; feature?: string; where?: string };
-    parentPort.postMessage({ ok: false, error: { name: e.name, message: describeThrown(error), code: e.code, feature: e.feature, where: e.where } });
+    const data: ThrownData =
+      error instanceof Error ? { name: e.name, message: describeThrown(error), code: e.code, feature: e.feature, where: e.where } : { name: "", message: describeThrown(error) };
+    parentPort.postMessage({ ok: false, error: data });
   }
 }

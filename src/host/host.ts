@@ -20,8 +20,8 @@ import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
 import type { GuestBundle } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
-import { GroupDriver, type GroupHostApi } from "./group/driver.js";
-import { protectionKey, type ProtectionRecord } from "../core/types.js";
+import type { GroupHostApi } from "./group/driver.js";
+import { GroupTable } from "./group/table.js";
 import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
 
 export interface HostOptions {
@@ -66,10 +66,8 @@ export class Host {
   /** Group frames whose header was malformed or of a newer version (their connections were closed). */
   private groupFramesRefused = 0;
   private stopping = false;
-  /** Groups a `recover` asks this host to join, while the store is asked whether that decision stands. */
-  private readonly joining = new Set<string>();
-  /** Protected groups (size >= 2) with a replica on this host. */
-  readonly groups = new Map<string, GroupDriver>();
+  /** Protected groups with a replica on this host (a single VM is a group of one). */
+  readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
   readonly groupApi: GroupHostApi;
 
@@ -88,6 +86,7 @@ export class Host {
       liveHosts: () => this.liveHosts(),
       guestFor: (module) => this.guestFor(module),
     };
+    this.groups = new GroupTable(this.groupApi);
   }
 
   get id(): string {
@@ -121,7 +120,7 @@ export class Host {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
-    await Promise.all([...this.groups.values()].map((g) => g.stop()));
+    await this.groups.stop();
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
@@ -250,7 +249,7 @@ export class Host {
   private onLivenessChanged(host: string): void {
     const peer = this.peers.get(host);
     if (peer?.failed) peer.queue = [];
-    for (const g of this.groups.values()) g.onHostsChanged();
+    this.groups.hostsChanged();
   }
 
   // ---- messages ------------------------------------------------------------------
@@ -295,53 +294,7 @@ export class Host {
       connection.close(`group frame refused: ${error.message}`);
       return;
     }
-    if (frame.from === this.id) {
-      // This host's own frames never travel: one that says it does is not from a peer of this cluster (or a host runs twice).
-      this.groupFramesRefused++;
-      this.log.warn({ connection: connection.label, kind: frame.k, group: frame.g }, "group frame refused: it claims to come from this host");
-      return;
-    }
-    let driver = this.groups.get(frame.g);
-    if (!driver && frame.k === "recover" && frame.record.placement.some((p) => p.primary === this.id || p.backup === this.id)) {
-      // A new backup host of a recovering group: it gets the module with the record.
-      if (this.joining.has(frame.g)) return; // a repeated `recover` while the store is asked
-      const refusal = await this.joinRefusal(frame);
-      driver = this.groups.get(frame.g);
-      if (!driver && refusal === null) {
-        driver = GroupDriver.join(this.groupApi, frame.record, body.slice());
-        this.groups.set(frame.g, driver);
-      } else if (!driver) {
-        this.groupFramesRefused++;
-        this.log.warn({ connection: connection.label, group: frame.g, from: frame.from, reason: refusal }, "group frame refused");
-        return;
-      }
-    }
-    if (!driver) {
-      this.groupFramesRefused++;
-      this.log.warn({ connection: connection.label, kind: frame.k, group: frame.g, from: frame.from }, "group frame refused: no replica of that group here");
-      return;
-    }
-    driver.handleFrame(frame.from, frame, body);
-  }
-
-  /**
-   * Joining a group runs its module and takes part in its recovery: only for
-   * a decision the store holds (the compare-and-swap that won), not on a
-   * frame's word. Null: join; else why not.
-   */
-  private async joinRefusal(frame: Extract<GroupFrame, { k: "recover" }>): Promise<string | null> {
-    this.joining.add(frame.g);
-    try {
-      const stored = await this.store.get<ProtectionRecord>(protectionKey(frame.g));
-      if (!stored) return `recover frame for group ${frame.g}, which the store does not know`;
-      const r = stored.value;
-      if (r.incarnation !== frame.inc || r.leader !== frame.from) return `recover frame of incarnation ${frame.inc} from ${frame.from}; the store holds incarnation ${r.incarnation} led by ${r.leader}`;
-      return null;
-    } catch (error) {
-      return `recover frame for group ${frame.g}: the store could not be read (${(error as Error).message})`;
-    } finally {
-      this.joining.delete(frame.g);
-    }
+    this.groups.dispatch(frame, body);
   }
 
   private async onRequest(connection: Connection, request: Request, body: Uint8Array): Promise<void> {
@@ -375,7 +328,7 @@ export class Host {
     ping: () => ({ id: this.id }),
     status: () => this.status(),
     deploy: ({ manifest }, body) => deployGroup(this, manifest, body.slice()),
-    group_prepare: ({ record }, body) => this.prepareGroup(record, body.slice()),
+    group_prepare: ({ record }, body) => this.groups.prepare(record, body.slice()),
     group_run: ({ group, routes }) => this.runGroup(group, routes),
     vm_request: ({ vm, text }) => this.vmRequest(vm, text),
   };
@@ -390,15 +343,6 @@ export class Host {
   }
 
   // ---- replicas --------------------------------------------------------------------
-
-  /** Boots this host's replicas of a group (timers stopped); answers where its primaries' message paths listen. */
-  private async prepareGroup(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, Route> }> {
-    if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.id}`), { code: "GroupExists" });
-    const runtime = await GroupDriver.prepare(this.groupApi, record, module);
-    this.groups.set(record.group, runtime);
-    this.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
-    return { group: record.group, routes: runtime.pathRoutes() };
-  }
 
   /** Every primary of the group listens: hand its VMs the whole route table and start them. */
   private runGroup(group: string, routes: (Route | null)[]): { group: string } {
@@ -514,7 +458,7 @@ export class Host {
       ),
       backups: [...this.groups.values()].flatMap((g) => g.status().backups.map((b) => ({ vm: b.vm, primary: g.record.placement[b.rank].primary, incarnation: g.record.incarnation, cut: b.cut, staged: b.staged }))),
       groups: [...this.groups.values()].map((g) => g.status()),
-      group_frames_refused: this.groupFramesRefused,
+      group_frames_refused: this.groupFramesRefused + this.groups.refused,
     };
   }
 }

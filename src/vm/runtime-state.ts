@@ -20,8 +20,17 @@
  * still decodes.
  */
 import { deserialize, serialize } from "node:v8";
+import { InvalidFieldError } from "../checkpoint/errors.js";
 import { assert } from "../util/assert.js";
 import type { ChannelRecord, LoggedMessage } from "../core/channel.js";
+
+/**
+ * The runtime-state field of a checkpoint does not decode to a runtime state.
+ * An InvalidFieldError (code "InvalidField"): the state travels inside deltas
+ * and images, and whoever reads one handles a bad state like any other bad
+ * field of the blob.
+ */
+export class MalformedRuntimeStateError extends InvalidFieldError {}
 
 export const OUTPUT_LOG = 0;
 export const OUTPUT_REPLY = 1;
@@ -106,7 +115,7 @@ function packRecords<T>(records: readonly T[], fields: number, numbersOf: (r: T)
 
 /** Inverse of packRecords; `valid` checks each record's numbers; `what` names the section in errors. */
 function unpackRecords<T>(packed: Uint8Array, fields: number, valid: (numbers: number[]) => boolean, build: (numbers: number[], bytes: Uint8Array) => T, what: string): T[] {
-  const malformed = () => new TypeError(`runtime state is malformed (${what})`);
+  const malformed = () => new MalformedRuntimeStateError(`runtime state is malformed (${what})`);
   const entry = 8 * (fields + 1);
   if (packed.length < 8) throw malformed();
   const view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
@@ -163,7 +172,17 @@ type EncodedState = Omit<RuntimeState, "sender_log" | "output"> & { output?: Out
 
 export function encodeRuntimeState(state: RuntimeState): Uint8Array {
   const { sender_log, output, ...rest } = state;
-  const encoded: EncodedState = { ...rest, sender_log_packed: packSenderLog(sender_log) };
+  // Packed copies of the number arrays: V8 writes a packed array densely and a
+  // holey one (deserialize() returns holey arrays) sparsely, so without them a
+  // decoded-then-encoded state (a promoted backup's) would differ in bytes
+  // from the same state encoded by the primary.
+  const encoded: EncodedState = {
+    ...rest,
+    sent_seq: packedCopy(rest.sent_seq),
+    delivered: packedCopy(rest.delivered),
+    sender_log_trimmed: packedCopy(rest.sender_log_trimmed),
+    sender_log_packed: packSenderLog(sender_log),
+  };
   const section = packOutput(output);
   const tail = serialize(encoded);
   const out = new Uint8Array(5 + section.length + tail.length);
@@ -174,12 +193,19 @@ export function encodeRuntimeState(state: RuntimeState): Uint8Array {
   return out;
 }
 
+/** A copy with packed elements (spread and Array.from keep a holey array holey). */
+function packedCopy(values: readonly number[]): number[] {
+  const out: number[] = [];
+  for (const v of values) out.push(v);
+  return out;
+}
+
 /** The split layout's two parts; a state of V8 bytes only has no output section. */
 function splitState(bytes: Uint8Array): { output: Uint8Array | null; tail: Uint8Array } {
   if (bytes[0] === V8_VERSION_TAG) return { output: null, tail: bytes };
-  if (bytes[0] !== STATE_LAYOUT_SPLIT || bytes.length < 5) throw new TypeError("runtime state is malformed (unknown layout)");
+  if (bytes[0] !== STATE_LAYOUT_SPLIT || bytes.length < 5) throw new MalformedRuntimeStateError("runtime state is malformed (unknown layout)");
   const length = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(1, true);
-  if (5 + length > bytes.length) throw new TypeError("runtime state is malformed (output section overruns the state)");
+  if (5 + length > bytes.length) throw new MalformedRuntimeStateError("runtime state is malformed (output section overruns the state)");
   return { output: bytes.subarray(5, 5 + length), tail: bytes.subarray(5 + length) };
 }
 
@@ -191,16 +217,20 @@ export function decodeOutputRecords(bytes: Uint8Array): OutputRecord[] {
 
 export function decodeRuntimeState(bytes: Uint8Array): RuntimeState {
   const split = splitState(bytes);
-  const encoded = deserialize(split.tail) as EncodedState;
-  if (typeof encoded !== "object" || encoded === null) throw new TypeError("runtime state is malformed");
-  if (split.output) encoded.output = unpackOutput(split.output);
-  if (typeof encoded.epoch !== "number" || !(encoded.timers instanceof Map) || !Array.isArray(encoded.output)) {
-    throw new TypeError("runtime state is malformed");
+  let encoded: EncodedState;
+  try {
+    encoded = deserialize(split.tail) as EncodedState;
+  } catch (error) {
+    // V8's deserializer (and Node's reader of typed arrays inside it) throws plain Errors and TypeErrors on bad bytes.
+    throw new MalformedRuntimeStateError(`runtime state is malformed (${(error as Error)?.message ?? String(error)})`);
   }
+  const malformed = (what: string) => new MalformedRuntimeStateError(`runtime state is malformed (${what})`);
+  if (typeof encoded !== "object" || encoded === null || Array.isArray(encoded)) throw malformed("not a record");
+  if (split.output) encoded.output = unpackOutput(split.output);
   const { sender_log_packed, ...rest } = encoded;
   const state = rest as RuntimeState;
   if (sender_log_packed !== undefined) {
-    if (!(sender_log_packed instanceof Uint8Array)) throw new TypeError("runtime state is malformed (packed sender log)");
+    if (!(sender_log_packed instanceof Uint8Array)) throw malformed("packed sender log");
     state.sender_log = unpackSenderLog(sender_log_packed);
   }
   // States written before group messaging existed carry no channel fields: they had sent and delivered nothing.
@@ -210,15 +240,15 @@ export function decodeRuntimeState(bytes: Uint8Array): RuntimeState {
   state.sender_log ??= [];
   state.sender_log_bytes ??= 0;
   state.sender_log_trimmed ??= [];
-  if (
-    typeof state.incarnation !== "number" ||
-    !Array.isArray(state.sent_seq) ||
-    !Array.isArray(state.delivered) ||
-    !Array.isArray(state.sender_log) ||
-    !Array.isArray(state.sender_log_trimmed) ||
-    typeof state.sender_log_bytes !== "number"
-  ) {
-    throw new TypeError("runtime state is malformed (group channels)");
+  // Every field the VM reads is checked here, so that bad bytes fail in the decoder, by name, not later inside the VM.
+  const natural = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
+  const naturals = (v: unknown) => Array.isArray(v) && v.every(natural);
+  if (!natural(state.epoch) || !natural(state.output_bytes) || !natural(state.output_seq) || typeof state.booted !== "boolean") throw malformed("counters");
+  if (!(state.timers instanceof Map) || ![...state.timers].every(([id, due]) => Number.isInteger(id) && typeof due === "number")) throw malformed("timers");
+  if (!Array.isArray(state.output)) throw malformed("output");
+  if (!natural(state.incarnation) || !naturals(state.sent_seq) || !naturals(state.delivered) || !naturals(state.sender_log_trimmed) || !natural(state.sender_log_bytes)) {
+    throw malformed("group channels");
   }
+  if (!Array.isArray(state.sender_log)) throw malformed("sender log");
   return state;
 }

@@ -39,6 +39,8 @@ export interface GroupHostApi {
   /** Hosts alive now (this one included), sorted. */
   liveHosts(): string[];
   guestFor(module: Uint8Array): Promise<GuestBundle>;
+  /** Every notice of the group's core, after it was logged (status pages, in-process observers). */
+  onNotice?(group: string, notice: Notice): void;
 }
 
 export interface GroupStatus {
@@ -522,6 +524,11 @@ export class GroupDriver {
   }
 
   private onNotice(n: Notice): void {
+    this.logNotice(n);
+    this.api.onNotice?.(this.name, n);
+  }
+
+  private logNotice(n: Notice): void {
     const group = this.name;
     switch (n.kind) {
       case "suspected":

@@ -1,4 +1,4 @@
-/** Seeded pseudo-random numbers (mulberry32): the simulator never touches Math.random. */
+/** Seeded pseudo-random numbers (mulberry32): the simulator never touches Math.random, so a seed is a run. */
 export class Rng {
   private s: number;
 

@@ -1,0 +1,56 @@
+/**
+ * `cohort sim`: the deterministic simulation of the group protocol core
+ * (src/sim/), many runs until a number of steps, one JSON summary. A
+ * violation prints the failing schedule, its shrunk form and that run's
+ * timeline, and the command fails; `--replay` runs one printed schedule again.
+ */
+import { runCampaign, type CampaignSummary } from "../sim/campaign.js";
+import { simulate, MUTATIONS, type Mutation, type Schedule } from "../sim/simulator.js";
+
+export interface SimCommandOptions {
+  seed: number;
+  steps: number;
+  hosts?: number;
+  size?: number;
+  mutation?: Mutation;
+  json: boolean;
+}
+
+export function isMutation(name: string): name is Mutation {
+  return (MUTATIONS as readonly string[]).includes(name);
+}
+
+/** Runs the campaign, prints, and returns the exit code. */
+export function runSimCommand(options: SimCommandOptions, print: (line: string) => void): number {
+  const summary = runCampaign({ seed: options.seed, steps: options.steps, hosts: options.hosts, size: options.size, mutation: options.mutation }, () => performance.now());
+  const { failure, ...figures } = summary;
+  if (options.json) print(JSON.stringify(failure ? { ...figures, failure } : figures));
+  else printHuman(summary, print);
+  return failure ? 1 : 0;
+}
+
+function printHuman(s: CampaignSummary, print: (line: string) => void): void {
+  print(`seed ${s.seed}: ${s.runs} runs, ${s.steps} steps (${s.steps_per_s} steps/s), ${s.commits} commits, ${s.recoveries} recoveries, ${s.crashes} crashes, ${s.pauses} pauses, ${s.halts} halts`);
+  print(`second failures by step: ${Object.entries(s.second_failures_by_step).map(([k, n]) => `${k} ${n}`).join(", ")}`);
+  if (!s.failure) {
+    print("violations: 0");
+    return;
+  }
+  const f = s.failure;
+  print(`VIOLATION in run ${f.run}:`);
+  for (const v of f.violations) print(`  ${v.invariant} at ${v.at_ms} ms: ${v.message}`);
+  print(`schedule: ${JSON.stringify(f.schedule)}`);
+  print(`shrunk:   ${JSON.stringify(f.shrunk)}`);
+  for (const v of f.shrunk_violations) print(`  ${v.invariant} at ${v.at_ms} ms: ${v.message}`);
+  for (const line of f.shrunk_timeline) print(`  | ${line}`);
+  print(`replay: cohort sim --replay '${JSON.stringify(f.shrunk)}'`);
+}
+
+/** Runs one schedule (as a failure prints it) and prints its result; exit code 1 on a violation. */
+export function replaySchedule(json: string, print: (line: string) => void): number {
+  const schedule = JSON.parse(json) as Schedule;
+  const result = simulate(schedule);
+  print(JSON.stringify({ ...result, timeline: undefined }));
+  for (const line of result.timeline) print(`| ${line}`);
+  return result.violation_count ? 1 : 0;
+}

@@ -1,0 +1,97 @@
+/**
+ * The protected groups one host runs: one GroupDriver per group with a
+ * replica here. It routes each validated GROUP frame to its group's driver
+ * and lets a host the record newly names join a group on its first
+ * `recover`. The daemon (src/host/host.ts) and the in-process cluster of
+ * `cohort run` (src/host/group/in-process.ts) both keep their groups in one.
+ */
+import type { GroupFrame, Route } from "../../core/frames.js";
+import { protectionKey, type ProtectionRecord } from "../../core/types.js";
+import { GroupDriver, type GroupHostApi } from "./driver.js";
+
+export class GroupTable {
+  readonly groups = new Map<string, GroupDriver>();
+  /** GROUP frames no group here took (see dispatch). */
+  refused = 0;
+  /** Groups a `recover` asks this host to join, while the store is asked whether that decision stands. */
+  private readonly joining = new Set<string>();
+
+  constructor(private readonly api: GroupHostApi) {}
+
+  get(group: string): GroupDriver | undefined {
+    return this.groups.get(group);
+  }
+
+  values(): IterableIterator<GroupDriver> {
+    return this.groups.values();
+  }
+
+  /** Boots this host's replicas of a newly deployed group (timers stopped); answers where its primaries' message paths listen. */
+  async prepare(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, Route> }> {
+    if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.api.id}`), { code: "GroupExists" });
+    const driver = await GroupDriver.prepare(this.api, record, module);
+    this.groups.set(record.group, driver);
+    this.api.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
+    return { group: record.group, routes: driver.pathRoutes() };
+  }
+
+  /**
+   * A validated GROUP frame (body: the frame's binary part, e.g. a delta, or
+   * the module with a `recover`). One no group here takes is refused, logged
+   * and counted (`refused`): for a group with no replica here, or in this
+   * host's own name (its frames never travel).
+   */
+  dispatch(frame: GroupFrame, body: Uint8Array): void {
+    if (frame.from === this.api.id) return this.refuse(frame, "it claims to come from this host");
+    const driver = this.groups.get(frame.g);
+    if (driver) return driver.handleFrame(frame.from, frame, body);
+    // A new backup host of a recovering group: it gets the module with the record.
+    if (frame.k === "recover" && frame.record.placement.some((p) => p.primary === this.api.id || p.backup === this.api.id)) return this.join(frame, body);
+    this.refuse(frame, "no replica of that group here");
+  }
+
+  /**
+   * Joining a group runs its module and takes part in its recovery: only for
+   * a decision the store holds (the compare-and-swap that won), not on a
+   * frame's word. A repeated `recover` while the store is asked is dropped
+   * (the coordinator repeats it until this host reports).
+   */
+  private join(frame: Extract<GroupFrame, { k: "recover" }>, body: Uint8Array): void {
+    if (this.joining.has(frame.g)) return;
+    this.joining.add(frame.g);
+    const module = body.slice();
+    this.api.store.get<ProtectionRecord>(protectionKey(frame.g)).then(
+      (stored) => {
+        this.joining.delete(frame.g);
+        const r = stored?.value;
+        if (r?.incarnation !== frame.inc || r.leader !== frame.from) {
+          return this.refuse(frame, `recover of incarnation ${frame.inc} from ${frame.from}; the store holds ${r ? `incarnation ${r.incarnation} led by ${r.leader}` : "no such group"}`);
+        }
+        let driver = this.groups.get(frame.g);
+        if (!driver) {
+          driver = GroupDriver.join(this.api, frame.record, module);
+          this.groups.set(frame.g, driver);
+        }
+        driver.handleFrame(frame.from, frame, module);
+      },
+      (error: Error) => {
+        this.joining.delete(frame.g);
+        this.refuse(frame, `recover for group ${frame.g}: the store could not be read (${error.message})`);
+      },
+    );
+  }
+
+  private refuse(frame: GroupFrame, reason: string): void {
+    this.refused++;
+    this.api.log.warn({ group: frame.g, kind: frame.k, from: frame.from, reason }, "group frame refused");
+  }
+
+  /** The failure detector's view changed: every group re-evaluates. */
+  hostsChanged(): void {
+    for (const g of this.groups.values()) g.onHostsChanged();
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.groups.values()].map((g) => g.stop()));
+  }
+}
