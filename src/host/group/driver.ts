@@ -125,19 +125,31 @@ export class GroupDriver {
   static async prepare(api: GroupHostApi, record: ProtectionRecord, module: Uint8Array): Promise<GroupDriver> {
     const guest = await api.guestFor(module);
     const d = new GroupDriver(api, record, module, Promise.resolve(guest), false);
-    await Promise.all(
+    const steps = await Promise.allSettled(
       record.placement.map(async (p, rank) => {
         if (p.primary === api.id) {
-          const member = d.addMember(rank, await VmWorker.boot(guest, d.vmOptions(rank)), new OutputLog(), 0);
+          let vm: VmWorker;
+          try {
+            vm = await VmWorker.boot(guest, d.vmOptions(rank));
+          } catch (error) {
+            throw new Error(`${vmName(record.group, rank)}: the guest failed to boot: ${(error as Error).message}`, { cause: error });
+          }
+          const member = d.addMember(rank, vm, new OutputLog(), 0);
           await d.openPath(member);
         }
         if (p.backup === api.id) {
           const b = d.newBackup(rank, guest);
-          await b.installBlank();
           d.backups.set(rank, b);
+          await b.installBlank();
         }
       }),
     );
+    const failed = steps.find((s): s is PromiseRejectedResult => s.status === "rejected");
+    if (failed) {
+      // Nothing of a group that cannot start stays behind: its threads would keep running for nobody.
+      await d.stop();
+      throw failed.reason;
+    }
     return d;
   }
 

@@ -70,7 +70,14 @@ export class InProcessCluster {
   async deploy(record: ProtectionRecord, module: Uint8Array): Promise<void> {
     await this.store.put(protectionKey(record.group), record);
     const hosts = hostsOf(record);
-    const prepared = await Promise.all(hosts.map((h) => this.tables.get(h)!.prepare(record, module)));
+    const settled = await Promise.allSettled(hosts.map((h) => this.tables.get(h)!.prepare(record, module)));
+    const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
+    if (failed) {
+      // The hosts that did prepare stop their replicas: a deploy that fails leaves nothing running.
+      await Promise.all(hosts.map((h) => this.tables.get(h)!.remove(record.group)));
+      throw failed.reason;
+    }
+    const prepared = settled.map((s) => (s as PromiseFulfilledResult<{ routes: Record<number, Route> }>).value);
     const routes: (Route | null)[] = record.placement.map(() => null);
     for (const p of prepared) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
     for (const h of hosts) this.tables.get(h)!.get(record.group)!.run(routes);

@@ -91,6 +91,13 @@ export class GroupTable {
     for (const g of this.groups.values()) g.onHostsChanged();
   }
 
+  /** Stops and forgets this host's replicas of `group` (a deploy that failed elsewhere). */
+  async remove(group: string): Promise<void> {
+    const driver = this.groups.get(group);
+    this.groups.delete(group);
+    await driver?.stop();
+  }
+
   async stop(): Promise<void> {
     await Promise.all([...this.groups.values()].map((g) => g.stop()));
   }
