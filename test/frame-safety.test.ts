@@ -8,7 +8,10 @@
  * committing and releasing output, no replica step fails, and each refusal
  * shows in `status`.
  */
+import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { promisify } from "node:util";
 import { readFile } from "node:fs/promises";
 import { afterEach, describe, expect, it } from "vitest";
 import { GroupCore } from "../src/core/node.js";
@@ -230,6 +233,7 @@ async function until(check: () => boolean, what: string, timeout_ms = 5000): Pro
 
 // ---- live hosts ----------------------------------------------------------------------------
 
+const run = promisify(execFile);
 // Generous, like the other group tests: deploys boot VM threads on a shared 2-core machine.
 const DETECT_MS = 1000;
 afterEach(stopClusters);
@@ -342,5 +346,15 @@ describe("bad frames sent to live hosts", () => {
       }
     }
     expect(final.reduce((n, s) => n + (s.groups.find((g) => g.group === "bank")?.refused ?? 0), 0)).toBeGreaterThanOrEqual(cases.filter((x) => x[4] === "group").length);
+    // What `cohort status` shows.
+    const cli = JSON.parse((await run(process.execPath, [join(process.cwd(), "bin/cohort.js"), "status", "--json", "--state-dir", c.state_dir])).stdout) as {
+      hosts: { id: string; group_frames_refused: number }[];
+      groups: { group: string; refused: number; steps_failed: number }[];
+    };
+    const bank = cli.groups.find((g) => g.group === "bank")!;
+    expect(bank.refused).toBeGreaterThanOrEqual(cases.filter((x) => x[4] === "group").length);
+    expect(bank.steps_failed).toBe(0);
+    expect(cli.groups.find((g) => g.group === "tick")!.steps_failed).toBe(0);
+    expect(cli.hosts.reduce((n, h) => n + h.group_frames_refused, 0)).toBeGreaterThanOrEqual(cases.filter((x) => x[4] === "host").length);
   }, 60_000);
 });

@@ -98,11 +98,15 @@ export function registerClusterCommands(program: Command): void {
           }
         }),
       );
+      // Frames refused and replica steps failed, summed over the hosts that answered (src/host/api.ts HostStatus).
+      const ofGroup = (group: string) => hosts.flatMap((h) => h.status?.groups.filter((s) => s.group === group) ?? []);
       const report = {
-        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up })),
+        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up, group_frames_refused: h.status?.group_frames_refused ?? null })),
         groups: groups.map((g) => ({
           group: g.value.group,
           mode: g.value.mode,
+          refused: ofGroup(g.value.group).reduce((n, s) => n + s.refused, 0),
+          steps_failed: ofGroup(g.value.group).reduce((n, s) => n + s.steps_failed, 0),
           vms: vms
             .filter((v) => v.value.group === g.value.group)
             .map((v) => {
@@ -126,9 +130,9 @@ export function registerClusterCommands(program: Command): void {
         return;
       }
       console.log("HOSTS");
-      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? "up" : "DOWN"}`);
+      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? `up  group frames refused ${h.group_frames_refused}` : "DOWN"}`);
       for (const g of report.groups) {
-        console.log(`GROUP ${g.group} (mode ${g.mode})`);
+        console.log(`GROUP ${g.group} (mode ${g.mode})  frames refused ${g.refused}  steps failed ${g.steps_failed}`);
         for (const v of g.vms) {
           console.log(`  ${v.vm}  primary ${v.primary}  backup ${v.backup ?? "-"}  epoch ${v.epoch ?? "?"}  committed ${v.committed ?? "?"}  incarnation ${v.incarnation}  ${v.health}`);
         }
