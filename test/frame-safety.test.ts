@@ -20,6 +20,7 @@ import { planRecovery } from "../src/core/recovery.js";
 import type { CoreAction } from "../src/core/events.js";
 import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
 import { MessagePath } from "../src/vm/message-path.js";
+import { encodeImage } from "../src/checkpoint/format.js";
 import { DEFAULT_LIMITS } from "../src/vm/machine.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { instrument } from "../src/guest/instrument.js";
@@ -280,6 +281,8 @@ describe("bad frames sent to live hosts", () => {
     }
     const group = (from: string, fields: Record<string, unknown>, at = inc) => ({ v: 1, g: "bank", from, inc: at, ...fields });
     const garbage = new Uint8Array(randomBytes(4096));
+    // A well-formed image (checksum and all) of no module this cluster runs.
+    const otherImage = encodeImage({ epoch: 1, memory_pages: 1, module_hash: new Uint8Array(32), page_indices: new Uint32Array(0), page_data: new Uint8Array(0), globals: new Uint8Array(0), runtime_state: new Uint8Array(0) });
 
     // [what, to, header, body, where the refusal is counted]
     const cases: [string, string, Record<string, unknown>, Uint8Array | undefined, "group" | "host"][] = [
@@ -295,6 +298,8 @@ describe("bad frames sent to live hosts", () => {
       ["delta: corrupt body", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: [0, 0] }), garbage, "group"],
       ["delta: rank out of range", p0.backup!, group(p0.primary, { k: "delta", rank: 9, e: 1, d: [0, 0] }), undefined, "group"],
       ["delta: huge vector", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: new Array(200).fill(1) }), undefined, "group"],
+      ["image: an output history with a hole", p0.backup!, group(p0.primary, { k: "image", rank: 0, e: 1, released_seq: 3, history: [1, 3].map((seq) => ({ seq, epoch: 1, kind: 0, text: "x", produced_ms: 0, released_ms: 0 })) }), otherImage, "group"],
+      ["image: of another module", p0.backup!, group(p0.primary, { k: "image", rank: 0, e: 1, released_seq: 0, history: [] }), otherImage, "group"],
       ["image: garbage body", p0.backup!, group(p0.primary, { k: "image", rank: 0, e: 1, released_seq: 0, history: [] }), garbage, "group"],
       ["staged: from a host that is not the backup", L, group(p1.primary, { k: "staged", rank: 1, e: 1, d: [0, 0] }), undefined, "group"],
       ["commit: a cut never staged", p1.primary, group(L, { k: "commit", c: 1_000_000, d: [[0, 0], [0, 0]] }), undefined, "group"],

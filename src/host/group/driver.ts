@@ -88,6 +88,8 @@ export class GroupDriver {
   private lastTick_ms = 0;
   /** Frames this driver refused before the core saw them (a corrupt delta or image body, a newer incarnation the store does not hold). */
   private refusedHere = 0;
+  /** Hash of the group's instrumented module (once compiled): an image of another module is refused on arrival. */
+  private moduleHash: Uint8Array | null = null;
   /** `recover`/`halt` frames of a newer incarnation waiting for the store to confirm it. */
   private readonly confirming = new Set<string>();
   /** Events the core failed on and actions that threw: contained to this group (a bug; each is logged). */
@@ -103,6 +105,11 @@ export class GroupDriver {
   ) {
     const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts() };
     this.core = joined ? GroupCore.joined(options) : GroupCore.deployed(options);
+    // A joining host's module may fail to load: that is logged where it is compiled (join); images are then checked without the hash.
+    guestReady.then(
+      (guest) => (this.moduleHash = guest.hash),
+      () => undefined,
+    );
   }
 
   get name(): string {
@@ -184,7 +191,7 @@ export class GroupDriver {
    * never replaced by bytes it cannot install.
    */
   handleFrame(from: string, frame: GroupFrame, body: Uint8Array): void {
-    const problem = bodyProblem(frame, body);
+    const problem = bodyProblem(frame, body, this.moduleHash);
     if (problem !== null) return this.refuseHere(from, frame, problem);
     if ((frame.k === "recover" || frame.k === "halt") && frame.inc > this.core.incarnation) return this.feedOnceStored(from, frame, body);
     this.feed({ type: "frame", from, frame, body });
@@ -690,14 +697,28 @@ function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-/** Why the body of a delta or image frame cannot be what its header says (null: it can). */
-export function bodyProblem(frame: GroupFrame, body: Uint8Array): string | null {
+/**
+ * Why the body of a delta or image frame cannot be what its header says
+ * (null: it can): it does not decode, holds another checkpoint, (an image)
+ * comes with an output history that is not the released records in order,
+ * or was taken of another module than `moduleHash` (when known).
+ */
+export function bodyProblem(frame: GroupFrame, body: Uint8Array, moduleHash: Uint8Array | null = null): string | null {
   if (frame.k !== "delta" && frame.k !== "image") return null;
   let epoch: number;
+  let hash: Uint8Array | null = null;
   try {
-    epoch = frame.k === "delta" ? decodeDelta(body).epoch : decodeImage(body).epoch;
+    if (frame.k === "delta") epoch = decodeDelta(body).epoch;
+    else ({ epoch, module_hash: hash } = decodeImage(body));
   } catch (error) {
     return `${frame.k} of member ${frame.rank} at ${frame.e}: body refused: ${errorText(error)}`;
   }
-  return epoch === frame.e ? null : `${frame.k} frame says checkpoint ${frame.e} of member ${frame.rank}, its body holds ${epoch}`;
+  if (epoch !== frame.e) return `${frame.k} frame says checkpoint ${frame.e} of member ${frame.rank}, its body holds ${epoch}`;
+  if (frame.k === "image") {
+    // The new backup's output log starts from this history: it must be the records up to released_seq, dense and in order.
+    const first = frame.released_seq - frame.history.length + 1;
+    if (first < 1 || frame.history.some((r, i) => r.seq !== first + i)) return `image of member ${frame.rank}: its output history is not the records up to ${frame.released_seq} in order`;
+    if (moduleHash && hash && Buffer.compare(moduleHash, hash) !== 0) return `image of member ${frame.rank} was taken of another module`;
+  }
+  return null;
 }
