@@ -11,7 +11,12 @@ import type { ReleasedRecord } from "../core/frames.js";
 
 /** Records kept per VM; older ones are dropped (followers that fall further behind see a gap notice). */
 export const OUTPUT_LOG_RECORDS_MAX = 200_000;
-/** Released history a primary sends a new backup with its image (newest first, up to this much text). */
+/**
+ * Released history a primary sends a new backup with its image (newest
+ * first, up to this many bytes of JSON-encoded records: it travels in a
+ * frame header, which must stay under 1 MiB whatever bytes the guest logged
+ * and however small its records).
+ */
 export const OUTPUT_LOG_HISTORY_BYTES_MAX = 256 * 1024;
 
 export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]] }> {
@@ -47,11 +52,13 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
     return fresh;
   }
 
-  /** The newest records whose text adds up to at most `bytes_max`: what a new backup gets of the history. */
+  /** The newest records that, JSON-encoded, add up to at most `bytes_max`: what a new backup gets of the history. */
   tail(bytes_max: number): ReleasedRecord[] {
     let bytes = 0;
     let i = this.records.length;
-    while (i > 0 && bytes + this.records[i - 1].text.length <= bytes_max) bytes += this.records[--i].text.length;
+    // Counted as sent: a control character takes 6 bytes in JSON, and every record its fields.
+    const size = (r: ReleasedRecord) => Buffer.byteLength(JSON.stringify(r)) + 1;
+    while (i > 0 && bytes + size(this.records[i - 1]) <= bytes_max) bytes += size(this.records[--i]);
     return this.records.slice(i);
   }
 
