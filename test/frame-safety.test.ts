@@ -20,7 +20,8 @@ import { planRecovery } from "../src/core/recovery.js";
 import type { CoreAction } from "../src/core/events.js";
 import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
 import { MessagePath } from "../src/vm/message-path.js";
-import { encodeImage } from "../src/checkpoint/format.js";
+import { encodeDelta, encodeImage } from "../src/checkpoint/format.js";
+import { bodyProblem } from "../src/host/group/driver.js";
 import { DEFAULT_LIMITS } from "../src/vm/machine.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { instrument } from "../src/guest/instrument.js";
@@ -159,6 +160,26 @@ describe("the group core refuses bad frames of every kind", () => {
     expect(core.status().refused).toBe(before.refused + 1);
     expect(core.status().steps_failed).toBe(before.steps_failed + 1);
     expect(core.status().state).toBe("running");
+  });
+
+  it("a delta or image body that is not what its header says is refused before the core sees it", () => {
+    const delta = frame("h2", { k: "delta", rank: 1, e: 1, d: [0, 0] });
+    const image = (history: number[], released_seq: number) =>
+      frame("h2", { k: "image", rank: 1, e: 1, released_seq, history: history.map((seq) => ({ seq, epoch: 1, kind: 0, text: "", produced_ms: 0, released_ms: 0 })) });
+    const parts = { memory_pages: 1, page_indices: new Uint32Array(0), page_data: new Uint8Array(0), globals: new Uint8Array(0), runtime_state: new Uint8Array(0) };
+    const hash = new Uint8Array(32).fill(7);
+    const good = encodeImage({ ...parts, epoch: 1, module_hash: hash });
+    expect(bodyProblem(delta, new Uint8Array(randomBytes(100)))).toMatch(/body refused/);
+    expect(bodyProblem(delta, encodeDelta({ ...parts, epoch: 2 }))).toMatch(/holds 2/);
+    expect(bodyProblem(delta, encodeDelta({ ...parts, epoch: 1 }))).toBeNull();
+    expect(bodyProblem(image([1, 2, 3], 3), good, hash)).toBeNull();
+    expect(bodyProblem(image([], 0), good, hash)).toBeNull();
+    expect(bodyProblem(image([1, 3], 3), good, hash)).toMatch(/not the records up to 3/);
+    expect(bodyProblem(image([2, 3], 2), good, hash)).toMatch(/not the records/);
+    expect(bodyProblem(image([1], 1), good, new Uint8Array(32))).toMatch(/another module/);
+    const flipped = good.slice();
+    flipped[flipped.length - 1] ^= 1; // the crc32 trailer
+    expect(bodyProblem(image([], 0), flipped, hash)).toMatch(/checksum/i);
   });
 
   it("reports that cannot all be true give no recovery plan, not an assertion", () => {
