@@ -22,6 +22,7 @@ import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
 import { MessagePath } from "../src/vm/message-path.js";
 import { encodeDelta, encodeImage } from "../src/checkpoint/format.js";
 import { bodyProblem } from "../src/host/group/driver.js";
+import { LogLimit } from "../src/util/log-limit.js";
 import { DEFAULT_LIMITS } from "../src/vm/machine.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { instrument } from "../src/guest/instrument.js";
@@ -180,6 +181,14 @@ describe("the group core refuses bad frames of every kind", () => {
     const flipped = good.slice();
     flipped[flipped.length - 1] ^= 1; // the crc32 trailer
     expect(bodyProblem(image([], 0), flipped, hash)).toMatch(/checksum/i);
+  });
+
+  it("a flood of refusals is logged a bounded number of lines per second, each left-out count said", () => {
+    const limit = new LogLimit(3, 1000);
+    const taken = Array.from({ length: 10 }, (_, i) => limit.take(i));
+    expect(taken.filter((t) => t !== null)).toHaveLength(3);
+    expect(limit.take(1000)).toEqual({ skipped: 7 });
+    expect(limit.take(1001)).toEqual({ skipped: 0 });
   });
 
   it("reports that cannot all be true give no recovery plan, not an assertion", () => {
@@ -343,6 +352,17 @@ describe("bad frames sent to live hosts", () => {
       expect(closed, `${what}: connection closed`).toBe(what.startsWith("malformed") || what.includes("newer version"));
       await waitFor(async () => (await refusedOf(to))[where] > before[where], 5000, `${what}: refusal counted on ${to}`);
     }
+    // A flood: every frame is refused and counted, the log gets a bounded share of it.
+    const logLines = async () => (await readFile(join(c.state_dir, "logs", `${L}.log`), "utf8")).split("\n").filter((l) => l.includes("group frame refused")).length;
+    const [floodBefore, linesBefore] = [await refusedOf(L), await logLines()];
+    const flood = await Connection.open(address(L), "fake-peer", 2000);
+    for (let i = 0; i < 2000; i++) flood.send(MSG.GROUP, group("fake", { k: "pending" }));
+    await waitFor(async () => (await refusedOf(L)).group >= floodBefore.group + 2000, 10_000, "2000 refusals counted");
+    flood.close("done");
+    const logged = (await logLines()) - linesBefore;
+    expect(logged).toBeGreaterThan(0);
+    expect(logged).toBeLessThan(200);
+
     // A newer incarnation's `stale` only makes the host ask the store, which says nothing changed.
     await send(p1.primary, MSG.GROUP, group("fake", { k: "stale" }, inc + 1));
 

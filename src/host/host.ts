@@ -13,6 +13,7 @@ import { MSG, type Heartbeat, type LogPush, type Request } from "./messages.js";
 import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { OutputLog } from "./output-log.js";
+import { LogLimit } from "../util/log-limit.js";
 import { hostKey } from "./records.js";
 import { deployGroup } from "./deploy.js";
 import type { CoordinationStore, Versioned } from "../store/store.js";
@@ -66,6 +67,7 @@ export class Host {
   /** Group frames whose header was malformed or of a newer version (their connections were closed). */
   private groupFramesRefused = 0;
   private stopping = false;
+  private readonly closeLog = new LogLimit();
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -135,7 +137,10 @@ export class Host {
     this.incoming.add(connection);
     connection.on("close", (reason) => {
       this.incoming.delete(connection);
-      if (!this.stopping && !reason.startsWith("peer closed")) this.log.warn({ connection: connection.label, reason }, "connection closed");
+      if (this.stopping || reason.startsWith("peer closed")) return;
+      // A peer that keeps sending bad frames on new connections gets each closed, and the log a bounded share of it.
+      const take = this.closeLog.take(Date.now());
+      if (take) this.log.warn({ connection: connection.label, reason, ...(take.skipped ? { closes_not_logged: take.skipped } : {}) }, "connection closed");
     });
     connection.on("message", (type, header, body) => {
       this.onMessage(connection, type, header, body).catch((error: Error) => {

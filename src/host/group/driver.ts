@@ -25,6 +25,7 @@ import { BackupReplica } from "../backup.js";
 import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
 import { vmKey, vmName, type VmRecord } from "../records.js";
 import { GroupMember } from "./member.js";
+import { LogLimit } from "../../util/log-limit.js";
 
 /** What a group driver needs from its host daemon. */
 export interface GroupHostApi {
@@ -88,6 +89,7 @@ export class GroupDriver {
   private lastTick_ms = 0;
   /** Frames this driver refused before the core saw them (a corrupt delta or image body, a newer incarnation the store does not hold). */
   private refusedHere = 0;
+  private readonly refusalLog = new LogLimit();
   /** Hash of the group's instrumented module (once compiled): an image of another module is refused on arrival. */
   private moduleHash: Uint8Array | null = null;
   /** `recover`/`halt` frames of a newer incarnation waiting for the store to confirm it. */
@@ -199,7 +201,13 @@ export class GroupDriver {
 
   private refuseHere(from: string, frame: GroupFrame, reason: string): void {
     this.refusedHere++;
-    this.log.warn({ group: this.name, event: "refused", from, kind: frame.k, reason }, "group frame refused");
+    this.logRefusal({ group: this.name, event: "refused", from, kind: frame.k, reason });
+  }
+
+  /** Every refusal is counted; a flood of them is not logged line by line (LogLimit). */
+  private logRefusal(fields: Record<string, unknown>): void {
+    const take = this.refusalLog.take(Date.now());
+    if (take) this.log.warn(take.skipped ? { ...fields, refusals_not_logged: take.skipped } : fields, "group frame refused");
   }
 
   /**
@@ -570,7 +578,7 @@ export class GroupDriver {
       case "fenced":
         return this.log.warn({ group, event: "fenced", incarnation: n.inc }, "fenced: the group's record names this host failed; its replicas stop");
       case "refused":
-        return this.log.warn({ group, event: "refused", reason: n.reason }, "group frame refused");
+        return this.logRefusal({ group, event: "refused", reason: n.reason });
       case "step_failed":
         return this.log.error({ group, event: "step_failed", rank: n.rank, step: n.step, error: n.error }, "replica step failed");
     }

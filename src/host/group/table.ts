@@ -8,11 +8,14 @@
 import type { GroupFrame, Route } from "../../core/frames.js";
 import { protectionKey, type ProtectionRecord } from "../../core/types.js";
 import { GroupDriver, type GroupHostApi } from "./driver.js";
+import { LogLimit } from "../../util/log-limit.js";
 
 export class GroupTable {
   readonly groups = new Map<string, GroupDriver>();
   /** GROUP frames no group here took (see dispatch). */
   refused = 0;
+  /** Every refusal is counted; a flood of them is not logged line by line. */
+  private readonly refusalLog = new LogLimit();
   /** Groups a `recover` asks this host to join, while the store is asked whether that decision stands. */
   private readonly joining = new Set<string>();
 
@@ -83,7 +86,8 @@ export class GroupTable {
 
   private refuse(frame: GroupFrame, reason: string): void {
     this.refused++;
-    this.api.log.warn({ group: frame.g, kind: frame.k, from: frame.from, reason }, "group frame refused");
+    const take = this.refusalLog.take(Date.now());
+    if (take) this.api.log.warn({ group: frame.g, kind: frame.k, from: frame.from, reason, ...(take.skipped ? { refusals_not_logged: take.skipped } : {}) }, "group frame refused");
   }
 
   /** The failure detector's view changed: every group re-evaluates. */
