@@ -73,6 +73,9 @@ export interface GroupStatus {
   backups: { rank: number; vm: string; cut: number; staged: number }[];
 }
 
+/** `recover`/`halt` frames of newer incarnations checked against the store at once, per group. */
+const CONFIRMING_MAX = 4;
+
 export class GroupDriver {
   readonly members = new Map<number, GroupMember>();
   readonly backups = new Map<number, BackupReplica>();
@@ -220,6 +223,8 @@ export class GroupDriver {
   private feedOnceStored(from: string, frame: GroupFrame, body: Uint8Array): void {
     const key = `${frame.k} ${frame.inc}`;
     if (this.confirming.has(key)) return;
+    // Legitimately one or two at a time; a flood of made-up incarnations must not become a flood of store reads.
+    if (this.confirming.size >= CONFIRMING_MAX) return this.refuseHere(from, frame, `${frame.k} frame of incarnation ${frame.inc}: ${CONFIRMING_MAX} newer incarnations are being checked already`);
     this.confirming.add(key);
     this.api.store.get<ProtectionRecord>(protectionKey(this.name)).then(
       (stored) => {
