@@ -10,6 +10,9 @@ import { protectionKey, type ProtectionRecord } from "../../core/types.js";
 import { GroupDriver, type GroupHostApi } from "./driver.js";
 import { LogLimit } from "../../util/log-limit.js";
 
+/** Joins checked against the store at once. */
+const JOINING_MAX = 4;
+
 export class GroupTable {
   readonly groups = new Map<string, GroupDriver>();
   /** GROUP frames no group here took (see dispatch). */
@@ -61,6 +64,8 @@ export class GroupTable {
    */
   private join(frame: Extract<GroupFrame, { k: "recover" }>, body: Uint8Array): void {
     if (this.joining.has(frame.g)) return;
+    // A flood of recovers for made-up groups must not become a flood of store reads (the coordinator of a real one repeats it).
+    if (this.joining.size >= JOINING_MAX) return this.refuse(frame, `recover for group ${frame.g}: ${JOINING_MAX} joins are being checked already`);
     this.joining.add(frame.g);
     const module = body.slice();
     this.api.store.get<ProtectionRecord>(protectionKey(frame.g)).then(
