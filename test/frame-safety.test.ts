@@ -223,7 +223,7 @@ describe("a VM thread fed bad values", () => {
     await Promise.all(vms.splice(0).map((vm) => vm.terminate()));
   });
 
-  it("a cut out of range, a far epoch or a bad trim fails that request only; the VM goes on", async () => {
+  it("a cut out of range, a far epoch, a bad trim or re-send fails that request only (or that part of it); the VM goes on", async () => {
     const guest = await compileGuest(instrument(builtBytes("pingpong")));
     const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     vms.push(vm);
@@ -238,6 +238,9 @@ describe("a VM thread fed bad values", () => {
     await vm.request("commit", { epoch: 1, trim: [0, 99] });
     expect((await vm.status()).committed).toBe(1);
     await until(() => problems.some((p) => /not trimmed/.test(p)), "the trim reported");
+    // A resume's matrix saying a receiver delivered more than this VM sent it: nothing re-sent to it, reported, the request answers.
+    expect(await vm.request("resend", { delivered: [0, 99] })).toEqual({ resent: 0 });
+    await until(() => problems.some((p) => /nothing re-sent to rank 1/.test(p)), "the resend reported");
     expect(vm.goneReason).toBeNull();
   });
 

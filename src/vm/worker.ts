@@ -419,8 +419,17 @@ const handlers: Handlers = {
     let resent = 0;
     for (let r = 0; r < delivered.length; r++) {
       if (r === vm.rank()) continue;
+      // What receiver r delivered is a peer's word (the resume frame): a value this VM's history
+      // cannot have (more than it sent) re-sends nothing to r and is reported; the others get theirs.
+      let messages: GroupMessage[];
+      try {
+        messages = vm.resendFor(r, delivered[r]);
+      } catch (error) {
+        if (!(error instanceof RangeError)) throw error;
+        emit({ event: "problem", message: `nothing re-sent to rank ${r}: ${error.message}` });
+        continue;
+      }
       p.dropHeldTo(r);
-      const messages = vm.resendFor(r, delivered[r]);
       p.send(messages, true);
       resent += messages.length;
     }
