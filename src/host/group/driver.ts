@@ -644,7 +644,12 @@ export class GroupDriver {
     const member = new GroupMember(rank, vm, log, cut);
     member.on("output_pending", (epoch) => this.feed({ type: "output_pending", rank, epoch }));
     member.on("captured", (c) => this.feed({ type: "captured", rank, epoch: c.epoch, delivered: c.delivered, delta: c.delta }));
-    member.on("problem", (reason) => this.log.error({ group: this.name, rank, reason }, "member problem"));
+    // Problems include links refused on the member's message path: a flood of bad connections is not a flood of log lines.
+    const problems = new LogLimit();
+    member.on("problem", (reason) => {
+      const take = problems.take(Date.now());
+      if (take) this.log.error({ group: this.name, rank, reason, ...(take.skipped ? { problems_not_logged: take.skipped } : {}) }, "member problem");
+    });
     this.members.set(rank, member);
     return member;
   }
