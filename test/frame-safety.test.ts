@@ -17,6 +17,8 @@ import { afterEach, describe, expect, it } from "vitest";
 import { GroupCore } from "../src/core/node.js";
 import { parseFrame, type GroupFrame } from "../src/core/frames.js";
 import { planRecovery } from "../src/core/recovery.js";
+import { scheduleFor } from "../src/sim/campaign.js";
+import { simulate } from "../src/sim/simulator.js";
 import type { CoreAction } from "../src/core/events.js";
 import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
 import { MessagePath } from "../src/vm/message-path.js";
@@ -181,6 +183,19 @@ describe("the group core refuses bad frames of every kind", () => {
     const flipped = good.slice();
     flipped[flipped.length - 1] ^= 1; // the crc32 trailer
     expect(bodyProblem(image([], 0), flipped, hash)).toMatch(/checksum/i);
+  });
+
+  it("the simulated protocol, crashes and second failures included, trips none of these rules: it refuses only frames of other incarnations", () => {
+    let refusals = 0;
+    for (let run = 0; run < 150; run++) {
+      for (const line of simulate(scheduleFor(1, run)).timeline) {
+        const at = line.indexOf(" refused: ");
+        if (at < 0) continue;
+        refusals++;
+        expect(line.slice(at + 10), `run ${run}`).toMatch(/^\w+ frame of incarnation \d+ from \S+: this host is at \d+$/);
+      }
+    }
+    expect(refusals).toBeGreaterThan(0); // the scan sees refusals at all
   });
 
   it("a flood of refusals is logged a bounded number of lines per second, each left-out count said", () => {
