@@ -25,6 +25,7 @@ import { BackupReplica } from "../backup.js";
 import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
 import { vmKey, vmName, type VmRecord } from "../records.js";
 import { GroupMember } from "./member.js";
+import { CoreRecorder } from "./recorder.js";
 
 /** What a group driver needs from its host daemon. */
 export interface GroupHostApi {
@@ -39,6 +40,8 @@ export interface GroupHostApi {
   /** Hosts alive now (this one included), sorted. */
   liveHosts(): string[];
   guestFor(module: Uint8Array): Promise<GuestBundle>;
+  /** If set, each group's core events and actions are recorded here (src/host/group/recorder.ts). */
+  readonly record_dir?: string | null;
   /** Every notice of the group's core, after it was logged (status pages, in-process observers). */
   onNotice?(group: string, notice: Notice): void;
 }
@@ -86,6 +89,7 @@ export class GroupDriver {
   private feeding = false;
   private lastNow_ms = 0;
   private lastTick_ms = 0;
+  private readonly recorder: CoreRecorder | null;
 
   private constructor(
     private readonly api: GroupHostApi,
@@ -97,6 +101,8 @@ export class GroupDriver {
   ) {
     const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts() };
     this.core = joined ? GroupCore.joined(options) : GroupCore.deployed(options);
+    this.recorder = api.record_dir ? new CoreRecorder(api.record_dir, api.id, record.group) : null;
+    this.recorder?.start(joined ? "joined" : "deployed", options);
   }
 
   get name(): string {
@@ -183,6 +189,7 @@ export class GroupDriver {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    this.recorder?.close();
     await Promise.all([...this.members.values()].map((m) => m.stop()));
     await Promise.all([...this.backups.values()].map((b) => b.stop()));
   }
@@ -209,7 +216,7 @@ export class GroupDriver {
         if (next.type === "tick") this.tick(now);
         else {
           if (now > this.lastTick_ms) this.tick(now);
-          this.execute(this.core.handle(next));
+          this.handle(next);
         }
         // Something became due at once (a commit made room for the next epoch): tick now, not a timer later.
         if (this.core.deadline() <= this.now()) this.tick(this.now());
@@ -222,7 +229,13 @@ export class GroupDriver {
 
   private tick(now_ms: number): void {
     this.lastTick_ms = now_ms;
-    this.execute(this.core.handle({ type: "tick", now_ms }));
+    this.handle({ type: "tick", now_ms });
+  }
+
+  private handle(event: CoreEvent): void {
+    const actions = this.core.handle(event);
+    this.recorder?.step(event, actions);
+    this.execute(actions);
   }
 
   private schedule(): void {
