@@ -70,7 +70,7 @@ export const SENDER_LOG_ENTRY_OVERHEAD_BYTES = 32;
 /**
  * How many epochs a message may be ahead of its receiver and still end them
  * there at once (markerEpoch); the daemon's leader keeps fewer epochs
- * uncommitted than this (src/host/group/leader.ts), so a message further
+ * uncommitted than this (EPOCHS_INFLIGHT_MAX, src/core/types.ts), so a message further
  * ahead is malformed or hostile and simply waits (it is held).
  */
 export const MARKER_EPOCHS_MAX = 4;
