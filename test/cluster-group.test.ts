@@ -6,6 +6,9 @@
  */
 import { afterEach, describe, expect, it } from "vitest";
 import { readFile } from "node:fs/promises";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
@@ -14,6 +17,7 @@ import { EmbeddedStore } from "../src/store/embedded.js";
 import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import type { GroupStatus } from "../src/host/group/driver.js";
+import { readRecordings, replay } from "../src/sim/replay.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 
 // Generous: deploys boot many VM threads at once, and a 2-core CI machine must not mistake that for a crash.
@@ -44,8 +48,16 @@ async function recordOf(c: ClusterFile, vm: string): Promise<VmRecord> {
 }
 
 describe("group failover (real processes, kill -9)", () => {
-  it("bank: the total never changes, no transfer is lost or applied twice, survivors roll back in place", async () => {
-    const report = await runBankDemo({ hosts: 3, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2500, detect_ms: DETECT_MS }, () => undefined);
+  it("bank: the total never changes, no transfer is lost or applied twice, survivors roll back in place; the hosts' recorded core events replay to the same actions", async () => {
+    // The hosts (started by the demo, inheriting this environment) record their cores' events.
+    const recordings = mkdtempSync(join(tmpdir(), "cohort-rec-"));
+    process.env.COHORT_RECORD_CORE_EVENTS = recordings;
+    let report: Awaited<ReturnType<typeof runBankDemo>>;
+    try {
+      report = await runBankDemo({ hosts: 3, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2500, detect_ms: DETECT_MS }, () => undefined);
+    } finally {
+      delete process.env.COHORT_RECORD_CORE_EVENTS;
+    }
     expect(report.checks).toEqual({
       total_conserved: true,
       no_duplicate_transfer: true,
@@ -60,6 +72,17 @@ describe("group failover (real processes, kill -9)", () => {
     expect(report.rounds_before_kill).toBeGreaterThan(3);
     expect(report.rounds_after_kill).toBeGreaterThan(3);
     expect(report.recovery_cut).toBeGreaterThan(0);
+    // The daemon really drives the core: each host's recorded events give exactly its recorded
+    // actions again, and the protocol-level invariants hold across the hosts (the killed host's
+    // recording ends where kill -9 cut it).
+    const replayed = replay(readRecordings(recordings));
+    rmSync(recordings, { recursive: true, force: true });
+    expect(replayed.files).toBe(3);
+    expect(replayed.mismatches).toEqual([]);
+    expect(replayed.violations).toEqual([]);
+    expect(replayed.recoveries).toBe(1);
+    expect(replayed.commits).toBeGreaterThan(10);
+    expect(replayed.releases_checked).toBeGreaterThan(10);
   }, 40_000);
 
   it("a group of 16 VMs over 3 hosts: allreduce rounds stay exact and contiguous across a failover", async () => {

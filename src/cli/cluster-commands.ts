@@ -31,11 +31,13 @@ export function registerClusterCommands(program: Command): void {
       .option("--listen <address>", "address to listen on", "127.0.0.1")
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
-      .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms),
-  ).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; stateDir?: string }) => {
+      .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+      .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
+  ).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; recordCoreEvents?: string; stateDir?: string }) => {
     const state_dir = stateDir(opts);
+    const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
     const host = new Host(
-      { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs },
+      { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, record_dir },
       new EmbeddedStore(state_dir),
     );
     const shutdown = (signal: string) => {

@@ -85,12 +85,17 @@ program
   .option("--size <n>", "members per group (default: 2..6, at random per run)", int("--size"))
   .option("--mutation <name>", "run a deliberately broken variant (release_at_capture, skip_resend, image_all, ignore_cut_rule): a checker must catch it")
   .option("--replay <schedule>", "run one schedule, as a violation prints it (JSON), and print its timeline")
+  .option("--replay-recording <dir>", "replay the recordings real hosts wrote (cohort host --record-core-events <dir>) through the core: same actions, invariants 1, 5, 6")
   .option("--json", "print one JSON object")
-  .action(async (opts: { seed: number; steps: number; hosts?: number; size?: number; mutation?: string; replay?: string; json?: boolean }) => {
-    const { runSimCommand, replaySchedule, isMutation } = await import("./sim.js");
+  .action(async (opts: { seed: number; steps: number; hosts?: number; size?: number; mutation?: string; replay?: string; replayRecording?: string; json?: boolean }) => {
+    const { runSimCommand, replaySchedule, replayRecordingCommand, isMutation } = await import("./sim.js");
     const print = (line: string) => console.log(line);
     if (opts.replay !== undefined) {
       process.exitCode = replaySchedule(opts.replay, print);
+      return;
+    }
+    if (opts.replayRecording !== undefined) {
+      process.exitCode = replayRecordingCommand(opts.replayRecording, !!opts.json, print);
       return;
     }
     if (opts.mutation !== undefined && !isMutation(opts.mutation)) throw new InvalidArgumentError(`unknown mutation ${opts.mutation}`);

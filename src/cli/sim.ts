@@ -6,6 +6,7 @@
  */
 import { runCampaign, type CampaignSummary } from "../sim/campaign.js";
 import { simulate, MUTATIONS, type Mutation, type Schedule } from "../sim/simulator.js";
+import { readRecordings, replay } from "../sim/replay.js";
 
 export interface SimCommandOptions {
   seed: number;
@@ -53,4 +54,17 @@ export function replaySchedule(json: string, print: (line: string) => void): num
   print(JSON.stringify({ ...result, timeline: undefined }));
   for (const line of result.timeline) print(`| ${line}`);
   return result.violation_count ? 1 : 0;
+}
+
+/** Replays the recordings in `dir` through the core; exit code 1 on a different action or a violation. */
+export function replayRecordingCommand(dir: string, json: boolean, print: (line: string) => void): number {
+  const report = replay(readRecordings(dir));
+  if (json) print(JSON.stringify(report));
+  else {
+    print(`${report.files} recordings, ${report.steps} events replayed: ${report.mismatches.length} with other actions than recorded`);
+    print(`${report.commits} commits, ${report.recoveries} recoveries, ${report.releases_checked} releases checked: ${report.violations.length} violations`);
+    for (const m of report.mismatches) print(`  ${m.file} step ${m.step} (${m.event}): recorded ${m.recorded} replayed ${m.replayed}`);
+    for (const v of report.violations) print(`  ${v.invariant} ${v.file} step ${v.step}: ${v.message}`);
+  }
+  return report.files === 0 || report.mismatches.length || report.violations.length ? 1 : 0;
 }

@@ -11,8 +11,8 @@
  * in channel order and only when the sender's epoch s is not after the
  * receiver's epoch r (consistent-cut rule, group mode); everything else waits
  * in a bounded pending queue that is not replicated (after a rollback the
- * senders re-send from their logs). See docs/GUEST_ABI.md and DESIGN
- * "Messages inside a group".
+ * senders re-send from their logs). See docs/GUEST_ABI.md and
+ * docs/PROTOCOL.md "Messages inside a group".
  *
  * Which vectors travel when (the pure helpers at the end of this file):
  *
@@ -32,8 +32,8 @@
 
 /**
  * A group message between two VMs of one group, as the hosts carry it.
- * `(incarnation, epoch, seq)` is the DESIGN's (incarnation, sender epoch s,
- * channel seq). `epoch` is also the sender's cut the message belongs to: in
+ * `(incarnation, epoch, seq)` is docs/PROTOCOL.md's (incarnation, sender
+ * epoch s, channel seq). `epoch` is also the sender's cut the message belongs to: in
  * `vm` mode the host holds it until the sender's cut `epoch` commits; in
  * `group` and `none` mode it is sent at once.
  */
@@ -70,7 +70,7 @@ export const SENDER_LOG_ENTRY_OVERHEAD_BYTES = 32;
 /**
  * How many epochs a message may be ahead of its receiver and still end them
  * there at once (markerEpoch); the daemon's leader keeps fewer epochs
- * uncommitted than this (src/host/group/leader.ts), so a message further
+ * uncommitted than this (EPOCHS_INFLIGHT_MAX, src/core/types.ts), so a message further
  * ahead is malformed or hostile and simply waits (it is held).
  */
 export const MARKER_EPOCHS_MAX = 4;

@@ -153,6 +153,8 @@ export class GroupCore {
   private coordination: Coordination | null = null;
   private local: LocalRecovery | null = null;
   private refusedCount = 0;
+  /** When a failure of backup hosts alone was first seen (its decision waits a detection period). */
+  private backupsLostSince_ms: number | null = null;
   /** When each failed host that still sent was last told its incarnation is over. */
   private readonly staleToldAt = new Map<HostId, number>();
   private stepsFailed = 0;
@@ -743,6 +745,20 @@ export class GroupCore {
       out.push({ type: "store_cas", key: protectionKey(this.record.group), expected: result.version, value: healed });
       return;
     }
+    // Only backups lost (no primary, not the leader): nothing is running on them, so the decision can
+    // wait one detection period. Hosts that fail close together (a rack, a pause of several) are then
+    // decided together: replacing the first backup by one on a host about to be found dead too would
+    // fence a valid copy for a new one that never gets its image.
+    const backupsOnly = !dead.includes(current.leader) && current.placement.every((p) => !dead.includes(p.primary));
+    if (!backupsOnly) this.backupsLostSince_ms = null;
+    else {
+      this.backupsLostSince_ms ??= this.now_ms;
+      const due = this.backupsLostSince_ms + Math.max(this.detect_ms, RECOVER_RETRY_MS);
+      if (this.now_ms < due) {
+        this.proposeDue_ms = Math.min(this.proposeDue_ms, due);
+        return;
+      }
+    }
     const next = planFailover(current, dead, [...this.live], this.host);
     if (onlyDegrades(current, next, dead)) {
       // Only backups are down and no live host can replace them: a decision would fence them for
@@ -851,6 +867,7 @@ export class GroupCore {
     this.local = null;
     this.recoveryNext = { k: "rollback" };
     this.proposeDue_ms = Infinity;
+    this.backupsLostSince_ms = null;
     if (this.coordination && this.coordination.record.incarnation !== record.incarnation) this.coordination = null;
     this.stopClocks();
     for (const m of this.members.values()) {

@@ -34,6 +34,8 @@ export interface HostOptions {
   heartbeat_ms: number;
   /** A peer silent for this long is considered failed. */
   detect_ms: number;
+  /** Record every group core's events and actions in this directory (`cohort sim --replay`); off when null. */
+  record_dir?: string | null;
 }
 
 export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300 };
@@ -84,6 +86,7 @@ export class Host {
       store,
       detect_ms: options.detect_ms,
       listen_host: options.listen_host,
+      record_dir: options.record_dir ?? null,
       send: (to, frame, body) => this.sendGroup(to, frame, body),
       liveHosts: () => this.liveHosts(),
       guestFor: (module) => this.guestFor(module),

@@ -1,6 +1,6 @@
 /**
  * The coordination store: hosts, leases, placement, incarnations and leader
- * leases (docs: /work/shared/DESIGN.md, "Coordination store"). One interface,
+ * leases (docs/ARCHITECTURE.md, "Hosts, the store and failover"). One interface,
  * two implementations: embedded (src/store/embedded.ts, files in the cluster's
  * state directory, for a local cluster on one machine) and etcd v3 (planned).
  *

@@ -2,7 +2,7 @@
  * The group message data path of one primary VM, run on the VM's own thread:
  * what the guest sends goes straight from this thread to the receiving VM's
  * thread, over TCP to another host or over a MessageChannel on this host
- * (DESIGN.md "Messages inside a group": sent directly, same host in process).
+ * (docs/PROTOCOL.md "Messages inside a group": sent directly, same host in process).
  * The host's main thread is not on this path at all; it only sets the routes
  * and the state (frozen during a recovery, running otherwise).
  *

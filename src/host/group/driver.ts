@@ -26,6 +26,7 @@ import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
 import { vmKey, vmName, type VmRecord } from "../records.js";
 import { GroupMember } from "./member.js";
 import { LogLimit } from "../../util/log-limit.js";
+import { CoreRecorder } from "./recorder.js";
 
 /** What a group driver needs from its host daemon. */
 export interface GroupHostApi {
@@ -40,6 +41,8 @@ export interface GroupHostApi {
   /** Hosts alive now (this one included), sorted. */
   liveHosts(): string[];
   guestFor(module: Uint8Array): Promise<GuestBundle>;
+  /** If set, each group's core events and actions are recorded here (src/host/group/recorder.ts). */
+  readonly record_dir?: string | null;
   /** Every notice of the group's core, after it was logged (status pages, in-process observers). */
   onNotice?(group: string, notice: Notice): void;
 }
@@ -99,6 +102,7 @@ export class GroupDriver {
   private readonly confirming = new Set<string>();
   /** Events the core failed on and actions that threw: contained to this group (a bug; each is logged). */
   private failedHere = 0;
+  private readonly recorder: CoreRecorder | null;
 
   private constructor(
     private readonly api: GroupHostApi,
@@ -110,6 +114,8 @@ export class GroupDriver {
   ) {
     const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts() };
     this.core = joined ? GroupCore.joined(options) : GroupCore.deployed(options);
+    this.recorder = api.record_dir ? new CoreRecorder(api.record_dir, api.id, record.group) : null;
+    this.recorder?.start(joined ? "joined" : "deployed", options);
     // A joining host's module may fail to load: that is logged where it is compiled (join); images are then checked without the hash.
     guestReady.then(
       (guest) => (this.moduleHash = guest.hash),
@@ -248,6 +254,7 @@ export class GroupDriver {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    this.recorder?.close();
     await Promise.all([...this.members.values()].map((m) => m.stop()));
     await Promise.all([...this.backups.values()].map((b) => b.stop()));
   }
@@ -296,6 +303,7 @@ export class GroupDriver {
    * `steps_failed`, and the group's next events are handled as usual. Events
    * come from timers, sockets, VM threads and store answers, where an
    * exception would end the host process and every other group with it.
+   * A recording (--record-core-events) lacks such an event, so it may not replay past it.
    */
   private handle(event: CoreEvent): void {
     let actions: CoreAction[];
@@ -306,6 +314,7 @@ export class GroupDriver {
       this.log.error({ err: error, group: this.name, event: event.type, frame: event.type === "frame" ? event.frame.k : undefined }, "the group core failed on an event; the event is dropped");
       return;
     }
+    this.recorder?.step(event, actions);
     this.execute(actions);
   }
 

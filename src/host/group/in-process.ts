@@ -24,6 +24,8 @@ export interface InProcessOptions {
   /** The guest every group of this cluster runs (compiled once). */
   guest: GuestBundle;
   log?: Logger;
+  /** Record every host's group cores in this directory (src/host/group/recorder.ts). */
+  record_dir?: string;
   /** Called with every notice of every host's core (failover steps, commits, refusals). */
   onNotice?: (host: string, group: string, notice: Notice) => void;
 }
@@ -52,6 +54,7 @@ export class InProcessCluster {
       send: (to, frame, body) => this.deliver(id, to, frame, body),
       liveHosts: () => [...this.live].sort(),
       guestFor: async () => this.options.guest,
+      record_dir: this.options.record_dir ?? null,
       onNotice: (group, notice) => this.options.onNotice?.(id, group, notice),
     };
   }
