@@ -170,6 +170,6 @@ export interface HostStatus {
   primaries: PrimaryStatus[];
   backups: BackupStatus[];
   groups: GroupStatus[];
-  /** Group frames whose header was malformed or of a newer version (their connections were closed). */
+  /** Group frames no group here took: a malformed or newer header (its connection closed), for a group with no replica here, in this host's own name, a join the store does not back. */
   group_frames_refused: number;
 }

@@ -66,7 +66,7 @@ export class Host {
   private readonly incoming = new Set<Connection>();
   private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
   private timers: NodeJS.Timeout[] = [];
-  /** Group frames whose header was malformed or of a newer version (their connections were closed). */
+  /** Group frames no group here took: a malformed or newer header (its connection closed), for a group with no replica here, in this host's own name, a join the store does not back. */
   private groupFramesRefused = 0;
   private stopping = false;
   private readonly closeLog = new LogLimit();
