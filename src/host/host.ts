@@ -66,7 +66,7 @@ export class Host {
   private readonly incoming = new Set<Connection>();
   private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
   private timers: NodeJS.Timeout[] = [];
-  /** Group frames no group here took: a malformed or newer header (its connection closed), for a group with no replica here, in this host's own name, a join the store does not back. */
+  /** Group frames with a malformed or newer header (their connections were closed); the group table counts the other frames no group took. */
   private groupFramesRefused = 0;
   private stopping = false;
   private readonly closeLog = new LogLimit();
