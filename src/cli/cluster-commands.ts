@@ -32,7 +32,7 @@ export function registerClusterCommands(program: Command): void {
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
       .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
-      .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
+      .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
   ).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; recordCoreEvents?: string; stateDir?: string }) => {
     const state_dir = stateDir(opts);
     const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
