@@ -12,16 +12,14 @@ import {
   Channels,
   MARKER_EPOCHS_MAX,
   SENDER_LOG_ENTRY_OVERHEAD_BYTES,
-  checkCut,
   emptyChannelRecord,
-  recoveryResends,
-  trimVectors,
   type ChannelConfig,
   type ChannelLimits,
   type ChannelRecord,
   type GroupMessage,
   type SendRefusal,
 } from "../src/core/channel.js";
+import { checkCut, recoveryResends, trimVectors } from "./support/channels.js";
 
 /** COHORT_PROPERTY_SCALE=10 runs every property ten times as often (soak). */
 const SCALE = Math.max(1, Number(process.env.COHORT_PROPERTY_SCALE ?? 1));

@@ -520,52 +520,15 @@ function padTo(values: number[], length: number): void {
   while (values.length < length) values.push(0);
 }
 
-// ---- the leader's and the tests' side: pure functions over plain vectors ---
+// ---- delivered matrices ------------------------------------------------------
 
 /**
- * `delivered_at_cut[r][s]` = highest seq receiver r delivered from sender s at
- * one committed cut. Returns `trim[s][r]`: the argument of sender s's trim.
+ * `delivered[r][s]` = highest seq receiver r delivered from sender s (at a
+ * committed cut, or at a recovery cut). Returns, per receiver, what it
+ * delivered from sender `s`: the argument of sender s's trim at a commit and
+ * of its re-send after a recovery. The core, the daemon's driver and the
+ * tests' harnesses all take it from here.
  */
-export function trimVectors(delivered_at_cut: readonly (readonly number[])[]): number[][] {
-  const n = delivered_at_cut.length;
-  for (const row of delivered_at_cut) if (row.length !== n) throw new RangeError(`delivered vector of length ${row.length} in a group of ${n}`);
-  return Array.from({ length: n }, (_, s) => Array.from({ length: n }, (_, r) => delivered_at_cut[r][s]));
-}
-
-/**
- * The problems that make a set of member states not one consistent cut: a
- * receiver that delivered a seq its sender (in its own state) never sent is an
- * orphan. `sent[s][r]` = sentVector of s, `delivered[r][s]` = deliveredVector
- * of r. Empty when consistent.
- */
-export function checkCut(sent: readonly (readonly number[])[], delivered: readonly (readonly number[])[]): string[] {
-  const problems: string[] = [];
-  const n = sent.length;
-  for (let r = 0; r < n; r++) {
-    for (let s = 0; s < n; s++) {
-      if (delivered[r][s] > sent[s][r]) problems.push(`rank ${r} delivered seq ${delivered[r][s]} from rank ${s}, which sent ${sent[s][r]}`);
-    }
-  }
-  return problems;
-}
-
-/** What recovery needs from a member, whatever runs it (Channels, VmCore in process, or a worker via its ops). */
-export interface RecoveringMember {
-  deliveredVector(): number[];
-  resendFor(receiver: number, delivered: number): GroupMessage[];
-}
-
-/**
- * The re-sends of a recovery, for members that are all at the recovery cut
- * (in place or promoted) and in the new incarnation: every message some
- * sender's log holds that its receiver's restored state lacks, per channel in
- * seq order.
- */
-export function recoveryResends(members: readonly RecoveringMember[]): GroupMessage[] {
-  const delivered = members.map((m) => m.deliveredVector());
-  const out: GroupMessage[] = [];
-  members.forEach((sender, s) => {
-    for (let r = 0; r < members.length; r++) out.push(...sender.resendFor(r, delivered[r][s]));
-  });
-  return out;
+export function senderColumn(delivered: readonly (readonly number[])[], s: number): number[] {
+  return delivered.map((row) => row[s]);
 }

@@ -35,10 +35,6 @@ export class EpochTimer {
     this.waiting = true;
   }
 
-  get outputWaiting(): boolean {
-    return this.waiting;
-  }
-
   /** When the owner should next try to end an epoch. `alsoWaiting`: more reasons than output to hurry. */
   due(alsoWaiting = false): number {
     const wait = this.waiting || alsoWaiting ? this.timing.min_interval_ms : this.idle_ms;

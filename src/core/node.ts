@@ -16,6 +16,7 @@
  * events, so a recorded run replays to the same actions.
  */
 import { assert } from "../util/assert.js";
+import { senderColumn } from "./channel.js";
 import { EpochTimer } from "./epoch-timer.js";
 import { checkFrameRanges, type FrameOf, type GroupFrame, type OutgoingFrame, type Route } from "./frames.js";
 import { Leader, type CutCommit } from "./leader.js";
@@ -201,7 +202,8 @@ export class GroupCore {
     let due = this.proposeDue_ms;
     if (this.leader) due = Math.min(due, this.leader.deadline());
     if (this.coordination && this.coordination.plan === null) due = Math.min(due, this.coordination.retryDue_ms);
-    for (const m of this.members.values()) if (m.clock && this.clockCanRun(m)) due = Math.min(due, m.clock.timer.due(m.held > 0));
+    // Member clocks exist in vm and none mode only: group mode's per-event path does not walk the members.
+    if (this.record.mode !== "group") for (const m of this.members.values()) if (m.clock && this.clockCanRun(m)) due = Math.min(due, m.clock.timer.due(m.held > 0));
     return due;
   }
 
@@ -350,6 +352,7 @@ export class GroupCore {
       }
       if (action?.commit) this.notify(out, { kind: "committed", inc: this.record.incarnation, cut: action.commit.c });
     }
+    if (this.record.mode === "group") return;
     for (const m of this.members.values()) {
       if (!m.clock || !this.clockCanRun(m) || now < m.clock.timer.due(m.held > 0)) continue;
       // The epoch ends now, as the VM sees it: output that shows up from here on is the next epoch's.
@@ -528,7 +531,7 @@ export class GroupCore {
     for (const m of this.members.values()) {
       if (m.state !== "running") continue;
       // Sender `rank` may drop what each receiver delivered at the committed cut.
-      const fresh = commit && commit.c > m.committed ? { epoch: commit.c, trim: commit.d.map((row) => row[m.rank]) } : undefined;
+      const fresh = commit && commit.c > m.committed ? { epoch: commit.c, trim: senderColumn(commit.d, m.rank) } : undefined;
       if (fresh) m.committed = fresh.epoch;
       this.vm(out, m.rank, { op: "capture_to", epoch: e, commit: fresh }, { kind: "capture_to", rank: m.rank });
     }
@@ -543,7 +546,7 @@ export class GroupCore {
     for (const m of this.members.values()) {
       if (m.state !== "running" || c <= m.committed) continue;
       m.committed = c;
-      this.vm(out, m.rank, { op: "commit", epoch: c, trim: delivered.map((row) => row[m.rank]) }, { kind: "plain", rank: m.rank, what: "commit" });
+      this.vm(out, m.rank, { op: "commit", epoch: c, trim: senderColumn(delivered, m.rank) }, { kind: "plain", rank: m.rank, what: "commit" });
     }
     this.commitBackups(c, out);
   }

@@ -1,9 +1,9 @@
 /**
- * Pure decisions over the protection record: which hosts a group uses, the
- * next record after hosts failed (the failover decision the coordinator
- * proposes by compare-and-swap), and which members no copy survived.
+ * Pure decisions over the protection record: which hosts a group uses, and
+ * the next record after hosts failed (the failover decision the coordinator
+ * proposes by compare-and-swap).
  */
-import type { HostId, ProtectionRecord, Rank, ReplicaPlacement } from "./types.js";
+import type { HostId, ProtectionRecord, ReplicaPlacement } from "./types.js";
 
 /** Hosts the record places a replica on (primaries and backups), sorted. */
 export function hostsOf(record: ProtectionRecord): HostId[] {
@@ -66,11 +66,6 @@ export function planFailover(record: ProtectionRecord, dead: readonly HostId[], 
     }
   }
   return { ...record, incarnation: record.incarnation + 1, leader: coordinator, placement, failed: [...down].sort() };
-}
-
-/** Members with no copy on a live host: both replicas' hosts are down. */
-export function lostRanks(record: ProtectionRecord, down: ReadonlySet<HostId>): Rank[] {
-  return record.placement.flatMap((p, rank) => (down.has(p.primary) && (p.backup === null || down.has(p.backup)) ? [rank] : []));
 }
 
 /**

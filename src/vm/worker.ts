@@ -302,7 +302,7 @@ const handlers: Handlers = {
   },
   capture_to({ epoch, commit }) {
     const vm = needPrimary();
-    if (commit) checkCut(vm, commit.epoch, "commit");
+    if (commit) requireReachableCut(vm, commit.epoch, "commit");
     const released = commit ? commitCut(vm, commit.epoch, commit.trim) : [];
     if (vm.epoch > epoch) {
       // Ended already (captureForMarker), which does not offer refused messages again: now.
@@ -319,7 +319,7 @@ const handlers: Handlers = {
   },
   commit({ epoch, trim }) {
     const vm = needPrimary();
-    checkCut(vm, epoch, "commit");
+    requireReachableCut(vm, epoch, "commit");
     return commitCut(vm, epoch, trim);
   },
   receive({ messages }) {
@@ -355,7 +355,7 @@ const handlers: Handlers = {
   rollback({ epoch }) {
     const started = process.hrtime.bigint();
     const vm = needPrimary();
-    checkCut(vm, epoch, "rollback to");
+    requireReachableCut(vm, epoch, "rollback to");
     // Guarded like a guest call: rollback(0) runs the guest's boot again (CPU watchdog, crash event).
     const result = guarded(() => vm.rollback(epoch));
     path?.dropHeldAfter(epoch);
@@ -446,7 +446,7 @@ const handlers: Handlers = {
  * the request, where VmCore's own checks, which guard its invariants, would
  * end this thread.
  */
-function checkCut(vm: VmCore, epoch: number, what: string): void {
+function requireReachableCut(vm: VmCore, epoch: number, what: string): void {
   if (!Number.isSafeInteger(epoch) || epoch < vm.committedEpoch || epoch >= vm.epoch) {
     throw new Error(`${what} ${epoch}: not a cut this VM can go to (committed ${vm.committedEpoch}, in epoch ${vm.epoch})`);
   }

@@ -14,6 +14,7 @@ import type { Logger } from "pino";
 import { MessageChannel, type MessagePort } from "node:worker_threads";
 import { decodeDelta, decodeImage } from "../../checkpoint/format.js";
 import { GroupCore, type CoreStatus } from "../../core/node.js";
+import { senderColumn } from "../../core/channel.js";
 import { FRAME_VERSION, type GroupFrame, type OutgoingFrame, type Route } from "../../core/frames.js";
 import type { BackupStep, CoreAction, CoreEvent, MembersStep, Notice, StepValue, VmStep } from "../../core/events.js";
 import { protectionKey, type ProtectionRecord } from "../../core/types.js";
@@ -46,6 +47,9 @@ export interface GroupHostApi {
   /** Every notice of the group's core, after it was logged (status pages, in-process observers). */
   onNotice?(group: string, notice: Notice): void;
 }
+
+/** The core's clock is brought up to date before an event once it is this far behind. */
+const TIME_STEP_MS = 1;
 
 export interface GroupStatus {
   group: string;
@@ -275,12 +279,13 @@ export class GroupDriver {
     try {
       while (this.queue.length) {
         const next = this.queue.shift()!;
-        // The core learns the time before each event, so what it measures and schedules is current
-        // (a queued tick is taken now, never with the time it was queued at).
+        // The core learns the time before each event, to the millisecond, so what it measures and
+        // schedules is current without a tick per event on the per-epoch path (a queued tick is
+        // taken now, never with the time it was queued at).
         const now = this.now();
         if (next.type === "tick") this.tick(now);
         else {
-          if (now > this.lastTick_ms) this.tick(now);
+          if (now - this.lastTick_ms >= TIME_STEP_MS) this.tick(now);
           this.handle(next);
         }
         // Something became due at once (a commit made room for the next epoch): tick now, not a timer later.
@@ -509,7 +514,7 @@ export class GroupDriver {
         if (step.delivered) {
           const delivered = step.delivered;
           // Arrivals from hosts that resumed first wait in the VM threads until `run`.
-          for (const [s, m] of this.members) await m.resend(delivered.map((row) => row[s]));
+          for (const [s, m] of this.members) await m.resend(senderColumn(delivered, s));
         }
         await Promise.all([...this.members.values()].map((m) => m.run()));
       } catch (error) {
@@ -718,7 +723,6 @@ export class GroupDriver {
   }
 }
 
-export { protectionKey };
 
 function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
