@@ -19,6 +19,7 @@ import { DEFAULT_LIMITS, VmCore, type GuestModule, type VmOptions } from "../vm/
 import { GUEST_WASM_PAGES_MAX, PAGE_BYTES } from "../vm/layout.js";
 import { guestPath } from "../guest/examples.js";
 import { VmWorker } from "../vm/vm.js";
+import { percentileOfSorted, round } from "../util/stats.js";
 
 export const BARRIER_WORKLOADS = ["store_loop", "sort", "hash_map", "matmul"] as const;
 
@@ -79,11 +80,6 @@ function vmOptions(memory_pages_max: number): VmOptions {
   return { rank: 0, size: 1, limits: { ...DEFAULT_LIMITS, memory_pages_max }, now: Date.now };
 }
 
-function percentile(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor((sorted.length - 1) * p + 0.5))];
-}
-
-const round = (x: number, digits = 2) => Number(x.toFixed(digits));
 
 /** The same guest, plain (instantiated as it is) and instrumented (a Cohort VM). */
 async function barrierWorkload(name: string, runs: number): Promise<BarrierResult> {
@@ -123,7 +119,7 @@ function time(body: () => unknown): number {
 
 function median(xs: number[]): number {
   const sorted = [...xs].sort((a, b) => a - b);
-  return percentile(sorted, 0.5);
+  return percentileOfSorted(sorted, 0.5);
 }
 
 /**
@@ -181,8 +177,8 @@ async function pauseCase(guest: GuestModule, memory_mib: number, dirty: number, 
     dirty_pages: count,
     dirty_pages_requested: dirty,
     samples,
-    pause_us_p50: round(percentile(pauses, 0.5), 1),
-    pause_us_p99: round(percentile(pauses, 0.99), 1),
+    pause_us_p50: round(percentileOfSorted(pauses, 0.5), 1),
+    pause_us_p99: round(percentileOfSorted(pauses, 0.99), 1),
     delta_bytes: deltaBytes,
   };
 }
@@ -220,8 +216,8 @@ async function rollbackCase(guest: GuestModule, memory_mib: number, written: num
       written_pages: written,
       pages_restored: written,
       samples,
-      rollback_us_p50: round(percentile(times, 0.5), 1),
-      rollback_us_p99: round(percentile(times, 0.99), 1),
+      rollback_us_p50: round(percentileOfSorted(times, 0.5), 1),
+      rollback_us_p99: round(percentileOfSorted(times, 0.99), 1),
     };
   } finally {
     await vm.terminate();

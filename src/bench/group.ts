@@ -25,6 +25,7 @@ import { EmbeddedStore } from "../store/embedded.js";
 import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import { measureRawTcp } from "./raw-tcp.js";
+import { round } from "../util/stats.js";
 
 export const GROUP_MODES: ProtectionMode[] = ["none", "vm", "group"];
 
@@ -97,7 +98,6 @@ export interface PingpongReport {
   ratios: { none_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number };
 }
 
-const round = (x: number, digits = 1) => Number(x.toFixed(digits));
 
 export async function runPingpongBench(options: GroupBenchOptions): Promise<PingpongReport> {
   const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], none: [], vm: [], group: [] };
@@ -132,9 +132,9 @@ function measurePingpong(mode: ProtectionMode, options: GroupBenchOptions): Prom
     await sleep(options.measure_ms);
     const stats = JSON.parse(await g.ask("pingpong-0", "stats")) as { round_trips: number; elapsed_ms: number; latency_us_p50: number; latency_us_p99: number };
     return {
-      round_trips_per_s: round(stats.round_trips / (stats.elapsed_ms / 1000)),
-      latency_us_p50: round(stats.latency_us_p50),
-      latency_us_p99: round(stats.latency_us_p99),
+      round_trips_per_s: round(stats.round_trips / (stats.elapsed_ms / 1000), 1),
+      latency_us_p50: round(stats.latency_us_p50, 1),
+      latency_us_p99: round(stats.latency_us_p99, 1),
       round_trips: stats.round_trips,
     };
   });
@@ -195,6 +195,6 @@ function measureAllreduce(mode: ProtectionMode, size: number, options: GroupBenc
     const t1 = performance.now();
     const r1 = roundOf(await g.ask("allreduce-0", "status"));
     const a1 = (performance.now() + t1) / 2;
-    return { iterations_per_s: round((r1 - r0) / ((a1 - a0) / 1000)), iterations: r1 - r0 };
+    return { iterations_per_s: round((r1 - r0) / ((a1 - a0) / 1000), 1), iterations: r1 - r0 };
   });
 }

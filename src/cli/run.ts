@@ -15,6 +15,8 @@ import type { ProtectionRecord } from "../core/types.js";
 import type { Notice } from "../core/events.js";
 import { InProcessCluster } from "../host/group/in-process.js";
 import type { GroupMember } from "../host/group/member.js";
+import { percentile, round } from "../util/stats.js";
+import { sleep } from "./client.js";
 
 export interface RunOptions {
   interval_ms: number;
@@ -133,12 +135,3 @@ export async function runGuest(guestName: string, options: RunOptions, write: (l
     failover,
   };
 }
-
-function percentile(values: number[], q: number): number {
-  if (values.length === 0) return 0;
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
-}
-
-const round = (x: number, digits: number) => Number(x.toFixed(digits));
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
