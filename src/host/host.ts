@@ -291,7 +291,7 @@ export class Host {
     }
   }
 
-  private async onGroupFrame(connection: Connection, header: unknown, body: Uint8Array): Promise<void> {
+  private onGroupFrame(connection: Connection, header: unknown, body: Uint8Array): void {
     let frame: GroupFrame;
     try {
       frame = parseFrame(header);
