@@ -23,7 +23,7 @@ describe("group leader (core)", () => {
     const sent: (LeaderOutput & { at: number })[] = [];
     run(l, 0, 20, sent);
     expect(sent).toEqual([{ kind: "end", e: 1, commit: null, at: 20 }]);
-    l.outputPending();
+    l.outputPending(true);
     run(l, 21, 520, sent); // output waits, but epoch 1 is not committed
     expect(sent).toHaveLength(1);
     l.onStaged(0, 1, [0, 3], 520);
@@ -68,7 +68,7 @@ describe("group leader (core)", () => {
     expect(sent.filter((s) => s.kind === "commit").map((s) => (s.kind === "commit" ? s.commit.c : -1))).toEqual([1]);
   });
 
-  it("idle epochs double up to max_interval_ms; output brings them back to min_interval_ms", () => {
+  it("idle epochs double up to max_interval_ms; a reply brings them back to min_interval_ms", () => {
     const l = new Leader(1, TIMING, 0, 0);
     const sent: (LeaderOutput & { at: number })[] = [];
     for (let t = 0; t <= 1000; t++) {
@@ -80,12 +80,43 @@ describe("group leader (core)", () => {
     }
     const gaps = sent.slice(1).map((s, i) => s.at - sent[i].at);
     expect(gaps.slice(0, 4)).toEqual([40, 80, 100, 100]);
-    l.outputPending();
+    l.outputPending(true);
     const last = sent[sent.length - 1].at;
     let next: LeaderOutput | null = null;
     let at = 1001;
     for (; at < 2000 && next?.kind !== "end"; at++) next = l.tick(at);
     // The boundary is min_interval_ms after the last end, or now if that has passed.
     expect(at - 1).toBe(Math.max(last + TIMING.min_interval_ms, 1001));
+  });
+
+  it("log output ends the epoch interval_ms after the last, not min_interval_ms; a reply then hurries it", () => {
+    const l = new Leader(1, TIMING, 0, 0);
+    const ends: number[] = [];
+    const tickTo = (to: number, from: number) => {
+      for (let t = from; t <= to; t++) {
+        const out = l.tick(t);
+        if (out?.kind === "end") {
+          ends.push(t);
+          l.onStaged(0, out.e, [0], t);
+        }
+      }
+    };
+    tickTo(400, 0); // idle: the interval grew to max_interval_ms (ends at 20, 60, 140, 240, 340)
+    expect(ends.slice(-2)).toEqual([240, 340]);
+    l.outputPending(false);
+    tickTo(400 + TIMING.interval_ms, 401);
+    // Log output: the epoch ends interval_ms after the last end, or now if that has passed, not after 100 ms.
+    expect(ends[ends.length - 1]).toBe(401);
+    // Every epoch with log output then lasts interval_ms, not min_interval_ms.
+    l.outputPending(false);
+    tickTo(430, 402);
+    expect(ends[ends.length - 1]).toBe(401 + TIMING.interval_ms);
+    // A reply on top of log output: min_interval_ms after the last end (or now, if that passed).
+    l.outputPending(false);
+    tickTo(435, 431);
+    expect(ends[ends.length - 1]).toBe(421);
+    l.outputPending(true);
+    tickTo(440, 436);
+    expect(ends[ends.length - 1]).toBe(436);
   });
 });

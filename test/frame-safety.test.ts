@@ -84,7 +84,7 @@ describe("the group core refuses bad frames of every kind", () => {
     ["end from a host that does not lead", "h2", { k: "end", e: 1 }],
     ["end of an epoch past the member's next", "h1", { k: "end", e: 50 }],
     ["commit of a cut never taken", "h1", { k: "commit", c: 9, d: [[0, 0], [0, 0]] }],
-    ["pending from a host that holds no primary", "h9", { k: "pending" }],
+    ["pending from a host that holds no primary", "h9", { k: "pending", u: false }],
     ["delta that does not follow the staged one", "h2", { k: "delta", rank: 1, e: 7, d: [0, 0] }],
     ["delta from a host that is not the member's primary", "h1", { k: "delta", rank: 1, e: 1, d: [0, 0] }],
     ["delta of a rank the group does not have", "h2", { k: "delta", rank: 5, e: 1, d: [0, 0] }],
@@ -335,14 +335,14 @@ describe("bad frames sent to live hosts", () => {
     // [what, to, header, body, where the refusal is counted]
     const cases: [string, string, Record<string, unknown>, Uint8Array | undefined, "group" | "host"][] = [
       ["malformed group frame (end without an epoch)", p1.primary, group(L, { k: "end" }), undefined, "host"],
-      ["group frame of a newer version", p1.primary, { ...group(L, { k: "pending" }), v: 2 }, undefined, "host"],
-      ["group frame of a group not on the host", p1.primary, { ...group(L, { k: "pending" }), g: "nope" }, undefined, "host"],
-      ["group frame that claims to come from its receiver", p1.primary, group(p1.primary, { k: "pending" }), undefined, "host"],
+      ["group frame of a newer version", p1.primary, { ...group(L, { k: "pending", u: false }), v: 2 }, undefined, "host"],
+      ["group frame of a group not on the host", p1.primary, { ...group(L, { k: "pending", u: false }), g: "nope" }, undefined, "host"],
+      ["group frame that claims to come from its receiver", p1.primary, group(p1.primary, { k: "pending", u: false }), undefined, "host"],
       ["recover: joining a group the store does not know", p1.primary, { ...group(L, { k: "recover", record: { ...record, group: "ghost", incarnation: 1 } }, 1), g: "ghost" }, garbage, "host"],
       ["end: an epoch far past the members'", p1.primary, group(L, { k: "end", e: 1_000_000 }), undefined, "group"],
       ["end: from a host that does not lead", p1.primary, group(p1.backup!, { k: "end", e: 1 }), undefined, "group"],
       ["end: an incarnation never decided", p1.primary, group(L, { k: "end", e: 1 }, inc + 7), undefined, "group"],
-      ["pending: from a host of no primary", L, group("fake", { k: "pending" }), undefined, "group"],
+      ["pending: from a host of no primary", L, group("fake", { k: "pending", u: false }), undefined, "group"],
       ["delta: corrupt body", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: [0, 0] }), garbage, "group"],
       ["delta: rank out of range", p0.backup!, group(p0.primary, { k: "delta", rank: 9, e: 1, d: [0, 0] }), undefined, "group"],
       ["delta: huge vector", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: new Array(200).fill(1) }), undefined, "group"],
@@ -374,7 +374,7 @@ describe("bad frames sent to live hosts", () => {
     const logLines = async () => (await readFile(join(c.state_dir, "logs", `${L}.log`), "utf8")).split("\n").filter((l) => l.includes("group frame refused")).length;
     const [floodBefore, linesBefore] = [await refusedOf(L), await logLines()];
     const flood = await Connection.open(address(L), "fake-peer", 2000);
-    for (let i = 0; i < 2000; i++) flood.send(MSG.GROUP, group("fake", { k: "pending" }));
+    for (let i = 0; i < 2000; i++) flood.send(MSG.GROUP, group("fake", { k: "pending", u: false }));
     await waitFor(async () => (await refusedOf(L)).group >= floodBefore.group + 2000, 10_000, "2000 refusals counted");
     flood.close("done");
     const logged = (await logLines()) - linesBefore;

@@ -860,6 +860,24 @@ describe("group messaging: VmCore unit behaviour", () => {
     expect(() => a.resendFor(1, 4)).toThrow(/not one consistent cut/);
   });
 
+  it("outputWaiting: log output, a reply (which stays known until its epoch commits), nothing once released", async () => {
+    const [a] = await pair();
+    const bytes = new Uint8Array([1]);
+    expect(a.outputWaiting()).toBeNull();
+    a.log(bytes);
+    expect(a.outputWaiting()).toBe("log");
+    a.reply(1, 1, bytes);
+    expect(a.outputWaiting()).toBe("reply");
+    a.capture(); // epoch 1 captured, the VM runs epoch 2
+    a.log(bytes);
+    expect(a.outputWaiting()).toBe("reply"); // epoch 1's reply is not released yet
+    a.commit(1);
+    expect(a.outputWaiting()).toBe("log");
+    a.capture();
+    a.commit(2);
+    expect(a.outputWaiting()).toBeNull();
+  });
+
   it("outbox_max bounds what the host has not taken", async () => {
     const [a] = await pair({ outbox_max: 2 });
     expect(a.invoke("send", [1, 1, 1])).toBe(0);

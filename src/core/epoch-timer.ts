@@ -4,9 +4,15 @@
  * leader, a vm/none member's own clock) asks `due()` and ends an epoch when
  * the time has come and it can.
  *
- * - Something waits to leave (output; in vm mode also held peer messages):
- *   the epoch ends min_interval_ms after the previous one, so a reply waits
- *   about one commit round trip rather than half an epoch.
+ * - Someone waits for output (a reply to a client request; in vm mode also
+ *   held peer messages): the epoch ends min_interval_ms after the previous
+ *   one, so a reply waits about one commit round trip rather than half an
+ *   epoch.
+ * - Only log output waits: the epoch ends interval_ms after the previous one.
+ *   Nobody blocks on a log line, and a guest that logs on every step would
+ *   otherwise make every epoch a min_interval_ms one: a checkpoint every few
+ *   milliseconds, paid for by every member of the group (compare `cohort
+ *   bench allreduce`, whose guests log every round).
  * - Nothing waits: interval_ms, doubling after each idle epoch up to
  *   max_interval_ms; an epoch that had output resets it to interval_ms.
  * - A boundary that came while the owner could not end the epoch (one still
@@ -18,7 +24,8 @@ import type { EpochTiming } from "./types.js";
 export class EpochTimer {
   private lastEnd_ms: number;
   private idle_ms: number;
-  private waiting = false;
+  /** Output of the current epoch waits: "urgent" (someone blocks on it), "log", or nothing. */
+  private waiting: "urgent" | "log" | null = null;
   /** Set while a boundary passed that the owner could not act on: retry at this time. */
   private retryAt_ms: number | null = null;
 
@@ -30,14 +37,15 @@ export class EpochTimer {
     this.idle_ms = timing.interval_ms;
   }
 
-  /** Something waits for a commit: end the epoch soon. */
-  outputPending(): void {
-    this.waiting = true;
+  /** Output waits for a commit: end the epoch soon (`urgent`: someone blocks on it), or at interval_ms (log output). */
+  outputPending(urgent: boolean): void {
+    if (urgent) this.waiting = "urgent";
+    else if (this.waiting === null) this.waiting = "log";
   }
 
   /** When the owner should next try to end an epoch. `alsoWaiting`: more reasons than output to hurry. */
   due(alsoWaiting = false): number {
-    const wait = this.waiting || alsoWaiting ? this.timing.min_interval_ms : this.idle_ms;
+    const wait = this.waiting === "urgent" || alsoWaiting ? this.timing.min_interval_ms : this.waiting === "log" ? this.timing.interval_ms : this.idle_ms;
     const boundary = this.lastEnd_ms + Math.max(wait, this.timing.min_interval_ms);
     return this.retryAt_ms === null ? boundary : Math.max(boundary, this.retryAt_ms);
   }
@@ -45,8 +53,8 @@ export class EpochTimer {
   /** The owner ended an epoch at `now_ms`. */
   ended(now_ms: number): void {
     this.lastEnd_ms = now_ms;
-    this.idle_ms = this.waiting ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idle_ms * 2);
-    this.waiting = false;
+    this.idle_ms = this.waiting !== null ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idle_ms * 2);
+    this.waiting = null;
     this.retryAt_ms = null;
   }
 

@@ -32,8 +32,14 @@ export type CoreEvent =
    * or on its own by the marker rule), in epoch order; `delta` is sealed.
    */
   | { type: "captured"; rank: Rank; epoch: Epoch; delivered: number[]; delta: Handle }
-  /** Member `rank` has external output (vm mode: or a held message) waiting in epoch `epoch`. */
-  | { type: "output_pending"; rank: Rank; epoch: Epoch }
+  /**
+   * Member `rank` has external output (vm mode: or a held message) waiting in
+   * epoch `epoch`. `urgent`: someone blocks on it (a reply to a request, a held
+   * message); otherwise only log output waits, which does not hurry the epoch
+   * below interval_ms (src/core/epoch-timer.ts). Sent once per epoch, and once
+   * more if output that was not urgent becomes urgent.
+   */
+  | { type: "output_pending"; rank: Rank; epoch: Epoch; urgent: boolean }
   /** A replica step finished (`ok: false`: it failed; `error` says why). */
   | { type: "done"; id: number; ok: true; value: StepValue }
   | { type: "done"; id: number; ok: false; error: string };

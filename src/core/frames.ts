@@ -75,7 +75,8 @@ interface Base {
 
 export type GroupFrame =
   | (Base & { k: "end"; e: number; c?: number; d?: number[][] })
-  | (Base & { k: "pending" })
+  /** Output waits on the sender's members (`u`: someone blocks on it; see the `output_pending` event). */
+  | (Base & { k: "pending"; u: boolean })
   | (Base & { k: "delta"; rank: number; e: number; d: number[] })
   | (Base & { k: "image"; rank: number; e: number; released_seq: number; history: ReleasedRecord[] })
   | (Base & { k: "staged"; rank: number; e: number; d: number[] })
@@ -131,7 +132,7 @@ export { record as protectionRecordSchema, route as routeSchema };
 
 const frameSchema = z.discriminatedUnion("k", [
   z.strictObject({ ...base, k: z.literal("end"), e: count, c: count.optional(), d: matrix.optional() }),
-  z.strictObject({ ...base, k: z.literal("pending") }),
+  z.strictObject({ ...base, k: z.literal("pending"), u: z.boolean() }),
   z.strictObject({ ...base, k: z.literal("delta"), rank: count, e: count, d: vector }),
   z.strictObject({
     ...base,

@@ -53,9 +53,9 @@ export class Leader {
     return this.ended;
   }
 
-  /** Some member has output waiting: end the epoch soon. */
-  outputPending(): void {
-    this.timer.outputPending();
+  /** Some member has output waiting (`urgent`: someone blocks on it): end the epoch soon (see EpochTimer). */
+  outputPending(urgent: boolean): void {
+    this.timer.outputPending(urgent);
   }
 
   /** When `tick` has something to do next. */

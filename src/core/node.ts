@@ -139,8 +139,9 @@ export class GroupCore {
   private readonly members = new Map<Rank, Member>();
   private readonly backups = new Map<Rank, Backup>();
   private leader: Leader | null = null;
-  /** group mode: the epoch this host last told the leader it has output waiting in. */
+  /** group mode: the epoch this host last told the leader it has output waiting in, and the last it said was urgent. */
   private pendingSentEpoch = 0;
+  private urgentSentEpoch = 0;
   /** vm mode: newest committed delivered vector of each receiver (index: receiver, then sender). */
   private readonly committedDelivered: number[][];
   private nextStepId = 1;
@@ -249,7 +250,7 @@ export class GroupCore {
         this.onCaptured(event.rank, event.epoch, event.delivered, event.delta, out);
         break;
       case "output_pending":
-        this.onOutputPending(event.rank, event.epoch, out);
+        this.onOutputPending(event.rank, event.epoch, event.urgent, out);
         break;
       case "done":
         this.onDone(event, out);
@@ -318,6 +319,7 @@ export class GroupCore {
 
   private startClocks(committed: Epoch): void {
     this.pendingSentEpoch = 0;
+    this.urgentSentEpoch = 0;
     if (this.record.mode === "group") {
       this.leader = this.record.leader === this.host ? new Leader(this.record.size, this.record.epoch, committed, this.now_ms) : null;
       return;
@@ -370,19 +372,21 @@ export class GroupCore {
     return this.record.placement[m.rank].backup !== null && m.clock.inflight.length < MEMBER_INFLIGHT_MAX;
   }
 
-  private onOutputPending(rank: Rank, epoch: Epoch, out: CoreAction[]): void {
+  private onOutputPending(rank: Rank, epoch: Epoch, urgent: boolean, out: CoreAction[]): void {
     const m = this.members.get(rank);
     if (!m || m.state !== "running" || this.state !== "running") return;
     if (this.record.mode !== "group") {
-      if (m.clock && epoch > Math.max(m.captured, m.clock.ending)) m.clock.timer.outputPending();
+      if (m.clock && epoch > Math.max(m.captured, m.clock.ending)) m.clock.timer.outputPending(urgent);
       return;
     }
     if (epoch <= m.captured) return; // captured already: its commit is on its way
-    // One `pending` per epoch from this host is all the leader needs, however many members have output.
-    if (epoch <= this.pendingSentEpoch) return;
-    this.pendingSentEpoch = epoch;
-    if (this.leader) this.leader.outputPending();
-    else this.sendTo(out, this.record.leader, { k: "pending", inc: this.record.incarnation });
+    // One `pending` per epoch from this host is all the leader needs, however many members have
+    // output, and one more if output that was not urgent became urgent.
+    if (urgent ? epoch <= this.urgentSentEpoch : epoch <= this.pendingSentEpoch) return;
+    this.pendingSentEpoch = Math.max(this.pendingSentEpoch, epoch);
+    if (urgent) this.urgentSentEpoch = epoch;
+    if (this.leader) this.leader.outputPending(urgent);
+    else this.sendTo(out, this.record.leader, { k: "pending", inc: this.record.incarnation, u: urgent });
   }
 
   /** group mode: a member's checkpoint, in epoch order: ship the delta to its backup. */
@@ -432,7 +436,7 @@ export class GroupCore {
       case "end":
         return this.onEnd(frame.e, frame.c !== undefined && frame.d ? { c: frame.c, d: frame.d } : null, out);
       case "pending":
-        this.leader?.outputPending();
+        this.leader?.outputPending(frame.u);
         return;
       case "delta":
         return this.onDelta(frame, body, out);

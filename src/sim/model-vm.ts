@@ -119,8 +119,11 @@ export interface VmHost {
   transmit(vm: ModelVm, messages: GroupMessage[]): void;
   /** group mode: checkpoint `delta.epoch` taken (capture_to or a marker): the core's `captured` event. */
   captured(vm: ModelVm, delta: ModelDelta, delivered: number[]): void;
-  /** First external output (vm mode: or held message) of an epoch: the core's `output_pending` event. */
-  outputPending(vm: ModelVm, epoch: Epoch): void;
+  /**
+   * First external output (vm mode: or held message) of an epoch, and the first
+   * urgent one (a reply; a held message) if the first was not: the core's `output_pending` event.
+   */
+  outputPending(vm: ModelVm, epoch: Epoch, urgent: boolean): void;
   /** Output released to the VM's sinks: seq is 1-based and dense. */
   release(vm: ModelVm, records: { seq: number; id: number; epoch: Epoch }[]): void;
   /** A message the guest handed to the VM (for the checkers). */
@@ -144,7 +147,9 @@ export class ModelVm {
   /** Arrivals while frozen (kept until run) and arrivals refused for now. */
   private inbox: GroupMessage[] = [];
   private refused: GroupMessage[] = [];
+  /** The epochs output_pending was last signalled for (any output; urgent output). */
   private pendingSignalled = 0;
+  private urgentSignalled = 0;
   /** Set when the path lost something it should not have (a bounded queue overflowed): the checkers report it. */
   overflow: string | null = null;
 
@@ -197,27 +202,29 @@ export class ModelVm {
     if (this.mode === "vm") {
       // Remus: a message leaves only once the checkpoint of its epoch committed.
       this.held.push(...out);
-      this.signalPending();
+      this.signalPending(true);
     } else {
       this.host.transmit(this, out);
     }
     return true;
   }
 
-  output(id: number): void {
+  /** External output `id`; `urgent`: a reply someone waits for, else a log line. */
+  output(id: number, urgent: boolean): void {
     this.memory.outs.push(id);
     this.memory.outEpochs.push(this.epoch);
-    this.signalPending();
+    this.signalPending(urgent);
   }
 
   compute(): void {
     this.memory.counter++;
   }
 
-  private signalPending(): void {
-    if (this.pendingSignalled >= this.epoch) return;
+  private signalPending(urgent: boolean): void {
+    if (urgent ? this.urgentSignalled >= this.epoch : this.pendingSignalled >= this.epoch) return;
     this.pendingSignalled = this.epoch;
-    this.host.outputPending(this, this.epoch);
+    if (urgent) this.urgentSignalled = this.epoch;
+    this.host.outputPending(this, this.epoch, urgent);
   }
 
   // ---- the message path -----------------------------------------------------------------------

@@ -479,7 +479,7 @@ export class Simulator {
         }
       },
       captured: (vm, delta, delivered) => this.vmEvents?.push({ type: "captured", rank: vm.rank, epoch: delta.epoch, delivered, delta }),
-      outputPending: (vm, epoch) => this.vmEvents?.push({ type: "output_pending", rank: vm.rank, epoch }),
+      outputPending: (vm, epoch, urgent) => this.vmEvents?.push({ type: "output_pending", rank: vm.rank, epoch, urgent }),
       release: (vm, records) => this.checker.onRelease(h.id, vm.rank, records),
       delivered: () => {},
     };
@@ -611,7 +611,8 @@ export class Simulator {
             this.messages++;
           }
         } else if (x < send_rate + output_rate) {
-          vm.output(++this.ids);
+          // The first half of the output band is a reply someone waits for, the rest log lines.
+          vm.output(++this.ids, x < send_rate + output_rate / 2);
           this.outputs++;
         } else {
           vm.compute();

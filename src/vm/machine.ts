@@ -159,6 +159,8 @@ export class VmCore implements AbiHost {
   private exports!: GuestExports;
   private state: RuntimeState;
   private committed = 0;
+  /** The epoch of the newest reply emitted (outputWaiting). */
+  private newestReplyEpoch = 0;
   private readonly epochs = new Map<number, EpochRecord>();
   /** The group channels; their replicated part is `state`'s channel fields (Channels adopts them). */
   private readonly channels: Channels;
@@ -173,6 +175,7 @@ export class VmCore implements AbiHost {
     this.memory = memory;
     this.tracker = new DirtyTracker(memory);
     this.state = state;
+    for (const record of state.output) if (record.kind === OUTPUT_REPLY) this.newestReplyEpoch = Math.max(this.newestReplyEpoch, record.epoch);
     this.channels = new Channels(options, state);
     this.instantiate();
   }
@@ -403,6 +406,17 @@ export class VmCore implements AbiHost {
     return this.state.output;
   }
 
+  /**
+   * What unreleased output waits, in O(1) (asked after every guest call):
+   * "reply" if a reply to a request may be among it (someone blocks on it),
+   * "log" if only log output, null if none. May say "reply" for a reply a
+   * rollback undid (one early epoch), never "log" while a reply waits.
+   */
+  outputWaiting(): "reply" | "log" | null {
+    if (this.state.output.length === 0) return null;
+    return this.newestReplyEpoch > this.committed ? "reply" : "log";
+  }
+
   private call(what: string, body: () => void): void {
     if (this.crash) throw new VmCrashedError(`VM crashed earlier: ${this.crash}`);
     this.options.on_guest_call?.();
@@ -572,7 +586,9 @@ export class VmCore implements AbiHost {
   }
 
   reply(session: number, request_id: number, bytes: Uint8Array): number {
-    return this.emit(OUTPUT_REPLY, session, request_id, bytes);
+    const rc = this.emit(OUTPUT_REPLY, session, request_id, bytes);
+    if (rc === E_OK) this.newestReplyEpoch = this.state.epoch;
+    return rc;
   }
 
   send(rank: number, bytes: Uint8Array): number {

@@ -138,8 +138,12 @@ export interface SerializedError {
 /** Messages the worker sends without being asked. */
 export type WorkerEvent =
   | { event: "crashed"; message: string }
-  /** First external output of an epoch: the host may checkpoint early (adaptive epochs). */
-  | { event: "output_pending"; epoch: number }
+  /**
+   * First external output of an epoch, and the first urgent output (a reply,
+   * a held message) if the first was log output: the host may checkpoint
+   * early (adaptive epochs, src/core/epoch-timer.ts).
+   */
+  | { event: "output_pending"; epoch: number; urgent: boolean }
   /**
    * group mode: a message from epoch e+1 reached this VM in epoch e, so the
    * leader has ended e: the VM captured checkpoint e at once (the message is

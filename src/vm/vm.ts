@@ -59,7 +59,7 @@ interface Pending {
 
 export interface VmEvents {
   crashed: [message: string];
-  output_pending: [epoch: number];
+  output_pending: [epoch: number, urgent: boolean];
   /** group mode: a checkpoint (capture_to, or the VM's own: WorkerEvent "captured"); the delta is sealed. */
   captured: [result: CaptureResult];
   /** The message path had a problem (a link refused or broken); the VM runs on. */
@@ -242,7 +242,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
       sealDelta(body.result.delta);
       this.emit("captured", body.result);
     }
-    else this.emit("output_pending", body.epoch);
+    else this.emit("output_pending", body.epoch, body.urgent);
   }
 
   private fail(reason: string): void {

@@ -32,7 +32,9 @@ let primary: VmCore | null = null;
 let backup: BackupImage | null = null;
 let timerMode: WorkerVmOptions["timers"] = "manual";
 let timerHandle: NodeJS.Timeout | null = null;
+/** The epochs output_pending was last sent for: any output, and urgent output (see afterCall). */
 let outputEpochSignalled = 0;
+let urgentEpochSignalled = 0;
 /** The group message data path, once the host opened it (group members); until then sends go out in outboxes. */
 let path: MessagePath | null = null;
 
@@ -125,10 +127,8 @@ function afterCall(): void {
     emit({ event: "crashed", message: vm.crashed });
     return;
   }
-  if (vm.pendingOutput().length > 0 && outputEpochSignalled !== vm.epoch) {
-    outputEpochSignalled = vm.epoch;
-    emit({ event: "output_pending", epoch: vm.epoch });
-  }
+  const waiting = vm.outputWaiting();
+  if (waiting) signalOutput(vm.epoch, waiting === "reply");
   scheduleTimers();
 }
 
@@ -140,12 +140,21 @@ function flush(vm: VmCore): GroupMessage[] {
   const outbox = vm.takeOutbox();
   if (!path) return outbox;
   if (outbox.length) path.send(outbox);
-  // vm mode: held messages wait for a commit like output does (adaptive epochs end the epoch soon).
-  if (path.heldCount > 0 && outputEpochSignalled !== vm.epoch) {
-    outputEpochSignalled = vm.epoch;
-    emit({ event: "output_pending", epoch: vm.epoch });
-  }
+  // vm mode: held messages wait for a commit like a reply does (their receiver blocks on them).
+  if (path.heldCount > 0) signalOutput(vm.epoch, true);
   return [];
+}
+
+/**
+ * Tells the host that output waits in `epoch` (adaptive epochs): once per
+ * epoch, and once more if it was log output only and now someone blocks on
+ * output too (`urgent`: a reply, a held message), which hurries the epoch more.
+ */
+function signalOutput(epoch: number, urgent: boolean): void {
+  if (urgent ? urgentEpochSignalled === epoch : outputEpochSignalled === epoch) return;
+  outputEpochSignalled = epoch;
+  if (urgent) urgentEpochSignalled = epoch;
+  emit({ event: "output_pending", epoch, urgent });
 }
 
 /**

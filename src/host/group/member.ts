@@ -23,8 +23,8 @@ export type MemberState = "running" | "frozen";
 export interface MemberEvents {
   /** group mode: checkpoint taken (the leader's `end`, or a message from the next epoch), in epoch order; the delta is sealed. */
   captured: [result: CaptureResult];
-  /** External output (or, vm mode, a held message) waits for a commit (adaptive epochs). */
-  output_pending: [epoch: number];
+  /** External output (or, vm mode, a held message) waits for a commit (adaptive epochs); `urgent`: someone blocks on it. */
+  output_pending: [epoch: number, urgent: boolean];
   problem: [reason: string];
 }
 
@@ -55,8 +55,8 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   }
 
   private listen(vm: VmWorker): void {
-    vm.on("output_pending", (epoch) => {
-      if (this.vm === vm && epoch > this.captured) this.emit("output_pending", epoch);
+    vm.on("output_pending", (epoch, urgent) => {
+      if (this.vm === vm && epoch > this.captured) this.emit("output_pending", epoch, urgent);
     });
     vm.on("crashed", (message) => {
       if (this.vm === vm) this.emit("problem", `VM crashed: ${message}`);
