@@ -50,10 +50,14 @@ interface RunningGroup {
   ask(vm: string, text: string): Promise<string>;
 }
 
-/** A fresh cluster with one group deployed; torn down after `body`. */
+/**
+ * A fresh cluster with one group deployed; torn down after `body`. If the run
+ * fails, its state directory (the hosts' logs) is kept and named in the error.
+ */
 async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, hosts: number, body: (g: RunningGroup) => Promise<T>): Promise<T> {
   const state_dir = await mkdtemp(join(tmpdir(), `cohort-bench-${guest}-`));
   let cluster: ClusterFile | null = null;
+  let failed = false;
   try {
     cluster = await up({ hosts, state_dir, host_command: hostCommand() });
     await sleep(600); // hosts see each other's heartbeats before placement
@@ -72,9 +76,12 @@ async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, h
     } finally {
       await store.close();
     }
+  } catch (error) {
+    failed = true;
+    throw new Error(`${guest}, mode ${mode}, ${size} VMs: ${(error as Error).message} (host logs kept in ${state_dir})`, { cause: error });
   } finally {
     if (cluster) await down({ state_dir }).catch(() => undefined);
-    await rm(state_dir, { recursive: true, force: true });
+    if (!failed) await rm(state_dir, { recursive: true, force: true });
   }
 }
 
@@ -143,6 +150,8 @@ function measurePingpong(mode: ProtectionMode, options: GroupBenchOptions): Prom
 export interface AllreduceModeResult {
   iterations_per_s: number;
   iterations: number;
+  /** How long the median run warmed up before measuring (see measureAllreduce). */
+  warmup_ms: number;
   /** iterations_per_s of every run, in run order (the fields above are the median run's). */
   samples: number[];
 }
@@ -167,7 +176,7 @@ export async function runAllreduceBench(options: GroupBenchOptions & { sizes: nu
   const ratios: AllreduceReport["ratios"] = {};
   for (const size of options.sizes) {
     const key = `vms_${size}`;
-    const runs: Record<ProtectionMode, { iterations_per_s: number; iterations: number }[]> = { none: [], vm: [], group: [] };
+    const runs: Record<ProtectionMode, AllreduceRun[]> = { none: [], vm: [], group: [] };
     for (let i = 1; i <= options.repeat; i++) {
       for (const mode of GROUP_MODES) {
         options.progress(`run ${i}/${options.repeat}: ${mode}: allreduce over ${size} VMs on ${options.hosts} hosts`);
@@ -185,16 +194,48 @@ export async function runAllreduceBench(options: GroupBenchOptions & { sizes: nu
   return { bench: "allreduce", measure_ms: options.measure_ms, hosts: options.hosts, repeat: options.repeat, results, ratios };
 }
 
-function measureAllreduce(mode: ProtectionMode, size: number, options: GroupBenchOptions): Promise<{ iterations_per_s: number; iterations: number }> {
+type AllreduceRun = Omit<AllreduceModeResult, "samples">;
+
+/** Warm-up windows: the rate has settled when two successive windows differ by at most SETTLED_RATIO. */
+const SETTLE_WINDOW_MS = 1000;
+const SETTLED_RATIO = 1.15;
+/** Warm-up never lasts longer than this (a rate that never settles is measured anyway). */
+const WARMUP_MAX_MS = 20_000;
+
+/**
+ * One allreduce run. Warm-up lasts warmup_ms and then until the rate settles:
+ * a freshly deployed group speeds up for seconds while V8 optimises guest and
+ * host code, the longer the more VMs share the machine's cores (8 VMs on 2
+ * cores: several seconds past 3 s, in every mode), and a fixed warm-up measured
+ * each mode at a different point of its ramp.
+ */
+function measureAllreduce(mode: ProtectionMode, size: number, options: GroupBenchOptions): Promise<AllreduceRun> {
   return withGroup("allreduce", mode, size, options.hosts, async (g) => {
+    /** The round rank 0 completed, at the middle of the request that asked. */
+    const sample = async () => {
+      const t = performance.now();
+      const r = roundOf(await g.ask("allreduce-0", "status"));
+      return { round: r, at: (performance.now() + t) / 2 };
+    };
+    const rate = (a: { round: number; at: number }, b: { round: number; at: number }) => (b.round - a.round) / Math.max(b.at - a.at, 1e-9);
+    const start = performance.now();
     await sleep(options.warmup_ms);
-    const t0 = performance.now();
-    const r0 = roundOf(await g.ask("allreduce-0", "status"));
-    const a0 = (performance.now() + t0) / 2;
+    let before = await sample();
+    await sleep(SETTLE_WINDOW_MS);
+    let last = await sample();
+    for (;;) {
+      if (performance.now() - start >= WARMUP_MAX_MS) break;
+      await sleep(SETTLE_WINDOW_MS);
+      const next = await sample();
+      const [x, y] = [rate(before, last), rate(last, next)];
+      before = last;
+      last = next;
+      if (Math.max(x, y) <= SETTLED_RATIO * Math.min(x, y)) break;
+    }
+    const warmup_ms = Math.round(performance.now() - start);
+    const r0 = await sample();
     await sleep(options.measure_ms);
-    const t1 = performance.now();
-    const r1 = roundOf(await g.ask("allreduce-0", "status"));
-    const a1 = (performance.now() + t1) / 2;
-    return { iterations_per_s: round((r1 - r0) / ((a1 - a0) / 1000), 1), iterations: r1 - r0 };
+    const r1 = await sample();
+    return { iterations_per_s: round(rate(r0, r1) * 1000, 1), iterations: r1.round - r0.round, warmup_ms };
   });
 }

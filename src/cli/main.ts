@@ -129,7 +129,7 @@ const groupBenchOptions = (command: Command) =>
   command
     .option("--json", "print one JSON object")
     .option("--measure-ms <ms>", "measured time per mode", int("--measure-ms"), GROUP_BENCH_DEFAULTS.measure_ms)
-    .option("--warmup-ms <ms>", "time per mode before measuring", int("--warmup-ms"), GROUP_BENCH_DEFAULTS.warmup_ms)
+    .option("--warmup-ms <ms>", "time per mode before measuring (allreduce: at least this, then until the rate settles, at most 20 s)", int("--warmup-ms"), GROUP_BENCH_DEFAULTS.warmup_ms)
     .option("--hosts <n>", "host processes per cluster", int("--hosts"), GROUP_BENCH_DEFAULTS.hosts)
     .option("--repeat <n>", "measurements per mode, modes interleaved; the median is reported", int("--repeat"), GROUP_BENCH_DEFAULTS.repeat);
 
