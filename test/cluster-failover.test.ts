@@ -30,10 +30,10 @@ async function deploy(c: ClusterFile, group: string, module: string, interval_ms
   await requestAny(c, "deploy", { manifest }, new Uint8Array(await readFile(module)));
 }
 
-function follow(dir: string, vm: string): { records: FollowedRecord[]; notices: string[]; follower: LogFollower; done: Promise<unknown> } {
+function follow(c: ClusterFile, vm: string): { records: FollowedRecord[]; notices: string[]; follower: LogFollower; done: Promise<unknown> } {
   const records: FollowedRecord[] = [];
   const notices: string[] = [];
-  const follower = new LogFollower(dir, vm, 1, (r) => records.push(r), (n) => notices.push(n));
+  const follower = new LogFollower(c, vm, 1, (r) => records.push(r), (n) => notices.push(n));
   return { records, notices, follower, done: follower.run().catch(() => undefined) };
 }
 
@@ -60,11 +60,11 @@ function expectContiguous(records: FollowedRecord[]): void {
 
 describe("single-VM protection across host processes", () => {
   it("kill -9 of the primary's host: the backup promotes, output continues with no gap and no duplicate", async () => {
-    const { dir, cluster: c, store } = await cluster(3);
+    const { cluster: c, store } = await cluster(3);
     await deploy(c, "ticker", guestPath("ticker"));
     const before = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
     expect(before.backup).not.toBe(before.primary);
-    const f = follow(dir, "ticker-0");
+    const f = follow(c, "ticker-0");
     await waitFor(() => f.records.length >= 20, 5000, "output before the kill");
     const victim = c.hosts.find((h) => h.id === before.primary)!;
     const seqAtKill = f.follower.lastSeq;
@@ -89,9 +89,9 @@ describe("single-VM protection across host processes", () => {
   });
 
   it("two failovers in a row (4 hosts): the output stays contiguous and its whole history stays readable", async () => {
-    const { dir, cluster: c, store } = await cluster(4);
+    const { cluster: c, store } = await cluster(4);
     await deploy(c, "ticker", guestPath("ticker"));
-    const f = follow(dir, "ticker-0");
+    const f = follow(c, "ticker-0");
     for (let round = 0; round < 2; round++) {
       await waitFor(() => f.records.length >= 20 * (round + 1), 5000, `output before kill ${round + 1}`);
       const record = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
@@ -106,7 +106,7 @@ describe("single-VM protection across host processes", () => {
     await f.done;
     expectContiguous(f.records);
     // A new reader from the start gets the whole stream from the twice-promoted primary.
-    const again = follow(dir, "ticker-0");
+    const again = follow(c, "ticker-0");
     await waitFor(() => again.follower.lastSeq >= f.follower.lastSeq, 5000, "history");
     again.follower.stop();
     await again.done;
@@ -121,7 +121,7 @@ describe("single-VM protection across host processes", () => {
     await writeFile(wasm, fixtureBytes("heavy"));
     await deploy(c, "heavy", wasm, 5);
     const before = (await store.get<VmRecord>(vmKey("heavy-0")))!.value;
-    const f = follow(dir, "heavy-0");
+    const f = follow(c, "heavy-0");
     await waitFor(() => f.records.length >= 30, 10_000, "output before the kill");
     const seqAtKill = f.follower.lastSeq;
     process.kill(c.hosts.find((h) => h.id === before.primary)!.pid, "SIGKILL");
@@ -133,13 +133,13 @@ describe("single-VM protection across host processes", () => {
   });
 
   it("output is never released before its cut commits: with the backup frozen nothing is released, and the frozen-out output never appears", async () => {
-    const { dir, cluster: c, store } = await cluster(3);
+    const { cluster: c, store } = await cluster(3);
     await deploy(c, "ticker", guestPath("ticker"));
     const record = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
     const primary = c.hosts.find((h) => h.id === record.primary)!;
     // The backup and the only other host are frozen, so the primary cannot find any backup.
     const frozen = c.hosts.filter((h) => h.id !== record.primary);
-    const f = follow(dir, "ticker-0");
+    const f = follow(c, "ticker-0");
     await waitFor(() => f.records.length >= 10, 5000, "output");
     for (const h of frozen) process.kill(h.pid, "SIGSTOP");
     try {
@@ -161,11 +161,11 @@ describe("single-VM protection across host processes", () => {
   });
 
   it("a paused primary (SIGSTOP) is taken over; when it resumes it is fenced (its VM stops) and the stream stays contiguous", async () => {
-    const { dir, cluster: c, store } = await cluster(3);
+    const { cluster: c, store } = await cluster(3);
     await deploy(c, "ticker", guestPath("ticker"));
     const before = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
     const primary = c.hosts.find((h) => h.id === before.primary)!;
-    const f = follow(dir, "ticker-0");
+    const f = follow(c, "ticker-0");
     await waitFor(() => f.records.length >= 10, 5000, "output");
     process.kill(primary.pid, "SIGSTOP");
     try {
@@ -186,9 +186,9 @@ describe("single-VM protection across host processes", () => {
   });
 
   it("a malformed frame closes only that connection; the host keeps serving", async () => {
-    const { dir, cluster: c } = await cluster(2);
+    const { cluster: c } = await cluster(2);
     await deploy(c, "ticker", guestPath("ticker"));
-    const f = follow(dir, "ticker-0");
+    const f = follow(c, "ticker-0");
     await waitFor(() => f.records.length >= 5, 5000, "output");
     for (const host of c.hosts) {
       const [h, p] = host.address.split(":");
@@ -210,11 +210,11 @@ describe("single-VM protection across host processes", () => {
   });
 
   it("a backup that disconnects (SIGSTOP) is replaced, and its return harms nothing", async () => {
-    const { dir, cluster: c, store } = await cluster(3);
+    const { cluster: c, store } = await cluster(3);
     await deploy(c, "ticker", guestPath("ticker"));
     const record = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
     const backup = c.hosts.find((h) => h.id === record.backup)!;
-    const f = follow(dir, "ticker-0");
+    const f = follow(c, "ticker-0");
     await waitFor(() => f.records.length >= 10, 5000, "output");
     process.kill(backup.pid, "SIGSTOP");
     try {

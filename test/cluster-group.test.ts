@@ -13,8 +13,7 @@ import type { ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { vmKey, type VmRecord } from "../src/host/records.js";
-import { EmbeddedStore } from "../src/store/embedded.js";
-import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
+import { clusterStore, LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import type { GroupStatus } from "../src/host/group/driver.js";
 import { readRecordings, replay } from "../src/sim/replay.js";
@@ -39,7 +38,7 @@ async function groupStatus(c: ClusterFile, group: string): Promise<GroupStatus[]
 
 /** The store's record of `vm` (where its primary is). */
 async function recordOf(c: ClusterFile, vm: string): Promise<VmRecord> {
-  const store = new EmbeddedStore(c.state_dir);
+  const store = clusterStore(c);
   try {
     return (await store.get<VmRecord>(vmKey(vm)))!.value;
   } finally {
@@ -54,7 +53,7 @@ describe("group failover (real processes, kill -9)", () => {
     process.env.COHORT_RECORD_CORE_EVENTS = recordings;
     let report: Awaited<ReturnType<typeof runBankDemo>>;
     try {
-      report = await runBankDemo({ hosts: 3, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2500, detect_ms: DETECT_MS }, () => undefined);
+      report = await runBankDemo({ hosts: 3, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2500, detect_ms: DETECT_MS, store: "embedded" }, () => undefined);
     } finally {
       delete process.env.COHORT_RECORD_CORE_EVENTS;
     }
@@ -86,7 +85,7 @@ describe("group failover (real processes, kill -9)", () => {
   }, 40_000);
 
   it("a group of 16 VMs over 3 hosts: allreduce rounds stay exact and contiguous across a failover", async () => {
-    const { dir, cluster: c, store } = await cluster(3);
+    const { cluster: c, store } = await cluster(3);
     const size = 16;
     await deploy(c, "wide", "allreduce", "group", size);
     const records: FollowedRecord[][] = [];
@@ -95,7 +94,7 @@ describe("group failover (real processes, kill -9)", () => {
     for (let r = 0; r < size; r++) {
       const list: FollowedRecord[] = [];
       records.push(list);
-      const f = new LogFollower(dir, `wide-${r}`, 1, (x) => list.push(x), () => undefined);
+      const f = new LogFollower(c, `wide-${r}`, 1, (x) => list.push(x), () => undefined);
       followers.push(f);
       done.push(f.run().catch(() => undefined));
     }

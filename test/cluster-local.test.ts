@@ -195,6 +195,7 @@ describe("local cluster", () => {
     // the pid was reused, the host itself is gone.
     const fake: ClusterFile = {
       state_dir: dir,
+      store: "embedded",
       hosts: [{ id: "h1", address: "127.0.0.1:1", pid: other, started_at_ms: start - 60_000 }],
       created_at_ms: start - 60_000,
     };

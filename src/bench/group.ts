@@ -21,8 +21,7 @@ import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
 import { parseManifest, type ProtectionMode } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
 import { vmKey, type VmRecord } from "../host/records.js";
-import { EmbeddedStore } from "../store/embedded.js";
-import { requestAny, sleep } from "../cli/client.js";
+import { clusterStore, requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import { measureRawTcp } from "./raw-tcp.js";
 import { round } from "../util/stats.js";
@@ -63,7 +62,7 @@ async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, h
     await sleep(600); // hosts see each other's heartbeats before placement
     const manifest = parseManifest(`group: ${guest}\nmode: ${mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(guest))}\n`, { source: "bench", base_dir: "/" });
     await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-    const store = new EmbeddedStore(state_dir);
+    const store = clusterStore(cluster);
     const c: ClusterFile = cluster;
     const ask = async (vm: string, text: string) => {
       const record = await store.get<VmRecord>(vmKey(vm));

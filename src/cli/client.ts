@@ -1,7 +1,7 @@
 /**
- * The CLI side of talking to a cluster: find the hosts (cluster.json and the
- * store in the state directory), send a request to one, and follow a VM's
- * released output across failovers.
+ * The CLI side of talking to a cluster: find the hosts (cluster.json in the
+ * state directory, and the coordination store it names), send a request to
+ * one, and follow a VM's released output across failovers.
  */
 import { Connection } from "../host/connection.js";
 import { MSG, parseLogPush } from "../host/messages.js";
@@ -9,7 +9,13 @@ import type { ReleasedRecord } from "../core/frames.js";
 import { vmKey, type VmRecord } from "../host/records.js";
 import type { HostOp, HostOps } from "../host/api.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
-import { EmbeddedStore } from "../store/embedded.js";
+import { openStore } from "../store/open.js";
+import type { CoordinationStore } from "../store/store.js";
+
+/** The coordination store of a cluster `up` started (the caller closes it). */
+export function clusterStore(cluster: ClusterFile): CoordinationStore {
+  return openStore(cluster.store, cluster.state_dir);
+}
 
 export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
   const cluster = await readCluster(state_dir);
@@ -54,17 +60,17 @@ export class LogFollower {
   private nextSeq: number;
   private connection: Connection | null = null;
   private stopped = false;
-  private readonly store: EmbeddedStore;
+  private readonly store: CoordinationStore;
 
   constructor(
-    private readonly state_dir: string,
+    private readonly cluster: ClusterFile,
     private readonly vm: string,
     from_seq: number,
     private readonly onRecord: (record: FollowedRecord) => void,
     private readonly onNotice: (line: string) => void = () => {},
   ) {
     this.nextSeq = from_seq;
-    this.store = new EmbeddedStore(state_dir);
+    this.store = clusterStore(cluster);
   }
 
   get lastSeq(): number {
@@ -76,7 +82,7 @@ export class LogFollower {
     while (!this.stopped) {
       const record = await this.store.get<VmRecord>(vmKey(this.vm));
       if (!record) throw new Error(`no VM named ${this.vm}`);
-      const cluster = await clusterOrFail(this.state_dir);
+      const cluster = await clusterOrFail(this.cluster.state_dir);
       const host = cluster.hosts.find((h) => h.id === record.value.primary);
       if (!host) throw new Error(`primary host ${record.value.primary} of ${this.vm} is not in the cluster`);
       try {

@@ -9,8 +9,8 @@ import { defaultStateDir, down, up } from "../cluster/local-cluster.js";
 import { loadManifest } from "../cluster/manifest.js";
 import { Host, HOST_DEFAULTS } from "../host/host.js";
 import type { GroupRecord, VmRecord } from "../host/records.js";
-import { EmbeddedStore } from "../store/embedded.js";
-import { clusterOrFail, LogFollower, requestAny } from "./client.js";
+import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
+import { clusterOrFail, clusterStore, LogFollower, requestAny } from "./client.js";
 import { hostCommand, runDemo } from "./demo.js";
 
 const int = (name: string) => (value: string) => {
@@ -22,8 +22,22 @@ const int = (name: string) => (value: string) => {
 export function registerClusterCommands(program: Command): void {
   const stateOption = (c: Command) => c.option("--state-dir <dir>", "cluster state directory (default: $COHORT_STATE_DIR or ./.cohort)");
   const stateDir = (opts: { stateDir?: string }) => resolve(opts.stateDir ?? defaultStateDir());
+  const storeOption = (c: Command) =>
+    c.option(
+      "--store <store>",
+      "coordination store: embedded (files in the state directory, one machine) or etcd://host:port[,host:port...][/prefix] (default: $COHORT_STORE or embedded)",
+      (value: string) => {
+        try {
+          parseStoreSpec(value);
+        } catch (error) {
+          throw new InvalidArgumentError((error as Error).message);
+        }
+        return value;
+      },
+    );
+  const storeOf = (opts: { store?: string }) => opts.store ?? (process.env.COHORT_STORE || STORE_DEFAULT);
 
-  stateOption(
+  storeOption(stateOption(
     program
       .command("host")
       .description("run one host daemon (normally started by `cohort up`)")
@@ -33,12 +47,12 @@ export function registerClusterCommands(program: Command): void {
       .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
       .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
       .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
-  ).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; recordCoreEvents?: string; stateDir?: string }) => {
+  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
     const state_dir = stateDir(opts);
     const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
     const host = new Host(
       { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, record_dir },
-      new EmbeddedStore(state_dir),
+      openStore(storeOf(opts), state_dir),
     );
     const shutdown = (signal: string) => {
       host.log.info({ signal }, "shutting down");
@@ -52,15 +66,15 @@ export function registerClusterCommands(program: Command): void {
     await host.start();
   });
 
-  stateOption(
+  storeOption(stateOption(
     program
       .command("up")
       .description("start a local cluster of host processes on loopback; returns once they are ready")
       .option("--hosts <n>", "number of hosts", int("--hosts"), 3)
       .option("--detect-ms <ms>", "failure detection timeout of each host", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
       .option("--json", "print the cluster as JSON"),
-  ).action(async (opts: { hosts: number; detectMs: number; json?: boolean; stateDir?: string }) => {
-    const cluster = await up({ hosts: opts.hosts, state_dir: stateDir(opts), host_command: hostCommand(), extra_args: ["--detect-ms", String(opts.detectMs)] });
+  )).action(async (opts: { hosts: number; detectMs: number; json?: boolean; stateDir?: string; store?: string }) => {
+    const cluster = await up({ hosts: opts.hosts, state_dir: stateDir(opts), host_command: hostCommand(), extra_args: ["--detect-ms", String(opts.detectMs)], store: storeOf(opts) });
     if (opts.json) console.log(JSON.stringify(cluster));
     else for (const h of cluster.hosts) console.log(`${h.id}  ${h.address}  pid ${h.pid}`);
   });
@@ -88,7 +102,7 @@ export function registerClusterCommands(program: Command): void {
     async (opts: { json?: boolean; stateDir?: string }) => {
       const state_dir = stateDir(opts);
       const cluster = await clusterOrFail(state_dir);
-      const store = new EmbeddedStore(state_dir);
+      const store = clusterStore(cluster);
       const [groups, vms] = await Promise.all([store.list<GroupRecord>("groups/"), store.list<VmRecord>("vms/")]);
       await store.close();
       const hosts = await Promise.all(
@@ -150,8 +164,8 @@ export function registerClusterCommands(program: Command): void {
       .option("--follow", "keep following, across failovers")
       .option("--from <seq>", "first output sequence number", int("--from"), 1),
   ).action(async (vm: string, opts: { follow?: boolean; from: number; stateDir?: string }) => {
-    const state_dir = stateDir(opts);
-    const follower = new LogFollower(state_dir, vm, opts.from, (r) => process.stdout.write(r.text.endsWith("\n") ? r.text : `${r.text}\n`), (line) => console.error(line));
+    const cluster = await clusterOrFail(stateDir(opts));
+    const follower = new LogFollower(cluster, vm, opts.from, (r) => process.stdout.write(r.text.endsWith("\n") ? r.text : `${r.text}\n`), (line) => console.error(line));
     if (!opts.follow) {
       // One pass: print what the primary has, then stop.
       setTimeout(() => follower.stop(), 300);
@@ -161,18 +175,18 @@ export function registerClusterCommands(program: Command): void {
     await follower.run();
   });
 
-  program
-    .command("demo")
+  storeOption(program
+    .command("demo"))
     .description("start a 3-host local cluster, deploy a guest, kill -9 a host holding primaries, check the released output")
     .option("--scenario <name>", "ticker (one VM, vm mode) or bank (4 VMs, group mode)", "ticker")
     .option("--hosts <n>", "hosts in the cluster", int("--hosts"), 3)
     .option("--detect-ms <ms>", "failure detection timeout", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
     .option("--json", "print one JSON object")
-    .action(async (opts: { scenario: string; hosts: number; detectMs: number; json?: boolean }) => {
-      if (opts.scenario === "bank") return bankDemo(opts);
+    .action(async (opts: { scenario: string; hosts: number; detectMs: number; json?: boolean; store?: string }) => {
+      if (opts.scenario === "bank") return bankDemo({ ...opts, store: storeOf(opts) });
       if (opts.scenario !== "ticker") throw new InvalidArgumentError(`unknown scenario ${opts.scenario} (available: ticker, bank)`);
       const report = await runDemo(
-        { scenario: "ticker", hosts: opts.hosts, run_before_kill_ms: 1500, run_after_kill_ms: 1500, detect_ms: opts.detectMs, interval_ms: 20 },
+        { scenario: "ticker", hosts: opts.hosts, run_before_kill_ms: 1500, run_after_kill_ms: 1500, detect_ms: opts.detectMs, interval_ms: 20, store: storeOf(opts) },
         (line) => {
           if (!opts.json) console.log(line);
         },
@@ -187,9 +201,9 @@ export function registerClusterCommands(program: Command): void {
     });
 }
 
-async function bankDemo(opts: { hosts: number; detectMs: number; json?: boolean }): Promise<void> {
+async function bankDemo(opts: { hosts: number; detectMs: number; json?: boolean; store: string }): Promise<void> {
   const { runBankDemo } = await import("./demo-bank.js");
-  const report = await runBankDemo({ hosts: opts.hosts, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2000, detect_ms: opts.detectMs }, (line) => {
+  const report = await runBankDemo({ hosts: opts.hosts, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2000, detect_ms: opts.detectMs, store: opts.store }, (line) => {
     if (!opts.json) console.log(line);
   });
   if (opts.json) console.log(JSON.stringify(report));

@@ -12,8 +12,7 @@ import { hostLogPath } from "../cluster/local-cluster.js";
 import { parseManifest } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
 import { vmKey, vmName, type VmRecord } from "../host/records.js";
-import { EmbeddedStore } from "../store/embedded.js";
-import { LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
+import { clusterStore, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
 import { withDemoCluster } from "./demo.js";
 
 export interface BankDemoOptions {
@@ -22,6 +21,8 @@ export interface BankDemoOptions {
   run_before_kill_ms: number;
   run_after_kill_ms: number;
   detect_ms: number;
+  /** Coordination store of the demo's cluster (src/store/open.ts). */
+  store: string;
 }
 
 /** examples/bank: accounts per rank and their starting balance. */
@@ -68,12 +69,12 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
     try {
       const manifest = parseManifest(`group: bank\nmode: group\nsize: ${size}\nmodule: ${JSON.stringify(guestPath("bank"))}\n`, { source: "demo", base_dir: "/" });
       await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-      const store = new EmbeddedStore(state_dir);
+      const store = clusterStore(cluster);
       const before = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
       for (const r of before) say(`${r.vm}: primary ${r.primary}, backup ${r.backup}`);
       const records: FollowedRecord[][] = vms.map(() => []);
       const running = vms.map((vm, rank) => {
-        const follower = new LogFollower(state_dir, vm, 1, (r) => records[rank].push(r), (line) => say(line));
+        const follower = new LogFollower(cluster, vm, 1, (r) => records[rank].push(r), (line) => say(line));
         followers.push(follower);
         return follower.run().catch((error: Error) => say(`follower ${vm}: ${error.message}`));
       });

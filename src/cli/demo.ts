@@ -6,14 +6,14 @@
  */
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
 import { parseManifest } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
 import { vmKey, type VmRecord } from "../host/records.js";
-import { EmbeddedStore } from "../store/embedded.js";
-import { LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
+import { withPrefixSegment } from "../store/open.js";
+import { clusterStore, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
 import { readFile } from "node:fs/promises";
 
 export interface DemoOptions {
@@ -23,6 +23,8 @@ export interface DemoOptions {
   run_after_kill_ms: number;
   detect_ms: number;
   interval_ms: number;
+  /** Coordination store of the demo's cluster (src/store/open.ts); etcd keys go under a fresh prefix segment. */
+  store: string;
 }
 
 export interface DemoReport {
@@ -53,7 +55,7 @@ export function hostCommand(): string[] {
  * COHORT_DEMO_KEEP_STATE). The scenario stops its log followers before it returns or throws.
  */
 export async function withDemoCluster<R extends { checks: { processes_cleaned_up: boolean } }>(
-  options: { hosts: number; detect_ms: number },
+  options: { hosts: number; detect_ms: number; store: string },
   say: (line: string) => void,
   scenario: (cluster: ClusterFile, state_dir: string) => Promise<R>,
 ): Promise<R> {
@@ -62,7 +64,8 @@ export async function withDemoCluster<R extends { checks: { processes_cleaned_up
   let cleaned = false;
   try {
     say(`starting ${options.hosts} hosts in ${state_dir}`);
-    cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(options.detect_ms)] });
+    const store = withPrefixSegment(options.store, `demo-${basename(state_dir).toLowerCase().replace(/[^a-z0-9-]/g, "")}`);
+    cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(options.detect_ms)], store });
     await sleep(3 * options.detect_ms); // hosts see each other's heartbeats before placement
     const report = await scenario(cluster, state_dir);
     const stopped = await down({ state_dir });
@@ -77,17 +80,17 @@ export async function withDemoCluster<R extends { checks: { processes_cleaned_up
 }
 
 export function runDemo(options: DemoOptions, say: (line: string) => void): Promise<DemoReport> {
-  return withDemoCluster(options, say, async (cluster, state_dir) => {
+  return withDemoCluster(options, say, async (cluster) => {
     let follower: LogFollower | null = null;
     try {
       const manifest = parseManifest(`group: ticker\nmode: vm\nmodule: ${JSON.stringify(guestPath("ticker"))}\nepoch:\n  interval_ms: ${options.interval_ms}\n`, { source: "demo", base_dir: "/" });
       await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-      const store = new EmbeddedStore(state_dir);
+      const store = clusterStore(cluster);
       const before = await store.get<VmRecord>(vmKey("ticker-0"));
       if (!before) throw new Error("ticker-0 has no record after deploy");
       say(`ticker-0: primary ${before.value.primary}, backup ${before.value.backup}`);
       const records: FollowedRecord[] = [];
-      follower = new LogFollower(state_dir, "ticker-0", 1, (r) => records.push(r), (line) => say(line));
+      follower = new LogFollower(cluster, "ticker-0", 1, (r) => records.push(r), (line) => say(line));
       const following = follower.run().catch((error: Error) => say(`follower: ${error.message}`));
       await sleep(options.run_before_kill_ms);
       const victim = cluster.hosts.find((h) => h.id === before.value.primary)!;

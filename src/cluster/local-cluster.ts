@@ -5,12 +5,13 @@
  *   <state_dir>/cluster.json     the hosts `up` started (ClusterFile); written atomically
  *   <state_dir>/cluster.lock     held while an `up` or `down` runs (one at a time)
  *   <state_dir>/logs/h<i>.log    stdout and stderr of host h<i> (appended to)
- *   <state_dir>/store/           the embedded coordination store (src/store/embedded.ts)
+ *   <state_dir>/store/           the embedded coordination store (src/store/embedded.ts), unless
+ *                                the cluster uses etcd (`store` in cluster.json, src/store/open.ts)
  *
  * Protocol with the host daemon: `up` starts each host as
- * `[...host_command, "--id", "h<i>", "--port", "0", "--state-dir", <abs state_dir>, ...extra_args]`,
+ * `[...host_command, "--id", "h<i>", "--port", "0", "--state-dir", <abs state_dir>, "--store", <store>, ...extra_args]`,
  * detached, and waits until the host has put its HostRecord under `hosts/h<i>`
- * in the EmbeddedStore of that state directory with `pid` equal to the pid
+ * in the cluster's coordination store with `pid` equal to the pid
  * `up` spawned. So host_command must start the daemon itself (e.g.
  * `node bin/cohort.js host` or `node --import tsx ...`), not a wrapper that
  * forks it (`npx ...`), whose pid would differ.
@@ -26,8 +27,9 @@ import * as fsp from "node:fs/promises";
 import * as path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { z } from "zod";
-import { acquireFileLock, EmbeddedStore, type FileLock, isProcessAlive, processStartMs } from "../store/embedded.js";
-import { StoreError } from "../store/store.js";
+import { acquireFileLock, type FileLock, isProcessAlive, processStartMs } from "../store/embedded.js";
+import { openStore, STORE_DEFAULT } from "../store/open.js";
+import { type CoordinationStore, StoreError } from "../store/store.js";
 
 export interface HostRecord {
   id: string;
@@ -39,6 +41,8 @@ export interface HostRecord {
 
 export interface ClusterFile {
   state_dir: string;
+  /** The coordination store the hosts use (src/store/open.ts): "embedded" or etcd://... */
+  store: string;
   hosts: HostRecord[];
   created_at_ms: number;
 }
@@ -52,6 +56,8 @@ export interface UpOptions {
   ready_timeout_ms?: number;
   /** Appended to every host's argv. */
   extra_args?: string[];
+  /** The hosts' coordination store (src/store/open.ts; default "embedded"), passed as `--store`. */
+  store?: string;
 }
 
 export interface DownOptions {
@@ -128,6 +134,8 @@ const hostRecordSchema = z.object({
 
 const clusterFileSchema = z.object({
   state_dir: z.string(),
+  // Cluster files written before the store was selectable used the embedded one.
+  store: z.string().default(STORE_DEFAULT),
   hosts: z.array(hostRecordSchema),
   created_at_ms: z.number().int().nonnegative(),
 });
@@ -193,8 +201,12 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
   const state_dir = path.resolve(opts.state_dir);
   await fsp.mkdir(path.join(state_dir, "logs"), { recursive: true });
 
-  const lock = await lockCluster(state_dir, "up");
-  const store = new EmbeddedStore(state_dir);
+  const store_spec = opts.store ?? STORE_DEFAULT;
+  const store = openStore(store_spec, state_dir); // a bad spec throws before anything starts
+  const lock = await lockCluster(state_dir, "up").catch(async (e: unknown) => {
+    await store.close();
+    throw e;
+  });
   const started: Started[] = [];
   try {
     const existing = await readCluster(state_dir);
@@ -214,7 +226,7 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
     const [command, ...prefix] = opts.host_command;
     for (let i = 1; i <= opts.hosts; i++) {
       const id = `h${i}`;
-      const args = [...prefix, "--id", id, "--port", "0", "--state-dir", state_dir, ...(opts.extra_args ?? [])];
+      const args = [...prefix, "--id", id, "--port", "0", "--state-dir", state_dir, "--store", store_spec, ...(opts.extra_args ?? [])];
       started.push(await spawnHost(id, command, args, hostLogPath(state_dir, id)));
     }
 
@@ -244,6 +256,7 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
 
     const cluster: ClusterFile = {
       state_dir,
+      store: store_spec,
       hosts: started.map((s) => s.record as HostRecord),
       created_at_ms: Date.now(),
     };
@@ -270,10 +283,11 @@ export async function down(opts: DownOptions): Promise<DownResult> {
   if ((await readCluster(state_dir)) === null) return result;
 
   const lock = await lockCluster(state_dir, "down");
-  const store = new EmbeddedStore(state_dir);
+  let store: CoordinationStore | null = null;
   try {
     const cluster = await readCluster(state_dir);
     if (cluster === null) return result; // another down was faster
+    store = openStore(cluster.store, state_dir);
     const targets: HostRecord[] = [];
     for (const h of cluster.hosts) {
       if (isHostProcess(h) && signal(h.pid, "SIGTERM")) targets.push(h);
@@ -295,7 +309,7 @@ export async function down(opts: DownOptions): Promise<DownResult> {
     await fsp.rm(clusterFilePath(state_dir), { force: true });
     return result;
   } finally {
-    await store.close();
+    await store?.close();
     await lock.release();
   }
 }
@@ -314,7 +328,7 @@ async function lockCluster(state_dir: string, what: string): Promise<FileLock> {
 }
 
 /** Deletes the `hosts/*` records whose process is gone (or that are not host records). */
-async function removeDeadHostRecords(store: EmbeddedStore): Promise<void> {
+async function removeDeadHostRecords(store: CoordinationStore): Promise<void> {
   for (const { key, value } of await store.list<unknown>("hosts/")) {
     const rec = hostRecordSchema.safeParse(value);
     if (!rec.success || !isHostProcess(rec.data)) await store.delete(key);
@@ -345,7 +359,7 @@ async function spawnHost(id: string, command: string, args: string[], log: strin
 }
 
 /** SIGKILLs the process groups `up` created (detached => group id = pid) and waits for them to exit. */
-async function killStarted(started: Started[], store: EmbeddedStore): Promise<void> {
+async function killStarted(started: Started[], store: CoordinationStore): Promise<void> {
   for (const s of started) {
     if (s.exit !== null) continue;
     try {

@@ -28,9 +28,10 @@
  * SIGSTOP blocks writers of that key (they get StoreUnavailable) rather than
  * risking a lost update when it resumes.
  *
- * Deleting a key leaves a tombstone holding its last version, so versions of
- * a key only grow, across deletes too (no ABA for cas). Tombstones are small
- * and never removed; the store is control plane only.
+ * Records and tombstones are src/store/record.ts's format: deleting a key
+ * leaves a tombstone holding its next version, so versions of a key only
+ * grow, across deletes too (no ABA for cas). Tombstones are small and never
+ * removed; the store is control plane only.
  */
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -38,7 +39,8 @@ import * as fsp from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type CoordinationStore, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
+import { type CoordinationStore, isValidKey, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
 
 export interface EmbeddedStoreOptions {
   /** Largest JSON encoding of a value, in bytes (default 1 MiB). */
@@ -57,9 +59,6 @@ export const EMBEDDED_STORE_DEFAULTS = {
   stale_lock_ms: 1000,
   fsync: true,
 } as const satisfies Required<EmbeddedStoreOptions>;
-
-/** What is stored for a key: a live record or a tombstone. */
-type StoredRecord = { key: string; version: number; deleted: false; value: unknown } | { key: string; version: number; deleted: true };
 
 export class EmbeddedStore implements CoordinationStore {
   /** The directory holding the records: `<state_dir>/store`. */
@@ -84,7 +83,7 @@ export class EmbeddedStore implements CoordinationStore {
 
   async put<T>(key: string, value: T): Promise<number> {
     validateKey(key);
-    const json = this.encodeValue(key, value);
+    const json = encodeValue(key, value, this.opts.max_value_bytes);
     return this.op(`put ${key}`, () =>
       this.withLock(key, async () => {
         const cur = await this.read(key);
@@ -97,11 +96,8 @@ export class EmbeddedStore implements CoordinationStore {
 
   async cas<T>(key: string, expected_version: number, value: T): Promise<number | null> {
     validateKey(key);
-    if (!Number.isSafeInteger(expected_version) || expected_version < 0) {
-      throw new StoreError("InvalidArgument", `cas ${key}: expected_version must be an integer >= 0, got ${String(expected_version)}`);
-    }
-    const json = this.encodeValue(key, value);
-    const liveVersion = (rec: StoredRecord | null) => (rec === null || rec.deleted ? 0 : rec.version);
+    checkExpectedVersion(key, expected_version);
+    const json = encodeValue(key, value, this.opts.max_value_bytes);
     return this.op(`cas ${key}`, async () => {
       // Versions only grow, so a mismatch seen without the lock is a valid
       // outcome (the cas linearises at that read) and spares the lock.
@@ -212,21 +208,6 @@ export class EmbeddedStore implements CoordinationStore {
     }
   }
 
-  private encodeValue(key: string, value: unknown): string {
-    let json: string | undefined;
-    try {
-      json = JSON.stringify(value);
-    } catch (e) {
-      throw new StoreError("InvalidValue", `value for ${key} cannot be encoded as JSON: ${(e as Error).message}`, { cause: e });
-    }
-    if (json === undefined) throw new StoreError("InvalidValue", `value for ${key} cannot be encoded as JSON (${typeof value})`);
-    const bytes = Buffer.byteLength(json, "utf8");
-    if (bytes > this.opts.max_value_bytes) {
-      throw new StoreError("ValueTooLarge", `value for ${key} is ${bytes} bytes as JSON (max ${this.opts.max_value_bytes})`);
-    }
-    return json;
-  }
-
   /** The stored record of `key`, or null if there is no file. */
   private async read(key: string): Promise<StoredRecord | null> {
     const file = this.dataPath(key);
@@ -237,26 +218,12 @@ export class EmbeddedStore implements CoordinationStore {
       if (isErrno(e) && e.code === "ENOENT") return null;
       throw e;
     }
-    let doc: unknown;
-    try {
-      doc = JSON.parse(text);
-    } catch (e) {
-      throw new StoreError("Corrupt", `record of ${key} (${file}) is not valid JSON: ${(e as Error).message}`, { cause: e });
-    }
-    const bad = (why: string) => new StoreError("Corrupt", `record of ${key} (${file}): ${why}`);
-    if (typeof doc !== "object" || doc === null || Array.isArray(doc)) throw bad("not a JSON object");
-    const r = doc as Record<string, unknown>;
-    if (r.key !== key) throw bad(`holds key ${JSON.stringify(r.key)}`);
-    if (typeof r.version !== "number" || !Number.isSafeInteger(r.version) || r.version < 1) throw bad(`invalid version ${JSON.stringify(r.version)}`);
-    if (r.deleted === true) return { key, version: r.version, deleted: true };
-    if (!("value" in r) || r.deleted !== undefined) throw bad("neither a value nor a tombstone");
-    return { key, version: r.version, deleted: false, value: r.value };
+    return parseRecord(key, text, file);
   }
 
   /** Writes the record (value_json null = tombstone) atomically; the caller holds the key's lock. */
   private async write(key: string, version: number, value_json: string | null): Promise<void> {
-    const head = `{"key":${JSON.stringify(key)},"version":${version},`;
-    const text = value_json === null ? `${head}"deleted":true}\n` : `${head}"value":${value_json}}\n`;
+    const text = recordText(key, version, value_json);
     const file = this.dataPath(key);
     const tmp = `${file}.${process.pid}.${nonce()}.tmp`;
     try {
@@ -281,15 +248,6 @@ function encodeKey(key: string): string {
 
 function decodeKey(name: string): string {
   return name.replaceAll("~", "/");
-}
-
-function isValidKey(key: string): boolean {
-  try {
-    validateKey(key);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 async function removeTempFiles(target: string, pid: number): Promise<void> {

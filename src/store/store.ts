@@ -2,7 +2,8 @@
  * The coordination store: hosts, leases, placement, incarnations and leader
  * leases (docs/ARCHITECTURE.md, "Hosts, the store and failover"). One interface,
  * two implementations: embedded (src/store/embedded.ts, files in the cluster's
- * state directory, for a local cluster on one machine) and etcd v3 (planned).
+ * state directory, for a local cluster on one machine) and etcd v3
+ * (src/store/etcd.ts, for hosts on several machines).
  *
  * The store is control plane only and never on the per-epoch data path, so
  * values are small JSON documents and every operation may take milliseconds.
@@ -81,6 +82,16 @@ export function validateKey(key: unknown): asserts key is string {
   if (typeof key !== "string") throw new StoreError("InvalidKey", `key must be a string, got ${typeof key}`);
   checkShape(key, "key");
   if (key.endsWith("/")) throw new StoreError("InvalidKey", `key ${JSON.stringify(key)} must not end with "/"`);
+}
+
+/** Whether `key` follows the key rules (see validateKey): a store's list skips what it did not write. */
+export function isValidKey(key: string): boolean {
+  try {
+    validateKey(key);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /**

@@ -8,18 +8,20 @@ import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { down, up, type ClusterFile } from "../../src/cluster/local-cluster.js";
-import { EmbeddedStore } from "../../src/store/embedded.js";
+import { openStore } from "../../src/store/open.js";
+import type { CoordinationStore } from "../../src/store/store.js";
 import { sleep } from "../../src/cli/client.js";
 import { hostCommand } from "../../src/cli/demo.js";
 
 const clusters: string[] = [];
 
-export async function startCluster(hosts: number, detect_ms: number): Promise<{ dir: string; cluster: ClusterFile; store: EmbeddedStore }> {
+/** `store`: the hosts' coordination store (src/store/open.ts), embedded unless a test names an etcd. */
+export async function startCluster(hosts: number, detect_ms: number, store = "embedded"): Promise<{ dir: string; cluster: ClusterFile; store: CoordinationStore }> {
   const dir = await mkdtemp(join(tmpdir(), "cohort-it-"));
   clusters.push(dir);
-  const c = await up({ hosts, state_dir: dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(detect_ms)] });
+  const c = await up({ hosts, state_dir: dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(detect_ms)], store });
   await sleep(3 * detect_ms); // hosts see each other's heartbeats before placement
-  return { dir, cluster: c, store: new EmbeddedStore(dir) };
+  return { dir, cluster: c, store: openStore(store, dir) };
 }
 
 export async function stopClusters(): Promise<void> {

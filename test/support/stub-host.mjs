@@ -1,9 +1,9 @@
 // Stand-in for `cohort host` in test/cluster-local.test.ts. Plain Node ESM,
 // started as `node --import <tsx loader> stub-host.mjs ...` so that it can
-// register through the real EmbeddedStore (src/store/embedded.ts) and thus
-// with exactly the file layout `up` polls.
+// register through the real store `up` names (src/store/open.ts) and thus
+// exactly where `up` polls.
 //
-//   stub-host.mjs --id h1 --port 0 --state-dir DIR [--stub-fail h2:never-register|exit|ignore-term ...]
+//   stub-host.mjs --id h1 --port 0 --state-dir DIR [--store SPEC] [--stub-fail h2:never-register|exit|ignore-term ...]
 //
 // On start it records its pid in DIR/stub-pids/<id>.pid (so tests can find
 // every process ever started, independently of cluster.json), listens on
@@ -13,13 +13,14 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { EmbeddedStore } from "../../src/store/embedded.ts";
+import { openStore } from "../../src/store/open.ts";
 
 const { values } = parseArgs({
   options: {
     id: { type: "string" },
     port: { type: "string" },
     "state-dir": { type: "string" },
+    store: { type: "string", default: "embedded" },
     "stub-fail": { type: "string", multiple: true, default: [] },
   },
   strict: true,
@@ -58,7 +59,7 @@ else {
 }
 
 if (mode !== "never-register") {
-  const store = new EmbeddedStore(stateDir);
+  const store = openStore(values.store, stateDir);
   await store.put(`hosts/${id}`, { id, address, pid: process.pid, started_at_ms: Date.now() });
   await store.close();
   console.log(`stub-host ${id}: registered ${address}`);

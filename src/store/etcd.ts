@@ -1,0 +1,199 @@
+/**
+ * Coordination store on etcd v3 (through the `etcd3` client), for hosts on
+ * several machines: the same CoordinationStore contract as the embedded store
+ * (src/store/store.ts), the same record per key (src/store/record.ts) as the
+ * etcd value of `<prefix><key>`.
+ *
+ * Every write is one etcd transaction guarded by the key's mod_revision as
+ * read just before (or "the key was never created"): put and delete retry on
+ * a lost race, cas re-reads and fails if the version it expected is gone. The
+ * record's own version, not etcd's per-key `version` (which restarts when a
+ * key is deleted), is the contract's version, and a delete writes a
+ * tombstone, so versions never go back (no ABA).
+ *
+ * Fault handling: the client retries nothing on its own (a write retried
+ * after a lost reply could report "someone else wrote first" for its own
+ * write) and opens no circuit breaker (decisions must not wait seconds after
+ * etcd comes back). An unreachable etcd, a deadline passed or a closed store
+ * is StoreUnavailable, which callers treat as "try again later"; every call
+ * has a deadline (call_timeout_ms).
+ */
+import { noop } from "cockatiel";
+import { Etcd3, type IKeyValue, type Namespace } from "etcd3";
+import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
+import { type CoordinationStore, isValidKey, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+
+export interface EtcdStoreOptions {
+  /** `host:port` of each etcd member (plain HTTP/2 gRPC). */
+  endpoints: string[];
+  /** Prefix of every key in etcd (default "cohort/"), so one etcd can serve other users too. */
+  prefix?: string;
+  /** Largest JSON encoding of a value, in bytes (default 1 MiB, as the embedded store; etcd's own limit is 1.5 MiB). */
+  max_value_bytes?: number;
+  /** Deadline of each call (default 2000 ms). */
+  call_timeout_ms?: number;
+  /** Deadline for connecting (default 2000 ms). */
+  dial_timeout_ms?: number;
+}
+
+export const ETCD_STORE_DEFAULTS = {
+  prefix: "cohort/",
+  max_value_bytes: 1024 * 1024,
+  call_timeout_ms: 2000,
+  dial_timeout_ms: 2000,
+} as const;
+
+/** A write lost its race this many times in a row: StoreUnavailable rather than spinning on a key someone hammers. */
+const WRITE_ATTEMPTS_MAX = 50;
+
+interface Read {
+  record: StoredRecord;
+  /** etcd's mod_revision of the key when read: the guard of the next write. */
+  mod_revision: string;
+}
+
+export class EtcdStore implements CoordinationStore {
+  private readonly client: Etcd3;
+  private readonly ns: Namespace;
+  private readonly opts: Required<Omit<EtcdStoreOptions, "endpoints">> & { endpoints: string[] };
+  private closed = false;
+  private readonly inflight = new Set<Promise<unknown>>();
+
+  constructor(options: EtcdStoreOptions) {
+    if (options.endpoints.length === 0) throw new StoreError("InvalidArgument", "etcd store: no endpoint given");
+    this.opts = { ...ETCD_STORE_DEFAULTS, ...options };
+    const call_timeout_ms = this.opts.call_timeout_ms;
+    this.client = new Etcd3({
+      hosts: this.opts.endpoints.map((e) => `http://${e}`),
+      dialTimeout: this.opts.dial_timeout_ms,
+      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + call_timeout_ms }),
+      faultHandling: { host: () => noop, global: noop },
+    });
+    this.ns = this.client.namespace(this.opts.prefix);
+  }
+
+  /** The etcd members this store talks to, as given. */
+  get endpoints(): readonly string[] {
+    return this.opts.endpoints;
+  }
+
+  async get<T>(key: string): Promise<Versioned<T> | null> {
+    validateKey(key);
+    return this.op(`get ${key}`, async () => {
+      const read = await this.read(key);
+      return read === null || read.record.deleted ? null : { key, value: read.record.value as T, version: read.record.version };
+    });
+  }
+
+  async put<T>(key: string, value: T): Promise<number> {
+    validateKey(key);
+    const json = encodeValue(key, value, this.opts.max_value_bytes);
+    return this.op(`put ${key}`, () =>
+      this.writeLoop(key, (cur) => {
+        const version = (cur?.record.version ?? 0) + 1;
+        return { text: recordText(key, version, json), result: version };
+      }),
+    );
+  }
+
+  async cas<T>(key: string, expected_version: number, value: T): Promise<number | null> {
+    validateKey(key);
+    checkExpectedVersion(key, expected_version);
+    const json = encodeValue(key, value, this.opts.max_value_bytes);
+    return this.op(`cas ${key}`, () =>
+      this.writeLoop<number | null>(key, (cur) => {
+        // Versions only grow, so a mismatch is final: the cas linearises at this read.
+        if (liveVersion(cur?.record ?? null) !== expected_version) return { text: null, result: null };
+        const version = (cur?.record.version ?? 0) + 1;
+        return { text: recordText(key, version, json), result: version };
+      }),
+    );
+  }
+
+  async list<T>(prefix: string): Promise<Versioned<T>[]> {
+    validatePrefix(prefix);
+    return this.op(`list ${prefix}`, async () => {
+      const query = this.ns.getAll();
+      const res = await (prefix === "" ? query : query.prefix(prefix)).exec();
+      const out: Versioned<T>[] = [];
+      for (const kv of res.kvs) {
+        const key = this.keyOf(kv);
+        if (!key.startsWith(prefix) || !isValidKey(key)) continue; // not written by this store
+        const record = parseRecord(key, kv.value.toString("utf8"), this.where(key));
+        if (!record.deleted) out.push({ key, value: record.value as T, version: record.version });
+      }
+      return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    });
+  }
+
+  async delete(key: string): Promise<void> {
+    validateKey(key);
+    return this.op(`delete ${key}`, () =>
+      this.writeLoop(key, (cur) => {
+        if (cur === null || cur.record.deleted) return { text: null, result: undefined };
+        return { text: recordText(key, cur.record.version + 1, null), result: undefined };
+      }),
+    );
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await Promise.allSettled([...this.inflight]);
+    this.client.close();
+  }
+
+  // ---- internals ----------------------------------------------------------
+
+  /**
+   * Read-modify-write of one key: `decide` sees the current record and says
+   * what to write (text null: nothing, return `result` as is). The write
+   * happens only if nobody wrote the key since the read; otherwise read again.
+   */
+  private async writeLoop<R>(key: string, decide: (cur: Read | null) => { text: string | null; result: R }): Promise<R> {
+    for (let attempt = 0; attempt < WRITE_ATTEMPTS_MAX; attempt++) {
+      const cur = await this.read(key);
+      const { text, result } = decide(cur);
+      if (text === null) return result;
+      const guard = cur === null ? this.ns.if(key, "Create", "==", 0) : this.ns.if(key, "Mod", "==", cur.mod_revision);
+      const outcome = await guard.then(this.ns.put(key).value(text)).commit();
+      if (outcome.succeeded) return result;
+    }
+    throw new StoreError("StoreUnavailable", `${key}: ${WRITE_ATTEMPTS_MAX} writes in a row lost their race to other writers`);
+  }
+
+  private async read(key: string): Promise<Read | null> {
+    const res = await this.ns.get(key).exec();
+    const kv = res.kvs[0];
+    if (!kv) return null;
+    return { record: parseRecord(key, kv.value.toString("utf8"), this.where(key)), mod_revision: kv.mod_revision };
+  }
+
+  /** A key as returned by a namespaced range: without the prefix (the client strips it). */
+  private keyOf(kv: IKeyValue): string {
+    return kv.key.toString("utf8");
+  }
+
+  private where(key: string): string {
+    return `etcd key ${this.opts.prefix}${key}`;
+  }
+
+  private async op<R>(what: string, fn: () => Promise<R>): Promise<R> {
+    if (this.closed) throw new StoreError("StoreUnavailable", `${what}: store is closed`);
+    const p = (async () => {
+      try {
+        return await fn();
+      } catch (e) {
+        if (e instanceof StoreError) throw e;
+        // Every other failure is the client's or the server's (unreachable, deadline, closed, refused).
+        throw new StoreError("StoreUnavailable", `${what}: etcd at ${this.opts.endpoints.join(",")}: ${(e as Error).message}`, { cause: e });
+      }
+    })();
+    this.inflight.add(p);
+    try {
+      return await p;
+    } finally {
+      this.inflight.delete(p);
+    }
+  }
+}
