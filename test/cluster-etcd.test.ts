@@ -4,10 +4,18 @@
  * on the embedded store (test/cluster-group.test.ts), and what the hosts
  * recorded is in etcd, not in files.
  */
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 import { Etcd3 } from "etcd3";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { requestAny } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
+import { parseManifest } from "../src/cluster/manifest.js";
+import { guestPath } from "../src/guest/examples.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
+import { startCluster, stopClusters } from "./support/cluster.js";
 
 // As in the other multi-process group tests: VM threads booting on a 2-core machine must not look like a crash.
 const DETECT_MS = 1000;
@@ -20,6 +28,27 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
   afterAll(async () => {
     await etcd?.destroy();
   });
+  afterEach(stopClusters);
+
+  it("the CLI learns the cluster from the hosts over TCP: `status` works and no store file exists", async () => {
+    const { dir, cluster: c, store } = await startCluster(2, DETECT_MS, `etcd://${etcd.endpoint}/status-test`);
+    try {
+      expect(c.store).toBe(`etcd://${etcd.endpoint}/status-test`);
+      const module = guestPath("kv");
+      const manifest = parseManifest(`group: kv\nmode: group\nsize: 2\nmodule: ${JSON.stringify(module)}\n`, { source: "test", base_dir: "/" });
+      await requestAny(c, "deploy", { manifest }, new Uint8Array(await readFile(module)));
+      const status = spawnSync(process.execPath, ["bin/cohort.js", "status", "--json", "--state-dir", dir], { encoding: "utf8" });
+      expect(status.stderr).toBe("");
+      const report = JSON.parse(status.stdout) as { hosts: { up: boolean }[]; groups: { group: string; vms: { vm: string; primary: string }[] }[] };
+      expect(report.hosts.map((h) => h.up)).toEqual([true, true]);
+      expect(report.groups.map((g) => g.group)).toEqual(["kv"]);
+      expect(report.groups[0].vms.map((v) => v.vm)).toEqual(["kv-0", "kv-1"]);
+      expect((await store.get<{ primary: string }>("vms/kv-0"))!.value.primary).toBe(report.groups[0].vms[0].primary);
+      expect(existsSync(join(dir, "store"))).toBe(false); // the hosts, `up` and the CLI wrote no embedded store
+    } finally {
+      await store.close();
+    }
+  }, 60_000);
 
   it("bank: the failover is decided through etcd; total conserved, nothing lost or applied twice", async () => {
     const report = await runBankDemo(

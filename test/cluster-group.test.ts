@@ -13,7 +13,7 @@ import type { ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { vmKey, type VmRecord } from "../src/host/records.js";
-import { clusterStore, LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
+import { locateVm, LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import type { GroupStatus } from "../src/host/group/driver.js";
 import { readRecordings, replay } from "../src/sim/replay.js";
@@ -36,14 +36,9 @@ async function groupStatus(c: ClusterFile, group: string): Promise<GroupStatus[]
   return all.flatMap((s) => s.groups.filter((g) => g.group === group));
 }
 
-/** The store's record of `vm` (where its primary is). */
+/** The store's record of `vm` (where its primary is), as a host reads it. */
 async function recordOf(c: ClusterFile, vm: string): Promise<VmRecord> {
-  const store = clusterStore(c);
-  try {
-    return (await store.get<VmRecord>(vmKey(vm)))!.value;
-  } finally {
-    await store.close();
-  }
+  return (await locateVm(c, vm))!;
 }
 
 describe("group failover (real processes, kill -9)", () => {

@@ -83,10 +83,12 @@ describe("host API argument schemas", () => {
     expect(refusal("deploy", { manifest: { ...MANIFEST, colour: "red" } }).issues).toEqual([{ path: "manifest.colour", message: "unknown field" }]);
     expect(refusal("status", "everything").message).toMatch(/^bad arguments for status: /);
     expect(refusal("status", null).code).toBe("BadArguments");
+    expect(refusal("locate", {}).issues.map((i) => i.path)).toEqual(["vm"]);
+    expect(refusal("records", { prefix: "vms/" }).issues).toEqual([{ path: "prefix", message: "unknown field" }]);
   });
 
   it("know exactly the ops of the table", () => {
-    for (const op of ["ping", "status", "deploy", "group_prepare", "group_run", "vm_request", "logs"]) expect(isHostOp(op)).toBe(true);
+    for (const op of ["ping", "status", "deploy", "group_prepare", "group_run", "vm_request", "logs", "records", "locate"]) expect(isHostOp(op)).toBe(true);
     for (const op of ["start_primary", "install_backup", "toString", "__proto__", "constructor", ""]) expect(isHostOp(op)).toBe(false);
   });
 });
@@ -210,6 +212,15 @@ describe("host API against real host processes", () => {
       expect(status.peers.map((p) => p.id)).toEqual([c.hosts[1].id]);
       expect(status.groups.map((g) => g.group).sort()).toEqual(["kv", "kvg"]); // a single VM is a group of one
       expect(status.primaries.length + status.backups.length).toBeGreaterThan(0);
+      // What the CLI knows of the cluster comes from these two, asked of any host: the store's records as the host reads them.
+      for (const h of c.hosts) {
+        const records = await requestAny(c, "records", {}, undefined, h.id);
+        expect(records.groups.map((g) => g.group).sort()).toEqual(["kv", "kvg"]);
+        expect(records.vms.map((v) => v.vm).sort()).toEqual(["kv-0", "kvg-0", "kvg-1"]);
+        expect(records.hosts.map((x) => x.id).sort()).toEqual(c.hosts.map((x) => x.id).sort());
+        expect((await requestAny(c, "locate", { vm: "kvg-1" }, undefined, h.id)).vm).toEqual((await store.get<VmRecord>(vmKey("kvg-1")))!.value);
+        expect(await requestAny(c, "locate", { vm: "nope-0" }, undefined, h.id)).toEqual({ vm: null });
+      }
     } finally {
       await store.close();
     }

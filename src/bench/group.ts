@@ -20,8 +20,7 @@ import { join } from "node:path";
 import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
 import { parseManifest, type ProtectionMode } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
-import { vmKey, type VmRecord } from "../host/records.js";
-import { clusterStore, requestAny, sleep } from "../cli/client.js";
+import { locateVm, requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import { measureRawTcp } from "./raw-tcp.js";
 import { round } from "../util/stats.js";
@@ -62,19 +61,14 @@ async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, h
     await sleep(600); // hosts see each other's heartbeats before placement
     const manifest = parseManifest(`group: ${guest}\nmode: ${mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(guest))}\n`, { source: "bench", base_dir: "/" });
     await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-    const store = clusterStore(cluster);
     const c: ClusterFile = cluster;
     const ask = async (vm: string, text: string) => {
-      const record = await store.get<VmRecord>(vmKey(vm));
+      const record = await locateVm(c, vm);
       if (!record) throw new Error(`${vm} has no record`);
-      const reply = await requestAny(c, "vm_request", { vm, text }, undefined, record.value.primary);
+      const reply = await requestAny(c, "vm_request", { vm, text }, undefined, record.primary);
       return reply.reply;
     };
-    try {
-      return await body({ ask });
-    } finally {
-      await store.close();
-    }
+    return await body({ ask });
   } catch (error) {
     failed = true;
     throw new Error(`${guest}, mode ${mode}, ${size} VMs: ${(error as Error).message} (host logs kept in ${state_dir})`, { cause: error });

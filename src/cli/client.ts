@@ -1,21 +1,16 @@
 /**
  * The CLI side of talking to a cluster: find the hosts (cluster.json in the
- * state directory, and the coordination store it names), send a request to
- * one, and follow a VM's released output across failovers.
+ * state directory), send a request to one, and follow a VM's released output
+ * across failovers. Everything the CLI knows of groups and VMs comes from the
+ * hosts over TCP (ops `records` and `locate`, src/host/api.ts): it never opens
+ * the coordination store.
  */
 import { Connection } from "../host/connection.js";
 import { MSG, parseLogPush } from "../host/messages.js";
 import type { ReleasedRecord } from "../core/frames.js";
-import { vmKey, type VmRecord } from "../host/records.js";
+import type { VmRecord } from "../host/records.js";
 import type { HostOp, HostOps } from "../host/api.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
-import { openStore } from "../store/open.js";
-import type { CoordinationStore } from "../store/store.js";
-
-/** The coordination store of a cluster `up` started (the caller closes it). */
-export function clusterStore(cluster: ClusterFile): CoordinationStore {
-  return openStore(cluster.store, cluster.state_dir);
-}
 
 export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
   const cluster = await readCluster(state_dir);
@@ -23,16 +18,26 @@ export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
   return cluster;
 }
 
+export interface RequestOptions {
+  /** Ask no host but this one. */
+  host_id?: string;
+  /** Skip this host (e.g. one that may be paused). */
+  exclude?: string;
+  /** Give up on a host that does not answer within this time and ask the next (default: the connection's 30 s). */
+  timeout_ms?: number;
+}
+
 /** Sends one request to the first host that answers (or to `host_id`). */
-export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string): Promise<HostOps[Op]["result"]> {
+export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string, options: RequestOptions = {}): Promise<HostOps[Op]["result"]> {
   const errors: string[] = [];
+  const only = host_id ?? options.host_id;
   for (const host of cluster.hosts) {
-    if (host_id && host.id !== host_id) continue;
+    if ((only && host.id !== only) || host.id === options.exclude) continue;
     let connection: Connection | null = null;
     try {
       connection = await Connection.open(host.address, `cli→${host.id}`, 1000);
       connection.send(MSG.HELLO, { from: "cli" });
-      return await connection.request(op, args, body);
+      return await connection.request(op, args, body, options.timeout_ms);
     } catch (error) {
       const e = error as Error & { code?: string };
       // An answer that says no is final; only unreachable hosts make us try the next one.
@@ -44,6 +49,14 @@ export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op
   }
   throw new Error(`no host answered (${errors.join("; ")})`);
 }
+
+/** Where `vm` is (its record in the coordination store, as a host reads it), or null if there is no such VM. */
+export async function locateVm(cluster: ClusterFile, vm: string, options: RequestOptions = {}): Promise<VmRecord | null> {
+  return (await requestAny(cluster, "locate", { vm }, undefined, undefined, options)).vm;
+}
+
+/** A host that does not answer `locate` within this is passed over (it may be paused). */
+const LOCATE_TIMEOUT_MS = 500;
 
 export interface FollowedRecord extends ReleasedRecord {
   received_ms: number;
@@ -60,7 +73,6 @@ export class LogFollower {
   private nextSeq: number;
   private connection: Connection | null = null;
   private stopped = false;
-  private readonly store: CoordinationStore;
 
   constructor(
     private readonly cluster: ClusterFile,
@@ -70,7 +82,6 @@ export class LogFollower {
     private readonly onNotice: (line: string) => void = () => {},
   ) {
     this.nextSeq = from_seq;
-    this.store = clusterStore(cluster);
   }
 
   get lastSeq(): number {
@@ -80,13 +91,17 @@ export class LogFollower {
   async run(): Promise<void> {
     let lastHost = "";
     while (!this.stopped) {
-      const record = await this.store.get<VmRecord>(vmKey(this.vm));
-      if (!record) throw new Error(`no VM named ${this.vm}`);
-      const cluster = await clusterOrFail(this.cluster.state_dir);
-      const host = cluster.hosts.find((h) => h.id === record.value.primary);
-      if (!host) throw new Error(`primary host ${record.value.primary} of ${this.vm} is not in the cluster`);
+      const record = await locateVm(this.cluster, this.vm, { timeout_ms: LOCATE_TIMEOUT_MS }).catch(() => undefined);
+      if (record === null) throw new Error(`no VM named ${this.vm}`);
+      const host = record && this.cluster.hosts.find((h) => h.id === record.primary);
+      if (record && !host) throw new Error(`primary host ${record.primary} of ${this.vm} is not in the cluster`);
+      if (!record || !host) {
+        // no host answered: look again shortly
+        await sleep(50);
+        continue;
+      }
       try {
-        if (lastHost && host.id !== lastHost) this.onNotice(`-- ${this.vm} now on ${host.id} (incarnation ${record.value.incarnation})`);
+        if (lastHost && host.id !== lastHost) this.onNotice(`-- ${this.vm} now on ${host.id} (incarnation ${record.incarnation})`);
         await this.followOn(host.id, host.address);
       } catch {
         // the host went away or does not run the VM (yet): look again shortly
@@ -99,7 +114,6 @@ export class LogFollower {
   stop(): void {
     this.stopped = true;
     this.connection?.close("follower stopped");
-    this.store.close().catch((error: Error) => this.onNotice(`-- store not closed: ${error.message}`));
   }
 
   private async followOn(host: string, address: string): Promise<void> {
@@ -124,14 +138,20 @@ export class LogFollower {
     this.deliver(host, reply.records);
     for (const records of early) this.deliver(host, records);
     early = null;
-    // A paused host keeps its sockets open: watch the VM's record, and leave when another host takes over.
+    // A paused host keeps its sockets open: watch the VM's record through the other hosts, and leave
+    // when another host takes over. One question at a time.
+    let asking = false;
     const watch = setInterval(() => {
-      this.store.get<VmRecord>(vmKey(this.vm)).then(
-        (record) => {
-          if (record && record.value.primary !== host) connection.close("primary moved");
-        },
-        () => undefined,
-      );
+      if (asking) return;
+      asking = true;
+      locateVm(this.cluster, this.vm, { exclude: host, timeout_ms: LOCATE_TIMEOUT_MS })
+        .then(
+          (record) => {
+            if (record && record.primary !== host) connection.close("primary moved");
+          },
+          () => undefined,
+        )
+        .finally(() => (asking = false));
     }, 100);
     try {
       await closed;

@@ -8,9 +8,8 @@ import { resolve } from "node:path";
 import { defaultStateDir, down, up } from "../cluster/local-cluster.js";
 import { loadManifest } from "../cluster/manifest.js";
 import { Host, HOST_DEFAULTS } from "../host/host.js";
-import type { GroupRecord, VmRecord } from "../host/records.js";
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
-import { clusterOrFail, clusterStore, LogFollower, requestAny } from "./client.js";
+import { clusterOrFail, LogFollower, requestAny } from "./client.js";
 import { hostCommand, runDemo } from "./demo.js";
 
 const int = (name: string) => (value: string) => {
@@ -102,9 +101,7 @@ export function registerClusterCommands(program: Command): void {
     async (opts: { json?: boolean; stateDir?: string }) => {
       const state_dir = stateDir(opts);
       const cluster = await clusterOrFail(state_dir);
-      const store = clusterStore(cluster);
-      const [groups, vms] = await Promise.all([store.list<GroupRecord>("groups/"), store.list<VmRecord>("vms/")]);
-      await store.close();
+      const { groups, vms } = await requestAny(cluster, "records", {});
       const hosts = await Promise.all(
         cluster.hosts.map(async (h) => {
           try {
@@ -119,20 +116,20 @@ export function registerClusterCommands(program: Command): void {
       const report = {
         hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up, group_frames_refused: h.status?.group_frames_refused ?? null })),
         groups: groups.map((g) => ({
-          group: g.value.group,
-          mode: g.value.mode,
-          refused: ofGroup(g.value.group).reduce((n, s) => n + s.refused, 0),
-          steps_failed: ofGroup(g.value.group).reduce((n, s) => n + s.steps_failed, 0),
+          group: g.group,
+          mode: g.mode,
+          refused: ofGroup(g.group).reduce((n, s) => n + s.refused, 0),
+          steps_failed: ofGroup(g.group).reduce((n, s) => n + s.steps_failed, 0),
           vms: vms
-            .filter((v) => v.value.group === g.value.group)
+            .filter((v) => v.group === g.group)
             .map((v) => {
-              const primary = hosts.find((h) => h.id === v.value.primary)?.status?.primaries.find((p) => p.vm === v.value.vm);
-              const healthy = !!primary?.protected || v.value.mode === "none";
+              const primary = hosts.find((h) => h.id === v.primary)?.status?.primaries.find((p) => p.vm === v.vm);
+              const healthy = !!primary?.protected || v.mode === "none";
               return {
-                vm: v.value.vm,
-                primary: v.value.primary,
-                backup: primary?.backup ?? v.value.backup,
-                incarnation: v.value.incarnation,
+                vm: v.vm,
+                primary: v.primary,
+                backup: primary?.backup ?? v.backup,
+                incarnation: v.incarnation,
                 epoch: primary?.epoch ?? null,
                 committed: primary?.committed ?? null,
                 released_seq: primary?.released_seq ?? null,

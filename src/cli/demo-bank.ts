@@ -11,8 +11,8 @@ import { readFile } from "node:fs/promises";
 import { hostLogPath } from "../cluster/local-cluster.js";
 import { parseManifest } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
-import { vmKey, vmName, type VmRecord } from "../host/records.js";
-import { clusterStore, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
+import { vmName } from "../host/records.js";
+import { locateVm, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
 import { withDemoCluster } from "./demo.js";
 
 export interface BankDemoOptions {
@@ -69,8 +69,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
     try {
       const manifest = parseManifest(`group: bank\nmode: group\nsize: ${size}\nmodule: ${JSON.stringify(guestPath("bank"))}\n`, { source: "demo", base_dir: "/" });
       await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-      const store = clusterStore(cluster);
-      const before = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
+      const before = await Promise.all(vms.map(async (vm) => (await locateVm(cluster, vm))!));
       for (const r of before) say(`${r.vm}: primary ${r.primary}, backup ${r.backup}`);
       const records: FollowedRecord[][] = vms.map(() => []);
       const running = vms.map((vm, rank) => {
@@ -90,8 +89,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
       await sleep(options.run_after_kill_ms);
       for (const f of followers) f.stop();
       await Promise.all(running);
-      const after = await Promise.all(vms.map(async (vm) => (await store.get<VmRecord>(vmKey(vm)))!.value));
-      await store.close();
+      const after = await Promise.all(vms.map(async (vm) => (await locateVm(cluster, vm))!));
 
       const total = size * ACCOUNTS * INITIAL_BALANCE;
       let conserved = true;

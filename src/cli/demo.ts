@@ -11,9 +11,8 @@ import { fileURLToPath } from "node:url";
 import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
 import { parseManifest } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
-import { vmKey, type VmRecord } from "../host/records.js";
 import { withPrefixSegment } from "../store/open.js";
-import { clusterStore, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
+import { locateVm, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
 import { readFile } from "node:fs/promises";
 
 export interface DemoOptions {
@@ -85,15 +84,14 @@ export function runDemo(options: DemoOptions, say: (line: string) => void): Prom
     try {
       const manifest = parseManifest(`group: ticker\nmode: vm\nmodule: ${JSON.stringify(guestPath("ticker"))}\nepoch:\n  interval_ms: ${options.interval_ms}\n`, { source: "demo", base_dir: "/" });
       await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
-      const store = clusterStore(cluster);
-      const before = await store.get<VmRecord>(vmKey("ticker-0"));
+      const before = await locateVm(cluster, "ticker-0");
       if (!before) throw new Error("ticker-0 has no record after deploy");
-      say(`ticker-0: primary ${before.value.primary}, backup ${before.value.backup}`);
+      say(`ticker-0: primary ${before.primary}, backup ${before.backup}`);
       const records: FollowedRecord[] = [];
       follower = new LogFollower(cluster, "ticker-0", 1, (r) => records.push(r), (line) => say(line));
       const following = follower.run().catch((error: Error) => say(`follower: ${error.message}`));
       await sleep(options.run_before_kill_ms);
-      const victim = cluster.hosts.find((h) => h.id === before.value.primary)!;
+      const victim = cluster.hosts.find((h) => h.id === before.primary)!;
       const seqAtKill = follower.lastSeq;
       const killedAt = Date.now();
       process.kill(victim.pid, "SIGKILL");
@@ -101,8 +99,7 @@ export function runDemo(options: DemoOptions, say: (line: string) => void): Prom
       await sleep(options.run_after_kill_ms);
       follower.stop();
       await following;
-      const after = await store.get<VmRecord>(vmKey("ticker-0"));
-      await store.close();
+      const after = await locateVm(cluster, "ticker-0");
       const firstAfter = records.find((r) => r.seq > seqAtKill);
       const counts = records.map((r) => Number(r.text.trim()));
       let lost = 0;
@@ -129,7 +126,7 @@ export function runDemo(options: DemoOptions, say: (line: string) => void): Prom
         checks: {
           output_contiguous: lost === 0 && duplicated === 0 && records.every((r, i) => r.seq === i + 1),
           resumed_after_kill: !!firstAfter,
-          new_primary_elsewhere: !!after && after.value.primary !== victim.id && after.value.incarnation > before.value.incarnation,
+          new_primary_elsewhere: !!after && after.primary !== victim.id && after.incarnation > before.incarnation,
           processes_cleaned_up: false,
         },
       };

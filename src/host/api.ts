@@ -14,6 +14,11 @@
  * | group_run | deploying host → hosts of the group | group name, every rank's route | – | the group name |
  * | vm_request | CLI → a VM's primary host | VM name, request text | – | the released reply |
  * | logs | CLI → a VM's host | VM name, first seq, follow | – | records kept; with follow, MSG.LOG pushes after it |
+ * | records | CLI → any host | none | – | the groups, VMs and hosts in the coordination store |
+ * | locate | CLI → any host | VM name | – | the VM's record (where its primary is), or null |
+ *
+ * The CLI learns about the cluster only through these requests: it never
+ * opens the coordination store itself, whichever store the hosts use.
  *
  * A request whose arguments do not fit its op's schema is answered with an
  * error of code "BadArguments" naming each field that is off; nothing else
@@ -27,7 +32,8 @@ import { manifestSchema, type Manifest, type ProtectionMode } from "../cluster/m
 import { checkRecord, FrameError, protectionRecordSchema, routeSchema, type ReleasedRecord, type Route } from "../core/frames.js";
 import { GROUP_SIZE_MAX, type ProtectionRecord } from "../core/types.js";
 import type { GroupStatus } from "./group/driver.js";
-import type { VmRecord } from "./records.js";
+import type { HostRecord } from "../cluster/local-cluster.js";
+import type { GroupRecord, VmRecord } from "./records.js";
 
 /** Longest request text `vm_request` carries to a VM. */
 export const VM_REQUEST_TEXT_CHARS_MAX = 64 * 1024;
@@ -53,6 +59,8 @@ export const HOST_OP_ARGS = {
   group_run: z.strictObject({ group: name, routes: z.array(routeSchema.nullable()).min(1).max(GROUP_SIZE_MAX) }),
   vm_request: z.strictObject({ vm: name, text: z.string().max(VM_REQUEST_TEXT_CHARS_MAX) }),
   logs: z.strictObject({ vm: name, from_seq: count.default(1), follow: z.boolean().default(false) }),
+  records: z.strictObject({}),
+  locate: z.strictObject({ vm: name }),
 };
 
 export type HostOp = keyof typeof HOST_OP_ARGS;
@@ -69,6 +77,8 @@ interface HostOpResults {
   vm_request: { vm: string; reply: string; epoch: number };
   /** With `follow`, each record released afterwards comes as a MSG.LOG push on the same connection. */
   logs: { vm: string; role: "primary" | "backup"; first_seq: number; records: ReleasedRecord[] };
+  records: { groups: GroupRecord[]; vms: VmRecord[]; hosts: HostRecord[] };
+  locate: { vm: VmRecord | null };
 }
 
 /**

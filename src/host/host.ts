@@ -14,7 +14,7 @@ import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type 
 import type { ReleasedRecord } from "../core/frames.js";
 import { OutputLog } from "./output-log.js";
 import { LogLimit } from "../util/log-limit.js";
-import { hostKey } from "./records.js";
+import { hostKey, vmKey, type GroupRecord, type VmRecord } from "./records.js";
 import { deployGroup } from "./deploy.js";
 import type { CoordinationStore, Versioned } from "../store/store.js";
 import type { HostRecord } from "../cluster/local-cluster.js";
@@ -339,6 +339,11 @@ export class Host {
     group_prepare: ({ record }, body) => this.groups.prepare(record, body.slice()),
     group_run: ({ group, routes }) => this.runGroup(group, routes),
     vm_request: ({ vm, text }) => this.vmRequest(vm, text),
+    records: async () => {
+      const [groups, vms, hosts] = await Promise.all([this.store.list<GroupRecord>("groups/"), this.store.list<VmRecord>("vms/"), this.store.list<HostRecord>("hosts/")]);
+      return { groups: groups.map((g) => g.value), vms: vms.map((v) => v.value), hosts: hosts.map((h) => h.value) };
+    },
+    locate: async ({ vm }) => ({ vm: (await this.store.get<VmRecord>(vmKey(vm)))?.value ?? null }),
   };
 
   /**
