@@ -5,7 +5,7 @@
  */
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
-import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "./errors.js";
+import { describeThrown, InstrumenterError, InvalidModuleError, ModuleLimitError, UnsupportedModuleError } from "./errors.js";
 import type { InstrumentedModule } from "./module-info.js";
 
 const SELF = import.meta.url.endsWith(".ts") ? new URL("../../dist/src/guest/instrument-worker.js", import.meta.url) : new URL(import.meta.url);
@@ -17,6 +17,9 @@ interface ThrownData {
   code?: string;
   feature?: string;
   where?: string;
+  limit?: ModuleLimitError["limit"];
+  value?: number;
+  max?: number;
 }
 
 /**
@@ -47,6 +50,9 @@ export function instrumentOffThread(wasm: Uint8Array): Promise<InstrumentedModul
 
 /** The error instrument() threw on the worker, as its own class again. */
 function revive(e: ThrownData): Error {
+  if (e.name === "ModuleLimitError" && e.limit !== undefined && e.value !== undefined && e.max !== undefined && e.where !== undefined) {
+    return new ModuleLimitError(e.limit, e.value, e.max, e.where);
+  }
   if (e.name === "UnsupportedModuleError" && e.feature !== undefined && e.where !== undefined) return new UnsupportedModuleError(e.feature, e.where);
   if (e.name === "InvalidModuleError") return new InvalidModuleError(e.message);
   return new InstrumenterError(`instrumenting failed: ${e.name ? `${e.name}: ` : ""}${e.message}`);
@@ -59,9 +65,11 @@ if (!isMainThread && parentPort && workerData?.wasm) {
     const { instrument } = await import("./instrument.js");
     parentPort.postMessage({ ok: true, result: instrument(workerData.wasm as Uint8Array) });
   } catch (error) {
-    const e = error as Error & { code?: string; feature?: string; where?: string };
+    const e = error as Error & Partial<ThrownData>;
     const data: ThrownData =
-      error instanceof Error ? { name: e.name, message: describeThrown(error), code: e.code, feature: e.feature, where: e.where } : { name: "", message: describeThrown(error) };
+      error instanceof Error
+        ? { name: e.name, message: describeThrown(error), code: e.code, feature: e.feature, where: e.where, limit: e.limit, value: e.value, max: e.max }
+        : { name: "", message: describeThrown(error) };
     parentPort.postMessage({ ok: false, error: data });
   }
 }

@@ -20,10 +20,13 @@
  *    only on first boot (never on restore), and adds `__cohort_save_globals` /
  *    `__cohort_load_globals` that copy every mutable global bit-exactly to and
  *    from the globals save area.
- *  - Refuses what cannot be protected, naming the feature and where it occurs.
+ *  - Refuses what cannot be protected, naming the feature and where it occurs,
+ *    and modules past the limits of src/guest/limits.ts (size, functions,
+ *    block nesting), which are checked before Binaryen reads the module.
  */
 import binaryen from "binaryen";
 import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "./errors.js";
+import { checkModuleLimits, NESTING_MAX } from "./limits.js";
 import {
   BASE_BYTES,
   GLOBALS_MAX,
@@ -48,6 +51,7 @@ import {
 } from "./module-info.js";
 
 export { INSTRUMENTER_VERSION, type InstrumentedModule, type ModuleInfo } from "./module-info.js";
+export { MODULE_LIMITS, NESTING_MAX } from "./limits.js";
 
 type Ref = number;
 const b = binaryen;
@@ -183,16 +187,9 @@ const addVar = (fn: Ref, type: number): number =>
 
 export function instrument(input: Uint8Array): InstrumentedModule {
   const bytes = input as Uint8Array<ArrayBuffer>;
-  if (!WebAssembly.validate(bytes)) {
-    // Node's own validator gives the precise reason; Binaryen would abort the process on some inputs.
-    try {
-      new WebAssembly.Module(bytes);
-    } catch (error) {
-      throw new InvalidModuleError(`not a valid WebAssembly module: ${(error as Error).message}`);
-    }
-    throw new InvalidModuleError("not a valid WebAssembly module");
-  }
-  const readable = withMemoryExport(bytes, checkMemoryDeclarations(bytes));
+  // Size, validity (the engine's validator), functions and block nesting, before Binaryen sees the module.
+  const compiled = checkModuleLimits(bytes);
+  const readable = withMemoryExport(bytes, checkMemoryDeclarations(bytes, compiled));
   let m: binaryen.Module;
   try {
     m = b.readBinary(readable);
@@ -319,8 +316,7 @@ function concat(parts: Uint8Array[]): Uint8Array {
  * the count (multi-memory) and flags (shared, memory64) of every memory,
  * imported or defined, and binaryen.js offers no way to enumerate memories.
  */
-function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): WebAssembly.Module {
-  const compiled = new WebAssembly.Module(bytes);
+function checkMemoryDeclarations(bytes: Uint8Array, compiled: WebAssembly.Module): WebAssembly.Module {
   const imports = WebAssembly.Module.imports(compiled);
   for (const imp of imports) {
     const where = `import "${imp.module}"."${imp.name}"`;
@@ -398,16 +394,6 @@ interface Slot {
   index: number | null;
 }
 
-/**
- * Deepest expression nesting instrumented (levels below a function's body);
- * deeper functions are refused by name. A large compiled `switch` nests one
- * block per case, so a few thousand levels occur in real code. Binaryen's
- * binary writer recurses per level on the JS stack: on a main thread's
- * default stack it manages about 8,000 nested blocks but only about 2,500
- * nested binary operators, so past this limit we refuse up front, and below
- * it a stack overflow inside Binaryen is still refused by name (instrument()).
- */
-export const NESTING_MAX = 4_000;
 
 /**
  * Each store site inside a loop gets its own "last dirty page" local, so two
