@@ -215,6 +215,54 @@ export function instrument(input: Uint8Array): InstrumentedModule {
 }
 
 /**
+ * Instruments a small module built here, once, so that Binaryen compiles the
+ * code a module's instrumentation runs (reading, dead-code elimination,
+ * validation, writing) before the first real module: V8 compiles a wasm
+ * function on its first call, and for Binaryen that is most of the cost of
+ * a thread's first instrumentation. The loader (load-instrumenter.ts) counts
+ * it in Binaryen's load time, so the time reported for a module is the
+ * module's own.
+ */
+export function warmUp(): void {
+  const m = new b.Module();
+  let bytes: Uint8Array;
+  try {
+    const { i32, i64, local } = m;
+    const get = (i: number) => local.get(i, T.i32);
+    m.setMemory(1, 2, "memory", [{ offset: i32.const(16), data: new Uint8Array([1, 2, 3]), passive: false }]);
+    m.addGlobal("g", T.i64, true, i64.const(BigInt(0) as unknown as number)); // binaryen.js takes a bigint; its declarations say number
+    m.addFunction(
+      "f",
+      b.createType([T.i32, T.i32]),
+      T.i32,
+      [T.i32],
+      m.block(null, [
+        m.loop(
+          "l",
+          m.block(null, [
+            i32.store(0, 4, get(0), get(1)),
+            i64.store8(4, 1, get(0), m.global.get("g", T.i64)),
+            local.set(2, i32.add(get(2), i32.const(1))),
+            m.br("l", i32.lt_u(get(2), get(1))),
+          ]),
+        ),
+        m.memory.fill(get(0), i32.const(0), i32.const(8)),
+        m.memory.copy(get(0), get(1), i32.const(8)),
+        m.if(i32.eqz(get(0)), m.drop(m.memory.grow(i32.const(1))), m.drop(m.memory.size())),
+        m.return(i32.load(0, 4, get(1))),
+        m.unreachable(),
+      ], T.i32),
+    );
+    m.addFunctionExport("f", "f");
+    m.setFeatures(OUTPUT_FEATURES);
+    bytes = m.emitBinary();
+  } finally {
+    m.dispose();
+  }
+  instrument(bytes);
+}
+
+/**
  * Export the module's memory makes for itself when it has none, so Binaryen
  * names it: binaryen.js has no getter for a memory's internal name (which
  * comes from the name section and may be anything), but an export's value is
