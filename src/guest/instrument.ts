@@ -227,33 +227,50 @@ export function warmUp(): void {
   const m = new b.Module();
   let bytes: Uint8Array;
   try {
-    const { i32, i64, local } = m;
+    const { i32, i64, f64, local } = m;
     const get = (i: number) => local.get(i, T.i32);
-    m.setMemory(1, 2, "memory", [{ offset: i32.const(16), data: new Uint8Array([1, 2, 3]), passive: false }]);
+    m.setMemory(1, 2, "memory", [
+      { offset: i32.const(16), data: new Uint8Array([1, 2, 3]), passive: false },
+      { offset: i32.const(0), data: new Uint8Array([4, 5]), passive: true },
+    ]);
     m.addGlobal("g", T.i64, true, i64.const(BigInt(0) as unknown as number)); // binaryen.js takes a bigint; its declarations say number
+    m.addGlobal("h", T.f64, true, f64.const(0));
+    m.addFunctionImport("rank", "cohort", "rank", T.none, T.i32);
+    const ii = b.createType([T.i32, T.i32]);
+    m.addFunction("s", ii, T.i32, [], m.block("out", [
+      m.block("a", [m.block("b", [m.switch(["a", "b"], "b", get(0))]), m.br("out", undefined, i32.const(1))]),
+      m.select(i32.gt_s(get(0), get(1)), get(0), i32.load16_u(2, 2, get(1))),
+    ], T.i32));
+    m.addTable("t", 1, 1);
+    m.addActiveElementSegment("t", "e", ["s"], i32.const(0));
     m.addFunction(
       "f",
-      b.createType([T.i32, T.i32]),
+      ii,
       T.i32,
-      [T.i32],
+      [T.i32, T.f64],
       m.block(null, [
         m.loop(
           "l",
           m.block(null, [
-            i32.store(0, 4, get(0), get(1)),
+            i32.store(0, 4, get(0), i32.add(get(1), m.call("rank", [], T.i32))),
             i64.store8(4, 1, get(0), m.global.get("g", T.i64)),
-            local.set(2, i32.add(get(2), i32.const(1))),
+            f64.store(8, 8, get(1), f64.mul(f64.convert_s.i32(local.tee(2, i32.mul(get(2), i32.const(3)), T.i32)), m.global.get("h", T.f64))),
+            m.global.set("g", i64.extend_u(i32.wrap(i64.load32_u(0, 4, get(0))))),
+            local.set(2, i32.add(get(2), m.call_indirect("t", i32.const(0), [get(0), get(1)], ii, T.i32))),
             m.br("l", i32.lt_u(get(2), get(1))),
           ]),
         ),
         m.memory.fill(get(0), i32.const(0), i32.const(8)),
         m.memory.copy(get(0), get(1), i32.const(8)),
+        m.memory.init("1", get(0), i32.const(0), i32.const(2)),
+        m.data.drop("1"),
         m.if(i32.eqz(get(0)), m.drop(m.memory.grow(i32.const(1))), m.drop(m.memory.size())),
         m.return(i32.load(0, 4, get(1))),
         m.unreachable(),
       ], T.i32),
     );
     m.addFunctionExport("f", "f");
+    m.setStart(m.addFunction("start", T.none, T.none, [], m.drop(m.call("s", [i32.const(1), i32.const(2)], T.i32))));
     m.setFeatures(OUTPUT_FEATURES);
     bytes = m.emitBinary();
   } finally {
