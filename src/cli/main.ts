@@ -3,8 +3,6 @@
  * file only parses arguments (commander) and prints.
  */
 import { Command, InvalidArgumentError, Option } from "commander";
-import { readFile, writeFile } from "node:fs/promises";
-import { resolveGuest } from "../guest/examples.js";
 import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
@@ -61,14 +59,23 @@ program
 
 program
   .command("instrument")
-  .description("instrument a module for Cohort (write barrier, address shift) or say why it cannot be protected")
+  .description(
+    "instrument a module for Cohort (write barrier, address shift) or say why it cannot be protected (limits: 16 MiB, 10,000 functions, " +
+      "blocks nested 4,000 deep); prints the module's info as JSON, and on stderr the time Binaryen took to load (cold, once per process) and to instrument it",
+  )
   .argument("<module>", "path to a .wasm module, or a built example name")
   .option("-o, --output <file>", "write the instrumented module here")
-  .action(async (module: string, opts: { output?: string }) => {
-    const { instrument } = await import("../guest/instrument.js");
-    const result = instrument(new Uint8Array(await readFile(resolveGuest(module))));
-    if (opts.output) await writeFile(opts.output, result.wasm);
-    console.log(JSON.stringify({ bytes: result.wasm.length, ...result.info }, null, 2));
+  .option("--json", "print one JSON object: the module's info, its sizes in and out and the timings (nothing on stderr)")
+  .action(async (module: string, opts: { output?: string; json?: boolean }) => {
+    const { instrumentCommand, formatTimings } = await import("./instrument.js");
+    const result = await instrumentCommand(module, opts.output ?? null);
+    const { bytes, input_bytes, info, timings } = result;
+    if (opts.json) {
+      console.log(JSON.stringify({ bytes, input_bytes, ...info, timings }));
+      return;
+    }
+    console.log(JSON.stringify({ bytes, ...info }, null, 2));
+    process.stderr.write(`${formatTimings(result)}\n`);
   });
 
 registerClusterCommands(program);
