@@ -17,6 +17,7 @@ process.stdout.on("error", (error: NodeJS.ErrnoException) => {
 
 // Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
 // so that `cohort host` and the cluster commands start fast.
+const INSTRUMENT_BENCH_DEFAULTS = { runs: 5 };
 const CHECKPOINT_BENCH_DEFAULTS = { memory_mib: [1, 64, 1024], dirty_pages: [16, 256, 4096], samples: 40, barrier_runs: 5 };
 
 const int = (name: string) => (value: string) => {
@@ -130,6 +131,18 @@ bench
       progress: (line) => process.stderr.write(`${line}\n`),
     });
     console.log(opts.json ? JSON.stringify(report) : formatCheckpointReport(report));
+  });
+
+bench
+  .command("instrument")
+  .description("instrumenting each built guest on a fresh instrumenter thread: Binaryen's cold load, the first instrumentation, p50 and max of more, bytes in and out")
+  .option("--json", "print one JSON object")
+  .option("--guests <list>", "built guests to instrument (default: every guest in build/guests)", (v: string) => v.split(",").map((g) => g.trim()))
+  .option("--runs <n>", "instrumentations per guest after the first", int("--runs"), INSTRUMENT_BENCH_DEFAULTS.runs)
+  .action(async (opts: { json?: boolean; guests?: string[]; runs: number }) => {
+    const { runInstrumentBench, formatInstrumentReport } = await import("../bench/instrument.js");
+    const report = await runInstrumentBench({ guests: opts.guests, runs: opts.runs, progress: (line) => process.stderr.write(`${line}\n`) });
+    console.log(opts.json ? JSON.stringify(report) : formatInstrumentReport(report));
   });
 
 const groupBenchOptions = (command: Command) =>
