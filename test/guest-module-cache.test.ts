@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ModuleLimitError } from "../src/guest/errors.js";
+import { InstrumenterError, ModuleLimitError } from "../src/guest/errors.js";
 import { InstrumenterThread } from "../src/guest/instrument-worker.js";
 import { MODULE_LIMITS } from "../src/guest/limits.js";
 import { instrumentCached } from "../src/guest/module-cache.js";
@@ -79,6 +79,23 @@ describe("module cache", () => {
       expect(second.timings.binaryen_load_ms).toBe(0);
       expect(second.timings.instrument_ms).toBeGreaterThan(0);
       expect(thread.stats).toEqual({ threads_started: 1, modules: 2 });
+    } finally {
+      await thread.close();
+    }
+  });
+
+  it("closing the thread fails the module it was on and those waiting; the next module starts a new thread", async () => {
+    const thread = new InstrumenterThread(60_000);
+    try {
+      const outcomes = Promise.allSettled([thread.instrument(fixtureBytes("bulk")), thread.instrument(fixtureBytes("grow"))]);
+      await thread.close();
+      const [running, waiting] = await outcomes;
+      expect(running.status === "rejected" && running.reason).toBeInstanceOf(InstrumenterError);
+      expect(waiting.status === "rejected" && (waiting.reason as Error).message).toMatch(/closed before answering/);
+      const after = await thread.instrument(fixtureBytes("grow"));
+      expect(after.info.exports.length).toBeGreaterThan(0);
+      expect(after.timings.binaryen_load_ms).toBeGreaterThan(0); // a new thread loads Binaryen again
+      expect(thread.stats).toEqual({ threads_started: 2, modules: 2 });
     } finally {
       await thread.close();
     }

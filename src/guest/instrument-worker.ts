@@ -118,6 +118,7 @@ export class InstrumenterThread {
       if (job) settle(job);
     };
     worker.on("message", (reply: Reply) => {
+      if (this.worker !== worker) return; // a reply that crossed close(): its module was already failed
       finish((job) => (reply.ok ? job.resolve({ ...reply.result, timings: reply.timings }) : job.reject(revive(reply.error))));
       this.afterJob(worker);
     });
