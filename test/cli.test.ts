@@ -71,9 +71,35 @@ describe("cohort instrument", () => {
       m.dispose();
     }
     const exit = await cohort(["instrument", join(dir, "odd-memory.wasm")], { limit_ms: 30_000 });
-    expect(exit.stderr).toBe("");
+    // stderr has the timings and nothing else: Binaryen's load (cold) and the module's instrumentation.
+    expect(exit.stderr).toMatch(/^instrumented \d+ → \d+ bytes in [\d.]+ ms \(Binaryen loaded in [\d.]+ ms, cold, once per process\)\n$/);
     expect(exit.code).toBe(0);
     expect(JSON.parse(exit.stdout).exports).toEqual(["f"]);
+  }, 40_000);
+
+  it("--json: one JSON object with the module's info, its sizes and the timings, nothing on stderr", async () => {
+    const exit = await cohort(["instrument", "ticker", "--json"], { limit_ms: 30_000 });
+    expect(exit.stderr).toBe("");
+    expect(exit.code).toBe(0);
+    const report = JSON.parse(exit.stdout) as { bytes: number; input_bytes: number; exports: string[]; timings: { binaryen_load_ms: number; instrument_ms: number } };
+    expect(report.exports).toContain("start");
+    expect(report.input_bytes).toBeGreaterThan(0);
+    expect(report.bytes).toBeGreaterThan(report.input_bytes);
+    expect(report.timings.binaryen_load_ms).toBeGreaterThan(0);
+    expect(report.timings.instrument_ms).toBeGreaterThan(0);
+  }, 40_000);
+
+  it("a module past a limit is refused by name, with its figure", async () => {
+    // One function of 5,000 nested blocks.
+    const depth = 5_000;
+    const body = [0x00, ...new Array<number>(depth).fill(0).flatMap(() => [0x02, 0x40]), ...new Array<number>(depth + 1).fill(0x0b)];
+    const uleb = (v: number): number[] => (v < 128 ? [v] : [(v & 0x7f) | 0x80, ...uleb(v >>> 7)]);
+    const code = [1, ...uleb(body.length), ...body];
+    writeFileSync(join(dir, "nested.wasm"), new Uint8Array([0x00, 0x61, 0x73, 0x6d, 1, 0, 0, 0, 1, 4, 1, 0x60, 0, 0, 3, 2, 1, 0, 10, ...uleb(code.length), ...code]));
+    const exit = await cohort(["instrument", join(dir, "nested.wasm"), "--json"], { limit_ms: 30_000 });
+    expect(exit.code).toBe(1);
+    expect(exit.stdout).toBe("");
+    expect(exit.stderr).toBe(`cohort: module cannot be protected: blocks, loops, ifs or trys nested deeper than 4000 levels (nesting_max): ${depth} levels (function 0)\n`);
   }, 40_000);
 });
 
@@ -82,7 +108,7 @@ describe("module arguments", () => {
     const cwd = join(dir, "guests");
     mkdirSync(cwd, { recursive: true });
     writeFileSync(join(cwd, "myguest"), fixtureBytes("segments"));
-    const exit = await cohort(["instrument", "myguest"], { cwd, limit_ms: 30_000 });
+    const exit = await cohort(["instrument", "myguest", "--json"], { cwd, limit_ms: 30_000 });
     expect(exit.stderr).toBe("");
     expect(exit.code).toBe(0);
     expect(JSON.parse(exit.stdout).exports).toContain("init");

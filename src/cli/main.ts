@@ -3,8 +3,6 @@
  * file only parses arguments (commander) and prints.
  */
 import { Command, InvalidArgumentError, Option } from "commander";
-import { readFile, writeFile } from "node:fs/promises";
-import { resolveGuest } from "../guest/examples.js";
 import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
@@ -19,6 +17,7 @@ process.stdout.on("error", (error: NodeJS.ErrnoException) => {
 
 // Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
 // so that `cohort host` and the cluster commands start fast.
+const INSTRUMENT_BENCH_DEFAULTS = { runs: 5 };
 const CHECKPOINT_BENCH_DEFAULTS = { memory_mib: [1, 64, 1024], dirty_pages: [16, 256, 4096], samples: 40, barrier_runs: 5 };
 
 const int = (name: string) => (value: string) => {
@@ -61,14 +60,23 @@ program
 
 program
   .command("instrument")
-  .description("instrument a module for Cohort (write barrier, address shift) or say why it cannot be protected")
+  .description(
+    "instrument a module for Cohort (write barrier, address shift) or say why it cannot be protected (limits: 16 MiB, 10,000 functions, " +
+      "blocks nested 4,000 deep); prints the module's info as JSON, and on stderr the time Binaryen took to load (cold, once per process) and to instrument it",
+  )
   .argument("<module>", "path to a .wasm module, or a built example name")
   .option("-o, --output <file>", "write the instrumented module here")
-  .action(async (module: string, opts: { output?: string }) => {
-    const { instrument } = await import("../guest/instrument.js");
-    const result = instrument(new Uint8Array(await readFile(resolveGuest(module))));
-    if (opts.output) await writeFile(opts.output, result.wasm);
-    console.log(JSON.stringify({ bytes: result.wasm.length, ...result.info }, null, 2));
+  .option("--json", "print one JSON object: the module's info, its sizes in and out and the timings (nothing on stderr)")
+  .action(async (module: string, opts: { output?: string; json?: boolean }) => {
+    const { instrumentCommand, formatTimings } = await import("./instrument.js");
+    const result = await instrumentCommand(module, opts.output ?? null);
+    const { bytes, input_bytes, info, timings } = result;
+    if (opts.json) {
+      console.log(JSON.stringify({ bytes, input_bytes, ...info, timings }));
+      return;
+    }
+    console.log(JSON.stringify({ bytes, ...info }, null, 2));
+    process.stderr.write(`${formatTimings(result)}\n`);
   });
 
 registerClusterCommands(program);
@@ -123,6 +131,18 @@ bench
       progress: (line) => process.stderr.write(`${line}\n`),
     });
     console.log(opts.json ? JSON.stringify(report) : formatCheckpointReport(report));
+  });
+
+bench
+  .command("instrument")
+  .description("instrumenting each built guest on a fresh instrumenter thread: Binaryen's cold load, the first instrumentation, p50 and max of more, bytes in and out")
+  .option("--json", "print one JSON object")
+  .option("--guests <list>", "built guests to instrument (default: every guest in build/guests)", (v: string) => v.split(",").map((g) => g.trim()))
+  .option("--runs <n>", "instrumentations per guest after the first", int("--runs"), INSTRUMENT_BENCH_DEFAULTS.runs)
+  .action(async (opts: { json?: boolean; guests?: string[]; runs: number }) => {
+    const { runInstrumentBench, formatInstrumentReport } = await import("../bench/instrument.js");
+    const report = await runInstrumentBench({ guests: opts.guests, runs: opts.runs, progress: (line) => process.stderr.write(`${line}\n`) });
+    console.log(opts.json ? JSON.stringify(report) : formatInstrumentReport(report));
   });
 
 const groupBenchOptions = (command: Command) =>

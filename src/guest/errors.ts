@@ -5,12 +5,38 @@
  */
 export class UnsupportedModuleError extends Error {
   override name = "UnsupportedModuleError";
-  readonly code = "UnsupportedModule";
+  readonly code: string = "UnsupportedModule";
   constructor(
     readonly feature: string,
     readonly where: string,
   ) {
     super(`module cannot be protected: ${feature} (${where})`);
+  }
+}
+
+/** What ModuleLimitError says of each limit (src/guest/limits.ts). */
+const LIMIT_TEXT = {
+  bytes_max: (max: number) => [`module larger than ${max} bytes`, "bytes"],
+  functions_max: (max: number) => [`more than ${max} functions`, "functions"],
+  nesting_max: (max: number) => [`blocks, loops, ifs or trys nested deeper than ${max} levels`, "levels"],
+} as const;
+
+/**
+ * The module is past one of the instrumenter's limits (MODULE_LIMITS in
+ * src/guest/limits.ts): `limit` names it, `value` is the module's figure and
+ * `max` the limit's. Checked before Binaryen reads the module.
+ */
+export class ModuleLimitError extends UnsupportedModuleError {
+  override name = "ModuleLimitError";
+  override readonly code = "ModuleLimit";
+  constructor(
+    readonly limit: keyof typeof LIMIT_TEXT,
+    readonly value: number,
+    readonly max: number,
+    where: string,
+  ) {
+    const [what, unit] = LIMIT_TEXT[limit](max);
+    super(`${what} (${limit}): ${value} ${unit}`, where);
   }
 }
 

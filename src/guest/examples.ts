@@ -2,7 +2,7 @@
  * Where the guests compiled by the build live: `cohort run ticker` and the
  * benchmarks name a built guest instead of a path.
  */
-import { existsSync, statSync } from "node:fs";
+import { existsSync, readdirSync, statSync } from "node:fs";
 import { GuestNotFoundError } from "./errors.js";
 import { fileURLToPath } from "node:url";
 
@@ -15,6 +15,15 @@ export function guestPath(name: string): string {
   if (existsSync(path)) return path;
   if ((EXAMPLE_GUESTS as readonly string[]).includes(name)) throw new GuestNotFoundError(`guest "${name}" is not built (${path}); run \`npm run build\``);
   throw new GuestNotFoundError(`"${name}" is neither a file nor a built guest (examples: ${EXAMPLE_GUESTS.join(", ")})`);
+}
+
+/** Names of the guests `npm run build` compiled (examples and benchmark guests), sorted; none before a build. */
+export function builtGuests(): string[] {
+  if (!existsSync(BUILD_DIR)) return [];
+  return readdirSync(BUILD_DIR)
+    .filter((f) => f.endsWith(".wasm"))
+    .map((f) => f.slice(0, -".wasm".length))
+    .sort();
 }
 
 /**

@@ -20,10 +20,13 @@
  *    only on first boot (never on restore), and adds `__cohort_save_globals` /
  *    `__cohort_load_globals` that copy every mutable global bit-exactly to and
  *    from the globals save area.
- *  - Refuses what cannot be protected, naming the feature and where it occurs.
+ *  - Refuses what cannot be protected, naming the feature and where it occurs,
+ *    and modules past the limits of src/guest/limits.ts (size, functions,
+ *    block nesting), which are checked before Binaryen reads the module.
  */
 import binaryen from "binaryen";
 import { describeThrown, InstrumenterError, InvalidModuleError, UnsupportedModuleError } from "./errors.js";
+import { checkModuleLimits, NESTING_MAX } from "./limits.js";
 import {
   BASE_BYTES,
   GLOBALS_MAX,
@@ -48,6 +51,7 @@ import {
 } from "./module-info.js";
 
 export { INSTRUMENTER_VERSION, type InstrumentedModule, type ModuleInfo } from "./module-info.js";
+export { MODULE_LIMITS, NESTING_MAX } from "./limits.js";
 
 type Ref = number;
 const b = binaryen;
@@ -183,16 +187,9 @@ const addVar = (fn: Ref, type: number): number =>
 
 export function instrument(input: Uint8Array): InstrumentedModule {
   const bytes = input as Uint8Array<ArrayBuffer>;
-  if (!WebAssembly.validate(bytes)) {
-    // Node's own validator gives the precise reason; Binaryen would abort the process on some inputs.
-    try {
-      new WebAssembly.Module(bytes);
-    } catch (error) {
-      throw new InvalidModuleError(`not a valid WebAssembly module: ${(error as Error).message}`);
-    }
-    throw new InvalidModuleError("not a valid WebAssembly module");
-  }
-  const readable = withMemoryExport(bytes, checkMemoryDeclarations(bytes));
+  // Size, validity (the engine's validator), functions and block nesting, before Binaryen sees the module.
+  const compiled = checkModuleLimits(bytes);
+  const readable = withMemoryExport(bytes, checkMemoryDeclarations(bytes, compiled));
   let m: binaryen.Module;
   try {
     m = b.readBinary(readable);
@@ -215,6 +212,71 @@ export function instrument(input: Uint8Array): InstrumentedModule {
   } finally {
     m.dispose();
   }
+}
+
+/**
+ * Instruments a small module built here, once, so that Binaryen compiles the
+ * code a module's instrumentation runs (reading, dead-code elimination,
+ * validation, writing) before the first real module: V8 compiles a wasm
+ * function on its first call, and for Binaryen that is most of the cost of
+ * a thread's first instrumentation. The loader (load-instrumenter.ts) counts
+ * it in Binaryen's load time, so the time reported for a module is the
+ * module's own.
+ */
+export function warmUp(): void {
+  const m = new b.Module();
+  let bytes: Uint8Array;
+  try {
+    const { i32, i64, f64, local } = m;
+    const get = (i: number) => local.get(i, T.i32);
+    m.setMemory(1, 2, "memory", [
+      { offset: i32.const(16), data: new Uint8Array([1, 2, 3]), passive: false },
+      { offset: i32.const(0), data: new Uint8Array([4, 5]), passive: true },
+    ]);
+    m.addGlobal("g", T.i64, true, i64.const(BigInt(0) as unknown as number)); // binaryen.js takes a bigint; its declarations say number
+    m.addGlobal("h", T.f64, true, f64.const(0));
+    m.addFunctionImport("rank", "cohort", "rank", T.none, T.i32);
+    const ii = b.createType([T.i32, T.i32]);
+    m.addFunction("s", ii, T.i32, [], m.block("out", [
+      m.block("a", [m.block("b", [m.switch(["a", "b"], "b", get(0))]), m.br("out", undefined, i32.const(1))]),
+      m.select(i32.gt_s(get(0), get(1)), get(0), i32.load16_u(2, 2, get(1))),
+    ], T.i32));
+    m.addTable("t", 1, 1);
+    m.addActiveElementSegment("t", "e", ["s"], i32.const(0));
+    m.addFunction(
+      "f",
+      ii,
+      T.i32,
+      [T.i32, T.f64],
+      m.block(null, [
+        m.loop(
+          "l",
+          m.block(null, [
+            i32.store(0, 4, get(0), i32.add(get(1), m.call("rank", [], T.i32))),
+            i64.store8(4, 1, get(0), m.global.get("g", T.i64)),
+            f64.store(8, 8, get(1), f64.mul(f64.convert_s.i32(local.tee(2, i32.mul(get(2), i32.const(3)), T.i32)), m.global.get("h", T.f64))),
+            m.global.set("g", i64.extend_u(i32.wrap(i64.load32_u(0, 4, get(0))))),
+            local.set(2, i32.add(get(2), m.call_indirect("t", i32.const(0), [get(0), get(1)], ii, T.i32))),
+            m.br("l", i32.lt_u(get(2), get(1))),
+          ]),
+        ),
+        m.memory.fill(get(0), i32.const(0), i32.const(8)),
+        m.memory.copy(get(0), get(1), i32.const(8)),
+        m.memory.init("1", get(0), i32.const(0), i32.const(2)),
+        m.data.drop("1"),
+        m.if(i32.eqz(get(0)), m.drop(m.memory.grow(i32.const(1))), m.drop(m.memory.size())),
+        m.return(i32.load(0, 4, get(1))),
+        m.unreachable(),
+      ], T.i32),
+    );
+    m.addFunctionExport("f", "f");
+    m.setStart(m.addFunction("start", T.none, T.none, [], m.drop(m.call("s", [i32.const(1), i32.const(2)], T.i32))));
+    m.setFeatures(OUTPUT_FEATURES);
+    bytes = m.emitBinary();
+  } finally {
+    m.dispose();
+  }
+  instrument(bytes);
 }
 
 /**
@@ -319,8 +381,7 @@ function concat(parts: Uint8Array[]): Uint8Array {
  * the count (multi-memory) and flags (shared, memory64) of every memory,
  * imported or defined, and binaryen.js offers no way to enumerate memories.
  */
-function checkMemoryDeclarations(bytes: Uint8Array<ArrayBuffer>): WebAssembly.Module {
-  const compiled = new WebAssembly.Module(bytes);
+function checkMemoryDeclarations(bytes: Uint8Array, compiled: WebAssembly.Module): WebAssembly.Module {
   const imports = WebAssembly.Module.imports(compiled);
   for (const imp of imports) {
     const where = `import "${imp.module}"."${imp.name}"`;
@@ -398,16 +459,6 @@ interface Slot {
   index: number | null;
 }
 
-/**
- * Deepest expression nesting instrumented (levels below a function's body);
- * deeper functions are refused by name. A large compiled `switch` nests one
- * block per case, so a few thousand levels occur in real code. Binaryen's
- * binary writer recurses per level on the JS stack: on a main thread's
- * default stack it manages about 8,000 nested blocks but only about 2,500
- * nested binary operators, so past this limit we refuse up front, and below
- * it a stack overflow inside Binaryen is still refused by name (instrument()).
- */
-export const NESTING_MAX = 4_000;
 
 /**
  * Each store site inside a loop gets its own "last dirty page" local, so two

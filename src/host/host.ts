@@ -14,6 +14,7 @@ import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type 
 import type { ReleasedRecord } from "../core/frames.js";
 import { OutputLog } from "./output-log.js";
 import { LogLimit } from "../util/log-limit.js";
+import { round } from "../util/stats.js";
 import { hostKey, vmKey, type GroupRecord, type VmRecord } from "./records.js";
 import { deployGroup } from "./deploy.js";
 import type { CoordinationStore, Versioned } from "../store/store.js";
@@ -64,7 +65,8 @@ export class Host {
   readonly log: Logger;
   private readonly peers = new Map<string, Peer>();
   private readonly incoming = new Set<Connection>();
-  private readonly modules = new Map<string, { bytes: Uint8Array; guest: GuestBundle }>();
+  /** Guest modules by sha-256 of their bytes, instrumented and compiled (or being): one per module for every VM, backup and promotion here. */
+  private readonly modules = new Map<string, Promise<GuestBundle>>();
   private timers: NodeJS.Timeout[] = [];
   /** Group frames with a malformed or newer header (their connections were closed); the group table counts the other frames no group took. */
   private groupFramesRefused = 0;
@@ -406,15 +408,37 @@ export class Host {
     });
   }
 
-  private async guestFor(bytes: Uint8Array): Promise<GuestBundle> {
+  /**
+   * The guest of a module, instrumented once on this host (the instrumented-module cache in
+   * <state dir>/cache) and compiled once; concurrent requests for it wait for the same one. A
+   * failure is not kept: the next request tries again.
+   */
+  private guestFor(bytes: Uint8Array): Promise<GuestBundle> {
     const key = Buffer.from(sha256(bytes)).toString("hex");
-    let entry = this.modules.get(key);
-    if (!entry) {
-      const guest = await compileGuest(await instrumentCached(bytes, join(this.options.state_dir, "cache")));
-      entry = { bytes, guest };
-      this.modules.set(key, entry);
+    let guest = this.modules.get(key);
+    if (!guest) {
+      guest = this.loadModule(key, bytes);
+      this.modules.set(key, guest);
+      guest.catch(() => this.modules.delete(key));
     }
-    return entry.guest;
+    return guest;
+  }
+
+  private async loadModule(key: string, bytes: Uint8Array): Promise<GuestBundle> {
+    const instrumented = await instrumentCached(bytes, join(this.options.state_dir, "cache"));
+    const { source, timings } = instrumented;
+    this.log.info(
+      {
+        module: key.slice(0, 16),
+        bytes: bytes.length,
+        instrumented_bytes: instrumented.wasm.length,
+        source,
+        instrument_ms: round(timings.instrument_ms, 1),
+        binaryen_load_ms: round(timings.binaryen_load_ms, 1),
+      },
+      source === "cache" ? "module read from the instrumented-module cache" : "module instrumented",
+    );
+    return compileGuest(instrumented);
   }
 
   /** Replies with the records kept from `from_seq`, then (with `follow`) pushes every new one, in order. */
