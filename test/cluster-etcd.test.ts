@@ -10,12 +10,12 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Etcd3 } from "etcd3";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { requestAny } from "../src/cli/client.js";
+import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
-import { startCluster, stopClusters } from "./support/cluster.js";
+import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 
 // As in the other multi-process group tests: VM threads booting on a 2-core machine must not look like a crash.
 const DETECT_MS = 1000;
@@ -49,6 +49,47 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
       await store.close();
     }
   }, 60_000);
+
+  it("etcd stopped under a running cluster: the group keeps running and releasing; a failure meanwhile is decided once etcd is back", async () => {
+    const { cluster: c, store } = await startCluster(3, DETECT_MS, `etcd://${etcd.endpoint}/outage`);
+    const records: FollowedRecord[] = [];
+    let follower: LogFollower | null = null;
+    try {
+      const module = guestPath("ticker");
+      const manifest = parseManifest(`group: ticker\nmode: vm\nmodule: ${JSON.stringify(module)}\n`, { source: "test", base_dir: "/" });
+      await requestAny(c, "deploy", { manifest }, new Uint8Array(await readFile(module)));
+      const before = (await store.get<{ primary: string; backup: string; incarnation: number }>("vms/ticker-0"))!.value;
+      follower = new LogFollower(c, "ticker-0", 1, (r) => records.push(r));
+      const following = follower.run().catch(() => undefined);
+      await waitFor(() => records.length >= 20, 10_000, "output before the outage");
+
+      // etcd down: the store is on no per-epoch path, so output keeps being released.
+      await etcd.stop();
+      const atStop = records.length;
+      await new Promise((r) => setTimeout(r, 3000));
+      expect(records.length).toBeGreaterThan(atStop + 50); // the ticker logs every 20 ms
+
+      // The primary's host dies while etcd is down: nobody can decide, so nothing is promoted yet...
+      const victim = c.hosts.find((h) => h.id === before.primary)!;
+      process.kill(victim.pid, "SIGKILL");
+      const atKill = follower.lastSeq;
+      await new Promise((r) => setTimeout(r, 2 * DETECT_MS + 500));
+      expect(follower.lastSeq).toBe(atKill);
+      // ...and once etcd is back, the failover is decided and the output continues with no gap.
+      await etcd.restart();
+      await waitFor(() => follower!.lastSeq > atKill + 20, 20_000, "output after etcd came back");
+      const after = (await store.get<{ primary: string; incarnation: number }>("vms/ticker-0"))!.value;
+      expect(after.primary).toBe(before.backup);
+      expect(after.incarnation).toBe(before.incarnation + 1);
+      follower.stop();
+      await following;
+      records.forEach((r, i) => expect(r.seq).toBe(i + 1));
+    } finally {
+      follower?.stop();
+      if (!etcd.pid || etcd.pid < 0) await etcd.restart();
+      await store.close();
+    }
+  }, 90_000);
 
   it("bank: the failover is decided through etcd; total conserved, nothing lost or applied twice", async () => {
     const report = await runBankDemo(

@@ -23,8 +23,13 @@ export type CoreEvent =
   | { type: "frame"; from: HostId; frame: GroupFrame; body: Handle }
   /** The hosts alive now as the failure detector sees them (this one included). */
   | { type: "hosts"; live: HostId[] }
-  /** Answer to a `store_get` / `store_cas`: the key's value afterwards (null: absent). */
-  | { type: "store"; op: "get" | "cas"; ok: boolean; record: ProtectionRecord | null; version: number }
+  /**
+   * Answer to a `store_get` / `store_cas`: the key's value afterwards (null:
+   * absent). `unavailable`: the store could not be reached (ok false, record
+   * null): the core asks again after STORE_RETRY_MS, for as long as its
+   * reason stands (a failure to decide waits for the store, it is not dropped).
+   */
+  | { type: "store"; op: "get" | "cas"; ok: boolean; record: ProtectionRecord | null; version: number; unavailable?: boolean }
   /** Deploy finished on every host: the members' routes; run the group. */
   | { type: "start"; routes: (Route | null)[] }
   /**

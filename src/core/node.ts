@@ -27,6 +27,7 @@ import {
   MEMBER_INFLIGHT_MAX,
   PROPOSE_BACKOFF_DETECTS,
   RECOVER_RETRY_MS,
+  STORE_RETRY_MS,
   STALE_TELL_INTERVAL_MS,
   protectionKey,
   type Epoch,
@@ -725,6 +726,12 @@ export class GroupCore {
     if (!op || op.op !== result.op) return;
     this.storeOp = null;
     if (this.state !== "running") return;
+    if (result.unavailable) {
+      // Unreachable store: nothing was read or decided. Look again soon (a CAS's outcome is
+      // unknown, so it is not repeated blindly: the next read decides afresh).
+      this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + STORE_RETRY_MS);
+      return;
+    }
     const current = result.record;
     if (!current) return; // the group was removed
     if (current.failed.includes(this.host)) return this.fence(out);
@@ -735,6 +742,14 @@ export class GroupCore {
       } else {
         this.proposeDue_ms = this.now_ms; // someone else changed the record: look again
       }
+      return;
+    }
+    if (current.incarnation > this.record.incarnation && current.leader === this.host) {
+      // This host's own decision: its compare-and-swap took effect, but the store went away before
+      // the answer came back (`unavailable`). Only this host writes itself as the leader, and adopting
+      // a decision makes it the record here, so nobody else will carry it out: coordinate it now.
+      this.notify(out, { kind: "decided", inc: current.incarnation, dead: current.failed.filter((h) => !this.record.failed.includes(h)), record: current });
+      this.coordinate(current, out);
       return;
     }
     const dead = needsFailover(current, this.live);

@@ -85,6 +85,8 @@ export const MEMBER_INFLIGHT_MAX = 8;
 export const ACK_EPOCHS_MAX = EPOCHS_INFLIGHT_MAX + 2;
 /** How often a recovery coordinator repeats `recover` to hosts that have not reported. */
 export const RECOVER_RETRY_MS = 300;
+/** A store read or compare-and-swap that could not reach the store is tried again after this long. */
+export const STORE_RETRY_MS = 250;
 /** A host declared failed that still sends is told its incarnation is over at most this often. */
 export const STALE_TELL_INTERVAL_MS = 1000;
 /** A host that is not the first candidate proposes a failover only after this many detection timeouts. */

@@ -72,6 +72,8 @@ export class Host {
   private groupFramesRefused = 0;
   private stopping = false;
   private readonly closeLog = new LogLimit();
+  private readonly storeLog = new LogLimit(1, 5000);
+  private storeDown = false;
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -160,8 +162,15 @@ export class Host {
     try {
       hosts = await this.store.list<HostRecord>("hosts/");
     } catch (error) {
-      this.log.warn({ err: error }, "store unavailable");
+      // Asked every 250 ms: one line per 5 s while the store is down, and one when it is back.
+      const take = this.storeLog.take(Date.now());
+      if (take) this.log.warn({ err: error, ...(take.skipped ? { not_logged: take.skipped } : {}) }, "store unavailable");
+      this.storeDown = true;
       return;
+    }
+    if (this.storeDown) {
+      this.storeDown = false;
+      this.log.info("store reachable again");
     }
     for (const { value } of hosts) {
       if (value.id === this.id) continue;

@@ -1,7 +1,8 @@
 /**
  * Many simulated runs (`cohort sim`, test/sim.test.ts): random schedules
  * derived from one seed (groups, modes, traffic, crashes and pauses at random
- * times, second failures at every kind of recovery step), run until a number
+ * times, second failures at every kind of recovery step, store outages around
+ * a failure, with compare-and-swaps whose answer is lost), run until a number
  * of steps was handled; the first violation stops the campaign, and its
  * schedule is shrunk to a short one that still fails the same invariant.
  */
@@ -32,6 +33,8 @@ export interface CampaignSummary {
   crashes: number;
   pauses: number;
   halts: number;
+  /** Runs with a store outage (see Schedule.store_outage). */
+  store_outages: number;
   second_failures_by_step: Record<StepKind, number>;
   violations: number;
   steps_per_s: number;
@@ -83,7 +86,16 @@ export function scheduleFor(seed: number, run: number, options: Pick<CampaignOpt
       });
     }
   }
-  return { seed: rng.int(0, 2 ** 31 - 1), hosts, size, mode, traffic_ms, send_rate: rng.range(0, 0.6), output_rate: rng.range(0, 0.3), failures, mutation: options.mutation };
+  const schedule: Schedule = { seed: rng.int(0, 2 ** 31 - 1), hosts, size, mode, traffic_ms, send_rate: rng.range(0, 0.6), output_rate: rng.range(0, 0.3), failures, mutation: options.mutation };
+  // Store outages come from a stream of their own, so adding them left every other draw as it was.
+  const outages = new Rng((seed ^ Math.imul(run + 1, 0x85ebca6b) ^ 0x5bd1e995) >>> 0);
+  const first = failures[0]?.at_ms;
+  if (first !== undefined && outages.chance(0.25)) {
+    // Around the first failure, so that its decision meets the outage: starting before or after it.
+    const from_ms = Math.max(0, first + outages.range(-DETECT_MS, 2 * DETECT_MS));
+    schedule.store_outage = { from_ms, until_ms: from_ms + outages.range(0.5 * DETECT_MS, 6 * DETECT_MS) };
+  }
+  return schedule;
 }
 
 export function runCampaign(options: CampaignOptions, clock: () => number = () => 0): CampaignSummary {
@@ -96,6 +108,7 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
     crashes: 0,
     pauses: 0,
     halts: 0,
+    store_outages: 0,
     second_failures_by_step: Object.fromEntries(STEP_KINDS.map((k) => [k, 0])) as Record<StepKind, number>,
     violations: 0,
     steps_per_s: 0,
@@ -112,6 +125,7 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
     summary.crashes += r.crashes;
     summary.pauses += r.pauses;
     if (r.halted) summary.halts++;
+    if (schedule.store_outage) summary.store_outages++;
     for (const k of STEP_KINDS) summary.second_failures_by_step[k] += r.second_failures_by_step[k];
     if (r.violation_count) {
       elapsed = clock() - started; // the simulated runs only, not the shrinking
@@ -128,12 +142,13 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
 
 /** How big a schedule is, for shrinking: failures first, then traffic. */
 function weight(s: Schedule): number {
-  return s.failures.length * 1e6 + s.size * 1e4 + s.hosts * 1e3 + s.traffic_ms + (s.send_rate + s.output_rate) * 100;
+  return s.failures.length * 1e6 + (s.store_outage ? 5e5 : 0) + s.size * 1e4 + s.hosts * 1e3 + s.traffic_ms + (s.send_rate + s.output_rate) * 100;
 }
 
 /** Smaller variants of a schedule, most promising first. */
 function candidates(s: Schedule): Schedule[] {
   const out: Schedule[] = [];
+  if (s.store_outage) out.push({ ...s, store_outage: undefined });
   s.failures.forEach((_, i) => out.push({ ...s, failures: s.failures.filter((_, j) => j !== i) }));
   s.failures.forEach((f, i) => {
     if (f.kind === "pause") out.push({ ...s, failures: s.failures.map((g, j) => (j === i ? { ...g, kind: "crash" as const, pause_ms: undefined } : g)) });

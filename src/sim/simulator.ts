@@ -55,6 +55,13 @@ export interface Schedule {
   send_rate: number;
   output_rate: number;
   failures: FailurePlan[];
+  /**
+   * The store cannot be reached during [from_ms, until_ms): each operation
+   * fails (`unavailable`); half of the compare-and-swaps take effect anyway,
+   * their answer lost on the way back (the ambiguous outcome a real store
+   * client sees when a connection breaks after the write).
+   */
+  store_outage?: { from_ms: number; until_ms: number };
   mutation?: Mutation;
 }
 
@@ -106,7 +113,7 @@ type SimEvent =
   | { k: "msg"; h: number; from: number; key: string; flight: Flight; landed: boolean; token: string; message: GroupMessage }
   | { k: "step"; h: number; queue: number }
   | { k: "store"; h: number; action: Extract<CoreAction, { type: "store_get" | "store_cas" }> }
-  | { k: "store_reply"; h: number; op: "get" | "cas"; ok: boolean; record: ProtectionRecord | null; version: number }
+  | { k: "store_reply"; h: number; op: "get" | "cas"; ok: boolean; record: ProtectionRecord | null; version: number; unavailable?: boolean }
   | { k: "see"; h: number; target: HostId; up: boolean }
   | { k: "guest"; h: number; vm: ModelVm }
   | { k: "resume"; h: number }
@@ -294,6 +301,16 @@ export class Simulator {
       case "store": {
         // The request left its host: it takes effect even if that host dies meanwhile.
         const a = ev.action;
+        const outage = this.schedule.store_outage;
+        if (outage && this.now >= outage.from_ms && this.now < outage.until_ms) {
+          const applied = a.type === "store_cas" && this.rng.chance(0.5) ? this.store.cas(a.key, a.expected, a.value) : null;
+          if (applied?.ok && a.type === "store_cas") {
+            this.history.set(a.value.incarnation, structuredClone(a.value));
+            this.log(`${this.hosts[ev.h].id} CAS incarnation ${a.value.incarnation} took effect; its answer is lost (store outage)`);
+          }
+          this.agenda.push(this.now + this.rng.range(...STORE_MS), { k: "store_reply", h: ev.h, op: a.type === "store_get" ? "get" : "cas", ok: false, record: null, version: 0, unavailable: true });
+          return;
+        }
         const result = a.type === "store_get" ? this.store.get(a.key) : this.store.cas(a.key, a.expected, a.value);
         if (a.type === "store_cas" && result.ok) {
           this.history.set(a.value.incarnation, structuredClone(a.value));
@@ -349,7 +366,7 @@ export class Simulator {
         this.runStep(h, ev.queue);
         break;
       case "store_reply":
-        this.feed(h, { type: "store", op: ev.op, ok: ev.ok, record: ev.record, version: ev.version });
+        this.feed(h, { type: "store", op: ev.op, ok: ev.ok, record: ev.record, version: ev.version, ...(ev.unavailable ? { unavailable: true } : {}) });
         break;
       case "see": {
         const had = h.view.has(ev.target);

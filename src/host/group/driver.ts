@@ -546,12 +546,19 @@ export class GroupDriver {
     await Promise.all([...this.members].map(([rank, m]) => m.setRoutes(routes, locals.get(rank)!)));
   }
 
+  /** Store failures repeat every STORE_RETRY_MS while the store is down: one log line per 5 s, saying how many were left out. */
+  private readonly storeTroubleLimit = new LogLimit(1, 5000);
+  private storeTrouble(error: Error, msg: string): void {
+    const take = this.storeTroubleLimit.take(Date.now());
+    if (take) this.log.warn({ err: error, group: this.name, ...(take.skipped ? { not_logged: take.skipped } : {}) }, msg);
+  }
+
   private storeGet(key: string): void {
     this.api.store.get<ProtectionRecord>(key).then(
       (current) => this.feed({ type: "store", op: "get", ok: true, record: current?.value ?? null, version: current?.version ?? 0 }),
       (error: Error) => {
-        this.log.error({ err: error, group: this.name }, "store read failed; the failover decision waits for the next suspicion");
-        this.feed({ type: "store", op: "get", ok: false, record: null, version: 0 });
+        this.storeTrouble(error, "store read failed; the group asks again until the store answers");
+        this.feed({ type: "store", op: "get", ok: false, record: null, version: 0, unavailable: true });
       },
     );
   }
@@ -564,8 +571,8 @@ export class GroupDriver {
       this.feed({ type: "store", op: "cas", ok: false, record: current?.value ?? null, version: current?.version ?? 0 });
     };
     cas().catch((error: Error) => {
-      this.log.error({ err: error, group: this.name }, "store compare-and-swap failed");
-      this.feed({ type: "store", op: "cas", ok: false, record: null, version: 0 });
+      this.storeTrouble(error, "store compare-and-swap failed; the group reads the store again until it answers");
+      this.feed({ type: "store", op: "cas", ok: false, record: null, version: 0, unavailable: true });
     });
   }
 
