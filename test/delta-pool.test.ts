@@ -2,14 +2,16 @@
  * Pooled delta buffers: a capture reuses the buffer of a delta given back, a
  * buffer still lent is never handed out again, the pool stays within its
  * limits, and a delta laid out in a reused (dirty) buffer is byte for byte
- * the delta the reference encoder writes.
+ * the delta the reference encoder writes. Undo log chunks are reused the
+ * same way once their epoch committed or was rolled back.
  */
 import { describe, expect, it } from "vitest";
 import { BackupImage } from "../src/checkpoint/backup-image.js";
 import { decodeDelta, encodeDelta, sealDelta } from "../src/checkpoint/format.js";
 import { AssertionError } from "../src/util/assert.js";
 import { capacityFor, DELTA_LOANS_TRACKED_MAX, DeltaPool } from "../src/vm/delta-pool.js";
-import { PAGE_BYTES, RESERVED_WASM_PAGES } from "../src/vm/layout.js";
+import { DirtyTracker, UNDO_CHUNKS_POOLED_MAX } from "../src/vm/dirty-tracker.js";
+import { FIRST_GUEST_PAGE, PAGE_BYTES, RESERVED_WASM_PAGES } from "../src/vm/layout.js";
 import { VmCore } from "../src/vm/machine.js";
 import { imageBytes } from "./support/checkpoint.js";
 import { guestOf, options, watBytes } from "./support/guests.js";
@@ -190,5 +192,50 @@ describe("VmCore capture from the pool", () => {
     expect(vm.deltas.stats.lent).toBe(1);
     expect(vm.recycle(held.delta)).toBe(true);
     expect(vm.recycle(new Uint8Array(8))).toBe(false);
+  });
+});
+
+describe("undo log chunks", () => {
+  it("a released log's chunks serve the next epochs; the pool is bounded; a released log is not used again", () => {
+    const memory = new WebAssembly.Memory({ initial: RESERVED_WASM_PAGES + 200 });
+    const tracker = new DirtyTracker(memory);
+    const dirty = (n: number) => {
+      for (let i = 0; i < n; i++) tracker.firstWrite(FIRST_GUEST_PAGE + i);
+    };
+    dirty(130); // three chunks of 64 pages
+    const log = tracker.endEpoch();
+    expect(tracker.undoChunks.size).toBe(0);
+    log.release();
+    expect(tracker.undoChunks.size).toBe(3);
+    expect(() => log.release()).toThrow(AssertionError);
+    expect(() => log.restoreInto(new Uint8Array(memory.buffer))).toThrow(AssertionError);
+    dirty(100); // two chunks, both from the pool
+    expect(tracker.undoChunks.size).toBe(1);
+    tracker.endEpoch().release();
+    expect(tracker.undoChunks.size).toBe(3);
+    // At most UNDO_CHUNKS_POOLED_MAX are kept, however many come back.
+    const big = new DirtyTracker(new WebAssembly.Memory({ initial: RESERVED_WASM_PAGES + 1100 }));
+    for (let i = 0; i < (UNDO_CHUNKS_POOLED_MAX + 5) * 64; i++) big.firstWrite(FIRST_GUEST_PAGE + i);
+    big.endEpoch().release();
+    expect(big.undoChunks.size).toBe(UNDO_CHUNKS_POOLED_MAX);
+  });
+
+  it("pre-images in reused chunks restore exactly: rollback after many committed epochs", async () => {
+    const vm = VmCore.boot(await guestOf(GUEST), options());
+    for (let e = 1; e <= 20; e++) {
+      writeEpoch(vm, e);
+      const c = vm.capture();
+      vm.commit(c.epoch);
+      vm.recycle(c.delta);
+    }
+    const cut = imageBytes(vm);
+    const epoch = vm.epoch - 1;
+    for (let e = 21; e <= 24; e++) {
+      writeEpoch(vm, e);
+      vm.recycle(vm.capture().delta);
+    }
+    writeEpoch(vm, 25);
+    vm.rollback(epoch);
+    expect(imageBytes(vm).equals(cut)).toBe(true);
   });
 });

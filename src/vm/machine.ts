@@ -529,7 +529,11 @@ export class VmCore implements AbiHost {
     assert(epoch >= this.committed, `commit ${epoch} below committed cut ${this.committed}`);
     assert(epoch < this.state.epoch, `commit ${epoch} of an epoch not yet captured (current ${this.state.epoch})`);
     this.committed = epoch;
-    for (const k of this.epochs.keys()) if (k <= epoch) this.epochs.delete(k);
+    for (const [k, record] of this.epochs) {
+      if (k > epoch) continue;
+      record.undo?.release();
+      this.epochs.delete(k);
+    }
     const released: OutputRecord[] = [];
     let keep = 0;
     for (const record of this.state.output) {
@@ -555,12 +559,14 @@ export class VmCore implements AbiHost {
     const mem = this.tracker.bytes();
     let pages = this.tracker.dirtyCount;
     this.tracker.undo.restoreInto(mem);
-    this.tracker.endEpoch(); // the current epoch's pre-images were just written back
+    this.tracker.endEpoch().release(); // the current epoch's pre-images were just written back
     for (let k = this.state.epoch - 1; k > epoch; k--) {
       const record = this.epochs.get(k);
       assert(record?.undo, `undo log of epoch ${k}`);
       pages += record.undo.pages.length;
       record.undo.restoreInto(mem);
+      record.undo.release();
+      record.undo = null;
     }
     // Epochs after the cut are gone; the record of epoch+1 (its start = the cut) stays.
     for (const k of this.epochs.keys()) if (k > epoch + 1) this.epochs.delete(k);
