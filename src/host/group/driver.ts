@@ -817,6 +817,7 @@ class DeltaLoan {
 
   letGo(): void {
     assert(this.holds > 0, "a delta let go of more often than held");
-    if (--this.holds === 0) VmWorker.recycle(this.delta);
+    // After the code running now: the member's other `captured` listeners, called after the driver's, may read the result.
+    if (--this.holds === 0) queueMicrotask(() => VmWorker.recycle(this.delta));
   }
 }
