@@ -56,8 +56,8 @@ export interface PauseResult {
    * the capture, make the tail.
    */
   preempted_samples: number;
-  /** The p99 of the other samples: the capture's own tail, on a machine busy with other work. */
-  pause_us_p99_not_preempted: number;
+  /** The p99 of the other samples: the capture's own tail, on a machine busy with other work (null: every sample was preempted). */
+  pause_us_p99_not_preempted: number | null;
 }
 
 export interface RollbackResult {
@@ -244,7 +244,7 @@ export async function pauseCase(guest: GuestModule, memory_mib: number, dirty: n
     pause_over_floor: round(p50 / floor50, 2),
     p99_over_p50: round(p99 / p50, 2),
     preempted_samples: preempted,
-    pause_us_p99_not_preempted: round(percentileOfSorted(unpreempted, 0.99), 1),
+    pause_us_p99_not_preempted: unpreempted.length ? round(percentileOfSorted(unpreempted, 0.99), 1) : null,
   };
 }
 
@@ -370,7 +370,7 @@ export function formatCheckpointReport(report: CheckpointBenchReport): string {
   lines.push("  memory MiB  dirty pages  p50 µs    p99 µs    p99/p50  floor µs  p50/floor  preempted  p99 µs not preempted  delta bytes");
   for (const r of report.results) {
     lines.push(
-      `  ${String(r.memory_mib).padStart(10)}  ${String(r.dirty_pages).padStart(11)}  ${r.pause_us_p50.toFixed(1).padStart(8)}  ${r.pause_us_p99.toFixed(1).padStart(8)}  ${r.p99_over_p50.toFixed(2).padStart(7)}  ${r.copy_floor_us_p50.toFixed(1).padStart(8)}  ${r.pause_over_floor.toFixed(2).padStart(9)}  ${`${r.preempted_samples}/${r.samples}`.padStart(9)}  ${r.pause_us_p99_not_preempted.toFixed(1).padStart(20)}  ${String(r.delta_bytes).padStart(11)}`,
+      `  ${String(r.memory_mib).padStart(10)}  ${String(r.dirty_pages).padStart(11)}  ${r.pause_us_p50.toFixed(1).padStart(8)}  ${r.pause_us_p99.toFixed(1).padStart(8)}  ${r.p99_over_p50.toFixed(2).padStart(7)}  ${r.copy_floor_us_p50.toFixed(1).padStart(8)}  ${r.pause_over_floor.toFixed(2).padStart(9)}  ${`${r.preempted_samples}/${r.samples}`.padStart(9)}  ${(r.pause_us_p99_not_preempted?.toFixed(1) ?? "-").padStart(20)}  ${String(r.delta_bytes).padStart(11)}`,
     );
   }
   lines.push("", "Rollback in place (to a cut after the guest wrote N pages; timed on the VM thread)", "");
