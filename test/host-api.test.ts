@@ -142,6 +142,36 @@ describe("control frame versions", () => {
       await new Promise<void>((resolve) => server.close(() => resolve()));
     }
   });
+
+  it("Connection.send lets go of a body only once the socket wrote it (a pooled delta goes back then), or at once if it never queued it", async () => {
+    const bodies: Buffer[] = [];
+    const served: Connection[] = [];
+    const server: Server = createServer((socket) => {
+      const c = new Connection(socket, "in");
+      served.push(c);
+      c.on("message", (_type, _header, body) => bodies.push(Buffer.from(body)));
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const address = server.address();
+    if (!address || typeof address === "string") throw new Error("no address");
+    try {
+      const out = await Connection.open(`127.0.0.1:${address.port}`, "out");
+      const body = new Uint8Array(4 << 20).map((_, i) => i * 7);
+      const expected = Buffer.from(body);
+      let done = 0;
+      expect(out.send(MSG.GROUP, { k: "test" }, body, () => done++)).toBe(true);
+      expect(done).toBe(0); // queued on the socket, not written yet: the bytes are still read
+      await waitFor(() => done === 1, 5000, "the write to complete");
+      await waitFor(() => bodies.length === 1, 5000, "the frame to arrive");
+      expect(bodies[0].equals(expected)).toBe(true);
+      out.close("test");
+      expect(out.send(MSG.GROUP, { k: "test" }, body, () => done++)).toBe(false);
+      expect(done).toBe(2);
+    } finally {
+      for (const c of served) c.close("test over");
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
 });
 
 describe("host API against real host processes", () => {

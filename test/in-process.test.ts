@@ -115,4 +115,21 @@ describe("groups on an in-process cluster", () => {
     expect(caught.violations.some((v) => v.invariant === "inv1")).toBe(true);
     rmSync(recordings, { recursive: true, force: true });
   });
+  it("deltas go back to their VM threads once sent: each primary's captures reuse a few pooled buffers (group and vm mode)", async () => {
+    const { c, module } = await start("ticker", ["h1", "h2"]);
+    for (const mode of ["group", "vm"] as const) {
+      const group = `p-${mode}`;
+      const record: ProtectionRecord = { group, mode, size: 1, incarnation: 1, leader: "h1", placement: [{ primary: "h1", backup: "h2" }], failed: [], epoch: EPOCH, limits: LIMITS };
+      await c.deploy(record, module);
+      const member = c.tables.get("h1")!.get(group)!.members.get(0)!;
+      await until(`40 checkpoints in ${mode} mode`, () => member.committed >= 40);
+      const pool = (await member.vm.status()).delta_pool!;
+      expect(pool.taken).toBeGreaterThanOrEqual(40);
+      // Deltas in flight when asked are still lent; the rest came back and were lent again.
+      expect(pool.allocated).toBeLessThanOrEqual(4);
+      expect(pool.reused).toBeGreaterThanOrEqual(pool.taken - 4);
+      expect(pool.returned + pool.lent).toBe(pool.taken);
+      expect(pool.forgotten).toBe(0);
+    }
+  });
 });

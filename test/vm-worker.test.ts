@@ -143,4 +143,29 @@ describe("VM worker", () => {
     }
     expect((await vm.status()).crashed).toBeNull();
   });
+  it("deltas cross to the host thread in pooled buffers and go back: steady-state captures reuse them", async () => {
+    const primary = await boot(await bundle(HOSTILE));
+    const backup = await VmWorker.backup(await bundle(HOSTILE), opts(), null);
+    started.push(backup);
+    for (let e = 1; e <= 20; e++) {
+      await primary.request("invoke", { name: "bump", args: [] });
+      const c = await primary.capture();
+      expect(c.delta_loan).not.toBeNull();
+      expect(decodeDelta(c.delta).epoch).toBe(c.epoch);
+      await backup.request("apply", { delta: c.delta }); // copied to the backup's thread
+      await primary.request("commit", { epoch: c.epoch });
+      expect(VmWorker.recycle(c.delta.slice())).toBe(false); // a copy is not a loan
+      expect(VmWorker.recycle(c.delta)).toBe(true);
+      expect(c.delta.length).toBe(0); // transferred back: detached here
+      expect(VmWorker.recycle(c.delta)).toBe(false);
+    }
+    const pool = (await primary.status()).delta_pool!;
+    expect(pool).toMatchObject({ taken: 20, lent: 0, returned: 20, allocated: 1, reused: 19 });
+    // A delta kept by the host is not reused: the VM thread lends another buffer meanwhile.
+    const kept = await primary.capture();
+    for (let i = 0; i < 3; i++) VmWorker.recycle((await primary.capture()).delta);
+    expect((await primary.status()).delta_pool).toMatchObject({ taken: 24, lent: 1, allocated: 2 });
+    expect(decodeDelta(kept.delta).epoch).toBe(kept.epoch);
+    expect((await backup.status()).epoch).toBe(20);
+  });
 });

@@ -7,7 +7,10 @@
  *    The instrumented guest is checkpointed between runs, as it would be in
  *    production, so every run pays the first-write cost of each page it dirties.
  *  - results: checkpoint pause (capture: copy dirty pages + globals + runtime
- *    state, then resume) for memory sizes × dirty page counts.
+ *    state, then resume) for memory sizes × dirty page counts, each delta
+ *    given back to the VM's pool as its consumer would, next to the page-copy
+ *    floor: the same number of 4 KiB pages copied with a plain TypedArray.set
+ *    into a preallocated buffer, in the same process, between the captures.
  *  - rollback: in-place rollback to a cut (undo log written back, globals and
  *    runtime state restored) after the guest wrote N pages, timed inside the
  *    VM thread by the worker's `rollback` op (its rollback_us).
@@ -15,8 +18,8 @@
 import { readFile } from "node:fs/promises";
 import { instrument } from "../guest/instrument.js";
 import { compileGuest } from "../guest/module-cache.js";
-import { DEFAULT_LIMITS, VmCore, type GuestModule, type VmOptions } from "../vm/machine.js";
-import { GUEST_WASM_PAGES_MAX, PAGE_BYTES } from "../vm/layout.js";
+import { DEFAULT_LIMITS, VmCore, type CapturedDelta, type GuestModule, type VmOptions } from "../vm/machine.js";
+import { BASE_BYTES, GUEST_WASM_PAGES_MAX, PAGE_BYTES } from "../vm/layout.js";
 import { guestPath } from "../guest/examples.js";
 import { VmWorker } from "../vm/vm.js";
 import { percentileOfSorted, round } from "../util/stats.js";
@@ -38,6 +41,23 @@ export interface PauseResult {
   pause_us_p50: number;
   pause_us_p99: number;
   delta_bytes: number;
+  /** Captures before the measured ones (after every page of memory was touched once). */
+  warmup_samples: number;
+  /** Copying `dirty_pages` random resident pages with TypedArray.set into a preallocated buffer, one copy per sample. */
+  copy_floor_us_p50: number;
+  copy_floor_us_p99: number;
+  /** pause_us_p50 ÷ copy_floor_us_p50. */
+  pause_over_floor: number;
+  /** pause_us_p99 ÷ pause_us_p50. */
+  p99_over_p50: number;
+  /**
+   * Samples during which the OS switched this process out (involuntary
+   * context switches of any of its threads): on a busy machine these, not
+   * the capture, make the tail.
+   */
+  preempted_samples: number;
+  /** The p99 of the other samples: the capture's own tail, on a machine busy with other work (null: every sample was preempted). */
+  pause_us_p99_not_preempted: number | null;
 }
 
 export interface RollbackResult {
@@ -75,6 +95,13 @@ export interface CheckpointBenchOptions {
 /** Rollback in place: a 64 MiB guest (16,384 pages, a power of two: see `scatter`). */
 export const ROLLBACK_BENCH_DEFAULTS = { memory_mib: 64, written_pages: [100, 1000], samples: 30 };
 
+/**
+ * Captures before a pause case measures: enough for the capture path to be
+ * compiled by the optimizing tier and the VM's delta and undo pools to hold
+ * what a capture needs (the pause settles after some 40-60 of them).
+ */
+export const PAUSE_WARMUP_CAPTURES = 64;
+
 
 function vmOptions(memory_pages_max: number): VmOptions {
   return { rank: 0, size: 1, limits: { ...DEFAULT_LIMITS, memory_pages_max }, now: Date.now };
@@ -90,11 +117,11 @@ async function barrierWorkload(name: string, runs: number): Promise<BarrierResul
   }).exports as { run: (n: number) => number };
   const guest = await compileGuest(instrument(bytes));
   const vm = VmCore.boot(guest, vmOptions(GUEST_WASM_PAGES_MAX));
-  vm.commit(vm.capture().epoch);
+  checkpoint(vm);
   const timePlain = () => time(() => plain.run(1));
   const timeVm = () => {
     const ms = time(() => vm.invoke("run", [1]));
-    vm.commit(vm.capture().epoch);
+    checkpoint(vm);
     return ms;
   };
   // Warm-up: tier-up of both compiled modules and first touch of their memory.
@@ -109,6 +136,14 @@ async function barrierWorkload(name: string, runs: number): Promise<BarrierResul
   const p = median(plainMs);
   const v = median(vmMs);
   return { plain_ms: round(p), instrumented_ms: round(v), ratio: round(v / p, 3) };
+}
+
+/** Capture and commit; the delta goes back to the VM's pool, as a backup's host gives it back once sent. */
+function checkpoint(vm: VmCore): CapturedDelta {
+  const captured = vm.capture();
+  vm.commit(captured.epoch);
+  vm.recycle(captured.delta);
+  return captured;
 }
 
 function time(body: () => unknown): number {
@@ -145,7 +180,7 @@ const PAUSE_GUEST_WAT = (pages: number) => `(module
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $next)))))`;
 
-async function pauseGuest(memory_mib: number): Promise<GuestModule> {
+export async function pauseGuest(memory_mib: number): Promise<GuestModule> {
   const binaryen = (await import("binaryen")).default;
   const m = binaryen.parseText(PAUSE_GUEST_WAT(memory_mib * 16));
   try {
@@ -155,32 +190,80 @@ async function pauseGuest(memory_mib: number): Promise<GuestModule> {
   }
 }
 
-async function pauseCase(guest: GuestModule, memory_mib: number, dirty: number, samples: number): Promise<PauseResult> {
+export async function pauseCase(guest: GuestModule, memory_mib: number, dirty: number, samples: number): Promise<PauseResult> {
   const vm = VmCore.boot(guest, vmOptions(GUEST_WASM_PAGES_MAX));
-  vm.commit(vm.capture().epoch);
+  checkpoint(vm);
   const guestPages = (memory_mib * 1024 * 1024) / PAGE_BYTES;
   const count = Math.min(dirty, guestPages);
+  // Every page resident, as in a VM that has run a while: each gets written once with the byte it
+  // holds (the guest sees no change, nothing is dirtied). A page never written reads as the kernel's
+  // shared zero page, which would flatter the floor's copies.
+  const memory = vm.bytes();
+  for (let at = BASE_BYTES; at < memory.length; at += PAGE_BYTES) memory[at] |= 0;
+  const floorBuffer = new Uint8Array(count * PAGE_BYTES);
+  floorBuffer.fill(1);
   const pauses: number[] = [];
+  const floors: number[] = [];
+  const unpreempted: number[] = [];
+  let preempted = 0;
   let deltaBytes = 0;
   let value = 1;
-  for (let s = 0; s < samples + 2; s++) {
+  for (let s = 0; s < PAUSE_WARMUP_CAPTURES + samples; s++) {
+    const floor = copyFloor(memory, randomPages(guestPages, count), floorBuffer);
     for (const page of randomPages(guestPages, count)) vm.invoke("touch", [page * PAGE_BYTES + ((value * 4) % PAGE_BYTES), value++]);
+    const switches = process.resourceUsage().involuntaryContextSwitches;
     const captured = vm.capture();
+    const switched = process.resourceUsage().involuntaryContextSwitches !== switches;
     vm.commit(captured.epoch);
-    if (s >= 2) pauses.push(captured.pause_us); // the first captures warm up the copy path
     deltaBytes = captured.delta.length;
+    vm.recycle(captured.delta);
     if (captured.dirty_pages !== count) throw new Error(`expected ${count} dirty pages, captured ${captured.dirty_pages}`);
+    if (s < PAUSE_WARMUP_CAPTURES) continue;
+    pauses.push(captured.pause_us);
+    floors.push(floor);
+    if (switched) preempted++;
+    else unpreempted.push(captured.pause_us);
   }
   pauses.sort((a, b) => a - b);
+  floors.sort((a, b) => a - b);
+  unpreempted.sort((a, b) => a - b);
+  const p50 = percentileOfSorted(pauses, 0.5);
+  const p99 = percentileOfSorted(pauses, 0.99);
+  const floor50 = percentileOfSorted(floors, 0.5);
   return {
     memory_mib,
     dirty_pages: count,
     dirty_pages_requested: dirty,
     samples,
-    pause_us_p50: round(percentileOfSorted(pauses, 0.5), 1),
-    pause_us_p99: round(percentileOfSorted(pauses, 0.99), 1),
+    pause_us_p50: round(p50, 1),
+    pause_us_p99: round(p99, 1),
     delta_bytes: deltaBytes,
+    warmup_samples: PAUSE_WARMUP_CAPTURES,
+    copy_floor_us_p50: round(floor50, 1),
+    copy_floor_us_p99: round(percentileOfSorted(floors, 0.99), 1),
+    pause_over_floor: round(p50 / floor50, 2),
+    p99_over_p50: round(p99 / p50, 2),
+    preempted_samples: preempted,
+    pause_us_p99_not_preempted: unpreempted.length ? round(percentileOfSorted(unpreempted, 0.99), 1) : null,
   };
+}
+
+/**
+ * The page-copy floor of one sample, in µs: `pages` (guest page numbers) of
+ * `memory` copied one by one with TypedArray.set into `into`, each page's
+ * first word read just before, as the guest's touch wrote one word of each
+ * page the capture copies.
+ */
+function copyFloor(memory: Uint8Array, pages: number[], into: Uint8Array): number {
+  let sum = 0;
+  for (const page of pages) sum += memory[BASE_BYTES + page * PAGE_BYTES];
+  const started = process.hrtime.bigint();
+  for (let i = 0; i < pages.length; i++) {
+    const from = BASE_BYTES + pages[i] * PAGE_BYTES;
+    into.set(memory.subarray(from, from + PAGE_BYTES), i * PAGE_BYTES);
+  }
+  const us = Number(process.hrtime.bigint() - started) / 1000;
+  return sum === -1 ? 0 : us; // `sum` is read so that the reads stay
 }
 
 /**
@@ -199,6 +282,7 @@ async function rollbackCase(guest: GuestModule, memory_mib: number, written: num
   try {
     const cut = await vm.capture();
     await vm.request("commit", { epoch: cut.epoch });
+    VmWorker.recycle(cut.delta);
     const times: number[] = [];
     let value = 1;
     for (let s = 0; s < samples + 2; s++) {
@@ -282,11 +366,11 @@ export function formatCheckpointReport(report: CheckpointBenchReport): string {
     lines.push(`  ${name.padEnd(11)} ${d.plain_ms.toFixed(1).padStart(9)} ${d.instrumented_ms.toFixed(1).padStart(10)} ${d.ratio.toFixed(3).padStart(6)}`);
   }
   lines.push(`  ${"geomean".padEnd(11)} ${"".padStart(9)} ${"".padStart(10)} ${report.barrier_overhead.geomean.toFixed(3).padStart(6)}`);
-  lines.push("", "Checkpoint pause (capture until the VM resumes)", "");
-  lines.push("  memory MiB  dirty pages  p50 µs    p99 µs    delta bytes");
+  lines.push("", "Checkpoint pause (capture until the VM resumes), against the page-copy floor (TypedArray.set of as many pages)", "");
+  lines.push("  memory MiB  dirty pages  p50 µs    p99 µs    p99/p50  floor µs  p50/floor  preempted  p99 µs not preempted  delta bytes");
   for (const r of report.results) {
     lines.push(
-      `  ${String(r.memory_mib).padStart(10)}  ${String(r.dirty_pages).padStart(11)}  ${r.pause_us_p50.toFixed(1).padStart(8)}  ${r.pause_us_p99.toFixed(1).padStart(8)}  ${String(r.delta_bytes).padStart(11)}`,
+      `  ${String(r.memory_mib).padStart(10)}  ${String(r.dirty_pages).padStart(11)}  ${r.pause_us_p50.toFixed(1).padStart(8)}  ${r.pause_us_p99.toFixed(1).padStart(8)}  ${r.p99_over_p50.toFixed(2).padStart(7)}  ${r.copy_floor_us_p50.toFixed(1).padStart(8)}  ${r.pause_over_floor.toFixed(2).padStart(9)}  ${`${r.preempted_samples}/${r.samples}`.padStart(9)}  ${(r.pause_us_p99_not_preempted?.toFixed(1) ?? "-").padStart(20)}  ${String(r.delta_bytes).padStart(11)}`,
     );
   }
   lines.push("", "Rollback in place (to a cut after the guest wrote N pages; timed on the VM thread)", "");

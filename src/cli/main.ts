@@ -18,7 +18,7 @@ process.stdout.on("error", (error: NodeJS.ErrnoException) => {
 // Commands import their heavy modules (Binaryen above all, seconds to load) when they run,
 // so that `cohort host` and the cluster commands start fast.
 const INSTRUMENT_BENCH_DEFAULTS = { runs: 5 };
-const CHECKPOINT_BENCH_DEFAULTS = { memory_mib: [1, 64, 1024], dirty_pages: [16, 256, 4096], samples: 40, barrier_runs: 5 };
+const CHECKPOINT_BENCH_DEFAULTS = { memory_mib: [1, 64, 1024], dirty_pages: [16, 256, 4096], samples: 200, barrier_runs: 5 };
 
 const int = (name: string) => (value: string) => {
   const n = Number(value);

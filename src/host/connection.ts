@@ -67,11 +67,20 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     return this.closed;
   }
 
-  /** Sends one frame; a control frame's header (every type but GROUP) gets the control version `v`. */
-  send(type: number, header: unknown, body?: Uint8Array): boolean {
-    if (this.closed) return false;
+  /**
+   * Sends one frame; a control frame's header (every type but GROUP) gets the
+   * control version `v`. `done`, if given, is called once the socket no longer
+   * reads `body`: it was written out, the write failed, or (send returns
+   * false) it was never queued. Until then the caller must leave the bytes be.
+   */
+  send(type: number, header: unknown, body?: Uint8Array, done?: () => void): boolean {
+    if (this.closed) {
+      done?.();
+      return false;
+    }
     if (this.socket.writableLength > SEND_BUFFER_MAX_BYTES) {
       this.close(`send buffer above ${SEND_BUFFER_MAX_BYTES} bytes: peer too slow`);
+      done?.();
       return false;
     }
     const stamped = type === MSG.GROUP ? header : Object.assign({ v: CONTROL_VERSION }, header);
@@ -87,7 +96,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
         this.socket.uncork();
       });
     }
-    for (const part of parts) this.socket.write(part);
+    // Writes complete in order: once the trailer is out (or failed, or the socket was destroyed), so is the body.
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i++) this.socket.write(parts[i]);
+    this.socket.write(parts[last], done && (() => done()));
     return true;
   }
 

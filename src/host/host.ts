@@ -51,7 +51,7 @@ interface Peer {
   last_seen_ms: number;
   failed: boolean;
   /** Group frames sent while no connection was open, flushed in order once one is. */
-  queue: { header: GroupFrame; body?: Uint8Array }[];
+  queue: { header: GroupFrame; body?: Uint8Array; done?: () => void }[];
 }
 
 /** Group frames kept per peer while its connection is (re)opening. */
@@ -91,7 +91,7 @@ export class Host {
       detect_ms: options.detect_ms,
       listen_host: options.listen_host,
       record_dir: options.record_dir ?? null,
-      send: (to, frame, body) => this.sendGroup(to, frame, body),
+      send: (to, frame, body, done) => this.sendGroup(to, frame, body, done),
       liveHosts: () => this.liveHosts(),
       guestFor: (module) => this.guestFor(module),
     };
@@ -177,6 +177,7 @@ export class Host {
       let peer = this.peers.get(value.id);
       if (!peer || peer.address !== value.address) {
         peer?.out?.close("address changed");
+        if (peer) this.dropQueue(peer);
         peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false, queue: [] };
         this.peers.set(value.id, peer);
       }
@@ -198,7 +199,7 @@ export class Host {
       peer.out = connection;
       const queued = peer.queue;
       peer.queue = [];
-      for (const { header, body } of queued) connection.send(MSG.GROUP, header, body);
+      for (const { header, body, done } of queued) connection.send(MSG.GROUP, header, body, done);
       return connection;
     } catch {
       return null;
@@ -245,29 +246,42 @@ export class Host {
     return connection;
   }
 
-  /** A group frame to `host`: on the open connection, or queued until one is open. */
-  private sendGroup(host: string, header: GroupFrame, body?: Uint8Array): void {
+  /**
+   * A group frame to `host`: on the open connection, or queued until one is
+   * open. `done` is called once nothing here reads `body` any more (written
+   * out, or dropped); see GroupHostApi.send.
+   */
+  private sendGroup(host: string, header: GroupFrame, body?: Uint8Array, done?: () => void): void {
     const peer = this.peers.get(host);
     if (!peer) {
       this.log.warn({ peer: host, kind: header.k }, "group frame to an unknown host dropped");
+      done?.();
       return;
     }
     if (peer.out && !peer.out.isClosed && peer.queue.length === 0) {
-      peer.out.send(MSG.GROUP, header, body);
+      peer.out.send(MSG.GROUP, header, body, done);
       return;
     }
     if (peer.queue.length >= PEER_QUEUE_MAX) {
       this.log.warn({ peer: host }, `more than ${PEER_QUEUE_MAX} group frames queued: dropped`);
+      done?.();
       return;
     }
-    peer.queue.push({ header, body });
+    peer.queue.push({ header, body, done });
     if (!peer.connecting) this.connectInBackground(peer);
+  }
+
+  /** The frames queued for `peer` are not going to be sent. */
+  private dropQueue(peer: Peer): void {
+    const dropped = peer.queue;
+    peer.queue = [];
+    for (const q of dropped) q.done?.();
   }
 
   /** The detector's view changed: every group re-evaluates (its core decides whether a failover is due). */
   private onLivenessChanged(host: string): void {
     const peer = this.peers.get(host);
-    if (peer?.failed) peer.queue = [];
+    if (peer?.failed) this.dropQueue(peer);
     this.groups.hostsChanged();
   }
 

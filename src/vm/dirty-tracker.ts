@@ -12,15 +12,49 @@ import { assert } from "../util/assert.js";
 
 /** Pre-images are kept in chunks so a growing log never copies what it already holds. */
 const UNDO_CHUNK_PAGES = 64;
+const UNDO_CHUNK_BYTES = UNDO_CHUNK_PAGES * PAGE_BYTES;
+
+/**
+ * Chunks of undo logs no longer needed (their epoch committed, or rolled
+ * back), kept for the logs of later epochs: a VM that dirties N pages an
+ * epoch stops allocating (and the GC stops freeing) N pre-image pages an
+ * epoch, whose collection would otherwise land in some capture's pause.
+ * Bounded like the delta pool (src/vm/delta-pool.ts), for the same reason:
+ * memory the VM's thread keeps beyond its guest's, counted against no limit.
+ * 64 chunks (16 MiB) hold the pre-images of 4096 pages, an epoch of the
+ * largest case `cohort bench checkpoint` measures.
+ */
+export const UNDO_CHUNKS_POOLED_MAX = 64;
+
+export class UndoChunks {
+  private readonly free: Uint8Array[] = [];
+
+  take(): Uint8Array {
+    return this.free.pop() ?? new Uint8Array(UNDO_CHUNK_BYTES);
+  }
+
+  give(chunk: Uint8Array): void {
+    if (this.free.length < UNDO_CHUNKS_POOLED_MAX) this.free.push(chunk);
+  }
+
+  /** Chunks kept now. */
+  get size(): number {
+    return this.free.length;
+  }
+}
 
 export class UndoLog {
   readonly pages: number[] = [];
   private readonly chunks: Uint8Array[] = [];
+  private released = false;
+
+  constructor(private readonly pool: UndoChunks = new UndoChunks()) {}
 
   save(page: number, memory: Uint8Array): void {
+    assert(!this.released, "save into a released undo log");
     const slot = this.pages.length;
     const chunkIndex = Math.floor(slot / UNDO_CHUNK_PAGES);
-    if (chunkIndex === this.chunks.length) this.chunks.push(new Uint8Array(UNDO_CHUNK_PAGES * PAGE_BYTES));
+    if (chunkIndex === this.chunks.length) this.chunks.push(this.pool.take());
     const at = (slot % UNDO_CHUNK_PAGES) * PAGE_BYTES;
     const from = page * PAGE_BYTES;
     this.chunks[chunkIndex].set(memory.subarray(from, from + PAGE_BYTES), at);
@@ -29,6 +63,7 @@ export class UndoLog {
 
   /** Writes every pre-image back (in place, bypassing the barrier) and clears the pages' dirty bytes. */
   restoreInto(memory: Uint8Array): void {
+    assert(!this.released, "restore from a released undo log");
     for (let slot = this.pages.length - 1; slot >= 0; slot--) {
       const page = this.pages[slot];
       const chunk = this.chunks[Math.floor(slot / UNDO_CHUNK_PAGES)];
@@ -39,8 +74,16 @@ export class UndoLog {
     }
   }
 
+  /** The log is no longer needed (its epoch committed, or it was restored): its chunks go back to the pool. */
+  release(): void {
+    assert(!this.released, "undo log released twice");
+    this.released = true;
+    for (const chunk of this.chunks) this.pool.give(chunk);
+    this.chunks.length = 0;
+  }
+
   get bytes(): number {
-    return this.chunks.length * UNDO_CHUNK_PAGES * PAGE_BYTES;
+    return this.chunks.length * UNDO_CHUNK_BYTES;
   }
 }
 
@@ -49,8 +92,10 @@ export class DirtyTracker {
   private view: Uint8Array;
   private dirty: Uint32Array = new Uint32Array(1024);
   private count = 0;
+  /** Chunks for the undo logs, reused once a log is released. */
+  readonly undoChunks = new UndoChunks();
   /** Pre-images of the pages written in the current epoch. */
-  undo = new UndoLog();
+  undo = new UndoLog(this.undoChunks);
 
   constructor(memory: WebAssembly.Memory) {
     this.memory = memory;
@@ -104,7 +149,7 @@ export class DirtyTracker {
     for (let i = 0; i < this.count; i++) mem[this.dirty[i]] = 0;
     this.count = 0;
     const finished = this.undo;
-    this.undo = new UndoLog();
+    this.undo = new UndoLog(this.undoChunks);
     return finished;
   }
 

@@ -12,6 +12,7 @@ import { decodeRuntimeState, encodeRuntimeState, initialRuntimeState, OUTPUT_LOG
 import { Channels, type GroupMessage, type ReceiveDecision } from "../core/channel.js";
 import { EXPORT_BOOT, EXPORT_LOAD_GLOBALS, EXPORT_SAVE_GLOBALS, HV_MODULE, type ModuleInfo } from "../guest/module-info.js";
 import { deltaByteLength, layoutDelta, type ImageParts } from "../checkpoint/format.js";
+import { DeltaPool } from "./delta-pool.js";
 import { assert } from "../util/assert.js";
 import { describeThrown } from "../guest/errors.js";
 
@@ -107,7 +108,11 @@ export interface ReceiveResult {
 
 export interface CapturedDelta {
   epoch: number;
-  /** Laid out by layoutDelta, not yet sealed: the checksum is computed off the VM's thread. */
+  /**
+   * Laid out by layoutDelta, not yet sealed: the checksum is computed off the
+   * VM's thread. A view at offset 0 of a buffer from the VM's pool, which may
+   * be larger; give it back with recycle() once done with it.
+   */
   delta: Uint8Array;
   dirty_pages: number;
   pause_us: number;
@@ -162,6 +167,8 @@ export class VmCore implements AbiHost {
   /** The epoch of the newest reply emitted (outputWaiting). */
   private newestReplyEpoch = 0;
   private readonly epochs = new Map<number, EpochRecord>();
+  /** The buffers deltas are laid out in (see recycle). */
+  readonly deltas = new DeltaPool();
   /** The group channels; their replicated part is `state`'s channel fields (Channels adopts them). */
   private readonly channels: Channels;
   private crash: string | null = null;
@@ -446,7 +453,9 @@ export class VmCore implements AbiHost {
   /**
    * Checkpoint `epoch`: copies the dirty pages, globals and runtime state into
    * a delta, clears the dirty map for exactly those pages, and starts the next
-   * epoch. Cost scales with dirty pages, not memory size.
+   * epoch. Cost scales with dirty pages, not memory size. The delta's buffer
+   * comes from the VM's pool: once deltas are given back, a capture allocates
+   * nothing of the delta's size (only the small encodings kept for rollback).
    */
   capture(options: CaptureOptions = {}): CapturedDelta {
     if (this.crash) throw new VmCrashedError(`VM crashed earlier: ${this.crash}`);
@@ -459,8 +468,8 @@ export class VmCore implements AbiHost {
     const pages = this.tracker.dirtyPages();
     const memoryPages = this.memory.buffer.byteLength / WASM_PAGE_BYTES;
     const size = deltaByteLength(pages.length, globals.length, stateBytes.length);
-    // Not zero-filled: every byte is written below before the delta leaves this thread.
-    const delta = Buffer.allocUnsafeSlow(size) as Uint8Array;
+    // A pooled buffer, not zero-filled: every byte is written below before the delta leaves this thread.
+    const delta = this.deltas.take(size);
     const regions = layoutDelta(delta, {
       epoch,
       memory_pages: memoryPages,
@@ -469,10 +478,15 @@ export class VmCore implements AbiHost {
       runtime_state_bytes: stateBytes.length,
     });
     const mem = this.tracker.bytes();
+    const data = regions.page_data;
     regions.page_indices.set(pages);
-    for (let i = 0; i < pages.length; i++) {
+    for (let i = 0; i < pages.length; ) {
+      // Pages written one after another (a sequential write) are one copy, in the same order.
+      let end = i + 1;
+      while (end < pages.length && pages[end] === pages[end - 1] + 1) end++;
       const from = pages[i] * PAGE_BYTES;
-      regions.page_data.set(mem.subarray(from, from + PAGE_BYTES), i * PAGE_BYTES);
+      data.set(mem.subarray(from, from + (end - i) * PAGE_BYTES), i * PAGE_BYTES);
+      i = end;
     }
     regions.globals.set(globals);
     regions.runtime_state.set(stateBytes);
@@ -496,6 +510,17 @@ export class VmCore implements AbiHost {
   }
 
   /**
+   * The consumer of a delta from capture() is done with it (and with every
+   * view of its bytes): its buffer goes back to this VM's pool for a later
+   * capture. False if it is not a delta of this VM that is still out (then
+   * nothing happens). A delta never recycled is garbage like any other.
+   * Across threads the buffer comes back through the pool itself (worker.ts).
+   */
+  recycle(delta: Uint8Array): boolean {
+    return this.deltas.recycle(delta);
+  }
+
+  /**
    * Cut `epoch` is committed: its undo logs are no longer needed (no rollback
    * goes below a committed cut) and its external output may leave. Returns the
    * output to release, in sequence order.
@@ -504,7 +529,11 @@ export class VmCore implements AbiHost {
     assert(epoch >= this.committed, `commit ${epoch} below committed cut ${this.committed}`);
     assert(epoch < this.state.epoch, `commit ${epoch} of an epoch not yet captured (current ${this.state.epoch})`);
     this.committed = epoch;
-    for (const k of this.epochs.keys()) if (k <= epoch) this.epochs.delete(k);
+    for (const [k, record] of this.epochs) {
+      if (k > epoch) continue;
+      record.undo?.release();
+      this.epochs.delete(k);
+    }
     const released: OutputRecord[] = [];
     let keep = 0;
     for (const record of this.state.output) {
@@ -530,12 +559,14 @@ export class VmCore implements AbiHost {
     const mem = this.tracker.bytes();
     let pages = this.tracker.dirtyCount;
     this.tracker.undo.restoreInto(mem);
-    this.tracker.endEpoch(); // the current epoch's pre-images were just written back
+    this.tracker.endEpoch().release(); // the current epoch's pre-images were just written back
     for (let k = this.state.epoch - 1; k > epoch; k--) {
       const record = this.epochs.get(k);
       assert(record?.undo, `undo log of epoch ${k}`);
       pages += record.undo.pages.length;
       record.undo.restoreInto(mem);
+      record.undo.release();
+      record.undo = null;
     }
     // Epochs after the cut are gone; the record of epoch+1 (its start = the cut) stays.
     for (const k of this.epochs.keys()) if (k > epoch + 1) this.epochs.delete(k);

@@ -8,6 +8,7 @@ import type { ModuleInfo } from "../guest/module-info.js";
 import type { PathCounters, Route } from "./message-path.js";
 import type { OutputRecord } from "./runtime-state.js";
 import type { CapturedDelta, GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
+import type { DeltaPoolStats } from "./delta-pool.js";
 
 export interface GuestBundle {
   module: WebAssembly.Module;
@@ -44,12 +45,23 @@ export interface VmStatus {
   pending_messages: number;
   /** Sender log size against limits.sender_log_bytes_max (primary). */
   sender_log_bytes: number;
+  /** The pool the primary's deltas are laid out in (src/vm/delta-pool.ts); null for a backup. */
+  delta_pool: DeltaPoolStats | null;
 }
 
 /** A capture as the host thread gets it: the delta (laid out, NOT sealed: the receiving thread calls
  * sealDelta before it leaves the host) plus what the guest sent while handling held messages that the
  * new epoch made deliverable, for the host to route. */
-export type CaptureResult = CapturedDelta & { outbox: GroupMessage[]; path: PathCounters | null };
+export type CaptureResult = CapturedDelta & {
+  outbox: GroupMessage[];
+  path: PathCounters | null;
+  /**
+   * The delta's buffer is lent by the VM thread's pool and was transferred
+   * with the result: this loan id goes back with it (VmWorker.recycle) once
+   * the host thread is done with the delta. null: not a pooled buffer.
+   */
+  delta_loan: number | null;
+};
 
 export interface ReceiveBatchResult {
   /** One per message offered, same order. "full" and "early" were NOT taken: offer them again later. */
@@ -123,6 +135,12 @@ export interface WorkerOps {
   /** After a rollback or promotion: re-send from the sender log what each receiver lacks (`delivered[r]` = what r delivered from this VM). */
   resend: { args: { delivered: number[] }; result: { resent: number } };
   path_counters: { args: Record<string, never>; result: PathCounters | null };
+  /**
+   * One-way: posted with request id 0 and never answered. Pooled delta
+   * buffers the host thread is done with, transferred back with their loan
+   * ids (VmWorker.recycle); a loan the pool no longer waits for is dropped.
+   */
+  recycle: { args: { loans: { id: number; buffer: ArrayBuffer }[] }; result: null };
 }
 
 export type WorkerOp = keyof WorkerOps;

@@ -19,6 +19,7 @@ import {
   type WorkerEvent,
   type WorkerOp,
   type WorkerOps,
+  type WorkerRequest,
   type WorkerResponse,
   type WorkerVmOptions,
 } from "./protocol.js";
@@ -52,6 +53,12 @@ export class VmGoneError extends Error {
   readonly code = "VmGone";
 }
 
+/**
+ * Pooled deltas on this thread, by buffer: the VM thread that lent it and the
+ * loan's id (see VmWorker.recycle). Weak: a delta nobody gives back is garbage.
+ */
+const loans = new WeakMap<ArrayBufferLike, { vm: VmWorker; id: number }>();
+
 interface Pending {
   resolve: (value: unknown) => void;
   reject: (error: Error) => void;
@@ -60,7 +67,7 @@ interface Pending {
 export interface VmEvents {
   crashed: [message: string];
   output_pending: [epoch: number, urgent: boolean];
-  /** group mode: a checkpoint (capture_to, or the VM's own: WorkerEvent "captured"); the delta is sealed. */
+  /** group mode: a checkpoint (capture_to, or the VM's own: WorkerEvent "captured"); the delta is sealed, its buffer a loan (VmWorker.recycle). */
   captured: [result: CaptureResult];
   /** The message path had a problem (a link refused or broken); the VM runs on. */
   problem: [message: string];
@@ -198,11 +205,42 @@ export class VmWorker extends EventEmitter<VmEvents> {
     });
   }
 
-  /** Captures the current epoch; the delta comes back sealed (checksum computed on this thread). */
+  /**
+   * Captures the current epoch; the delta comes back sealed (checksum computed
+   * on this thread). Its buffer is the VM thread's: give it back with
+   * VmWorker.recycle once done with it.
+   */
   async capture(): Promise<CaptureResult> {
     const result = await this.request("capture", {});
-    sealDelta(result.delta);
+    this.received(result);
     return result;
+  }
+
+  /**
+   * The caller, and everyone it handed the bytes to, is done with `delta`
+   * from some VM thread's capture: its buffer is transferred back to that
+   * thread's pool for a later capture, and every view of it on this thread
+   * is detached (reads see no bytes). False, and nothing happens, if it is
+   * not such a delta (bytes off the wire, a copy), was given back already, or
+   * its VM thread is gone. A delta never given back is just garbage.
+   */
+  static recycle(delta: Uint8Array): boolean {
+    const loan = loans.get(delta.buffer);
+    if (!loan) return false;
+    loans.delete(delta.buffer);
+    return loan.vm.giveBack(loan.id, delta.buffer as ArrayBuffer);
+  }
+
+  private giveBack(id: number, buffer: ArrayBuffer): boolean {
+    if (this.gone) return false;
+    this.worker.postMessage({ id: 0, op: "recycle", args: { loans: [{ id, buffer }] } } satisfies WorkerRequest, [buffer]);
+    return true;
+  }
+
+  /** A capture arrived: seal its delta, and note the loan its buffer is. */
+  private received(result: CaptureResult): void {
+    sealDelta(result.delta);
+    if (result.delta_loan !== null) loans.set(result.delta.buffer, { vm: this, id: result.delta_loan });
   }
 
   /**
@@ -239,7 +277,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
     if (body.event === "crashed") this.emit("crashed", body.message);
     else if (body.event === "problem") this.emit("problem", body.message);
     else if (body.event === "captured") {
-      sealDelta(body.result.delta);
+      this.received(body.result);
       this.emit("captured", body.result);
     }
     else this.emit("output_pending", body.epoch, body.urgent);

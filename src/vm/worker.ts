@@ -14,6 +14,7 @@ import { decodeOutputRecords, type OutputRecord } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
+  type CaptureResult,
   type GuestBundle,
   type VmStatus,
   type WorkerEvent,
@@ -91,6 +92,7 @@ function status(): VmStatus {
       incarnation: primary.incarnation,
       pending_messages: primary.pendingMessages,
       sender_log_bytes: primary.senderLogBytes,
+      delta_pool: primary.deltas.stats,
     };
   }
   const b = needBackup();
@@ -105,6 +107,7 @@ function status(): VmStatus {
     incarnation: 0,
     pending_messages: 0,
     sender_log_bytes: 0,
+    delta_pool: null,
   };
 }
 
@@ -169,13 +172,18 @@ function captureForMarker(vm: VmCore, m: GroupMessage): void {
   if (!path?.running) return;
   const to = vm.markerEpoch(m); // null unless group mode, this VM's incarnation and at most MARKER_EPOCHS_MAX ahead
   if (to === null) return;
-  while (vm.epoch < to) emitCaptured(vm.capture());
+  while (vm.epoch < to) emitCaptured(vm, vm.capture());
 }
 
 /** group mode: a checkpoint leaves as a `captured` event, whichever way it was taken, so the host sees them all in epoch order. */
-function emitCaptured(captured: CapturedDelta): void {
-  const result = { ...captured, outbox: [], path: path?.counters ?? null };
+function emitCaptured(vm: VmCore, captured: CapturedDelta): void {
+  const result: CaptureResult = { ...captured, outbox: [], path: path?.counters ?? null, delta_loan: loanOf(vm, captured) };
   emit({ event: "captured", result }, transferables(result));
+}
+
+/** The loan id of a pooled delta's buffer: it is transferred to the host thread, which gives it back (`recycle`). */
+function loanOf(vm: VmCore, captured: CapturedDelta): number | null {
+  return vm.deltas.idOf(captured.delta) ?? null;
 }
 
 /** The path's hook: offer arrivals to the VM, say which it refused for now. */
@@ -307,7 +315,7 @@ const handlers: Handlers = {
     // Capturing starts a new epoch, which may make held group messages deliverable: guest calls.
     const captured = guarded(() => vm.capture());
     path?.retryRefused();
-    return { ...captured, outbox: flush(vm), path: path?.counters ?? null };
+    return { ...captured, outbox: flush(vm), path: path?.counters ?? null, delta_loan: loanOf(vm, captured) };
   },
   capture_to({ epoch, commit }) {
     const vm = needPrimary();
@@ -321,7 +329,7 @@ const handlers: Handlers = {
     // The epoch comes from a peer's frame (the core checks it): a wrong one fails this request, not the VM's thread.
     if (vm.epoch !== epoch) throw new Error(`capture_to ${epoch}: the VM is in epoch ${vm.epoch}`);
     assert(path, "capture_to is for group members, whose sends go out on their message path");
-    emitCaptured(guarded(() => vm.capture()));
+    emitCaptured(vm, guarded(() => vm.capture()));
     path.retryRefused();
     flush(vm);
     return { captured: epoch, released };
@@ -376,7 +384,7 @@ const handlers: Handlers = {
     // A primary's full copy is taken at a fresh cut: capture (the delta is not needed, the
     // image supersedes it), then the image of that cut. The caller commits it once stored.
     // Held messages the new epoch makes deliverable wait until the image is taken.
-    primary.capture({ deliver_pending: false });
+    primary.recycle(primary.capture({ deliver_pending: false }).delta);
     const image = encodeImage(primary.image());
     const vm = primary;
     try {
@@ -447,6 +455,11 @@ const handlers: Handlers = {
   path_counters() {
     return path?.counters ?? null;
   },
+  recycle({ loans }) {
+    // Loans of a replaced VmCore (a restore, a promotion) match nothing in the current pool: dropped.
+    for (const { id, buffer } of loans) primary?.deltas.giveBack(id, buffer);
+    return null;
+  },
 };
 
 /**
@@ -493,12 +506,19 @@ function setTimerMode(mode: WorkerVmOptions["timers"]): void {
   scheduleTimers();
 }
 
-/** Buffers we created here and hand over whole: moved to the host thread, not copied. */
+/**
+ * Buffers we created here and hand over whole, and pooled delta buffers (a
+ * view of a loan's first bytes): moved to the host thread, not copied.
+ */
 function transferables(value: unknown): ArrayBuffer[] {
   if (value instanceof Uint8Array && value.byteOffset === 0 && value.byteLength === value.buffer.byteLength && value.buffer instanceof ArrayBuffer) {
     return [value.buffer];
   }
-  if (value && typeof value === "object" && "delta" in value) return transferables((value as { delta: unknown }).delta);
+  if (value && typeof value === "object" && "delta" in value) {
+    const { delta, delta_loan } = value as Partial<CaptureResult>;
+    if (delta_loan != null && delta instanceof Uint8Array && delta.buffer instanceof ArrayBuffer) return [delta.buffer];
+    return transferables(delta);
+  }
   return [];
 }
 
@@ -510,6 +530,11 @@ function fail(id: number, error: unknown): void {
 }
 
 port.on("message", (request: WorkerRequest) => {
+  if (request.id === 0) {
+    // One-way (`recycle`): nothing to answer; a broken invariant ends the thread like any other.
+    (handlers[request.op] as (args: unknown) => unknown)(request.args);
+    return;
+  }
   try {
     const handler = handlers[request.op] as (args: unknown) => unknown;
     const value = handler(request.args);

@@ -27,6 +27,7 @@ import { OUTPUT_LOG_HISTORY_BYTES_MAX, OutputLog } from "../output-log.js";
 import { vmKey, vmName, type VmRecord } from "../records.js";
 import { GroupMember } from "./member.js";
 import { LogLimit } from "../../util/log-limit.js";
+import { assert } from "../../util/assert.js";
 import { CoreRecorder } from "./recorder.js";
 
 /** What a group driver needs from its host daemon. */
@@ -37,8 +38,12 @@ export interface GroupHostApi {
   readonly detect_ms: number;
   /** Interface the VMs' message paths listen on (the host's own). */
   readonly listen_host: string;
-  /** Best effort, in order per destination; lost only if the connection breaks. */
-  send(to: string, frame: GroupFrame, body?: Uint8Array): void;
+  /**
+   * Best effort, in order per destination; lost only if the connection breaks.
+   * `done`, if given, is called once nothing reads `body` any more (written
+   * out, copied, or dropped); a body never let go of is only a buffer not reused.
+   */
+  send(to: string, frame: GroupFrame, body?: Uint8Array, done?: () => void): void;
   /** Hosts alive now (this one included), sorted. */
   liveHosts(): string[];
   guestFor(module: Uint8Array): Promise<GuestBundle>;
@@ -311,16 +316,22 @@ export class GroupDriver {
    * A recording (--record-core-events) lacks such an event, so it may not replay past it.
    */
   private handle(event: CoreEvent): void {
-    let actions: CoreAction[];
+    // A delta of a VM thread here is held while the event is handled; the actions that take it hold it longer.
+    const loan = DeltaLoan.of(event);
     try {
-      actions = this.core.handle(event);
-    } catch (error) {
-      this.failedHere++;
-      this.log.error({ err: error, group: this.name, event: event.type, frame: event.type === "frame" ? event.frame.k : undefined }, "the group core failed on an event; the event is dropped");
-      return;
+      let actions: CoreAction[];
+      try {
+        actions = this.core.handle(event);
+      } catch (error) {
+        this.failedHere++;
+        this.log.error({ err: error, group: this.name, event: event.type, frame: event.type === "frame" ? event.frame.k : undefined }, "the group core failed on an event; the event is dropped");
+        return;
+      }
+      this.recorder?.step(event, actions);
+      this.execute(actions, loan);
+    } finally {
+      loan?.letGo();
     }
-    this.recorder?.step(event, actions);
-    this.execute(actions);
   }
 
   private schedule(): void {
@@ -341,10 +352,10 @@ export class GroupDriver {
     );
   }
 
-  private execute(actions: CoreAction[]): void {
+  private execute(actions: CoreAction[], loan: DeltaLoan | null): void {
     for (const a of actions) {
       try {
-        this.carryOut(a);
+        this.carryOut(a, loan);
       } catch (error) {
         // E.g. a frame whose header would not encode: that action fails, the others go ahead.
         this.failedHere++;
@@ -353,17 +364,26 @@ export class GroupDriver {
     }
   }
 
-  private carryOut(a: CoreAction): void {
+  private carryOut(a: CoreAction, loan: DeltaLoan | null): void {
     switch (a.type) {
-      case "send":
-        this.send(a.to, a.frame, a.body === "module" ? this.module : (a.body as Uint8Array | undefined));
+      case "send": {
+        const body = a.body === "module" ? this.module : (a.body as Uint8Array | undefined);
+        // Held until written to the socket (or dropped). If sending throws, it is never let go of.
+        this.send(a.to, a.frame, body, loan?.takenBy(body));
         break;
+      }
       case "vm":
         this.step(a.rank, a.id, () => this.vmStep(a.rank, a.step));
         break;
-      case "backup":
-        this.step(a.rank, a.id, () => this.backupStep(a.rank, a.step));
+      case "backup": {
+        const step = a.step;
+        // Staged here: held until the stage step copied it.
+        const copied = step.op === "stage" ? loan?.takenBy(step.delta) : undefined;
+        // An image is never a delta; one that were would be held for good (never reused, never overwritten).
+        if (step.op === "install") loan?.takenBy(step.image);
+        this.step(a.rank, a.id, () => this.backupStep(a.rank, step, copied));
         break;
+      }
       case "members":
         this.membersStep(a.id, a.step);
         break;
@@ -379,8 +399,8 @@ export class GroupDriver {
     }
   }
 
-  private send(to: string, frame: OutgoingFrame, body?: Uint8Array): void {
-    this.api.send(to, { ...frame, v: FRAME_VERSION, g: this.name, from: this.api.id } as GroupFrame, body);
+  private send(to: string, frame: OutgoingFrame, body?: Uint8Array, done?: () => void): void {
+    this.api.send(to, { ...frame, v: FRAME_VERSION, g: this.name, from: this.api.id } as GroupFrame, body, done);
   }
 
   /** Runs a replica step after the rank's earlier ones and answers the core with its result (a failed step is a `done` with its error). */
@@ -457,12 +477,21 @@ export class GroupDriver {
     return { delivered, route: m.route ?? undefined };
   }
 
-  private async backupStep(rank: number, step: BackupStep): Promise<StepValue> {
+  /** `copied`: called once a staged delta's bytes were copied (a pooled delta of a VM thread here goes back then). */
+  private async backupStep(rank: number, step: BackupStep, copied?: () => void): Promise<StepValue> {
     switch (step.op) {
-      case "stage":
-        // Copied: the bytes may be a view into a socket chunk. Its checksum was verified on arrival (handleFrame).
-        await this.backupOf(rank).stage(step.epoch, (step.delta as Uint8Array).slice(), { checksum_verified: true });
+      case "stage": {
+        // Copied: the bytes may be a view into a socket chunk, or a VM thread's pooled buffer. Its checksum
+        // was verified on arrival (handleFrame), or on this host when it was sealed.
+        let delta: Uint8Array;
+        try {
+          delta = (step.delta as Uint8Array).slice();
+        } finally {
+          copied?.();
+        }
+        await this.backupOf(rank).stage(step.epoch, delta, { checksum_verified: true });
         return {};
+      }
       case "commit":
         await this.backupOf(rank).commit(step.cut);
         return {};
@@ -759,4 +788,43 @@ export function bodyProblem(frame: GroupFrame, body: Uint8Array, moduleHash: Uin
     if (moduleHash && hash && Buffer.compare(moduleHash, hash) !== 0) return `image of member ${frame.rank} was taken of another module`;
   }
   return null;
+}
+
+/**
+ * A delta laid out in a VM thread's pooled buffer (src/vm/delta-pool.ts) on
+ * its way through the core: the event that brought it (a `captured` event, a
+ * capture step's `done`) holds it while it is handled, and each action that
+ * took it holds it until it is done with the bytes: a frame until the socket
+ * wrote it, a stage step until it copied them. When the last hold goes, the
+ * buffer goes back to its VM thread (VmWorker.recycle). A hold never let go
+ * of (a use nobody foresaw, a send that threw) keeps the buffer out of the
+ * pool for good: it becomes garbage, never reused while read.
+ */
+class DeltaLoan {
+  private holds = 1;
+
+  private constructor(private readonly delta: Uint8Array) {}
+
+  static of(event: CoreEvent): DeltaLoan | null {
+    const delta = event.type === "captured" ? event.delta : event.type === "done" && event.ok ? event.value.delta : undefined;
+    return delta instanceof Uint8Array ? new DeltaLoan(delta) : null;
+  }
+
+  /** If `handle` is this delta, a new hold on it and the function that lets go of it (once). */
+  takenBy(handle: unknown): (() => void) | undefined {
+    if (handle !== this.delta) return undefined;
+    this.holds++;
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      this.letGo();
+    };
+  }
+
+  letGo(): void {
+    assert(this.holds > 0, "a delta let go of more often than held");
+    // After the code running now: the member's other `captured` listeners, called after the driver's, may read the result.
+    if (--this.holds === 0) queueMicrotask(() => VmWorker.recycle(this.delta));
+  }
 }

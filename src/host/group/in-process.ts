@@ -51,7 +51,7 @@ export class InProcessCluster {
       // are not the first to propose is counted in multiples of this.
       detect_ms: IN_PROCESS_DETECT_MS,
       listen_host: "127.0.0.1",
-      send: (to, frame, body) => this.deliver(id, to, frame, body),
+      send: (to, frame, body, done) => this.deliver(id, to, frame, body, done),
       liveHosts: () => [...this.live].sort(),
       guestFor: async () => this.options.guest,
       record_dir: this.options.record_dir ?? null,
@@ -59,10 +59,11 @@ export class InProcessCluster {
     };
   }
 
-  private deliver(from: string, to: string, frame: GroupFrame, body?: Uint8Array): void {
+  private deliver(from: string, to: string, frame: GroupFrame, body?: Uint8Array, done?: () => void): void {
     // A copy, as the wire would make it: no host may see another's objects.
     const header: unknown = JSON.parse(JSON.stringify(frame));
     const bytes = body ? body.slice() : new Uint8Array(0);
+    done?.();
     setImmediate(() => {
       if (!this.live.has(from) || !this.live.has(to)) return; // a dead host neither sends nor receives
       this.tables.get(to)?.dispatch(parseFrame(header), bytes);

@@ -21,7 +21,12 @@ import { assert } from "../../util/assert.js";
 export type MemberState = "running" | "frozen";
 
 export interface MemberEvents {
-  /** group mode: checkpoint taken (the leader's `end`, or a message from the next epoch), in epoch order; the delta is sealed. */
+  /**
+   * group mode: checkpoint taken (the leader's `end`, or a message from the
+   * next epoch), in epoch order; the delta is sealed. Its buffer is on loan
+   * from the VM thread: the driver gives it back once shipped, so a listener
+   * that keeps the bytes beyond its call copies them.
+   */
   captured: [result: CaptureResult];
   /** External output (or, vm mode, a held message) waits for a commit (adaptive epochs); `urgent`: someone blocks on it. */
   output_pending: [epoch: number, urgent: boolean];
