@@ -2,7 +2,7 @@ import { serialize } from "node:v8";
 import { crc32 } from "node:zlib";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { decodeOutputRecords, decodeRuntimeState, encodeRuntimeState, initialRuntimeState, packSenderLog, unpackSenderLog } from "../src/vm/runtime-state.js";
+import { decodeOutputRecords, decodeRuntimeState, encodeRuntimeState, initialRuntimeState, packOutput, packSenderLog, unpackSenderLog } from "../src/vm/runtime-state.js";
 import {
   CheckpointFormatError,
   ChecksumMismatchError,
@@ -475,6 +475,70 @@ describe("runtime state encoding", () => {
     const overrun = bytes.slice();
     new DataView(overrun.buffer).setUint32(1, 1e6, true);
     expect(() => decodeOutputRecords(overrun)).toThrow(/overruns/);
+  });
+
+  it("is written without V8's serializer (first byte 0x44); every field round-trips, timers in arming order", () => {
+    const state = {
+      ...initialRuntimeState(),
+      epoch: 9,
+      booted: true,
+      incarnation: 4,
+      output_bytes: 3,
+      output_seq: 12,
+      sent_seq: [0, 5, 2],
+      delivered: [1, 0, 7],
+      sender_log_trimmed: [0, 3, 1],
+      sender_log_bytes: 40,
+      timers: new Map([
+        [7, 1.5],
+        [2, 99],
+      ]),
+    };
+    const bytes = encodeRuntimeState(state);
+    expect(bytes[0]).toBe(0x44);
+    const back = decodeRuntimeState(bytes);
+    expect(back).toEqual(state);
+    expect([...back.timers.keys()]).toEqual([7, 2]);
+    expect(encodeRuntimeState(back)).toEqual(bytes); // a promoted backup re-encodes to the same bytes
+  });
+
+  it("refuses a packed state whose numbers or lengths are off, by name", () => {
+    const bytes = encodeRuntimeState({ ...initialRuntimeState(), sent_seq: [1, 2], timers: new Map([[1, 5]]) });
+    const section = new DataView(bytes.buffer).getUint32(1, true);
+    const counters = 5 + section; // epoch, output_bytes, output_seq, booted, incarnation, sender_log_bytes
+    const at = (i: number) => counters + 8 * i;
+    const variant = (i: number, v: number) => {
+      const b = bytes.slice();
+      new DataView(b.buffer).setFloat64(at(i), v, true);
+      return b;
+    };
+    expect(() => decodeRuntimeState(variant(3, 2))).toThrow(/counters/); // booted neither 0 nor 1
+    expect(() => decodeRuntimeState(variant(0, -1))).toThrow(/counters/); // epoch
+    expect(() => decodeRuntimeState(variant(6, 1e9))).toThrow(/group channels/); // sent_seq longer than the state
+    expect(() => decodeRuntimeState(variant(7, 0.5))).toThrow(/group channels/); // a sequence number that is no integer
+    expect(() => decodeRuntimeState(variant(6 + 3 + 2, 3))).toThrow(/timers/); // three timers, room for one
+    expect(() => decodeRuntimeState(bytes.slice(0, counters + 20))).toThrow(/overruns/);
+    const longer = new Uint8Array(bytes.length + 3);
+    longer.set(bytes);
+    expect(() => decodeRuntimeState(longer)).toThrow(/packed sender log/);
+  });
+
+  it("states of the layout before (output section, then V8 bytes; first byte 0x43) still decode", () => {
+    const sender_log = [{ to: 1, epoch: 2, seq: 3, bytes: new Uint8Array([1, 2, 3]) }];
+    const output = [{ kind: 1, epoch: 2, seq: 1, session: 3, request_id: 4, bytes: new Uint8Array([104, 105]), produced_ms: 5 }];
+    const state = { ...initialRuntimeState(), epoch: 3, sender_log, output, sent_seq: [0, 1], timers: new Map([[1, 2]]) };
+    const rest: Record<string, unknown> = { ...state, sender_log_packed: packSenderLog(sender_log) };
+    delete rest.sender_log;
+    delete rest.output;
+    const section = packOutput(output);
+    const tail = serialize(rest);
+    const old = new Uint8Array(5 + section.length + tail.length);
+    old[0] = 0x43;
+    new DataView(old.buffer).setUint32(1, section.length, true);
+    old.set(section, 5);
+    old.set(tail, 5 + section.length);
+    expect(decodeRuntimeState(old)).toEqual(state);
+    expect(decodeOutputRecords(old)).toEqual(output);
   });
 
   it("states written as V8 bytes only, with an unpacked sender log, still decode", () => {
