@@ -6,7 +6,10 @@ describe("checkpoint pause bench", () => {
     const guest = await pauseGuest(1);
     const r = await pauseCase(guest, 1, 300, 20);
     // The fields of earlier versions, unchanged; 1 MiB has only 256 pages.
-    expect(r).toMatchObject({ memory_mib: 1, dirty_pages: 256, dirty_pages_requested: 300, samples: 20, delta_bytes: 1_049_857 });
+    expect(r).toMatchObject({ memory_mib: 1, dirty_pages: 256, dirty_pages_requested: 300, samples: 20 });
+    // 256 whole pages plus their indices, the globals, the runtime state and the header: a little over 1 MiB.
+    expect(r.delta_bytes).toBeGreaterThan(256 * 4096);
+    expect(r.delta_bytes).toBeLessThan(256 * 4096 + 4096);
     expect(r.pause_us_p50).toBeGreaterThan(0);
     expect(r.pause_us_p99).toBeGreaterThanOrEqual(r.pause_us_p50);
     expect(r.warmup_samples).toBe(PAUSE_WARMUP_CAPTURES);
