@@ -251,6 +251,12 @@ describe("host API against real host processes", () => {
         expect((await requestAny(c, "locate", { vm: "kvg-1" }, undefined, h.id)).vm).toEqual((await store.get<VmRecord>(vmKey("kvg-1")))!.value);
         expect(await requestAny(c, "locate", { vm: "nope-0" }, undefined, h.id)).toEqual({ vm: null });
       }
+      // Registrations live by a lease the host keeps renewing: a host killed with -9 vanishes from hosts/ after its TTL.
+      expect(status.lease).toMatchObject({ ttl_ms: 3000 });
+      expect(status.lease!.renewed_ms_ago).toBeLessThan(3000);
+      process.kill(c.hosts[1].pid, "SIGKILL");
+      await waitFor(async () => (await requestAny(c, "records", {}, undefined, h1.id)).hosts.every((x) => x.id !== c.hosts[1].id), 8000, "the killed host's registration to lapse");
+      expect((await requestAny(c, "records", {}, undefined, h1.id)).hosts.map((x) => x.id)).toEqual([h1.id]);
     } finally {
       await store.close();
     }

@@ -1,7 +1,7 @@
 /**
- * The CoordinationStore contract (src/store/store.ts), run against both
- * implementations: the embedded store (files) and the etcd store against a
- * real etcd server (test/support/etcd.ts; skipped outside CI without the
+ * The CoordinationStore contract (src/store/store.ts), run against every
+ * implementation: the embedded store (files), the in-memory store, and the
+ * etcd store against a real etcd server (test/support/etcd.ts; skipped outside CI without the
  * binary). What only one implementation has (files, locks, etcd outages) is
  * tested in its own file.
  */
@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { EmbeddedStore } from "../src/store/embedded.js";
 import { EtcdStore } from "../src/store/etcd.js";
+import { MemoryStore } from "../src/store/memory.js";
 import { type CoordinationStore, StoreError, type StoreErrorCode } from "../src/store/store.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
 
@@ -31,6 +32,26 @@ interface Backend {
 let dir = "";
 let etcd: RunningEtcd | null = null;
 let space = 0;
+let memory: MemoryStore | null = null;
+const spaces = new Map<string, MemoryStore>();
+
+/** A client of a shared MemoryStore whose close() closes only itself, as a client of the other stores does. */
+function memoryClient(store: MemoryStore): CoordinationStore {
+  let closed = false;
+  const guard = <A extends unknown[], R>(fn: (...args: A) => Promise<R>) => (...args: A): Promise<R> =>
+    closed ? Promise.reject(new StoreError("StoreUnavailable", "client closed")) : fn(...args);
+  return {
+    get: guard((key: string) => store.get(key)),
+    put: guard((key: string, value: unknown, options?: Parameters<MemoryStore["put"]>[2]) => store.put(key, value, options)),
+    cas: guard((key: string, expected: number, value: unknown) => store.cas(key, expected, value)),
+    list: guard((prefix: string) => store.list(prefix)),
+    delete: guard((key: string) => store.delete(key)),
+    grantLease: guard((ttl_ms: number) => store.grantLease(ttl_ms)),
+    close: async () => {
+      closed = true;
+    },
+  } as CoordinationStore;
+}
 
 const backends: Backend[] = [
   {
@@ -43,6 +64,22 @@ const backends: Backend[] = [
     },
     open: (options = {}) => new EmbeddedStore(dir, { fsync: false, ...options }),
     fresh: (name) => new EmbeddedStore(join(dir, name), { fsync: false }),
+  },
+  {
+    name: "MemoryStore",
+    available: true,
+    setupAll: async () => {},
+    teardownAll: async () => {},
+    setupEach: async () => {
+      memory = new MemoryStore();
+      spaces.clear();
+    },
+    // Clients of one space share its store; close() of one client must not close the others' (a view per client).
+    open: (options) => (options?.max_value_bytes ? new MemoryStore(options) : memoryClient(memory!)),
+    fresh: (name) => {
+      if (!spaces.has(name)) spaces.set(name, new MemoryStore());
+      return spaces.get(name)!;
+    },
   },
   {
     name: "EtcdStore",
@@ -251,4 +288,38 @@ describe.each(backends)("$name: the store contract", (backend) => {
         { numRuns: 40 },
       );
     });
+
+  it("a key put with a lease lives while the lease does: revoked or lapsed, it reads as deleted and its versions go on", async () => {
+    const s = open();
+    const lease = await s.grantLease(1000);
+    expect(lease.ttl_ms).toBeGreaterThanOrEqual(1000);
+    expect(await s.put("hosts/h1", { a: 1 }, { lease })).toBe(1);
+    expect(await s.put("hosts/h2", { a: 2 })).toBe(1);
+    expect((await s.list("hosts/")).map((r) => r.key)).toEqual(["hosts/h1", "hosts/h2"]);
+    await lease.revoke();
+    expect(await s.get("hosts/h1")).toBeNull();
+    expect((await s.list("hosts/")).map((r) => r.key)).toEqual(["hosts/h2"]);
+    await rejectsWith(s.put("hosts/h1", { a: 3 }, { lease }), "LeaseLost");
+    await rejectsWith(lease.keepAlive(), "LeaseLost");
+    expect(await s.cas("hosts/h1", 1, { stale: true })).toBeNull(); // gone: only 0 matches
+    expect(await s.cas("hosts/h1", 0, { a: 4 })).toBeGreaterThan(1); // no ABA
+    await rejectsWith(s.grantLease(999), "InvalidArgument");
+  });
+
+  it("a lease kept alive outlives its ttl; left alone, it lapses and takes its keys", async () => {
+    const s = open();
+    const kept = await s.grantLease(1000);
+    const left = await s.grantLease(1000);
+    await s.put("hosts/kept", 1, { lease: kept });
+    await s.put("hosts/left", 2, { lease: left });
+    const until = Date.now() + Math.max(kept.ttl_ms, left.ttl_ms) + 1500;
+    while (Date.now() < until) {
+      await kept.keepAlive();
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(await s.get("hosts/kept")).toEqual({ key: "hosts/kept", value: 1, version: 1 });
+    expect(await s.get("hosts/left")).toBeNull();
+    await rejectsWith(left.keepAlive(), "LeaseLost");
+    await kept.revoke();
+  }, 15_000);
 });

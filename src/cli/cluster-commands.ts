@@ -45,12 +45,13 @@ export function registerClusterCommands(program: Command): void {
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
       .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+      .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds)", int("--lease-ms"), HOST_DEFAULTS.lease_ms)
       .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
-  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
+  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
     const state_dir = stateDir(opts);
     const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
     const host = new Host(
-      { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, record_dir },
+      { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir },
       openStore(storeOf(opts), state_dir),
     );
     const shutdown = (signal: string) => {
@@ -114,7 +115,7 @@ export function registerClusterCommands(program: Command): void {
       // Frames refused and replica steps failed, summed over the hosts that answered (src/host/api.ts HostStatus).
       const ofGroup = (group: string) => hosts.flatMap((h) => h.status?.groups.filter((s) => s.group === group) ?? []);
       const report = {
-        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up, group_frames_refused: h.status?.group_frames_refused ?? null })),
+        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up, lease: h.status?.lease ?? null, group_frames_refused: h.status?.group_frames_refused ?? null })),
         groups: groups.map((g) => ({
           group: g.group,
           mode: g.mode,
@@ -143,7 +144,8 @@ export function registerClusterCommands(program: Command): void {
         return;
       }
       console.log("HOSTS");
-      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? `up  group frames refused ${h.group_frames_refused}` : "DOWN"}`);
+      const lease = (l: { ttl_ms: number; renewed_ms_ago: number } | null) => (l ? `lease ${l.ttl_ms} ms, renewed ${l.renewed_ms_ago} ms ago` : "no lease");
+      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? `up  ${lease(h.lease)}  group frames refused ${h.group_frames_refused}` : "DOWN"}`);
       for (const g of report.groups) {
         console.log(`GROUP ${g.group} (mode ${g.mode})  frames refused ${g.refused}  steps failed ${g.steps_failed}`);
         for (const v of g.vms) {

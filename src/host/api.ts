@@ -176,6 +176,8 @@ export interface HostStatus {
   id: string;
   address: string;
   pid: number;
+  /** The lease this host's registration lives by (null while it has none: the store was away at start or since it lapsed). */
+  lease: { ttl_ms: number; renewed_ms_ago: number } | null;
   peers: PeerStatus[];
   primaries: PrimaryStatus[];
   backups: BackupStatus[];

@@ -17,7 +17,7 @@ import { LogLimit } from "../util/log-limit.js";
 import { round } from "../util/stats.js";
 import { hostKey, vmKey, type GroupRecord, type VmRecord } from "./records.js";
 import { deployGroup } from "./deploy.js";
-import type { CoordinationStore, Versioned } from "../store/store.js";
+import { StoreError, type CoordinationStore, type Lease, type Versioned } from "../store/store.js";
 import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
 import type { GuestBundle } from "../vm/protocol.js";
@@ -37,9 +37,11 @@ export interface HostOptions {
   detect_ms: number;
   /** Record every group core's events and actions in this directory (`cohort sim --replay`); off when null. */
   record_dir?: string | null;
+  /** TTL of the lease `hosts/<id>` lives by (renewed every third of it): a dead host's entry goes after this. */
+  lease_ms?: number;
 }
 
-export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300 };
+export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300, lease_ms: 3000 };
 /** Idle VM threads kept ready, so a promotion's new backup or a deploy does not wait for a thread to start. */
 export const VM_THREADS_PREWARMED = 2;
 
@@ -74,6 +76,10 @@ export class Host {
   private readonly closeLog = new LogLimit();
   private readonly storeLog = new LogLimit(1, 5000);
   private storeDown = false;
+  /** The lease `hosts/<id>` lives by, and when it was last renewed. */
+  private lease: Lease | null = null;
+  private leaseRenewed_ms = 0;
+  private renewing = false;
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -112,7 +118,9 @@ export class Host {
     if (!addr || typeof addr === "string") throw new Error("server has no TCP address");
     this.address = `${this.options.listen_host}:${addr.port}`;
     const record: HostRecord = { id: this.id, address: this.address, pid: process.pid, started_at_ms: Date.now() };
-    await this.store.put(hostKey(this.id), record);
+    await this.register(record);
+    const lease_ms = this.options.lease_ms ?? HOST_DEFAULTS.lease_ms;
+    this.timers.push(setInterval(() => this.renewLease(record).catch((error: Error) => this.log.error({ err: error }, "lease renewal failed")), Math.max(100, Math.floor(lease_ms / 3))));
     VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     this.timers.push(
@@ -125,10 +133,44 @@ export class Host {
     this.log.info({ address: this.address, pid: process.pid }, "host listening");
   }
 
+  /** Puts `hosts/<id>` with a fresh lease. */
+  private async register(record: HostRecord): Promise<void> {
+    const lease = await this.store.grantLease(this.options.lease_ms ?? HOST_DEFAULTS.lease_ms);
+    await this.store.put(hostKey(this.id), record, { lease });
+    this.lease = lease;
+    this.leaseRenewed_ms = Date.now();
+  }
+
+  /**
+   * Keeps the registration's lease alive; a lapsed one (the store was away
+   * longer than its TTL, or this host was paused) is replaced by a new one.
+   * The lease is for liveness of the registration only: failover decisions
+   * come from heartbeats and the group record's incarnation, not from it.
+   */
+  private async renewLease(record: HostRecord): Promise<void> {
+    if (this.stopping || this.renewing) return;
+    this.renewing = true;
+    try {
+      if (!this.lease) await this.register(record);
+      else await this.lease.keepAlive();
+      this.leaseRenewed_ms = Date.now();
+    } catch (error) {
+      if (error instanceof StoreError && error.code === "LeaseLost") {
+        this.log.warn({ lease: this.lease?.id }, "registration lease lapsed; registering again");
+        this.lease = null;
+        await this.register(record).catch(() => undefined); // the store is away: the next round tries again
+      }
+      // StoreUnavailable: refreshPeers reports the store's absence; the next round tries again.
+    } finally {
+      this.renewing = false;
+    }
+  }
+
   async stop(): Promise<void> {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
+    await this.lease?.revoke().catch(() => undefined); // the registration goes now rather than after its TTL
     await this.groups.stop();
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
@@ -501,6 +543,7 @@ export class Host {
       id: this.id,
       address: this.address,
       pid: process.pid,
+      lease: this.lease ? { ttl_ms: this.lease.ttl_ms, renewed_ms_ago: now - this.leaseRenewed_ms } : null,
       peers: [...this.peers.values()].map((p) => ({ id: p.id, alive: !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms, silent_ms: p.last_seen_ms ? now - p.last_seen_ms : null })),
       primaries: [...this.groups.values()].flatMap((g) =>
         g.status().primaries.map((m) => ({

@@ -8,6 +8,7 @@
  *   <state_dir>/store/<enc>.json      one record per key: {"key","version","value"}
  *                                      or a tombstone {"key","version","deleted":true}
  *   <state_dir>/store/<enc>.lock      the key's write lock while a put/cas/delete runs
+ *   <state_dir>/store/<id>.lease      a lease: {"id","ttl_ms","expires_at_ms"} (wall clock of this machine)
  *   <state_dir>/store/*.tmp           files being written (ignored by readers)
  *
  * `<enc>` is the key with "/" replaced by "~" (a character keys cannot
@@ -40,7 +41,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
-import { type CoordinationStore, isValidKey, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
 
 export interface EmbeddedStoreOptions {
   /** Largest JSON encoding of a value, in bytes (default 1 MiB). */
@@ -81,17 +82,42 @@ export class EmbeddedStore implements CoordinationStore {
     });
   }
 
-  async put<T>(key: string, value: T): Promise<number> {
+  async put<T>(key: string, value: T, options: PutOptions = {}): Promise<number> {
     validateKey(key);
     const json = encodeValue(key, value, this.opts.max_value_bytes);
+    const lease = options.lease;
+    if (lease && !(lease instanceof EmbeddedLease && lease.store === this.dir)) throw new StoreError("InvalidArgument", `put ${key}: a lease of another store`);
     return this.op(`put ${key}`, () =>
       this.withLock(key, async () => {
+        if (lease && !(await this.leaseAlive(lease.id))) throw new StoreError("LeaseLost", `put ${key}: lease ${lease.id} lapsed`);
         const cur = await this.read(key);
         const version = (cur?.version ?? 0) + 1;
-        await this.write(key, version, json);
+        await this.write(key, version, json, lease?.id);
         return version;
       }),
     );
+  }
+
+  async grantLease(ttl_ms: number): Promise<Lease> {
+    checkLeaseTtl(ttl_ms);
+    return this.op("grant lease", async () => {
+      const lease = new EmbeddedLease(this, randomBytes(8).toString("hex"), ttl_ms);
+      await this.writeLease(lease.id, ttl_ms);
+      return lease;
+    });
+  }
+
+  /** @internal EmbeddedLease.keepAlive */
+  async renewLease(id: string, ttl_ms: number): Promise<void> {
+    return this.op(`keep lease ${id} alive`, async () => {
+      if (!(await this.leaseAlive(id))) throw new StoreError("LeaseLost", `lease ${id} lapsed`);
+      await this.writeLease(id, ttl_ms);
+    });
+  }
+
+  /** @internal EmbeddedLease.revoke */
+  async revokeLease(id: string): Promise<void> {
+    return this.op(`revoke lease ${id}`, () => fsp.rm(this.leasePath(id), { force: true }));
   }
 
   async cas<T>(key: string, expected_version: number, value: T): Promise<number | null> {
@@ -208,8 +234,42 @@ export class EmbeddedStore implements CoordinationStore {
     }
   }
 
-  /** The stored record of `key`, or null if there is no file. */
+  private leasePath(id: string): string {
+    return path.join(this.dir, `${id}.lease`);
+  }
+
+  private async writeLease(id: string, ttl_ms: number): Promise<void> {
+    const file = this.leasePath(id);
+    const tmp = `${file}.${process.pid}.${nonce()}.tmp`;
+    await fsp.writeFile(tmp, JSON.stringify({ id, ttl_ms, expires_at_ms: Date.now() + ttl_ms }));
+    await fsp.rename(tmp, file);
+  }
+
+  /** Whether lease `id` exists and has not expired (an unreadable lease file counts as lapsed). */
+  private async leaseAlive(id: string): Promise<boolean> {
+    let text: string;
+    try {
+      text = await fsp.readFile(this.leasePath(id), "utf8");
+    } catch (e) {
+      if (isErrno(e) && e.code === "ENOENT") return false;
+      throw e;
+    }
+    try {
+      const doc = JSON.parse(text) as { expires_at_ms?: unknown };
+      return typeof doc.expires_at_ms === "number" && doc.expires_at_ms > Date.now();
+    } catch {
+      return false;
+    }
+  }
+
+  /** The stored record of `key`, or null if there is no file; a value whose lease lapsed reads as deleted. */
   private async read(key: string): Promise<StoredRecord | null> {
+    const rec = await this.readRecord(key);
+    if (rec && !rec.deleted && rec.lease !== undefined && !(await this.leaseAlive(rec.lease))) return { key, version: rec.version, deleted: true };
+    return rec;
+  }
+
+  private async readRecord(key: string): Promise<StoredRecord | null> {
     const file = this.dataPath(key);
     let text: string;
     try {
@@ -222,8 +282,8 @@ export class EmbeddedStore implements CoordinationStore {
   }
 
   /** Writes the record (value_json null = tombstone) atomically; the caller holds the key's lock. */
-  private async write(key: string, version: number, value_json: string | null): Promise<void> {
-    const text = recordText(key, version, value_json);
+  private async write(key: string, version: number, value_json: string | null, lease?: string): Promise<void> {
+    const text = recordText(key, version, value_json, lease);
     const file = this.dataPath(key);
     const tmp = `${file}.${process.pid}.${nonce()}.tmp`;
     try {
@@ -513,4 +573,24 @@ export function processStartMs(pid: number): number | null {
     }
   }
   return boot_time_ms === null ? null : boot_time_ms + Number(ticks) * 10;
+}
+
+/** A lease of an EmbeddedStore: its expiry in a file of the store's directory (see the file comment). */
+class EmbeddedLease implements Lease {
+  readonly store: string;
+  constructor(
+    private readonly owner: EmbeddedStore,
+    readonly id: string,
+    readonly ttl_ms: number,
+  ) {
+    this.store = owner.dir;
+  }
+
+  keepAlive(): Promise<void> {
+    return this.owner.renewLease(this.id, this.ttl_ms);
+  }
+
+  revoke(): Promise<void> {
+    return this.owner.revokeLease(this.id);
+  }
 }

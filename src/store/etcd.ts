@@ -19,9 +19,9 @@
  * has a deadline (call_timeout_ms).
  */
 import { noop } from "cockatiel";
-import { Etcd3, type IKeyValue, type Namespace } from "etcd3";
+import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type Lease as Etcd3Lease, type Namespace } from "etcd3";
 import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
-import { type CoordinationStore, isValidKey, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
 
 export interface EtcdStoreOptions {
   /** `host:port` of each etcd member (plain HTTP/2 gRPC). */
@@ -42,6 +42,9 @@ export const ETCD_STORE_DEFAULTS = {
   call_timeout_ms: 2000,
   dial_timeout_ms: 2000,
 } as const;
+
+/** Marker keys of live leases (not valid keys: list skips them). */
+const LEASE_MARKER_PREFIX = "_leases/";
 
 /** A write lost its race this many times in a row: StoreUnavailable rather than spinning on a key someone hammers. */
 const WRITE_ATTEMPTS_MAX = 50;
@@ -85,15 +88,47 @@ export class EtcdStore implements CoordinationStore {
     });
   }
 
-  async put<T>(key: string, value: T): Promise<number> {
+  async put<T>(key: string, value: T, options: PutOptions = {}): Promise<number> {
     validateKey(key);
     const json = encodeValue(key, value, this.opts.max_value_bytes);
+    const lease = options.lease;
+    if (lease && !(lease instanceof EtcdLease && lease.owner === this)) throw new StoreError("InvalidArgument", `put ${key}: a lease of another store`);
     return this.op(`put ${key}`, () =>
-      this.writeLoop(key, (cur) => {
-        const version = (cur?.record.version ?? 0) + 1;
-        return { text: recordText(key, version, json), result: version };
-      }),
+      this.writeLoop(
+        key,
+        (cur) => {
+          const version = (cur?.record.version ?? 0) + 1;
+          return { text: recordText(key, version, json, lease?.id), result: version };
+        },
+        lease?.id,
+      ),
     );
+  }
+
+  /** etcd counts a lease's TTL in whole seconds: ttl_ms is rounded up to one. */
+  async grantLease(ttl_ms: number): Promise<Lease> {
+    checkLeaseTtl(ttl_ms);
+    const seconds = Math.ceil(ttl_ms / 1000);
+    return this.op("grant lease", async () => {
+      const lease = this.ns.lease(seconds, { autoKeepAlive: false });
+      lease.on("lost", () => undefined); // reported by keepAlive's answer; an unheard 'lost' must not throw
+      const id = await lease.grant();
+      // The lease's marker key lives and dies with the etcd lease; records name the lease (see EtcdLease).
+      await lease.put(this.markerKey(id)).value("");
+      return new EtcdLease(this, lease, id, seconds * 1000);
+    });
+  }
+
+  /** @internal EtcdLease: runs a lease call like any other (deadline, StoreUnavailable), a lapsed lease as LeaseLost. */
+  leaseOp<R>(what: string, fn: () => Promise<R>): Promise<R> {
+    return this.op(what, async () => {
+      try {
+        return await fn();
+      } catch (e) {
+        if (e instanceof EtcdLeaseInvalidError) throw new StoreError("LeaseLost", `${what}: the lease lapsed`, { cause: e });
+        throw e;
+      }
+    });
   }
 
   async cas<T>(key: string, expected_version: number, value: T): Promise<number | null> {
@@ -115,12 +150,13 @@ export class EtcdStore implements CoordinationStore {
     return this.op(`list ${prefix}`, async () => {
       const query = this.ns.getAll();
       const res = await (prefix === "" ? query : query.prefix(prefix)).exec();
+      const live = new Set((await this.ns.getAll().prefix(LEASE_MARKER_PREFIX).keys()).map((k) => k.slice(LEASE_MARKER_PREFIX.length)));
       const out: Versioned<T>[] = [];
       for (const kv of res.kvs) {
         const key = this.keyOf(kv);
         if (!key.startsWith(prefix) || !isValidKey(key)) continue; // not written by this store
         const record = parseRecord(key, kv.value.toString("utf8"), this.where(key));
-        if (!record.deleted) out.push({ key, value: record.value as T, version: record.version });
+        if (!record.deleted && (record.lease === undefined || live.has(record.lease))) out.push({ key, value: record.value as T, version: record.version });
       }
       return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
     });
@@ -150,23 +186,42 @@ export class EtcdStore implements CoordinationStore {
    * what to write (text null: nothing, return `result` as is). The write
    * happens only if nobody wrote the key since the read; otherwise read again.
    */
-  private async writeLoop<R>(key: string, decide: (cur: Read | null) => { text: string | null; result: R }): Promise<R> {
+  private async writeLoop<R>(key: string, decide: (cur: Read | null) => { text: string | null; result: R }, lease?: string): Promise<R> {
     for (let attempt = 0; attempt < WRITE_ATTEMPTS_MAX; attempt++) {
       const cur = await this.read(key);
       const { text, result } = decide(cur);
       if (text === null) return result;
       const guard = cur === null ? this.ns.if(key, "Create", "==", 0) : this.ns.if(key, "Mod", "==", cur.mod_revision);
+      if (lease !== undefined) guard.and(this.markerKey(lease), "Create", ">", 0);
       const outcome = await guard.then(this.ns.put(key).value(text)).commit();
       if (outcome.succeeded) return result;
+      if (lease !== undefined && !(await this.leaseAlive(lease))) throw new StoreError("LeaseLost", `${key}: lease ${lease} lapsed`);
     }
     throw new StoreError("StoreUnavailable", `${key}: ${WRITE_ATTEMPTS_MAX} writes in a row lost their race to other writers`);
   }
 
+  /** The key's record; a value whose lease lapsed reads as deleted (its version stays: the record itself stays in etcd). */
   private async read(key: string): Promise<Read | null> {
     const res = await this.ns.get(key).exec();
     const kv = res.kvs[0];
     if (!kv) return null;
-    return { record: parseRecord(key, kv.value.toString("utf8"), this.where(key)), mod_revision: kv.mod_revision };
+    const record = parseRecord(key, kv.value.toString("utf8"), this.where(key));
+    const lapsed = !record.deleted && record.lease !== undefined && !(await this.leaseAlive(record.lease));
+    return { record: lapsed ? { key, version: record.version, deleted: true } : record, mod_revision: kv.mod_revision };
+  }
+
+  /**
+   * Leases: an etcd lease would delete the key itself when it lapses, and with
+   * it the key's version (a re-created key would start again at 1: ABA). So a
+   * record names its lease, and the lease's marker key (not a valid key, so
+   * `list` skips it) is what etcd deletes.
+   */
+  private markerKey(lease: string): string {
+    return `${LEASE_MARKER_PREFIX}${lease}`;
+  }
+
+  private async leaseAlive(lease: string): Promise<boolean> {
+    return (await this.ns.get(this.markerKey(lease)).exec()).kvs.length > 0;
   }
 
   /** A key as returned by a namespaced range: without the prefix (the client strips it). */
@@ -195,5 +250,30 @@ export class EtcdStore implements CoordinationStore {
     } finally {
       this.inflight.delete(p);
     }
+  }
+}
+
+/**
+ * A lease of an EtcdStore: an etcd lease, kept alive by its holder (no
+ * automatic keep-alive: the holder decides, and learns at once when it
+ * lapsed), with a marker key that etcd deletes when it lapses.
+ */
+class EtcdLease implements Lease {
+  constructor(
+    readonly owner: EtcdStore,
+    private readonly lease: Etcd3Lease,
+    readonly id: string,
+    readonly ttl_ms: number,
+  ) {}
+
+  keepAlive(): Promise<void> {
+    return this.owner.leaseOp(`keep lease ${this.id} alive`, async () => {
+      const res = await this.lease.keepaliveOnce();
+      if (res.TTL === "0") throw new StoreError("LeaseLost", `lease ${this.id} lapsed`);
+    });
+  }
+
+  revoke(): Promise<void> {
+    return this.owner.leaseOp(`revoke lease ${this.id}`, () => this.lease.revoke());
   }
 }

@@ -2,6 +2,7 @@
  * How every coordination store keeps one key: a JSON record
  *
  *   {"key":"hosts/h1","version":3,"value":{...}}   a live value
+ *   {"key":"hosts/h1","version":3,"lease":"9f..","value":{...}}   a live value while lease 9f.. lives
  *   {"key":"hosts/h1","version":4,"deleted":true}  a tombstone
  *
  * The embedded store writes it to a file per key, the etcd store as the etcd
@@ -12,7 +13,7 @@
 import { StoreError } from "./store.js";
 
 /** What is stored for a key: a live record or a tombstone. */
-export type StoredRecord = { key: string; version: number; deleted: false; value: unknown } | { key: string; version: number; deleted: true };
+export type StoredRecord = { key: string; version: number; deleted: false; value: unknown; lease?: string } | { key: string; version: number; deleted: true };
 
 /** The version a cas compares against: 0 for a key that does not exist (never written, or deleted). */
 export function liveVersion(record: StoredRecord | null): number {
@@ -35,9 +36,9 @@ export function encodeValue(key: string, value: unknown, max_value_bytes: number
   return json;
 }
 
-/** The record's text; `value_json` null writes a tombstone. */
-export function recordText(key: string, version: number, value_json: string | null): string {
-  const head = `{"key":${JSON.stringify(key)},"version":${version},`;
+/** The record's text; `value_json` null writes a tombstone; `lease`: the id of the lease the value lives by. */
+export function recordText(key: string, version: number, value_json: string | null, lease?: string): string {
+  const head = `{"key":${JSON.stringify(key)},"version":${version},${lease !== undefined && value_json !== null ? `"lease":${JSON.stringify(lease)},` : ""}`;
   return value_json === null ? `${head}"deleted":true}\n` : `${head}"value":${value_json}}\n`;
 }
 
@@ -56,7 +57,8 @@ export function parseRecord(key: string, text: string, where: string): StoredRec
   if (typeof r.version !== "number" || !Number.isSafeInteger(r.version) || r.version < 1) throw bad(`invalid version ${JSON.stringify(r.version)}`);
   if (r.deleted === true) return { key, version: r.version, deleted: true };
   if (!("value" in r) || r.deleted !== undefined) throw bad("neither a value nor a tombstone");
-  return { key, version: r.version, deleted: false, value: r.value };
+  if (r.lease !== undefined && typeof r.lease !== "string") throw bad(`invalid lease ${JSON.stringify(r.lease)}`);
+  return { key, version: r.version, deleted: false, value: r.value, ...(r.lease !== undefined ? { lease: r.lease } : {}) };
 }
 
 /** Checks a cas's expected_version: StoreError InvalidArgument unless an integer >= 0. */

@@ -21,11 +21,37 @@ export interface Versioned<T> {
   version: number;
 }
 
+/**
+ * A lease: keys put with it exist only while it lives. It lapses ttl_ms after
+ * it was granted or last kept alive (the store decides; a holder that cannot
+ * reach the store must assume the worst once ttl_ms passed), or when revoked.
+ * A key whose lease lapsed reads as deleted; its versions go on growing.
+ * Hosts register with one (`hosts/<id>`), so a dead host's entry goes away.
+ */
+export interface Lease {
+  readonly id: string;
+  readonly ttl_ms: number;
+  /** Renews it for ttl_ms; StoreError LeaseLost if it lapsed already (its keys are gone). */
+  keepAlive(): Promise<void>;
+  /** Ends it now: its keys go. */
+  revoke(): Promise<void>;
+}
+
+export interface PutOptions {
+  /** The key lives only as long as this lease (granted by the same store). */
+  lease?: Lease;
+}
+
+/** Shortest lease a store grants (etcd counts whole seconds: it grants at least this, rounded up to a second). */
+export const LEASE_TTL_MS_MIN = 1000;
+
 export interface CoordinationStore {
-  /** The current value, or null if the key does not exist (never written, or deleted). */
+  /** The current value, or null if the key does not exist (never written, deleted, or its lease lapsed). */
   get<T>(key: string): Promise<Versioned<T> | null>;
   /** Unconditional write; returns the new version. */
-  put<T>(key: string, value: T): Promise<number>;
+  put<T>(key: string, value: T, options?: PutOptions): Promise<number>;
+  /** A new lease of ttl_ms (>= LEASE_TTL_MS_MIN; StoreError InvalidArgument otherwise). */
+  grantLease(ttl_ms: number): Promise<Lease>;
   /**
    * Writes only if the current version equals expected_version (0 = key must
    * not exist). Returns the new version, or null if someone else wrote first.
@@ -51,7 +77,9 @@ export type StoreErrorCode =
   /** An argument other than key or value is out of range (e.g. a negative expected_version). */
   | "InvalidArgument"
   /** What the store holds for a key cannot be read back (damaged file, foreign content). */
-  | "Corrupt";
+  | "Corrupt"
+  /** The lease lapsed or was revoked: its keys are gone; grant a new one. */
+  | "LeaseLost";
 
 /**
  * Operating errors of a coordination store. Callers match on the stable
@@ -82,6 +110,13 @@ export function validateKey(key: unknown): asserts key is string {
   if (typeof key !== "string") throw new StoreError("InvalidKey", `key must be a string, got ${typeof key}`);
   checkShape(key, "key");
   if (key.endsWith("/")) throw new StoreError("InvalidKey", `key ${JSON.stringify(key)} must not end with "/"`);
+}
+
+/** Checks a lease's TTL: StoreError InvalidArgument unless an integer >= LEASE_TTL_MS_MIN. */
+export function checkLeaseTtl(ttl_ms: number): void {
+  if (!Number.isSafeInteger(ttl_ms) || ttl_ms < LEASE_TTL_MS_MIN) {
+    throw new StoreError("InvalidArgument", `lease ttl_ms must be an integer >= ${LEASE_TTL_MS_MIN}, got ${String(ttl_ms)}`);
+  }
 }
 
 /** Whether `key` follows the key rules (see validateKey): a store's list skips what it did not write. */
