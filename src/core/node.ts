@@ -695,10 +695,13 @@ export class GroupCore {
     // A host is back (or joined) and members lack a backup: the leader re-protects them.
     const back = [...this.live].filter((h) => !before.has(h));
     if (back.length && this.record.leader === this.host && this.degradedRanks(this.record).length) this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms);
-    // A participant of a recovery this host coordinates died: this incarnation cannot finish; decide the next one now.
+    // A participant of a recovery this host coordinates is gone: if it died, this incarnation cannot
+    // finish, so look at the store now; a decision supersedes this coordination (coordinate() replaces
+    // it). It is kept meanwhile: a host that was only paused comes back, answers the `recover` that is
+    // repeated every RECOVER_RETRY_MS, and the recovery finishes (dropping it left the group frozen
+    // when no decision followed).
     const c = this.coordination;
     if (c && gone.some((h) => c.hosts.includes(h))) {
-      this.coordination = null;
       this.proposeDue_ms = this.now_ms;
       return;
     }
@@ -811,11 +814,9 @@ export class GroupCore {
     for (const h of hosts) if (h !== this.host) out.push({ type: "send", to: h, frame: { k: "recover", inc: next.incarnation, record: next }, body: "module" });
     this.adopt(next, this.host, out);
     // A host of this incarnation died while the decision was in flight (its death came meanwhile, with
-    // nothing left to re-trigger the proposal): it will never report. Decide the next incarnation now.
-    if (this.coordination && hosts.some((h) => !this.live.has(h))) {
-      this.coordination = null;
-      this.proposeDue_ms = this.now_ms;
-    }
+    // nothing left to re-trigger the proposal): look at the store now (see onHosts: the coordination
+    // stays until a decision supersedes it, in case the host was only paused).
+    if (this.coordination && hosts.some((h) => !this.live.has(h))) this.proposeDue_ms = this.now_ms;
   }
 
   private onReport(from: HostId, frame: FrameOf<"report">, out: CoreAction[]): void {

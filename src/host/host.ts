@@ -80,6 +80,8 @@ export class Host {
   private lease: Lease | null = null;
   private leaseRenewed_ms = 0;
   private renewing = false;
+  /** When detect() last ran: a gap longer than the timeout means this host stalled. */
+  private lastDetect_ms = 0;
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -262,6 +264,17 @@ export class Host {
 
   private detect(): void {
     const now = Date.now();
+    // This host stalled itself (SIGSTOP, a long synchronous step) for longer than the timeout: the
+    // silence it would measure now is its own. Every peer gets a fresh window; one that is really gone
+    // is found a timeout later. (Deciding on that silence made a resumed host declare every live peer
+    // failed before their heartbeats, queued in its sockets, were read.)
+    const stalled_ms = this.lastDetect_ms > 0 ? now - this.lastDetect_ms : 0;
+    this.lastDetect_ms = now;
+    if (stalled_ms > this.options.detect_ms) {
+      for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
+      this.log.warn({ stalled_ms }, "this host stalled; its peers get a fresh detection window");
+      return;
+    }
     for (const peer of this.peers.values()) {
       if (peer.failed || peer.last_seen_ms === 0) continue;
       if (now - peer.last_seen_ms > this.options.detect_ms) {

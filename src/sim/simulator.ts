@@ -806,11 +806,13 @@ export class Simulator {
 
   /**
    * SIGSTOP for `ms`. Long pauses are suspected by every peer (and the host
-   * declared failed); when it resumes, its own detector first finds every
-   * peer silent for too long (its timers run before its sockets are read),
-   * which makes it read the store and find itself fenced. Short pauses go
-   * unnoticed. Pauses in between would race the decision of their own
-   * failure, which needs store leases (not modelled).
+   * declared failed, unless the decision waits: a host holding only backups
+   * is decided on after max(detect, RECOVER_RETRY_MS)). When it resumes, its
+   * detector sees that it stalled itself and gives every peer a fresh window
+   * (the daemon's detector does the same, src/host/host.ts): a peer that
+   * died meanwhile is found a detection period later. A host declared failed
+   * meanwhile learns it from its peers (`stale`, or a `recover` naming it
+   * failed) and reads the store, which fences it. Short pauses go unnoticed.
    */
   private pause(h: SimHost, ms: number, why: string): void {
     h.paused = true;
@@ -838,9 +840,8 @@ export class Simulator {
     h.lastTick = this.now;
     this.feed(h, { type: "tick", now_ms: this.now });
     if (this.resumeLong.delete(h.idx)) {
-      h.view = new Set([h.id]);
-      this.feed(h, { type: "hosts", live: [h.id] });
-      for (const o of this.hosts) if (o !== h && o.alive) this.agenda.push(this.now + this.rng.range(0.5, 2), { k: "see", h: h.idx, target: o.id, up: true });
+      // A fresh window for every peer: those that crashed during the pause are seen down one period later.
+      for (const o of this.hosts) if (o !== h && !o.alive && h.view.has(o.id)) this.agenda.push(this.now + DETECT_MS * (1 + 0.3 * this.rng.next()), { k: "see", h: h.idx, target: o.id, up: false });
     }
     const deferred = h.deferred;
     h.deferred = [];
