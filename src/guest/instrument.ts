@@ -36,6 +36,7 @@ import {
   WASM_PAGE_BYTES,
 } from "../vm/layout.js";
 import { assert } from "../util/assert.js";
+import { addMarkPages, BarrierHoist } from "./barrier-hoist.js";
 
 import {
   EXPORT_BOOT,
@@ -381,6 +382,7 @@ interface FunctionContext {
   sites: number; // store sites given a cache local of their own so far
   loopDepth: number; // > 0 while visiting the body of a loop
   inits: Ref[]; // run at function entry: initial values of loop sites' cache locals
+  hoist: BarrierHoist; // counted loops whose barriers are hoisted (src/guest/barrier-hoist.ts)
 }
 
 /** A node of the walk in Instrumenter.visit: its child slots and how many were entered. */
@@ -423,14 +425,16 @@ class Instrumenter {
   private readonly m: binaryen.Module;
   private memoryName = "";
   /** Internal names of what we add, made unique against the guest's own (its name section may use any name). */
-  private readonly names: Record<"first_write" | "barrier" | "bulk_dest" | "bulk_src" | "no_start" | "boot" | "save" | "load", string>;
+  private readonly names: Record<"first_write" | "first_write_range" | "barrier" | "mark_pages" | "bulk_dest" | "bulk_src" | "no_start" | "boot" | "save" | "load", string>;
   private readonly dropFlags = new Map<string, string>(); // data segment -> generated "dropped" global
 
   constructor(m: binaryen.Module) {
     this.m = m;
     this.names = {
       first_write: this.fresh("__cohort_first_write"),
+      first_write_range: this.fresh("__cohort_first_write_range"),
       barrier: this.fresh("__cohort_barrier"),
+      mark_pages: this.fresh("__cohort_mark_pages"),
       bulk_dest: this.fresh("__cohort_bulk_dest"),
       bulk_src: this.fresh("__cohort_bulk_src"),
       no_start: this.fresh("__cohort_no_start"),
@@ -558,6 +562,7 @@ class Instrumenter {
 
   private addHypervisorImports(): void {
     this.m.addFunctionImport(this.names.first_write, HV_MODULE, "first_write", b.createType([T.i32]), T.none);
+    this.m.addFunctionImport(this.names.first_write_range, HV_MODULE, "first_write_range", b.createType([T.i32, T.i32]), T.none);
   }
 
   /**
@@ -624,6 +629,7 @@ class Instrumenter {
     );
     // params: src(0) len(1): bounds check of a copy's source, so the shifted source cannot wrap into the hypervisor region.
     m.addFunction(this.names.bulk_src, b.createType([T.i32, T.i32]), T.none, [], outOfBounds());
+    addMarkPages(m, this.names.mark_pages, this.memoryName, this.names.first_write_range);
   }
 
   private instrumentFunction(fn: Ref): void {
@@ -635,6 +641,7 @@ class Instrumenter {
       sites: 0,
       loopDepth: 0,
       inits: [],
+      hoist: new BarrierHoist(this.m, fn, this.names.mark_pages, (name) => b.getFunctionInfo(this.m.getFunction(name)).module !== ""),
     };
     const body = K.Function.getBody(fn);
     const replaced = this.visit(body, ctx);
@@ -676,6 +683,7 @@ class Instrumenter {
 
   /** A node about to be visited, with its child slots in visiting order (a catch body's pop already moved into a local). */
   private frame(e: Ref, ctx: FunctionContext): Frame {
+    if (b.getExpressionId(e) === b.LoopId) e = ctx.hoist.loop(e); // a counted loop may become a versioned pair
     const id = b.getExpressionId(e);
     const spec = CHILDREN[id];
     if (!spec) {
@@ -742,13 +750,13 @@ class Instrumenter {
         if (K.Store.isAtomic(e)) throw new UnsupportedModuleError("atomics (threads)", `function ${ctx.name}`);
         const offset = shiftedOffset(K.Store.getOffset(e));
         K.Store.setOffset(e, offset);
-        if (offset !== ALWAYS_TRAPS) K.Store.setPtr(e, this.barrier(K.Store.getPtr(e), offset, K.Store.getBytes(e), ctx));
+        if (offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) K.Store.setPtr(e, this.barrier(K.Store.getPtr(e), offset, K.Store.getBytes(e), ctx));
         return e;
       }
       case b.SIMDLoadStoreLaneId: {
         const offset = shiftedOffset(K.SIMDLoadStoreLane.getOffset(e));
         K.SIMDLoadStoreLane.setOffset(e, offset);
-        if (K.SIMDLoadStoreLane.isStore(e) && offset !== ALWAYS_TRAPS) {
+        if (K.SIMDLoadStoreLane.isStore(e) && offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) {
           K.SIMDLoadStoreLane.setPtr(e, this.barrier(K.SIMDLoadStoreLane.getPtr(e), offset, laneBytes(K.SIMDLoadStoreLane.getOp(e)), ctx));
         }
         return e;
