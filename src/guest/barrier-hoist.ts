@@ -443,6 +443,28 @@ export class BarrierHoist {
   }
 }
 
+/**
+ * True unless `e` surely cannot grow memory: it contains no memory.grow, no
+ * call but to imports (host functions never grow memory), no call_indirect;
+ * anything not understood, or larger than GROWTH_INSPECT_MAX nodes, counts as
+ * growing. A store whose value may grow memory needs its barrier after the
+ * value: before it, the page may still lie beyond the memory's end, where
+ * marking it does nothing, and become writable when the value grows memory.
+ */
+export function mayGrowMemory(e: Ref, isImport: (name: string) => boolean): boolean {
+  const stack = [e];
+  for (let seen = 0; stack.length; seen++) {
+    const x = stack.pop()!;
+    if (seen >= GROWTH_INSPECT_MAX) return true;
+    const kids = children(x);
+    if (!kids) return true; // memory.grow, call_indirect, loops, try, ...
+    if (b.getExpressionId(x) === b.CallId && (K.Call.isReturn(x) || !isImport(K.Call.getTarget(x) as unknown as string))) return true;
+    stack.push(...kids);
+  }
+  return false;
+}
+const GROWTH_INSPECT_MAX = 256;
+
 /** Σ coefficient × symbol as an i32 expression (0 if empty). */
 function sumOf(m: binaryen.Module, terms: Map<string, number>): Ref {
   let sum: Ref | null = null;

@@ -36,7 +36,7 @@ import {
   WASM_PAGE_BYTES,
 } from "../vm/layout.js";
 import { assert } from "../util/assert.js";
-import { addMarkPages, BarrierHoist } from "./barrier-hoist.js";
+import { addMarkPages, BarrierHoist, mayGrowMemory } from "./barrier-hoist.js";
 
 import {
   EXPORT_BOOT,
@@ -632,6 +632,10 @@ class Instrumenter {
     addMarkPages(m, this.names.mark_pages, this.memoryName, this.names.first_write_range);
   }
 
+  private isImport(name: string): boolean {
+    return b.getFunctionInfo(this.m.getFunction(name)).module !== "";
+  }
+
   private instrumentFunction(fn: Ref): void {
     const ctx: FunctionContext = {
       name: K.Function.getName(fn),
@@ -641,7 +645,7 @@ class Instrumenter {
       sites: 0,
       loopDepth: 0,
       inits: [],
-      hoist: new BarrierHoist(this.m, fn, this.names.mark_pages, (name) => b.getFunctionInfo(this.m.getFunction(name)).module !== ""),
+      hoist: new BarrierHoist(this.m, fn, this.names.mark_pages, (name) => this.isImport(name)),
     };
     const body = K.Function.getBody(fn);
     const replaced = this.visit(body, ctx);
@@ -750,14 +754,14 @@ class Instrumenter {
         if (K.Store.isAtomic(e)) throw new UnsupportedModuleError("atomics (threads)", `function ${ctx.name}`);
         const offset = shiftedOffset(K.Store.getOffset(e));
         K.Store.setOffset(e, offset);
-        if (offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) K.Store.setPtr(e, this.barrier(K.Store.getPtr(e), offset, K.Store.getBytes(e), ctx));
+        if (offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) return this.withBarrier(e, K.Store, offset, K.Store.getBytes(e), ctx);
         return e;
       }
       case b.SIMDLoadStoreLaneId: {
         const offset = shiftedOffset(K.SIMDLoadStoreLane.getOffset(e));
         K.SIMDLoadStoreLane.setOffset(e, offset);
         if (K.SIMDLoadStoreLane.isStore(e) && offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) {
-          K.SIMDLoadStoreLane.setPtr(e, this.barrier(K.SIMDLoadStoreLane.getPtr(e), offset, laneBytes(K.SIMDLoadStoreLane.getOp(e)), ctx));
+          return this.withBarrier(e, K.SIMDLoadStoreLane, offset, laneBytes(K.SIMDLoadStoreLane.getOp(e)), ctx);
         }
         return e;
       }
@@ -800,10 +804,34 @@ class Instrumenter {
   }
 
   /**
+   * Puts the barrier into the store's address. If the stored value may grow
+   * memory, the address and the value are first evaluated into locals, in
+   * their order, and the barrier runs after both: run before the value, it
+   * could find the page beyond the memory's end (and mark nothing) while the
+   * value's memory.grow makes the store succeed there.
+   */
+  private withBarrier(e: Ref, cls: Record<string, Accessor>, offset: number, width: number, ctx: FunctionContext): Ref {
+    const m = this.m;
+    const [getValue, setValue] = cls === K.Store ? ["getValue", "setValue"] : ["getVec", "setVec"];
+    const value = cls[getValue](e);
+    const type = b.getExpressionType(value);
+    if (type === b.unreachable || !mayGrowMemory(value, (name) => this.isImport(name))) {
+      cls.setPtr(e, this.barrier(cls.getPtr(e), offset, width, ctx));
+      return e;
+    }
+    const [address, stored] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, type)];
+    const ptr = cls.getPtr(e);
+    cls.setPtr(e, this.barrier(m.local.get(address, T.i32), offset, width, ctx));
+    cls[setValue](e, m.local.get(stored, type));
+    return m.block(null, [m.local.set(address, ptr), m.local.set(stored, value), e], b.getExpressionType(e));
+  }
+
+  /**
    * The store's address expression becomes:
    *   p = <address>; if ((p + offset) - cache >=u 4097 - width) cache = barrier(p + offset, width); p
-   * The barrier runs before the value operand is evaluated; marking early is
-   * safe (the pre-image is still the page's content at the start of the epoch).
+   * The barrier runs before the value operand is evaluated (unless the value may
+   * grow memory: withBarrier); marking early is safe (the pre-image is still the
+   * page's content at the start of the epoch).
    */
   private barrier(ptr: Ref, offset: number, width: number, ctx: FunctionContext): Ref {
     const m = this.m;
