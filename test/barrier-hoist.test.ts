@@ -10,119 +10,17 @@
 import { describe, expect, it } from "vitest";
 import { instrument } from "../src/guest/instrument.js";
 import { compileGuest } from "../src/guest/module-cache.js";
-import { DirtyTracker } from "../src/vm/dirty-tracker.js";
-import { BASE_BYTES, FIRST_GUEST_PAGE, PAGE_BYTES, RESERVED_WASM_PAGES, WASM_PAGE_BYTES } from "../src/vm/layout.js";
+import { FIRST_GUEST_PAGE, PAGE_BYTES, WASM_PAGE_BYTES } from "../src/vm/layout.js";
 import { EARLY_EXIT_PAGES_MAX } from "../src/guest/barrier-hoist.js";
+import { BarrierPair, pagesOf, type Arg } from "./support/barrier-pair.js";
 import { fixtureBytes } from "./support/guests.js";
 import { runDifferential } from "./support/wasm-differential.js";
 import { prepareModule } from "./support/wasm-fuzz.js";
 
 const bytes = fixtureBytes("loops");
-const instrumented = instrument(bytes);
-const guestModule = new WebAssembly.Module(instrumented.wasm as Uint8Array<ArrayBuffer>);
-const plainModule = new WebAssembly.Module(bytes as Uint8Array<ArrayBuffer>);
+const pair = new BarrierPair(bytes, { initial: 4, maximum: 16 });
 const GUEST_BYTES = 4 * WASM_PAGE_BYTES;
-
-type Arg = number | bigint;
-type Outcome = { trap: false; value: unknown } | { trap: true; message: string };
-
-function outcomeOf(f: () => unknown): Outcome {
-  try {
-    return { trap: false, value: f() };
-  } catch (error) {
-    expect(error).toBeInstanceOf(WebAssembly.RuntimeError);
-    return { trap: true, message: (error as Error).message };
-  }
-}
-
-interface Side {
-  call(name: string, args: Arg[]): Outcome;
-  /** Guest memory (instrumented: above BASE_BYTES). */
-  memory(): Uint8Array;
-}
-
-/** The instrumented module in a bare instance: a real DirtyTracker behind counting imports. */
-function instrumentedSide() {
-  const memory = new WebAssembly.Memory({ initial: RESERVED_WASM_PAGES + 4, maximum: RESERVED_WASM_PAGES + 16 });
-  const tracker = new DirtyTracker(memory);
-  const counts = { first_write: 0, first_write_range: 0 };
-  const instance = new WebAssembly.Instance(guestModule, {
-    cohort_hv: {
-      memory,
-      first_write: (page: number) => {
-        counts.first_write++;
-        tracker.firstWrite(page);
-      },
-      first_write_range: (first: number, last: number) => {
-        counts.first_write_range++;
-        tracker.firstWriteRange(first, last);
-      },
-    },
-  });
-  const exports = instance.exports as Record<string, (...a: Arg[]) => unknown>;
-  exports.__cohort_boot();
-  const side = {
-    counts,
-    /** Ends the epoch: no page dirty, counters at zero. */
-    reset() {
-      tracker.endEpoch();
-      counts.first_write = 0;
-      counts.first_write_range = 0;
-    },
-    dirty: () => [...tracker.dirtyPages()].sort((a, b) => a - b),
-    call: (name: string, args: Arg[]) => outcomeOf(() => exports[name](...args)),
-    memory: () => new Uint8Array(memory.buffer).subarray(BASE_BYTES),
-  };
-  side.reset();
-  return side;
-}
-
-function plainSide(): Side {
-  const instance = new WebAssembly.Instance(plainModule, {});
-  const exports = instance.exports as Record<string, (...a: Arg[]) => unknown> & { memory: WebAssembly.Memory };
-  return { call: (name, args) => outcomeOf(() => exports[name](...args)), memory: () => new Uint8Array(exports.memory.buffer) };
-}
-
-/** Whole-memory page numbers of the guest pages whose bytes differ between `before` and `after`. */
-function changedPages(before: Uint8Array, after: Uint8Array): number[] {
-  const pages: number[] = [];
-  for (let at = 0; at < after.length; at += PAGE_BYTES) {
-    const a = after.subarray(at, at + PAGE_BYTES);
-    const b = at < before.length ? before.subarray(at, at + PAGE_BYTES) : new Uint8Array(a.length);
-    if (Buffer.compare(a, b) !== 0) pages.push(FIRST_GUEST_PAGE + at / PAGE_BYTES);
-  }
-  return pages;
-}
-
-const pagesOf = (addr: number, len: number): number[] => {
-  const first = Math.floor((BASE_BYTES + addr) / PAGE_BYTES);
-  const last = Math.floor((BASE_BYTES + addr + len - 1) / PAGE_BYTES);
-  return Array.from({ length: last - first + 1 }, (_, k) => first + k);
-};
-
-/**
- * Runs `setup` calls then `name(args)` on both sides (only the last call's epoch is
- * observed) and checks what must always hold. Returns what the instrumented side did.
- */
-function run(name: string, args: Arg[], setup: [string, Arg[]][] = []) {
-  const plain = plainSide();
-  const vm = instrumentedSide();
-  for (const [n, a] of setup) {
-    expect(vm.call(n, a)).toEqual(plain.call(n, a));
-  }
-  vm.reset();
-  const before = plain.memory().slice();
-  const theirs = plain.call(name, args);
-  const mine = vm.call(name, args);
-  expect(mine, `${name}(${args.join(", ")}): same result or trap`).toEqual(theirs);
-  expect(Buffer.compare(vm.memory(), plain.memory()), "same guest memory").toBe(0);
-  const written = changedPages(before, plain.memory());
-  const dirty = vm.dirty();
-  const missed = written.filter((p) => !dirty.includes(p));
-  expect(missed, "every page written is reported").toEqual([]);
-  expect(dirty.every((p) => p >= FIRST_GUEST_PAGE && (p - FIRST_GUEST_PAGE) * PAGE_BYTES < vm.memory().length), "only guest pages inside memory").toBe(true);
-  return { outcome: mine, written, dirty, counts: { ...vm.counts } };
-}
+const run = (name: string, args: Arg[], setup: [string, Arg[]][] = []) => pair.run(name, args, setup);
 
 /** Hoisted: one range call per group, no per-store call, and the written pages are exactly the dirty ones. */
 function expectHoisted(r: ReturnType<typeof run>, ranges = 1): void {

@@ -37,6 +37,7 @@ import {
 } from "../vm/layout.js";
 import { assert } from "../util/assert.js";
 import { addMarkPages, BarrierHoist, mayGrowMemory } from "./barrier-hoist.js";
+import { StoreGroups } from "./barrier-groups.js";
 
 import {
   EXPORT_BOOT,
@@ -383,6 +384,7 @@ interface FunctionContext {
   loopDepth: number; // > 0 while visiting the body of a loop
   inits: Ref[]; // run at function entry: initial values of loop sites' cache locals
   hoist: BarrierHoist; // counted loops whose barriers are hoisted (src/guest/barrier-hoist.ts)
+  groups: StoreGroups; // runs of stores through one pointer sharing a barrier (src/guest/barrier-groups.ts)
 }
 
 /** A node of the walk in Instrumenter.visit: its child slots and how many were entered. */
@@ -646,6 +648,7 @@ class Instrumenter {
       loopDepth: 0,
       inits: [],
       hoist: new BarrierHoist(this.m, fn, this.names.mark_pages, (name) => this.isImport(name)),
+      groups: new StoreGroups((name) => this.isImport(name), (store) => ctx.hoist.covers(store)),
     };
     const body = K.Function.getBody(fn);
     const replaced = this.visit(body, ctx);
@@ -689,6 +692,7 @@ class Instrumenter {
   private frame(e: Ref, ctx: FunctionContext): Frame {
     if (b.getExpressionId(e) === b.LoopId) e = ctx.hoist.loop(e); // a counted loop may become a versioned pair
     const id = b.getExpressionId(e);
+    if (id === b.BlockId) ctx.groups.block(e); // before its stores are instrumented
     const spec = CHILDREN[id];
     if (!spec) {
       const reason = REFUSED[id] ?? `instruction kind ${ID_NAMES[id] ?? id} not supported`;
@@ -754,7 +758,10 @@ class Instrumenter {
         if (K.Store.isAtomic(e)) throw new UnsupportedModuleError("atomics (threads)", `function ${ctx.name}`);
         const offset = shiftedOffset(K.Store.getOffset(e));
         K.Store.setOffset(e, offset);
-        if (offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) return this.withBarrier(e, K.Store, offset, K.Store.getBytes(e), ctx);
+        if (offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e) && !ctx.groups.covers(e)) {
+          const group = ctx.groups.leader(e); // its barrier covers the stores of its group
+          return this.withBarrier(e, K.Store, group ? shiftedOffset(group.offset) : offset, group ? group.width : K.Store.getBytes(e), ctx);
+        }
         return e;
       }
       case b.SIMDLoadStoreLaneId: {
