@@ -14,6 +14,9 @@
  *    is checked inline, and only a page's first write in the epoch calls out.
  *    The cache is sound because checkpoints are taken only between guest
  *    calls, when no function activation (and so no cached page) is live.
+ *    Counted loops mark their whole range once before they run
+ *    (barrier-hoist.ts); runs of stores through one pointer share one
+ *    barrier (barrier-groups.ts).
  *  - Makes the memory imported (`cohort_hv.memory`) so a backup's image can be
  *    instantiated in place (zero-copy promotion), turns active data segments
  *    and the start function into an explicit `__cohort_boot` export that runs
