@@ -51,6 +51,10 @@ const T = { none: b.none, i32: b.i32, i64: b.i64 };
 
 /** Loops that may exit early are hoisted only if their range spans at most this many 4 KiB pages. */
 export const EARLY_EXIT_PAGES_MAX = 16;
+/** Loops versioned per function at most: each costs a copy of the loop and its range computation. */
+const HOIST_LOOPS_MAX = 32;
+/** Loops larger than this many expression nodes are not considered. */
+const SCAN_NODES_MAX = 20_000;
 /** Largest induction step and address stride handled (keeps every range computation exact in i64). */
 const COEFFICIENT_MAX = 1 << 24;
 
@@ -184,7 +188,7 @@ export class BarrierHoist {
 
   /** The loop, or what replaces it (a versioned pair); each loop is considered once. */
   loop(loop: Ref): Ref {
-    if (this.done.has(loop)) return loop;
+    if (this.done.has(loop) || this.labels >= HOIST_LOOPS_MAX) return loop;
     this.done.add(loop);
     const type = b.getExpressionType(loop);
     if (type !== T.none && type !== b.unreachable) return loop; // a loop that falls out of its end with a value: not handled
@@ -211,7 +215,8 @@ export class BarrierHoist {
     let irregular = false;
     const loopName = K.Loop.getName(loop);
     const stack = [K.Loop.getBody(loop)];
-    while (stack.length) {
+    for (let seen = 0; stack.length; seen++) {
+      if (seen >= SCAN_NODES_MAX) return null; // bounds the instrumenter's work on nests of large loops
       const e = stack.pop()!;
       const id = b.getExpressionId(e);
       const kids = children(e);
