@@ -610,6 +610,19 @@ describe("write barrier marks exactly the pages written", () => {
     }
   });
 
+  it("a store whose value grows memory marks its page, which lay beyond the memory when its address was computed", async () => {
+    const bytes = wasm(`(module (memory 1 8)
+      (func $grow (drop (memory.grow (i32.const 1))))
+      (func (export "direct") (param $a i32) (i32.store (local.get $a) (block (result i32) (drop (memory.grow (i32.const 1))) (i32.const 7))))
+      (func (export "via_call") (param $a i32) (i64.store align=1 (local.get $a) (block (result i64) (call $grow) (i64.const 7))))
+      (func (export "lane") (param $a i32) (v128.store32_lane 1 (local.get $a) (block (result v128) (drop (memory.grow (i32.const 1))) (i32x4.splat (i32.const 7))))))`);
+    for (const [fn, addr, width] of [["direct", WASM_PAGE_BYTES, 4], ["via_call", WASM_PAGE_BYTES - 4, 8], ["lane", WASM_PAGE_BYTES + 5 * PAGE_BYTES, 4]] as const) {
+      const vm = await bootVm(bytes);
+      vm.invoke(fn, [addr]);
+      expect(capturePages(vm), `${fn}(${addr})`).toEqual(pagesOf(addr, width));
+    }
+  });
+
   const storeArb = (guestBytes: number) =>
     fc.integer({ min: 0, max: STORES.length - 1 }).chain((kind) =>
       fc

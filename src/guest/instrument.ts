@@ -14,6 +14,9 @@
  *    is checked inline, and only a page's first write in the epoch calls out.
  *    The cache is sound because checkpoints are taken only between guest
  *    calls, when no function activation (and so no cached page) is live.
+ *    Counted loops mark their whole range once before they run
+ *    (barrier-hoist.ts); runs of stores through one pointer share one
+ *    barrier (barrier-groups.ts).
  *  - Makes the memory imported (`cohort_hv.memory`) so a backup's image can be
  *    instantiated in place (zero-copy promotion), turns active data segments
  *    and the start function into an explicit `__cohort_boot` export that runs
@@ -39,6 +42,8 @@ import {
   WASM_PAGE_BYTES,
 } from "../vm/layout.js";
 import { assert } from "../util/assert.js";
+import { addMarkPages, BarrierHoist, mayGrowMemory } from "./barrier-hoist.js";
+import { StoreGroups } from "./barrier-groups.js";
 
 import {
   EXPORT_BOOT,
@@ -442,6 +447,8 @@ interface FunctionContext {
   sites: number; // store sites given a cache local of their own so far
   loopDepth: number; // > 0 while visiting the body of a loop
   inits: Ref[]; // run at function entry: initial values of loop sites' cache locals
+  hoist: BarrierHoist; // counted loops whose barriers are hoisted (src/guest/barrier-hoist.ts)
+  groups: StoreGroups; // runs of stores through one pointer sharing a barrier (src/guest/barrier-groups.ts)
 }
 
 /** A node of the walk in Instrumenter.visit: its child slots and how many were entered. */
@@ -474,14 +481,16 @@ class Instrumenter {
   private readonly m: binaryen.Module;
   private memoryName = "";
   /** Internal names of what we add, made unique against the guest's own (its name section may use any name). */
-  private readonly names: Record<"first_write" | "barrier" | "bulk_dest" | "bulk_src" | "no_start" | "boot" | "save" | "load", string>;
+  private readonly names: Record<"first_write" | "first_write_range" | "barrier" | "mark_pages" | "bulk_dest" | "bulk_src" | "no_start" | "boot" | "save" | "load", string>;
   private readonly dropFlags = new Map<string, string>(); // data segment -> generated "dropped" global
 
   constructor(m: binaryen.Module) {
     this.m = m;
     this.names = {
       first_write: this.fresh("__cohort_first_write"),
+      first_write_range: this.fresh("__cohort_first_write_range"),
       barrier: this.fresh("__cohort_barrier"),
+      mark_pages: this.fresh("__cohort_mark_pages"),
       bulk_dest: this.fresh("__cohort_bulk_dest"),
       bulk_src: this.fresh("__cohort_bulk_src"),
       no_start: this.fresh("__cohort_no_start"),
@@ -609,6 +618,7 @@ class Instrumenter {
 
   private addHypervisorImports(): void {
     this.m.addFunctionImport(this.names.first_write, HV_MODULE, "first_write", b.createType([T.i32]), T.none);
+    this.m.addFunctionImport(this.names.first_write_range, HV_MODULE, "first_write_range", b.createType([T.i32, T.i32]), T.none);
   }
 
   /**
@@ -675,6 +685,11 @@ class Instrumenter {
     );
     // params: src(0) len(1): bounds check of a copy's source, so the shifted source cannot wrap into the hypervisor region.
     m.addFunction(this.names.bulk_src, b.createType([T.i32, T.i32]), T.none, [], outOfBounds());
+    addMarkPages(m, this.names.mark_pages, this.memoryName, this.names.first_write_range);
+  }
+
+  private isImport(name: string): boolean {
+    return b.getFunctionInfo(this.m.getFunction(name)).module !== "";
   }
 
   private instrumentFunction(fn: Ref): void {
@@ -686,6 +701,8 @@ class Instrumenter {
       sites: 0,
       loopDepth: 0,
       inits: [],
+      hoist: new BarrierHoist(this.m, fn, this.names.mark_pages, (name) => this.isImport(name)),
+      groups: new StoreGroups((name) => this.isImport(name), (store) => ctx.hoist.covers(store)),
     };
     const body = K.Function.getBody(fn);
     const replaced = this.visit(body, ctx);
@@ -727,7 +744,9 @@ class Instrumenter {
 
   /** A node about to be visited, with its child slots in visiting order (a catch body's pop already moved into a local). */
   private frame(e: Ref, ctx: FunctionContext): Frame {
+    if (b.getExpressionId(e) === b.LoopId) e = ctx.hoist.loop(e); // a counted loop may become a versioned pair
     const id = b.getExpressionId(e);
+    if (id === b.BlockId) ctx.groups.block(e); // before its stores are instrumented
     const spec = CHILDREN[id];
     if (!spec) {
       const reason = REFUSED[id] ?? `instruction kind ${ID_NAMES[id] ?? id} not supported`;
@@ -793,14 +812,17 @@ class Instrumenter {
         if (K.Store.isAtomic(e)) throw new UnsupportedModuleError("atomics (threads)", `function ${ctx.name}`);
         const offset = shiftedOffset(K.Store.getOffset(e));
         K.Store.setOffset(e, offset);
-        if (offset !== ALWAYS_TRAPS) K.Store.setPtr(e, this.barrier(K.Store.getPtr(e), offset, K.Store.getBytes(e), ctx));
+        if (offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e) && !ctx.groups.covers(e)) {
+          const group = ctx.groups.leader(e); // its barrier covers the stores of its group
+          return this.withBarrier(e, K.Store, group ? shiftedOffset(group.offset) : offset, group ? group.width : K.Store.getBytes(e), ctx);
+        }
         return e;
       }
       case b.SIMDLoadStoreLaneId: {
         const offset = shiftedOffset(K.SIMDLoadStoreLane.getOffset(e));
         K.SIMDLoadStoreLane.setOffset(e, offset);
-        if (K.SIMDLoadStoreLane.isStore(e) && offset !== ALWAYS_TRAPS) {
-          K.SIMDLoadStoreLane.setPtr(e, this.barrier(K.SIMDLoadStoreLane.getPtr(e), offset, laneBytes(K.SIMDLoadStoreLane.getOp(e)), ctx));
+        if (K.SIMDLoadStoreLane.isStore(e) && offset !== ALWAYS_TRAPS && !ctx.hoist.covers(e)) {
+          return this.withBarrier(e, K.SIMDLoadStoreLane, offset, laneBytes(K.SIMDLoadStoreLane.getOp(e)), ctx);
         }
         return e;
       }
@@ -843,10 +865,34 @@ class Instrumenter {
   }
 
   /**
+   * Puts the barrier into the store's address. If the stored value may grow
+   * memory, the address and the value are first evaluated into locals, in
+   * their order, and the barrier runs after both: run before the value, it
+   * could find the page beyond the memory's end (and mark nothing) while the
+   * value's memory.grow makes the store succeed there.
+   */
+  private withBarrier(e: Ref, cls: Record<string, Accessor>, offset: number, width: number, ctx: FunctionContext): Ref {
+    const m = this.m;
+    const [getValue, setValue] = cls === K.Store ? ["getValue", "setValue"] : ["getVec", "setVec"];
+    const value = cls[getValue](e);
+    const type = b.getExpressionType(value);
+    if (type === b.unreachable || !mayGrowMemory(value, (name) => this.isImport(name))) {
+      cls.setPtr(e, this.barrier(cls.getPtr(e), offset, width, ctx));
+      return e;
+    }
+    const [address, stored] = [addVar(ctx.fn, T.i32), addVar(ctx.fn, type)];
+    const ptr = cls.getPtr(e);
+    cls.setPtr(e, this.barrier(m.local.get(address, T.i32), offset, width, ctx));
+    cls[setValue](e, m.local.get(stored, type));
+    return m.block(null, [m.local.set(address, ptr), m.local.set(stored, value), e], b.getExpressionType(e));
+  }
+
+  /**
    * The store's address expression becomes:
    *   p = <address>; if ((p + offset) - cache >=u 4097 - width) cache = barrier(p + offset, width); p
-   * The barrier runs before the value operand is evaluated; marking early is
-   * safe (the pre-image is still the page's content at the start of the epoch).
+   * The barrier runs before the value operand is evaluated (unless the value may
+   * grow memory: withBarrier); marking early is safe (the pre-image is still the
+   * page's content at the start of the epoch).
    */
   private barrier(ptr: Ref, offset: number, width: number, ctx: FunctionContext): Ref {
     const m = this.m;

@@ -5,7 +5,7 @@
  * never load Binaryen.
  */
 /** Bump when the output of instrument() changes, so cached modules are rebuilt. */
-export const INSTRUMENTER_VERSION = 7;
+export const INSTRUMENTER_VERSION = 8;
 
 export const HV_MODULE = "cohort_hv";
 export const EXPORT_BOOT = "__cohort_boot";

@@ -124,6 +124,11 @@ export class DirtyTracker {
     this.undo.save(page, mem);
   };
 
+  /** Called by the guest's hoisted loop barriers (import cohort_hv.first_write_range): pages first..last, inclusive. */
+  readonly firstWriteRange = (first: number, last: number): void => {
+    for (let page = first; page <= last; page++) this.firstWrite(page);
+  };
+
   /** Marks [address, address + length) before the host writes there (inbox payloads). */
   markRange(address: number, length: number): void {
     if (length <= 0) return;

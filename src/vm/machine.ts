@@ -678,7 +678,7 @@ export class VmCore implements AbiHost {
 
   private instantiate(): void {
     const imports = abiImports(this);
-    imports[HV_MODULE] = { memory: this.memory, first_write: this.tracker.firstWrite };
+    imports[HV_MODULE] = { memory: this.memory, first_write: this.tracker.firstWrite, first_write_range: this.tracker.firstWriteRange };
     const instance = new WebAssembly.Instance(this.guest.module, imports);
     this.exports = instance.exports as unknown as GuestExports;
   }
