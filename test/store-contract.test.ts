@@ -13,8 +13,9 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { EmbeddedStore } from "../src/store/embedded.js";
 import { EtcdStore } from "../src/store/etcd.js";
 import { MemoryStore } from "../src/store/memory.js";
-import { type CoordinationStore, StoreError, type StoreErrorCode } from "../src/store/store.js";
+import { type CoordinationStore, StoreError } from "../src/store/store.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
+import { rejectsWith } from "./support/store.js";
 
 interface Backend {
   name: string;
@@ -98,15 +99,6 @@ const backends: Backend[] = [
   },
 ];
 
-async function rejectsWith(p: Promise<unknown>, code: StoreErrorCode): Promise<StoreError> {
-  const e = await p.then(
-    () => null,
-    (err: unknown) => err,
-  );
-  expect(e).toBeInstanceOf(StoreError);
-  expect((e as StoreError).code).toBe(code);
-  return e as StoreError;
-}
 
 describe.each(backends)("$name: the store contract", (backend) => {
   const stores: CoordinationStore[] = [];

@@ -4,8 +4,8 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { EmbeddedStore } from "../src/store/embedded.js";
-import { StoreError, type StoreErrorCode } from "../src/store/store.js";
 import { isAlive, killQuietly, runTs, waitForLine } from "./support/child.js";
+import { casIncrement, rejectsWith } from "./support/store.js";
 
 const support = (name: string) => fileURLToPath(new URL(`./support/${name}`, import.meta.url));
 
@@ -19,15 +19,6 @@ function open(options: ConstructorParameters<typeof EmbeddedStore>[1] = {}): Emb
   return s;
 }
 
-async function rejectsWith(p: Promise<unknown>, code: StoreErrorCode): Promise<StoreError> {
-  const e = await p.then(
-    () => null,
-    (err: unknown) => err,
-  );
-  expect(e).toBeInstanceOf(StoreError);
-  expect((e as StoreError).code).toBe(code);
-  return e as StoreError;
-}
 
 beforeEach(async () => {
   dir = await mkdtemp(join(tmpdir(), "cohort-test-"));
@@ -58,13 +49,7 @@ describe("EmbeddedStore: files (the contract itself: test/store-contract.test.ts
 
   it("leaves no lock or temporary file behind after concurrent writes", async () => {
     const s = open();
-    const increment = async () => {
-      for (;;) {
-        const cur = await s.get<number>("n");
-        if ((await s.cas("n", cur?.version ?? 0, (cur?.value ?? 0) + 1)) !== null) return;
-      }
-    };
-    await Promise.all(Array.from({ length: 20 }, increment));
+    await Promise.all(Array.from({ length: 20 }, () => casIncrement(s, "n")));
     expect(await s.get("n")).toEqual({ key: "n", value: 20, version: 20 });
     expect((await readdir(s.dir)).sort()).toEqual(["n.json"]);
   });

@@ -7,8 +7,8 @@
 import { Etcd3 } from "etcd3";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { EtcdStore } from "../src/store/etcd.js";
-import { StoreError, type StoreErrorCode } from "../src/store/store.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
+import { rejectsWith } from "./support/store.js";
 
 let etcd: RunningEtcd;
 let raw: Etcd3;
@@ -21,15 +21,6 @@ function open(options: Partial<ConstructorParameters<typeof EtcdStore>[0]> = {})
   return s;
 }
 
-async function rejectsWith(p: Promise<unknown>, code: StoreErrorCode): Promise<StoreError> {
-  const e = await p.then(
-    () => null,
-    (err: unknown) => err,
-  );
-  expect(e).toBeInstanceOf(StoreError);
-  expect((e as StoreError).code).toBe(code);
-  return e as StoreError;
-}
 
 describe.skipIf(!etcdAvailable())("EtcdStore on a real etcd", () => {
   beforeAll(async () => {

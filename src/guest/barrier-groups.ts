@@ -30,6 +30,7 @@
  * value may set the root or grow memory neither leads nor joins a group.
  */
 import binaryen from "binaryen";
+import { CHILD_GETTERS } from "./barrier-hoist.js";
 
 type Ref = number;
 const b = binaryen;
@@ -186,24 +187,9 @@ const isId = (e: Ref, id: number) => e !== 0 && b.getExpressionId(e) === id;
 const isTee = (e: Ref) => isId(e, b.LocalSetId) && Boolean(K.LocalSet.isTee(e));
 
 /** Expression kinds whose effects effectsOf understands, and their children (blocks and calls handled apart). */
-const LEAF_SAFE: Record<number, [string, string[]]> = {
-  [b.BlockId]: ["Block", []],
-  [b.IfId]: ["If", ["getCondition", "getIfTrue", "getIfFalse"]],
-  [b.BreakId]: ["Break", ["getCondition", "getValue"]],
-  [b.CallId]: ["Call", []],
-  [b.LocalGetId]: ["LocalGet", []],
-  [b.LocalSetId]: ["LocalSet", ["getValue"]],
-  [b.GlobalGetId]: ["GlobalGet", []],
-  [b.GlobalSetId]: ["GlobalSet", ["getValue"]],
-  [b.LoadId]: ["Load", ["getPtr"]],
-  [b.StoreId]: ["Store", ["getPtr", "getValue"]],
-  [b.ConstId]: ["Const", []],
-  [b.UnaryId]: ["Unary", ["getValue"]],
-  [b.BinaryId]: ["Binary", ["getLeft", "getRight"]],
-  [b.SelectId]: ["Select", ["getIfTrue", "getIfFalse", "getCondition"]],
-  [b.DropId]: ["Drop", ["getValue"]],
-  [b.ReturnId]: ["Return", ["getValue"]],
-  [b.MemorySizeId]: ["MemorySize", []],
-  [b.NopId]: ["Nop", []],
-  [b.UnreachableId]: ["Unreachable", []],
-};
+const LEAF_SAFE: Record<number, [string, string[]]> = Object.fromEntries(
+  [
+    b.BlockId, b.IfId, b.BreakId, b.CallId, b.LocalGetId, b.LocalSetId, b.GlobalGetId, b.GlobalSetId, b.LoadId, b.StoreId,
+    b.ConstId, b.UnaryId, b.BinaryId, b.SelectId, b.DropId, b.ReturnId, b.MemorySizeId, b.NopId, b.UnreachableId,
+  ].map((id) => [id, CHILD_GETTERS[id]]),
+);

@@ -62,8 +62,12 @@ type Accessor = (expr: Ref, ...args: number[]) => number;
 /** binaryen.js's per-kind accessor classes, which its type declarations omit. */
 const K = b as unknown as Record<string, Record<string, Accessor> & { getName: (e: Ref) => string; setName: (e: Ref, n: string) => void }>;
 
-/** Children of the expression kinds a hoistable loop may contain; anything else makes the loop not hoistable. */
-const CHILD_GETTERS: Record<number, [string, string[]]> = {
+/**
+ * Children of the expression kinds a hoistable loop may contain; anything else
+ * makes the loop not hoistable. The store-groups pass (barrier-groups.ts) uses
+ * the part of it whose effects it understands.
+ */
+export const CHILD_GETTERS: Record<number, [string, string[]]> = {
   [b.BlockId]: ["Block", []],
   [b.IfId]: ["If", ["getCondition", "getIfTrue", "getIfFalse"]],
   [b.BreakId]: ["Break", ["getCondition", "getValue"]],
@@ -701,7 +705,8 @@ function recognise(loop: Ref): Shape | null {
   return null;
 }
 
-function laneBytes(op: number): number {
+/** Bytes one SIMD lane store writes (the barrier's width). */
+export function laneBytes(op: number): number {
   switch (op) {
     case b.Store8LaneVec128:
       return 1;

@@ -42,7 +42,7 @@ import {
   WASM_PAGE_BYTES,
 } from "../vm/layout.js";
 import { assert } from "../util/assert.js";
-import { addMarkPages, BarrierHoist, mayGrowMemory } from "./barrier-hoist.js";
+import { addMarkPages, BarrierHoist, laneBytes, mayGrowMemory } from "./barrier-hoist.js";
 import { StoreGroups } from "./barrier-groups.js";
 
 import {
@@ -1074,19 +1074,6 @@ function shiftedOffset(offset: number): number {
   const shifted = (offset >>> 0) + BASE_BYTES; // binaryen.js getOffset() returns the u32 immediate as a signed i32
   // The original access always trapped too: guest memory is at most 4 GiB - BASE_BYTES.
   return shifted > 0xffffffff ? ALWAYS_TRAPS : shifted;
-}
-
-function laneBytes(op: number): number {
-  switch (op) {
-    case b.Store8LaneVec128:
-      return 1;
-    case b.Store16LaneVec128:
-      return 2;
-    case b.Store32LaneVec128:
-      return 4;
-    default:
-      return 8;
-  }
 }
 
 function typeName(t: number): ValueTypeName | undefined {
