@@ -15,6 +15,17 @@ import { hostCommand } from "../../src/cli/demo.js";
 
 const clusters: string[] = [];
 
+/** What a bank demo's report says when its failover kept every promise (src/cli/demo-bank.ts). */
+export const BANK_CHECKS_ALL_TRUE = {
+  total_conserved: true,
+  no_duplicate_transfer: true,
+  rounds_contiguous: true,
+  resumed_after_kill: true,
+  new_primary_elsewhere: true,
+  memory_moved_only_for_lost_replicas: true,
+  processes_cleaned_up: true,
+};
+
 /** `store`: the hosts' coordination store (src/store/open.ts), embedded unless a test names an etcd. */
 export async function startCluster(hosts: number, detect_ms: number, store = "embedded"): Promise<{ dir: string; cluster: ClusterFile; store: CoordinationStore }> {
   const dir = await mkdtemp(join(tmpdir(), "cohort-it-"));
