@@ -9,12 +9,18 @@ import { defaultStateDir, down, up } from "../cluster/local-cluster.js";
 import { loadManifest } from "../cluster/manifest.js";
 import { Host, HOST_DEFAULTS } from "../host/host.js";
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
+import { LEASE_TTL_MS_MIN } from "../store/store.js";
 import { clusterOrFail, LogFollower, requestAny } from "./client.js";
 import { hostCommand, runDemo } from "./demo.js";
 
 const int = (name: string) => (value: string) => {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`${name} must be a non-negative integer`);
+  return n;
+};
+const atLeast = (name: string, min: number) => (value: string) => {
+  const n = int(name)(value);
+  if (n < min) throw new InvalidArgumentError(`${name} must be at least ${min}`);
   return n;
 };
 
@@ -45,7 +51,7 @@ export function registerClusterCommands(program: Command): void {
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
       .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
-      .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds)", int("--lease-ms"), HOST_DEFAULTS.lease_ms)
+      .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds)", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
       .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
   )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
     const state_dir = stateDir(opts);
