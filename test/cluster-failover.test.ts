@@ -5,11 +5,11 @@
  */
 import { afterEach, describe, expect, it } from "vitest";
 import { execFile } from "node:child_process";
-import { writeFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import type { ClusterFile } from "../src/cluster/local-cluster.js";
+import { hostLogPath, type ClusterFile } from "../src/cluster/local-cluster.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { vmKey, type VmRecord } from "../src/host/records.js";
@@ -232,6 +232,33 @@ describe("single-VM protection across host processes", () => {
     await waitFor(() => f.records.length >= count + 10, 5000, "output after the old backup returned");
     const now = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
     expect(now.primary).toBe(record.primary); // the returning backup did not take over
+    f.follower.stop();
+    await f.done;
+    expectContiguous(f.records);
+    await store.close();
+  });
+
+  it("a host paused for less than its failover takes (SIGSTOP ~1.5 detection periods) resumes without declaring its live peers failed", async () => {
+    const { dir, cluster: c, store } = await cluster(3);
+    await deploy(c, "ticker", guestPath("ticker"));
+    const before = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
+    const backup = c.hosts.find((h) => h.id === before.backup)!;
+    const f = follow(c, "ticker-0");
+    await waitFor(() => f.records.length >= 10, 5000, "output");
+    // A host holding only a backup is decided on one more period after it is suspected: it wakes up first.
+    process.kill(backup.pid, "SIGSTOP");
+    await sleep(1.5 * DETECT_MS);
+    process.kill(backup.pid, "SIGCONT");
+    await sleep(4 * DETECT_MS);
+    const count = f.records.length;
+    await waitFor(() => f.records.length >= count + 10, 5000, "output after the pause");
+    // Its own stall was not taken for its peers' silence: nobody was declared failed, nothing moved.
+    const after = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
+    expect(after.incarnation).toBe(before.incarnation);
+    expect([after.primary, after.backup]).toEqual([before.primary, before.backup]);
+    const log = await readFile(hostLogPath(dir, backup.id), "utf8");
+    expect(log).not.toContain('"msg":"peer failed"');
+    expect(log).toContain("this host stalled");
     f.follower.stop();
     await f.done;
     expectContiguous(f.records);
