@@ -122,7 +122,11 @@ export class Host {
     const record: HostRecord = { id: this.id, address: this.address, pid: process.pid, started_at_ms: Date.now() };
     await this.register(record);
     const lease_ms = this.options.lease_ms ?? HOST_DEFAULTS.lease_ms;
-    this.timers.push(setInterval(() => this.renewLease(record).catch((error: Error) => this.log.error({ err: error }, "lease renewal failed")), Math.max(100, Math.floor(lease_ms / 3))));
+    this.timers.push(
+      setInterval(() => {
+        this.renewLease(record).catch((error: Error) => this.log.error({ err: error }, "lease renewal failed"));
+      }, Math.max(100, Math.floor(lease_ms / 3))),
+    );
     VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     this.timers.push(
