@@ -16,9 +16,10 @@ import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
 import { BANK_CHECKS_ALL_TRUE, startCluster, stopClusters, waitFor } from "./support/cluster.js";
+import { HOST_DEFAULTS } from "../src/host/host.js";
 
-// As in the other multi-process group tests: VM threads booting on a 2-core machine must not look like a crash.
-const DETECT_MS = 1000;
+// The product's default detector: a deploy that starts many VM threads must not look like a crash.
+const DETECT_MS = HOST_DEFAULTS.detect_ms;
 
 describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)", () => {
   let etcd: RunningEtcd;

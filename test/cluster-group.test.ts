@@ -18,9 +18,10 @@ import { runBankDemo } from "../src/cli/demo-bank.js";
 import type { GroupStatus } from "../src/host/group/driver.js";
 import { readRecordings, replay } from "../src/sim/replay.js";
 import { BANK_CHECKS_ALL_TRUE, startCluster, stopClusters, waitFor } from "./support/cluster.js";
+import { HOST_DEFAULTS } from "../src/host/host.js";
 
-// Generous: deploys boot many VM threads at once, and a 2-core CI machine must not mistake that for a crash.
-const DETECT_MS = 1000;
+// The product's default detector: a deploy that starts many VM threads must not look like a crash.
+const DETECT_MS = HOST_DEFAULTS.detect_ms;
 afterEach(stopClusters);
 
 const cluster = (hosts: number) => startCluster(hosts, DETECT_MS);

@@ -38,6 +38,7 @@ import { MSG } from "../src/host/messages.js";
 import { requestAny, sleep } from "../src/cli/client.js";
 import type { HostStatus } from "../src/host/api.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
+import { HOST_DEFAULTS } from "../src/host/host.js";
 
 // ---- the core on its own -------------------------------------------------------------------
 
@@ -283,8 +284,8 @@ async function until(check: () => boolean, what: string, timeout_ms = 5000): Pro
 // ---- live hosts ----------------------------------------------------------------------------
 
 const run = promisify(execFile);
-// Generous, like the other group tests: deploys boot VM threads on a shared 2-core machine.
-const DETECT_MS = 1000;
+// The product's default detector: a deploy that starts many VM threads must not look like a crash.
+const DETECT_MS = HOST_DEFAULTS.detect_ms;
 afterEach(stopClusters);
 
 async function deploy(c: ClusterFile, group: string, guest: string, mode: string, size: number): Promise<void> {
