@@ -96,15 +96,25 @@ export function initialRuntimeState(): RuntimeState {
  * and the backup as much again reading them back; one array is one object.
  */
 function packRecords<T>(records: readonly T[], fields: number, numbersOf: (r: T) => number[], bytesOf: (r: T) => Uint8Array): Uint8Array {
-  const entry = 8 * (fields + 1);
+  const out = new Uint8Array(packedSize(records, fields, bytesOf));
+  writeRecords(out, 0, records, fields, numbersOf, bytesOf);
+  return out;
+}
+
+/** Bytes packRecords takes for `records`. */
+function packedSize<T>(records: readonly T[], fields: number, bytesOf: (r: T) => Uint8Array): number {
   let payload = 0;
   for (const r of records) payload += bytesOf(r).length;
-  const head = 8 + records.length * entry;
-  const out = new Uint8Array(head + payload);
-  const view = new DataView(out.buffer);
-  view.setFloat64(0, records.length, true);
-  let at = 8;
-  let body = head;
+  return 8 + records.length * 8 * (fields + 1) + payload;
+}
+
+/** packRecords laid out into `out` at `start` (which has packedSize bytes there): the capture path writes each section once. */
+function writeRecords<T>(out: Uint8Array, start: number, records: readonly T[], fields: number, numbersOf: (r: T) => number[], bytesOf: (r: T) => Uint8Array): void {
+  const entry = 8 * (fields + 1);
+  const view = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  view.setFloat64(start, records.length, true);
+  let at = start + 8;
+  let body = start + 8 + records.length * entry;
   for (const r of records) {
     const bytes = bytesOf(r);
     const numbers = numbersOf(r);
@@ -115,7 +125,6 @@ function packRecords<T>(records: readonly T[], fields: number, numbersOf: (r: T)
     at += entry;
     body += bytes.length;
   }
-  return out;
 }
 
 /** Inverse of packRecords; `valid` checks each record's numbers; `what` names the section in errors. */
@@ -145,22 +154,28 @@ function unpackRecords<T>(packed: Uint8Array, fields: number, valid: (numbers: n
 
 const naturals = (numbers: number[]) => numbers.every((n) => Number.isSafeInteger(n) && n >= 0);
 
+const SENDER_LOG_FIELDS = 3;
+const senderLogNumbers = (e: LoggedMessage) => [e.to, e.epoch, e.seq];
+const OUTPUT_FIELDS = 6;
+const outputNumbers = (r: OutputRecord) => [r.kind, r.epoch, r.seq, r.session, r.request_id, r.produced_ms];
+const payloadOf = (r: { bytes: Uint8Array }) => r.bytes;
+
 export function packSenderLog(log: readonly LoggedMessage[]): Uint8Array {
-  return packRecords(log, 3, (e) => [e.to, e.epoch, e.seq], (e) => e.bytes);
+  return packRecords(log, SENDER_LOG_FIELDS, senderLogNumbers, payloadOf);
 }
 
 export function unpackSenderLog(packed: Uint8Array): LoggedMessage[] {
-  return unpackRecords(packed, 3, naturals, ([to, epoch, seq], bytes) => ({ to, epoch, seq, bytes }), "packed sender log");
+  return unpackRecords(packed, SENDER_LOG_FIELDS, naturals, ([to, epoch, seq], bytes) => ({ to, epoch, seq, bytes }), "packed sender log");
 }
 
 export function packOutput(records: readonly OutputRecord[]): Uint8Array {
-  return packRecords(records, 6, (r) => [r.kind, r.epoch, r.seq, r.session, r.request_id, r.produced_ms], (r) => r.bytes);
+  return packRecords(records, OUTPUT_FIELDS, outputNumbers, payloadOf);
 }
 
 export function unpackOutput(packed: Uint8Array): OutputRecord[] {
   return unpackRecords(
     packed,
-    6,
+    OUTPUT_FIELDS,
     // Any integers (a guest picks the session it replies to), a finite clock reading.
     (n) => n.slice(0, 5).every((v) => Number.isSafeInteger(v)) && Number.isFinite(n[5]),
     ([kind, epoch, seq, session, request_id, produced_ms], bytes) => ({ kind, epoch, seq, session, request_id, produced_ms, bytes }),
@@ -177,16 +192,16 @@ const V8_VERSION_TAG = 0xff;
 type EncodedState = Omit<RuntimeState, "sender_log" | "output"> & { output?: OutputRecord[]; sender_log?: LoggedMessage[]; sender_log_packed?: Uint8Array };
 
 export function encodeRuntimeState(state: RuntimeState): Uint8Array {
-  const section = packOutput(state.output);
-  const log = packSenderLog(state.sender_log);
+  const section = packedSize(state.output, OUTPUT_FIELDS, payloadOf);
+  const log = packedSize(state.sender_log, SENDER_LOG_FIELDS, payloadOf);
   const lists = [state.sent_seq, state.delivered, state.sender_log_trimmed];
   const numbers = PACKED_COUNTERS + lists.reduce((n, l) => n + 1 + l.length, 0) + 1 + 2 * state.timers.size;
-  const out = new Uint8Array(5 + section.length + 8 * numbers + log.length);
+  const out = new Uint8Array(5 + section + 8 * numbers + log);
   const view = new DataView(out.buffer);
   out[0] = STATE_LAYOUT_PACKED;
-  view.setUint32(1, section.length, true);
-  out.set(section, 5);
-  let at = 5 + section.length;
+  view.setUint32(1, section, true);
+  writeRecords(out, 5, state.output, OUTPUT_FIELDS, outputNumbers, payloadOf);
+  let at = 5 + section;
   const put = (v: number) => {
     view.setFloat64(at, v, true);
     at += 8;
@@ -201,7 +216,7 @@ export function encodeRuntimeState(state: RuntimeState): Uint8Array {
     put(id);
     put(due);
   }
-  out.set(log, at);
+  writeRecords(out, at, state.sender_log, SENDER_LOG_FIELDS, senderLogNumbers, payloadOf);
   return out;
 }
 
