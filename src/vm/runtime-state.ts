@@ -17,9 +17,9 @@
  *   the rest: the sender log, packed (packSenderLog)
  *
  * Written by hand rather than with V8's structured serializer, which the
- * layouts before this one used: serializing the small remaining record cost
- * 10-35 µs of every checkpoint pause, a good part of a pause of a few hundred
- * pages. The output comes first and on its own so that a backup can read what
+ * layouts before this one used: serializing even the small remaining record
+ * was a fixed cost in every checkpoint pause, next to a page copy of tens of
+ * microseconds. The output comes first and on its own so that a backup can read what
  * a checkpoint released (decodeOutputRecords) without decoding the rest.
  * States of the earlier layouts (V8 bytes only, first byte 0xFF; output
  * section then V8 bytes, first byte 0x43) still decode.
