@@ -19,8 +19,6 @@ export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
 }
 
 export interface RequestOptions {
-  /** Ask no host but this one. */
-  host_id?: string;
   /** Skip this host (e.g. one that may be paused). */
   exclude?: string;
   /** Give up on a host that does not answer within this time and ask the next (default: the connection's 30 s). */
@@ -30,9 +28,8 @@ export interface RequestOptions {
 /** Sends one request to the first host that answers (or to `host_id`). */
 export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string, options: RequestOptions = {}): Promise<HostOps[Op]["result"]> {
   const errors: string[] = [];
-  const only = host_id ?? options.host_id;
   for (const host of cluster.hosts) {
-    if ((only && host.id !== only) || host.id === options.exclude) continue;
+    if ((host_id && host.id !== host_id) || host.id === options.exclude) continue;
     let connection: Connection | null = null;
     try {
       connection = await Connection.open(host.address, `cli→${host.id}`, 1000);
