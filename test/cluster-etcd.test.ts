@@ -6,7 +6,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Etcd3 } from "etcd3";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
@@ -31,13 +31,16 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
   });
   afterEach(stopClusters);
 
-  it("the CLI learns the cluster from the hosts over TCP: `status` works and no store file exists", async () => {
+  it("the CLI learns the cluster from the hosts over TCP: `status` works with the store it names unreachable, and no store file exists", async () => {
     const { dir, cluster: c, store } = await startCluster(2, DETECT_MS, `etcd://${etcd.endpoint}/status-test`);
     try {
       expect(c.store).toBe(`etcd://${etcd.endpoint}/status-test`);
       const module = guestPath("kv");
       const manifest = parseManifest(`group: kv\nmode: group\nsize: 2\nmodule: ${JSON.stringify(module)}\n`, { source: "test", base_dir: "/" });
       await requestAny(c, "deploy", { manifest }, new Uint8Array(await readFile(module)));
+      // cluster.json now names a store nobody can reach: a CLI that opened the store itself would fail.
+      const file = join(dir, "cluster.json");
+      await writeFile(file, JSON.stringify({ ...JSON.parse(await readFile(file, "utf8")), store: "etcd://127.0.0.1:1/nowhere" }));
       const status = spawnSync(process.execPath, ["bin/cohort.js", "status", "--json", "--state-dir", dir], { encoding: "utf8" });
       expect(status.stderr).toBe("");
       const report = JSON.parse(status.stdout) as { hosts: { up: boolean }[]; groups: { group: string; vms: { vm: string; primary: string }[] }[] };
