@@ -28,15 +28,7 @@ const uleb = (v: number): number[] => {
   return out;
 };
 const str = (s: string) => [...uleb(s.length), ...new TextEncoder().encode(s)];
-const concat = (parts: (Uint8Array | number[])[]): Uint8Array => {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-};
+const concat = (parts: (Uint8Array | number[])[]): Uint8Array => Buffer.concat(parts.map((p) => Uint8Array.from(p)));
 const section = (id: number, content: Uint8Array | number[]): Uint8Array => concat([[id, ...uleb(content.length)], content]);
 
 interface ModuleSpec {

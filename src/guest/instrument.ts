@@ -316,16 +316,16 @@ function withMemoryExport(bytes: Uint8Array, compiled: WebAssembly.Module): Uint
   let content: Uint8Array;
   if (existing) {
     const { value: count, next } = readUleb(bytes, existing.content_start);
-    content = concat([Uint8Array.from(uleb(count + 1)), bytes.subarray(next, existing.end), Uint8Array.from(entry)]);
+    content = Buffer.concat([Uint8Array.from(uleb(count + 1)), bytes.subarray(next, existing.end), Uint8Array.from(entry)]);
     [before, after] = [existing.start, existing.end];
   } else {
     // A new export section goes right after the last section that must precede it.
     const last = sections.filter((s) => s.id !== 0 && SECTION_ORDER[s.id] < SECTION_ORDER[7]).at(-1);
     assert(last, "a module with a memory section has a section before the export section");
-    content = concat([Uint8Array.from(uleb(1)), Uint8Array.from(entry)]);
+    content = Buffer.concat([Uint8Array.from(uleb(1)), Uint8Array.from(entry)]);
     [before, after] = [last.end, last.end];
   }
-  return concat([bytes.subarray(0, before), Uint8Array.from([7, ...uleb(content.length)]), content, bytes.subarray(after)]);
+  return Buffer.concat([bytes.subarray(0, before), Uint8Array.from([7, ...uleb(content.length)]), content, bytes.subarray(after)]);
 }
 
 interface Section {
@@ -371,15 +371,6 @@ function uleb(value: number): number[] {
   return out;
 }
 
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
 
 /**
  * Memory declarations are checked on the raw binary, before Binaryen: we need

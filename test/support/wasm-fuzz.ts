@@ -19,6 +19,7 @@ import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import binaryen from "binaryen";
+import { Rng } from "../../src/sim/rng.js";
 
 const b = binaryen;
 
@@ -52,16 +53,10 @@ const FEATURES =
   b.Features.Multivalue |
   b.Features.TailCall;
 
-/** Deterministic 32-bit PRNG (mulberry32): one seed, one stream, on every machine. */
+/** Deterministic 32-bit integers from one seed, on every machine (the simulator's generator). */
 export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
+  const rng = new Rng(seed);
+  return () => Math.floor(rng.next() * 4294967296);
 }
 
 type CallMain = (args: string[]) => number;
