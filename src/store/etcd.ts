@@ -75,11 +75,6 @@ export class EtcdStore implements CoordinationStore {
     this.ns = this.client.namespace(this.opts.prefix);
   }
 
-  /** The etcd members this store talks to, as given. */
-  get endpoints(): readonly string[] {
-    return this.opts.endpoints;
-  }
-
   async get<T>(key: string): Promise<Versioned<T> | null> {
     validateKey(key);
     return this.op(`get ${key}`, async () => {
