@@ -121,6 +121,56 @@ describe("message path over TCP", () => {
     expect(b.problems).toEqual([]);
   });
 
+  it("the receiver answers on the connection its sender dialed: one connection per pair", async () => {
+    const { a, b } = await pair();
+    a.path.run();
+    b.path.run();
+    for (let i = 1; i <= 20; i++) {
+      a.path.send([message(0, 1, i)]);
+      await until(() => b.offered.length === i, `ping ${i}`);
+      b.path.send([message(1, 0, i)]);
+      await until(() => a.offered.length === i, `pong ${i}`);
+    }
+    expect(a.offered.map((m) => m.seq)).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
+    expect(a.path.counters.links_dialed).toBe(1);
+    expect(b.path.counters.links_dialed).toBe(0);
+    expect([...a.problems, ...b.problems]).toEqual([]);
+  });
+
+  it("does not answer on a connection from a member's former primary", async () => {
+    const { a, b } = await pair();
+    a.path.run();
+    b.path.run();
+    a.path.send([message(0, 1, 1)]);
+    await until(() => b.offered.length === 1, "the ping from the old primary");
+    // Rank 0 moved: a new primary with its own token and port.
+    const moved = testPath(0);
+    paths.push(moved.path);
+    const port = await moved.path.listen();
+    moved.path.run();
+    b.path.setRoutes([{ address: `127.0.0.1:${port}`, token: moved.path.token }, null], []);
+    b.path.send([message(1, 0, 1)]);
+    await until(() => moved.offered.length === 1, "the answer at the new primary");
+    await sleep(30);
+    expect(a.offered).toEqual([]);
+    expect(b.path.counters.links_dialed).toBe(1);
+  });
+
+  it("both members dialing at once still deliver every message once, in order", async () => {
+    const { a, b } = await pair();
+    a.path.run();
+    b.path.run();
+    const toB = Array.from({ length: 50 }, (_, i) => message(0, 1, i + 1));
+    const toA = Array.from({ length: 50 }, (_, i) => message(1, 0, i + 1));
+    for (let i = 0; i < 50; i++) {
+      a.path.send([toB[i]]);
+      b.path.send([toA[i]]);
+    }
+    await until(() => a.offered.length === 50 && b.offered.length === 50, "both directions");
+    expect(b.offered).toEqual(toB);
+    expect(a.offered).toEqual(toA);
+  });
+
   it("a frozen path sends nothing and keeps what arrives until it runs", async () => {
     const { a, b } = await pair();
     a.path.run();

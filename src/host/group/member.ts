@@ -33,7 +33,7 @@ export interface MemberEvents {
   problem: [reason: string];
 }
 
-const NO_COUNTERS: PathCounters = { sent_before_commit: 0, sent_after_commit: 0, held_total: 0, held: 0, dropped: 0, received: 0 };
+const NO_COUNTERS: PathCounters = { sent_before_commit: 0, sent_after_commit: 0, held_total: 0, held: 0, dropped: 0, received: 0, links_dialed: 0 };
 
 export class GroupMember extends EventEmitter<MemberEvents> {
   state: MemberState = "frozen";
