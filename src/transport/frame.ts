@@ -86,9 +86,13 @@ export function encodeFrameWith(type: number, payload_bytes: number, fill: (fram
 }
 
 function writeHeader(header: Buffer, type: number, flags: number, payload_bytes: number): void {
-  assert(Number.isInteger(type) && type >= 0 && type <= 0xff, `frame type ${type} is not a u8`);
-  assert(Number.isInteger(flags) && flags >= 0 && flags <= 0xffff, `frame flags ${flags} are not a u16`);
-  assert(Number.isInteger(payload_bytes) && payload_bytes >= 0 && payload_bytes <= PAYLOAD_BYTES_LIMIT, `frame payload of ${payload_bytes} bytes does not fit a u32`);
+  // One test first: the messages are built only on failure (this runs once per group message).
+  const valid = Number.isInteger(type) && type >= 0 && type <= 0xff && Number.isInteger(flags) && flags >= 0 && flags <= 0xffff && Number.isInteger(payload_bytes) && payload_bytes >= 0 && payload_bytes <= PAYLOAD_BYTES_LIMIT;
+  if (!valid) {
+    assert(Number.isInteger(type) && type >= 0 && type <= 0xff, `frame type ${type} is not a u8`);
+    assert(Number.isInteger(flags) && flags >= 0 && flags <= 0xffff, `frame flags ${flags} are not a u16`);
+    assert(false, `frame payload of ${payload_bytes} bytes does not fit a u32`);
+  }
   header.writeUInt32LE(FRAME_MAGIC, 0);
   header.writeUInt8(FRAME_FORMAT_VERSION, 4);
   header.writeUInt8(type, 5);
