@@ -19,6 +19,9 @@ import type { GroupStatus } from "../src/host/group/driver.js";
 import { readRecordings, replay } from "../src/sim/replay.js";
 import { BANK_CHECKS_ALL_TRUE, startCluster, stopClusters, waitFor } from "./support/cluster.js";
 import { HOST_DEFAULTS } from "../src/host/host.js";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { hostCommand } from "../src/cli/demo.js";
 
 // The product's default detector: a deploy that starts many VM threads must not look like a crash.
 const DETECT_MS = HOST_DEFAULTS.detect_ms;
@@ -104,6 +107,27 @@ describe("group failover (real processes, kill -9)", () => {
     expect(after.primary).not.toBe(victim.id);
     expect(after.incarnation).toBe(before.incarnation + 1);
     await store.close();
+  }, 60_000);
+});
+
+describe("a released log longer than one reply", () => {
+  it("`cohort logs` prints all of it in order, and a follower from seq 1 gets all of it", async () => {
+    const { cluster: c, dir } = await cluster(2);
+    await deploy(c, "long", "allreduce", "none", 2);
+    // ~110 bytes of JSON per record: 12,000 records are well past a 1 MiB message header.
+    const released = async () => (await Promise.all(c.hosts.map((h) => requestAny(c, "status", {}, undefined, h.id)))).flatMap((s) => s.primaries).find((p) => p.vm === "long-0")?.released_seq ?? 0;
+    await waitFor(async () => (await released()) >= 12_000, 30_000, "12,000 released records");
+    const { stdout } = await promisify(execFile)(process.execPath, [hostCommand()[1], "logs", "long-0", "--state-dir", dir], { maxBuffer: 64 << 20 });
+    const lines = stdout.trimEnd().split("\n");
+    expect(lines.length).toBeGreaterThanOrEqual(12_000);
+    lines.forEach((line, i) => expect(line).toBe(`round ${i + 1} sum ${3 * (i + 1)}`));
+    const followed: FollowedRecord[] = [];
+    const follower = new LogFollower(c, "long-0", 1, (r) => followed.push(r), () => undefined);
+    const running = follower.run();
+    await waitFor(() => followed.length >= lines.length + 100, 20_000, "the follower past what `cohort logs` printed");
+    follower.stop();
+    await running;
+    followed.forEach((r, i) => expect(r.seq).toBe(i + 1));
   }, 60_000);
 });
 

@@ -52,6 +52,25 @@ export async function locateVm(cluster: ClusterFile, vm: string, options: Reques
   return (await requestAny(cluster, "locate", { vm }, undefined, undefined, options)).vm;
 }
 
+/**
+ * The released output of `vm` its primary keeps, from `from_seq` to the
+ * newest, page by page (a long log does not fit one reply); `onRecords` gets
+ * each page in order. Returns the seq after the last record read.
+ */
+export async function readLog(cluster: ClusterFile, vm: string, from_seq: number, onRecords: (records: ReleasedRecord[]) => void): Promise<number> {
+  const record = await locateVm(cluster, vm);
+  if (!record) throw new Error(`no VM named ${vm}`);
+  let next = from_seq;
+  for (;;) {
+    const page = await requestAny(cluster, "logs", { vm, from_seq: next, follow: false }, undefined, record.primary);
+    if (page.records.length) {
+      onRecords(page.records);
+      next = page.records[page.records.length - 1].seq + 1;
+    }
+    if (!page.more || !page.records.length) return next;
+  }
+}
+
 /** A host that does not answer `locate` within this is passed over (it may be paused). */
 const LOCATE_TIMEOUT_MS = 500;
 

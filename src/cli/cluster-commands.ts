@@ -10,7 +10,8 @@ import { loadManifest } from "../cluster/manifest.js";
 import { Host, HOST_DEFAULTS } from "../host/host.js";
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
 import { LEASE_TTL_MS_MIN } from "../store/store.js";
-import { clusterOrFail, LogFollower, requestAny } from "./client.js";
+import { clusterOrFail, LogFollower, readLog, requestAny } from "./client.js";
+import type { ReleasedRecord } from "../core/frames.js";
 import { hostCommand, runDemo } from "./demo.js";
 
 const int = (name: string) => (value: string) => {
@@ -170,13 +171,14 @@ export function registerClusterCommands(program: Command): void {
       .option("--from <seq>", "first output sequence number", int("--from"), 1),
   ).action(async (vm: string, opts: { follow?: boolean; from: number; stateDir?: string }) => {
     const cluster = await clusterOrFail(stateDir(opts));
-    const follower = new LogFollower(cluster, vm, opts.from, (r) => process.stdout.write(r.text.endsWith("\n") ? r.text : `${r.text}\n`), (line) => console.error(line));
+    const print = (r: ReleasedRecord) => process.stdout.write(r.text.endsWith("\n") ? r.text : `${r.text}\n`);
     if (!opts.follow) {
-      // One pass: print what the primary has, then stop.
-      setTimeout(() => follower.stop(), 300);
-    } else {
-      process.once("SIGINT", () => follower.stop());
+      // One pass: what the primary has now, page by page, then stop.
+      await readLog(cluster, vm, opts.from, (records) => records.forEach(print));
+      return;
     }
+    const follower = new LogFollower(cluster, vm, opts.from, print, (line) => console.error(line));
+    process.once("SIGINT", () => follower.stop());
     await follower.run();
   });
 

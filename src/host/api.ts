@@ -76,7 +76,8 @@ interface HostOpResults {
   group_run: { group: string };
   vm_request: { vm: string; reply: string; epoch: number };
   /** With `follow`, each record released afterwards comes as a MSG.LOG push on the same connection. */
-  logs: { vm: string; role: "primary" | "backup"; first_seq: number; records: ReleasedRecord[] };
+  /** One page of records (see LOG_PAGE_BYTES_MAX); `more`: records follow it (without follow, ask again from the next seq). */
+  logs: { vm: string; role: "primary" | "backup"; first_seq: number; records: ReleasedRecord[]; more: boolean };
   records: { groups: GroupRecord[]; vms: VmRecord[]; hosts: HostRecord[] };
   locate: { vm: VmRecord | null };
 }

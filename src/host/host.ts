@@ -12,7 +12,7 @@ import { Connection } from "./connection.js";
 import { MSG, type Heartbeat, type LogPush, type Request } from "./messages.js";
 import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
 import type { ReleasedRecord } from "../core/frames.js";
-import { OutputLog } from "./output-log.js";
+import { logPages, OutputLog } from "./output-log.js";
 import { LogLimit } from "../util/log-limit.js";
 import { round } from "../util/stats.js";
 import { hostKey, vmKey, type GroupRecord, type VmRecord } from "./records.js";
@@ -523,7 +523,11 @@ export class Host {
     return compileGuest(instrumented);
   }
 
-  /** Replies with the records kept from `from_seq`, then (with `follow`) pushes every new one, in order. */
+  /**
+   * Replies with the first page of the records kept from `from_seq`; with
+   * `follow`, pushes the other pages (yielding between them, so a long log
+   * does not hold up this thread's heartbeats) and then every new record, in order.
+   */
   private followLogs(connection: Connection, request_id: number, { vm, from_seq, follow }: HostOps["logs"]["checked"]): void {
     let log: OutputLog | undefined;
     let role: "primary" | "backup" = "backup";
@@ -533,25 +537,41 @@ export class Host {
       if (found) ({ log, role } = found);
     }
     if (!log) throw Object.assign(new Error(`no replica of ${vm} on ${this.id}`), { code: "NoSuchVm" });
-    const value: HostOps["logs"]["result"] = { vm, role, first_seq: log.firstSeq, records: log.since(from_seq) };
+    const first = log.page(from_seq);
+    const value: HostOps["logs"]["result"] = { vm, role, first_seq: log.firstSeq, records: first.records, more: first.more };
     connection.reply(request_id, { ok: true, value });
-    if (follow) {
-      // Runs inside whatever appends to the log (a commit step): a push that fails closes this follower's connection only.
-      const onAppend = (records: ReleasedRecord[]) => {
-        if (connection.isClosed) {
-          log.off("append", onAppend);
-          return;
-        }
-        try {
-          connection.send(MSG.LOG, { vm, records } satisfies LogPush);
-        } catch (error) {
-          log.off("append", onAppend);
-          connection.close(`log push failed: ${(error as Error).message}`);
-        }
-      };
-      log.on("append", onAppend);
-      connection.once("close", () => log.off("append", onAppend));
-    }
+    if (!follow) return;
+    const source = log;
+    // A push that fails closes this follower's connection only.
+    const push = (records: ReleasedRecord[]): boolean => {
+      if (connection.isClosed) return false;
+      try {
+        for (const page of logPages(records)) connection.send(MSG.LOG, { vm, records: page } satisfies LogPush);
+        return true;
+      } catch (error) {
+        connection.close(`log push failed: ${(error as Error).message}`);
+        return false;
+      }
+    };
+    // Runs inside whatever appends to the log (a commit step).
+    const onAppend = (records: ReleasedRecord[]) => {
+      if (!push(records)) source.off("append", onAppend);
+    };
+    let next = first.records.length ? first.records[first.records.length - 1].seq + 1 : Math.max(from_seq, source.firstSeq);
+    const backlog = () => {
+      if (connection.isClosed) return;
+      const { records, more } = source.page(next);
+      if (records.length && !push(records)) return;
+      if (records.length) next = records[records.length - 1].seq + 1;
+      if (more) {
+        setImmediate(backlog);
+        return;
+      }
+      // Caught up: from here on every append is pushed as it happens.
+      source.on("append", onAppend);
+      connection.once("close", () => source.off("append", onAppend));
+    };
+    backlog();
   }
 
   status(): HostStatus {

@@ -18,6 +18,35 @@ export const OUTPUT_LOG_RECORDS_MAX = 200_000;
  * and however small its records).
  */
 export const OUTPUT_LOG_HISTORY_BYTES_MAX = 256 * 1024;
+/**
+ * A `logs` reply or push carries records up to about this many bytes of
+ * JSON (a page always holds at least one record, and one record is at most
+ * message_bytes_max = 64 KiB of guest bytes, ≤ 6× that as JSON): a message
+ * header must stay under 1 MiB, and a long log goes out page by page.
+ */
+export const LOG_PAGE_BYTES_MAX = 256 * 1024;
+
+/** A record's size as sent: a control character takes 6 bytes in JSON, and every record its fields. */
+const sentBytes = (r: ReleasedRecord) => Buffer.byteLength(JSON.stringify(r)) + 1;
+
+/** Splits records into pages of at most `bytes_max` JSON bytes (at least one record each), in order. */
+export function logPages(records: readonly ReleasedRecord[], bytes_max = LOG_PAGE_BYTES_MAX): ReleasedRecord[][] {
+  const pages: ReleasedRecord[][] = [];
+  let page: ReleasedRecord[] = [];
+  let bytes = 0;
+  for (const r of records) {
+    const size = sentBytes(r);
+    if (page.length && bytes + size > bytes_max) {
+      pages.push(page);
+      page = [];
+      bytes = 0;
+    }
+    page.push(r);
+    bytes += size;
+  }
+  if (page.length) pages.push(page);
+  return pages;
+}
 
 export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]] }> {
   private records: ReleasedRecord[] = [];
@@ -56,9 +85,7 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
   tail(bytes_max: number): ReleasedRecord[] {
     let bytes = 0;
     let i = this.records.length;
-    // Counted as sent: a control character takes 6 bytes in JSON, and every record its fields.
-    const size = (r: ReleasedRecord) => Buffer.byteLength(JSON.stringify(r)) + 1;
-    while (i > 0 && bytes + size(this.records[i - 1]) <= bytes_max) bytes += size(this.records[--i]);
+    while (i > 0 && bytes + sentBytes(this.records[i - 1]) <= bytes_max) bytes += sentBytes(this.records[--i]);
     return this.records.slice(i);
   }
 
@@ -74,5 +101,23 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
   since(from_seq: number): ReleasedRecord[] {
     const start = Math.max(0, from_seq - this.first);
     return this.records.slice(start);
+  }
+
+  /**
+   * The kept records from `from_seq` on, up to about `bytes_max` bytes of
+   * JSON (at least one record if there is any), and whether more follow.
+   * Costs the page, not the log.
+   */
+  page(from_seq: number, bytes_max = LOG_PAGE_BYTES_MAX): { records: ReleasedRecord[]; more: boolean } {
+    let i = Math.max(0, from_seq - this.first);
+    const start = i;
+    let bytes = 0;
+    while (i < this.records.length) {
+      const size = sentBytes(this.records[i]);
+      if (i > start && bytes + size > bytes_max) break;
+      bytes += size;
+      i++;
+    }
+    return { records: this.records.slice(start, i), more: i < this.records.length };
   }
 }

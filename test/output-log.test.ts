@@ -1,0 +1,62 @@
+/**
+ * A VM's released output stream as a host keeps it (src/host/output-log.ts):
+ * dense sequence numbers, deduplication of re-released output, and the pages
+ * a `logs` reply or push is cut into so that no message header reaches 1 MiB
+ * however long the log is.
+ */
+import { describe, expect, it } from "vitest";
+import { encodePayload } from "../src/host/messages.js";
+import { LOG_PAGE_BYTES_MAX, logPages, OutputLog } from "../src/host/output-log.js";
+import { OUTPUT_LOG, type OutputRecord } from "../src/vm/runtime-state.js";
+
+const record = (seq: number, text: string): OutputRecord => ({ seq, epoch: 1, kind: OUTPUT_LOG, session: 0, request_id: 0, bytes: new TextEncoder().encode(text), produced_ms: 0 });
+
+function logOf(count: number, text: (seq: number) => string): OutputLog {
+  const log = new OutputLog();
+  const records: OutputRecord[] = [];
+  for (let seq = 1; seq <= count; seq++) records.push(record(seq, text(seq)));
+  log.append(records);
+  return log;
+}
+
+describe("output log", () => {
+  it("appends each sequence number once and refuses a gap", () => {
+    const log = logOf(3, (s) => `line ${s}\n`);
+    expect(log.append([record(2, "again"), record(3, "again"), record(4, "new")]).map((r) => r.seq)).toEqual([4]);
+    expect(() => log.append([record(6, "hole")])).toThrow(/gap/);
+    expect(log.since(3).map((r) => r.text)).toEqual(["line 3\n", "new"]);
+  });
+
+  it("pages a log of many megabytes: every page fits a message header, together they are the log, in order", () => {
+    // 20,000 records of ~200 bytes, some full of control characters (6 JSON bytes each).
+    const log = logOf(20_000, (s) => (s % 7 === 0 ? "\u0001".repeat(150) : `round ${s} `.padEnd(200, "x")));
+    const seen: number[] = [];
+    let from = 1;
+    for (let pages = 0; ; pages++) {
+      expect(pages).toBeLessThan(1000);
+      const { records, more } = log.page(from);
+      expect(records.length).toBeGreaterThan(0);
+      const json = Buffer.byteLength(JSON.stringify(records));
+      expect(json).toBeLessThanOrEqual(LOG_PAGE_BYTES_MAX + records.length);
+      expect(() => encodePayload({ records })).not.toThrow();
+      for (const r of records) seen.push(r.seq);
+      from = records[records.length - 1].seq + 1;
+      if (!more) break;
+    }
+    expect(seen).toEqual(Array.from({ length: 20_000 }, (_, i) => i + 1));
+    // The same cut for pushes of already released records.
+    const pages = logPages(log.since(1));
+    expect(pages.length).toBeGreaterThan(10);
+    expect(pages.flat().map((r) => r.seq)).toEqual(seen);
+    for (const page of pages) expect(() => encodePayload({ records: page })).not.toThrow();
+  });
+
+  it("a page holds at least one record, however large", () => {
+    const log = logOf(2, () => "\u0002".repeat(64 * 1024));
+    const first = log.page(1, 1000);
+    expect(first.records.map((r) => r.seq)).toEqual([1]);
+    expect(first.more).toBe(true);
+    expect(log.page(2, 1000)).toMatchObject({ more: false });
+    expect(log.page(3)).toEqual({ records: [], more: false });
+  });
+});
