@@ -13,7 +13,7 @@
  * | group_prepare | deploying host → hosts of the group | the group's ProtectionRecord | the module | where its primaries' message paths listen |
  * | group_run | deploying host → hosts of the group | group name, every rank's route | – | the group name |
  * | vm_request | CLI → a VM's primary host | VM name, request text | – | the released reply |
- * | logs | CLI → a VM's host | VM name, first seq, follow | – | records kept; with follow, MSG.LOG pushes after it |
+ * | logs | CLI → a VM's host | VM name, first seq, follow | – | one page of the records kept (`more` if others follow); with follow, the other pages and then each new record as MSG.LOG pushes |
  * | records | CLI → any host | none | – | the groups, VMs and hosts in the coordination store |
  * | locate | CLI → any host | VM name | – | the VM's record (where its primary is), or null |
  *
