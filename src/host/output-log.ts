@@ -63,11 +63,14 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
   /** Appends records with seq > lastSeq, in order; returns those that were new. */
   append(records: readonly OutputRecord[]): ReleasedRecord[] {
     const fresh: ReleasedRecord[] = [];
+    const now = Date.now();
     for (const r of records) {
       if (r.seq <= this.lastSeq) continue;
       // Sequence numbers are dense: a hole would be lost output.
       if (r.seq !== this.lastSeq + 1) throw new Error(`output log gap: have up to ${this.lastSeq}, got ${r.seq}`);
-      const wire: ReleasedRecord = { seq: r.seq, epoch: r.epoch, kind: r.kind, text: Buffer.from(r.bytes).toString("utf8"), produced_ms: r.produced_ms, released_ms: Date.now() };
+      // Decoded through a view of the record's bytes: no copy (this runs for every record a commit releases).
+      const text = Buffer.from(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength).toString("utf8");
+      const wire: ReleasedRecord = { seq: r.seq, epoch: r.epoch, kind: r.kind, text, produced_ms: r.produced_ms, released_ms: now };
       if (r.kind === OUTPUT_REPLY) wire.request_id = r.request_id;
       this.records.push(wire);
       fresh.push(wire);
