@@ -4,8 +4,9 @@
  * (dist/ and build/guests/), which `npm test` runs first.
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { execFile } from "node:child_process";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { readFile, writeFile } from "node:fs/promises";
+import { closeSync, openSync } from "node:fs";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -59,6 +60,56 @@ function expectContiguous(records: FollowedRecord[]): void {
     expect(Number(r.text.trim())).toBe(i + 1);
   });
 }
+
+describe("a killed host restarted with the same id rejoins", () => {
+  it("it takes part as <id>.2, takes the degraded VM's new backup, and a failover then promotes it: output with no gap", async () => {
+    const { dir, cluster: c, store } = await cluster(2);
+    await deploy(c, "ticker", guestPath("ticker"));
+    const before = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
+    const f = follow(c, "ticker-0");
+    await waitFor(() => f.records.length >= 20, 5000, "output before the kill");
+    // The backup's host dies: with two hosts there is no spare, the VM is degraded and releases nothing.
+    const backupHost = c.hosts.find((h) => h.id === before.backup)!;
+    process.kill(backupHost.pid, "SIGKILL");
+    const degraded = async () => JSON.parse((await run(process.execPath, [hostCommand()[1], "status", "--json", "--state-dir", dir])).stdout).groups[0].vms[0].health === "degraded";
+    await waitFor(degraded, 5000, "the VM degraded");
+    // The same host id started again, empty (a new process on the same state directory and store).
+    const [node, bin] = hostCommand();
+    const restarted: ChildProcess[] = [];
+    const restart = (id: string) => {
+      const out = openSync(join(dir, "logs", `${id}-restarted.log`), "a");
+      restarted.push(spawn(node, [bin, "host", "--id", id, "--port", "0", "--state-dir", dir, "--store", "embedded", "--detect-ms", String(DETECT_MS)], { stdio: ["ignore", out, out] }));
+      closeSync(out);
+    };
+    restart(backupHost.id);
+    try {
+      const rejoined = `${backupHost.id}.2`;
+      await waitFor(async () => (await store.get<VmRecord>(vmKey("ticker-0")))!.value.backup === rejoined, 10_000, `the new backup on ${rejoined}`);
+      // Registered under its new identity (the killed process's registration lapses with its lease).
+      expect((await requestAny(c, "records", {})).hosts.map((h) => h.id)).toContain(rejoined);
+      // The `cohort status` a user runs finds the rejoined host through the others' records (it is not in cluster.json).
+      const status = await run(process.execPath, [bin, "status", "--state-dir", dir]);
+      expect(status.stdout).toMatch(new RegExp(`ticker-0 +primary ${before.primary} +backup ${rejoined.replace(".", "\\.")} .*healthy`));
+      expect(status.stdout).toMatch(new RegExp(`${rejoined.replace(".", "\\.")} +127\\.0\\.0\\.1:\\d+ +pid \\d+ +up`));
+      // The primary's host dies now: the rejoined host's backup is promoted. With no spare host it waits,
+      // degraded, until the killed host is restarted too and rejoins as the new backup; then the output goes on.
+      const seqAtKill = f.follower.lastSeq;
+      process.kill(c.hosts.find((h) => h.id === before.primary)!.pid, "SIGKILL");
+      await waitFor(async () => (await store.get<VmRecord>(vmKey("ticker-0")))!.value.primary === rejoined, 10_000, `the backup on ${rejoined} promoted`);
+      restart(before.primary);
+      await waitFor(() => f.follower.lastSeq > seqAtKill + 20, 10_000, "output from the rejoined hosts");
+      expect((await store.get<VmRecord>(vmKey("ticker-0")))!.value.backup).toBe(`${before.primary}.2`);
+      f.follower.stop();
+      await f.done;
+      expectContiguous(f.records);
+      const after = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
+      expect(after.primary).toBe(rejoined);
+    } finally {
+      for (const p of restarted) p.kill("SIGKILL");
+      await store.close();
+    }
+  }, 60_000);
+});
 
 describe("single-VM protection across host processes", () => {
   it("kill -9 of the primary's host: the backup promotes, output continues with no gap and no duplicate", async () => {

@@ -25,16 +25,53 @@ export interface RequestOptions {
   timeout_ms?: number;
 }
 
+/**
+ * Where host `id` listens: cluster.json's hosts (the ones `cohort up`
+ * started), else the registrations the hosts read from the store (a host
+ * restarted, as `h2.2`, or started by hand). Null if nobody knows it.
+ */
+export async function hostAddress(cluster: ClusterFile, id: string): Promise<string | null> {
+  const known = cluster.hosts.find((h) => h.id === id) ?? learnedHosts(cluster).find((h) => h.id === id);
+  if (known) return known.address;
+  const { hosts } = await requestAny(cluster, "records", {});
+  return hosts.find((h) => h.id === id)?.address ?? null;
+}
+
+/**
+ * Hosts this process learned from `records` answers beyond cluster.json's:
+ * asked too when none of cluster.json's answer, so a long-running follower
+ * keeps finding the cluster after every host `cohort up` started was
+ * replaced by a restarted one.
+ */
+const learned = new WeakMap<ClusterFile, Map<string, string>>();
+
+function learnedHosts(cluster: ClusterFile): { id: string; address: string }[] {
+  return [...(learned.get(cluster) ?? new Map<string, string>())].map(([id, address]) => ({ id, address }));
+}
+
+function learn(cluster: ClusterFile, hosts: readonly { id: string; address: string }[]): void {
+  let map = learned.get(cluster);
+  if (!map) learned.set(cluster, (map = new Map()));
+  for (const h of hosts) if (!cluster.hosts.some((c) => c.id === h.id)) map.set(h.id, h.address);
+}
+
 /** Sends one request to the first host that answers (or to `host_id`). */
 export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string, options: RequestOptions = {}): Promise<HostOps[Op]["result"]> {
   const errors: string[] = [];
-  for (const host of cluster.hosts) {
+  let hosts: { id: string; address: string }[] = [...cluster.hosts, ...learnedHosts(cluster)];
+  if (host_id && !hosts.some((h) => h.id === host_id)) {
+    const address = await hostAddress(cluster, host_id);
+    hosts = address ? [{ id: host_id, address }] : [];
+  }
+  for (const host of hosts) {
     if ((host_id && host.id !== host_id) || host.id === options.exclude) continue;
     let connection: Connection | null = null;
     try {
       connection = await Connection.open(host.address, `cli→${host.id}`, 1000);
       connection.send(MSG.HELLO, { from: "cli" });
-      return await connection.request(op, args, body, options.timeout_ms);
+      const result = await connection.request(op, args, body, options.timeout_ms);
+      if (op === "records") learn(cluster, (result as HostOps["records"]["result"]).hosts);
+      return result;
     } catch (error) {
       const e = error as Error & { code?: string };
       // An answer that says no is final; only unreachable hosts make us try the next one.
@@ -109,8 +146,8 @@ export class LogFollower {
     while (!this.stopped) {
       const record = await locateVm(this.cluster, this.vm, { timeout_ms: LOCATE_TIMEOUT_MS }).catch(() => undefined);
       if (record === null) throw new Error(`no VM named ${this.vm}`);
-      const host = record && this.cluster.hosts.find((h) => h.id === record.primary);
-      if (record && !host) throw new Error(`primary host ${record.primary} of ${this.vm} is not in the cluster`);
+      const address = record ? await hostAddress(this.cluster, record.primary).catch(() => null) : null;
+      const host = record && address ? { id: record.primary, address } : undefined;
       if (!record || !host) {
         // no host answered: look again shortly
         await sleep(50);

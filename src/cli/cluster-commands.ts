@@ -11,6 +11,7 @@ import { Host, HOST_DEFAULTS } from "../host/host.js";
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
 import { LEASE_TTL_MS_MIN } from "../store/store.js";
 import { clusterOrFail, LogFollower, readLog, requestAny } from "./client.js";
+import { claimHostInstance } from "../host/instance.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { hostCommand, runDemo } from "./demo.js";
 
@@ -47,7 +48,7 @@ export function registerClusterCommands(program: Command): void {
     program
       .command("host")
       .description("run one host daemon (normally started by `cohort up`)")
-      .requiredOption("--id <id>", "host id, e.g. h1")
+      .requiredOption("--id <id>", "host id, e.g. h1 (a restarted host takes part as h1.2, h1.3, ...: a new participant)")
       .option("--listen <address>", "address to listen on", "127.0.0.1")
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
@@ -57,10 +58,10 @@ export function registerClusterCommands(program: Command): void {
   )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
     const state_dir = stateDir(opts);
     const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
-    const host = new Host(
-      { id: opts.id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir },
-      openStore(storeOf(opts), state_dir),
-    );
+    const store = openStore(storeOf(opts), state_dir);
+    // Each start is a new participant: `h1` the first time, `h1.2` after a restart (src/host/instance.ts).
+    const id = await claimHostInstance(store, opts.id);
+    const host = new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir }, store);
     const shutdown = (signal: string) => {
       host.log.info({ signal }, "shutting down");
       host.stop().then(
@@ -109,9 +110,11 @@ export function registerClusterCommands(program: Command): void {
     async (opts: { json?: boolean; stateDir?: string }) => {
       const state_dir = stateDir(opts);
       const cluster = await clusterOrFail(state_dir);
-      const { groups, vms } = await requestAny(cluster, "records", {});
+      const { groups, vms, hosts: registered } = await requestAny(cluster, "records", {});
+      // The hosts `cohort up` started, and the ones registered since (a host restarted as h2.2, or started by hand).
+      const known = [...cluster.hosts, ...registered.filter((r) => !cluster.hosts.some((h) => h.id === r.id)).map((r) => ({ id: r.id, address: r.address, pid: r.pid }))];
       const hosts = await Promise.all(
-        cluster.hosts.map(async (h) => {
+        known.map(async (h) => {
           try {
             return { ...h, up: true, status: await requestAny(cluster, "status", {}, undefined, h.id) };
           } catch {

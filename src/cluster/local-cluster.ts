@@ -27,6 +27,7 @@ import * as fsp from "node:fs/promises";
 import * as path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { z } from "zod";
+import { HOST_ID_RE, hostGenerationKey } from "../host/instance.js";
 import { acquireFileLock, type FileLock, isProcessAlive, processStartMs } from "../store/embedded.js";
 import { openStore, STORE_DEFAULT } from "../store/open.js";
 import { type CoordinationStore, StoreError } from "../store/store.js";
@@ -126,7 +127,7 @@ export function hostLogPath(state_dir: string, id: string): string {
 }
 
 const hostRecordSchema = z.object({
-  id: z.string().regex(/^[a-z0-9][a-z0-9_-]*$/),
+  id: z.string().regex(HOST_ID_RE),
   address: z.string().regex(/^[^\s]+:\d{1,5}$/),
   pid: z.number().int().positive(),
   started_at_ms: z.number().int().nonnegative(),
@@ -222,6 +223,8 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
       await fsp.rm(clusterFilePath(state_dir), { force: true });
     }
     await removeDeadHostRecords(store);
+    // A new cluster: its hosts start from their first generation (src/host/instance.ts), so they take part as h1, h2, ...
+    for (let i = 1; i <= opts.hosts; i++) await store.delete(hostGenerationKey(`h${i}`));
 
     const [command, ...prefix] = opts.host_command;
     for (let i = 1; i <= opts.hosts; i++) {

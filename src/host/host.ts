@@ -357,10 +357,16 @@ export class Host {
         const age_ms = Date.now() - Number(header.sent_ms);
         // One from the future (by more than the detector's timeout) is a broken clock or a forgery: it proves nothing.
         if (peer && age_ms < this.options.detect_ms && age_ms > -this.options.detect_ms) {
+          const joined = peer.last_seen_ms === 0;
           peer.last_seen_ms = Date.now();
           if (peer.failed) {
             peer.failed = false;
             this.log.info({ peer: peer.id }, "peer is back");
+            this.onLivenessChanged(peer.id);
+          } else if (joined) {
+            // A host heard from for the first time (started, or restarted as a new participant): groups
+            // waiting for a host to place backups on see it now.
+            this.log.info({ peer: peer.id }, "peer joined");
             this.onLivenessChanged(peer.id);
           }
         }
@@ -576,6 +582,7 @@ export class Host {
 
   status(): HostStatus {
     const now = Date.now();
+    const live = new Set(this.liveHosts());
     return {
       id: this.id,
       address: this.address,
@@ -589,7 +596,8 @@ export class Host {
           mode: g.record.mode,
           incarnation: g.record.incarnation,
           backup: m.backup,
-          protected: m.backup !== null,
+          // A backup on a host that stopped answering protects nothing, decided or not (with no spare host the group only waits).
+          protected: m.backup !== null && live.has(m.backup),
           epoch: m.captured + 1,
           checkpoints: m.captured,
           committed: m.committed,
