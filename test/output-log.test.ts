@@ -22,7 +22,10 @@ function logOf(count: number, text: (seq: number) => string): OutputLog {
 describe("output log", () => {
   it("appends each sequence number once and refuses a gap", () => {
     const log = logOf(3, (s) => `line ${s}\n`);
-    expect(log.append([record(2, "again"), record(3, "again"), record(4, "new")]).map((r) => r.seq)).toEqual([4]);
+    const appended: number[] = [];
+    log.on("append", (records) => appended.push(...records.map((r) => r.seq)));
+    expect(log.append([record(2, "again"), record(3, "again"), record(4, "new")])).toBe(1);
+    expect(appended).toEqual([4]);
     expect(() => log.append([record(6, "hole")])).toThrow(/gap/);
     expect(log.since(3).map((r) => r.text)).toEqual(["line 3\n", "new"]);
   });
@@ -49,6 +52,16 @@ describe("output log", () => {
     expect(pages.length).toBeGreaterThan(10);
     expect(pages.flat().map((r) => r.seq)).toEqual(seen);
     for (const page of pages) expect(() => encodePayload({ records: page })).not.toThrow();
+  });
+
+  it("a new backup's log adopts the history it was sent and goes on from there", () => {
+    const primary = logOf(50, (s) => `line ${s} é\n`);
+    const backup = new OutputLog();
+    backup.adopt(primary.tail(400), primary.lastSeq);
+    expect(backup.firstSeq).toBeGreaterThan(1);
+    expect(backup.since(1)).toEqual(primary.since(backup.firstSeq));
+    backup.append([record(51, "next")]);
+    expect(backup.since(50).map((r) => r.text)).toEqual(["line 50 é\n", "next"]);
   });
 
   it("a page holds at least one record, however large", () => {

@@ -48,8 +48,35 @@ export function logPages(records: readonly ReleasedRecord[], bytes_max = LOG_PAG
   return pages;
 }
 
+/**
+ * A released record as kept: the guest's bytes, not yet decoded. The JSON
+ * form (ReleasedRecord, with the text) is made when someone reads it (a
+ * follower, a `logs` request, a new backup's history): every record a commit
+ * releases passes through here, on the primary's host and, mirrored, on the
+ * backup's, and most are never read.
+ */
+interface KeptRecord {
+  seq: number;
+  epoch: number;
+  kind: number;
+  request_id: number;
+  bytes: Uint8Array;
+  produced_ms: number;
+  released_ms: number;
+}
+
+function wire(r: KeptRecord): ReleasedRecord {
+  // Decoded through a view of the record's bytes: no copy.
+  const text = Buffer.from(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength).toString("utf8");
+  const out: ReleasedRecord = { seq: r.seq, epoch: r.epoch, kind: r.kind, text, produced_ms: r.produced_ms, released_ms: r.released_ms };
+  if (r.kind === OUTPUT_REPLY) out.request_id = r.request_id;
+  return out;
+}
+
+const fromWire = (r: ReleasedRecord): KeptRecord => ({ seq: r.seq, epoch: r.epoch, kind: r.kind, request_id: r.request_id ?? 0, bytes: new TextEncoder().encode(r.text), produced_ms: r.produced_ms, released_ms: r.released_ms });
+
 export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]] }> {
-  private records: ReleasedRecord[] = [];
+  private records: KeptRecord[] = [];
   private first = 1; // seq of records[0]
 
   get lastSeq(): number {
@@ -60,50 +87,55 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
     return this.first;
   }
 
-  /** Appends records with seq > lastSeq, in order; returns those that were new. */
-  append(records: readonly OutputRecord[]): ReleasedRecord[] {
-    const fresh: ReleasedRecord[] = [];
+  /** Appends records with seq > lastSeq, in order; returns how many were new. Listeners of `append` get the new ones. */
+  append(records: readonly OutputRecord[]): number {
     const now = Date.now();
+    const from = this.records.length;
     for (const r of records) {
       if (r.seq <= this.lastSeq) continue;
       // Sequence numbers are dense: a hole would be lost output.
       if (r.seq !== this.lastSeq + 1) throw new Error(`output log gap: have up to ${this.lastSeq}, got ${r.seq}`);
-      // Decoded through a view of the record's bytes: no copy (this runs for every record a commit releases).
-      const text = Buffer.from(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength).toString("utf8");
-      const wire: ReleasedRecord = { seq: r.seq, epoch: r.epoch, kind: r.kind, text, produced_ms: r.produced_ms, released_ms: now };
-      if (r.kind === OUTPUT_REPLY) wire.request_id = r.request_id;
-      this.records.push(wire);
-      fresh.push(wire);
+      // A view into a much larger buffer (a decoded runtime state) is copied: kept for long, it would keep that buffer alive.
+      const bytes = r.bytes.buffer.byteLength > 4 * r.bytes.byteLength + 1024 ? r.bytes.slice() : r.bytes;
+      this.records.push({ seq: r.seq, epoch: r.epoch, kind: r.kind, request_id: r.request_id, bytes, produced_ms: r.produced_ms, released_ms: now });
     }
+    const added = this.records.length - from;
+    const fresh = added > 0 && this.listenerCount("append") > 0 ? this.records.slice(from).map(wire) : [];
     if (this.records.length > OUTPUT_LOG_RECORDS_MAX) {
       const drop = this.records.length - OUTPUT_LOG_RECORDS_MAX;
       this.records.splice(0, drop);
       this.first += drop;
     }
     if (fresh.length) this.emit("append", fresh);
-    return fresh;
+    return added;
   }
 
   /** The newest records that, JSON-encoded, add up to at most `bytes_max`: what a new backup gets of the history. */
   tail(bytes_max: number): ReleasedRecord[] {
+    const out: ReleasedRecord[] = [];
     let bytes = 0;
-    let i = this.records.length;
-    while (i > 0 && bytes + sentBytes(this.records[i - 1]) <= bytes_max) bytes += sentBytes(this.records[--i]);
-    return this.records.slice(i);
+    for (let i = this.records.length - 1; i >= 0; i--) {
+      const r = wire(this.records[i]);
+      const size = sentBytes(r);
+      if (bytes + size > bytes_max) break;
+      bytes += size;
+      out.push(r);
+    }
+    return out.reverse();
   }
 
   /** A new backup's log: the history the primary sent, then whatever its commits release. */
   adopt(history: readonly ReleasedRecord[], last_seq: number): void {
     const first = history.length ? history[0].seq : last_seq + 1;
     if (history.length && history[history.length - 1].seq !== last_seq) throw new Error(`log history ends at ${history[history.length - 1].seq}, released up to ${last_seq}`);
-    this.records = [...history];
+    this.records = history.map(fromWire);
     this.first = first;
   }
 
   /** Records with seq >= from_seq that are still kept. */
   since(from_seq: number): ReleasedRecord[] {
     const start = Math.max(0, from_seq - this.first);
-    return this.records.slice(start);
+    return this.records.slice(start).map(wire);
   }
 
   /**
@@ -113,14 +145,16 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
    */
   page(from_seq: number, bytes_max = LOG_PAGE_BYTES_MAX): { records: ReleasedRecord[]; more: boolean } {
     let i = Math.max(0, from_seq - this.first);
-    const start = i;
+    const out: ReleasedRecord[] = [];
     let bytes = 0;
     while (i < this.records.length) {
-      const size = sentBytes(this.records[i]);
-      if (i > start && bytes + size > bytes_max) break;
+      const r = wire(this.records[i]);
+      const size = sentBytes(r);
+      if (out.length && bytes + size > bytes_max) break;
       bytes += size;
+      out.push(r);
       i++;
     }
-    return { records: this.records.slice(start, i), more: i < this.records.length };
+    return { records: out, more: i < this.records.length };
   }
 }
