@@ -5,7 +5,7 @@
  * recorded is in etcd, not in files.
  */
 import { spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Etcd3 } from "etcd3";
@@ -13,6 +13,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import { parseManifest } from "../src/cluster/manifest.js";
+import { hostStateDir } from "../src/cluster/local-cluster.js";
 import { guestPath } from "../src/guest/examples.js";
 import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
 import { BANK_CHECKS_ALL_TRUE, startCluster, stopClusters, waitFor } from "./support/cluster.js";
@@ -49,6 +50,9 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
       expect(report.groups[0].vms.map((v) => v.vm)).toEqual(["kv-0", "kv-1"]);
       expect((await store.get<{ primary: string }>("vms/kv-0"))!.value.primary).toBe(report.groups[0].vms[0].primary);
       expect(existsSync(join(dir, "store"))).toBe(false); // the hosts, `up` and the CLI wrote no embedded store
+      // Nothing shared on disk: each host instrumented the module into its own state directory's cache.
+      expect(existsSync(join(dir, "cache"))).toBe(false);
+      for (const h of c.hosts) expect(readdirSync(join(hostStateDir(dir, h.id), "cache")).length).toBeGreaterThan(0);
     } finally {
       await store.close();
     }

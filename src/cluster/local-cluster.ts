@@ -29,7 +29,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { z } from "zod";
 import { HOST_ID_RE, hostGenerationKey } from "../host/instance.js";
 import { acquireFileLock, type FileLock, isProcessAlive, processStartMs } from "../store/embedded.js";
-import { openStore, STORE_DEFAULT } from "../store/open.js";
+import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
 import { type CoordinationStore, StoreError } from "../store/store.js";
 
 export interface HostRecord {
@@ -229,7 +229,10 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
     const [command, ...prefix] = opts.host_command;
     for (let i = 1; i <= opts.hosts; i++) {
       const id = `h${i}`;
-      const args = [...prefix, "--id", id, "--port", "0", "--state-dir", state_dir, "--store", store_spec, ...(opts.extra_args ?? [])];
+      // On etcd the hosts share no files: each has its own state directory (its module cache). The embedded
+      // store is files in the state directory, which the hosts of one machine share.
+      const host_state_dir = parseStoreSpec(store_spec).kind === "embedded" ? state_dir : hostStateDir(state_dir, id);
+      const args = [...prefix, "--id", id, "--port", "0", "--state-dir", host_state_dir, "--store", store_spec, ...(opts.extra_args ?? [])];
       started.push(await spawnHost(id, command, args, hostLogPath(state_dir, id)));
     }
 
@@ -328,6 +331,11 @@ async function lockCluster(state_dir: string, what: string): Promise<FileLock> {
     }
     throw e;
   }
+}
+
+/** Where host `id` of a cluster on etcd keeps its files (module cache): nothing is shared between hosts. */
+export function hostStateDir(state_dir: string, id: string): string {
+  return path.join(path.resolve(state_dir), "hosts", id);
 }
 
 /** Deletes the `hosts/*` records whose process is gone (or that are not host records). */
