@@ -7,7 +7,7 @@ import { readFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import { defaultStateDir, down, up } from "../cluster/local-cluster.js";
 import { loadManifest } from "../cluster/manifest.js";
-import { Host, HOST_DEFAULTS } from "../host/host.js";
+import { DETECT_MS_MIN, heartbeatFor, Host, HOST_DEFAULTS } from "../host/host.js";
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
 import { LEASE_TTL_MS_MIN } from "../store/store.js";
 import { clusterOrFail, LogFollower, readLog, requestAny } from "./client.js";
@@ -51,17 +51,17 @@ export function registerClusterCommands(program: Command): void {
       .requiredOption("--id <id>", "host id, e.g. h1 (a restarted host takes part as h1.2, h1.3, ...: a new participant)")
       .option("--listen <address>", "address to listen on", "127.0.0.1")
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
-      .option("--heartbeat-ms <ms>", "interval between heartbeats to each peer", int("--heartbeat-ms"), HOST_DEFAULTS.heartbeat_ms)
-      .option("--detect-ms <ms>", "a peer silent this long is considered failed", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+      .option("--heartbeat-ms <ms>", `interval between heartbeats to each peer (default: ${HOST_DEFAULTS.heartbeat_ms}, or a quarter of a shorter --detect-ms)`, int("--heartbeat-ms"))
+      .option("--detect-ms <ms>", `a peer silent this long is considered failed (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
       .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds)", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
       .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
-  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
+  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs?: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
     const state_dir = stateDir(opts);
     const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
     const store = openStore(storeOf(opts), state_dir);
     // Each start is a new participant: `h1` the first time, `h1.2` after a restart (src/host/instance.ts).
     const id = await claimHostInstance(store, opts.id);
-    const host = new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs, detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir }, store);
+    const host = new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs ?? heartbeatFor(opts.detectMs), detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir }, store);
     const shutdown = (signal: string) => {
       host.log.info({ signal }, "shutting down");
       host.stop().then(
@@ -79,7 +79,7 @@ export function registerClusterCommands(program: Command): void {
       .command("up")
       .description("start a local cluster of host processes on loopback; returns once they are ready")
       .option("--hosts <n>", "number of hosts", int("--hosts"), 3)
-      .option("--detect-ms <ms>", "failure detection timeout of each host", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+      .option("--detect-ms <ms>", `failure detection timeout of each host (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
       .option("--json", "print the cluster as JSON"),
   )).action(async (opts: { hosts: number; detectMs: number; json?: boolean; stateDir?: string; store?: string }) => {
     const cluster = await up({ hosts: opts.hosts, state_dir: stateDir(opts), host_command: hostCommand(), extra_args: ["--detect-ms", String(opts.detectMs)], store: storeOf(opts) });
@@ -190,7 +190,7 @@ export function registerClusterCommands(program: Command): void {
     .description("start a 3-host local cluster, deploy a guest, kill -9 a host holding primaries, check the released output")
     .option("--scenario <name>", "ticker (one VM, vm mode) or bank (4 VMs, group mode)", "ticker")
     .option("--hosts <n>", "hosts in the cluster", int("--hosts"), 3)
-    .option("--detect-ms <ms>", "failure detection timeout", int("--detect-ms"), HOST_DEFAULTS.detect_ms)
+    .option("--detect-ms <ms>", `failure detection timeout (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
     .option("--json", "print one JSON object")
     .action(async (opts: { scenario: string; hosts: number; detectMs: number; json?: boolean; store?: string }) => {
       if (opts.scenario === "bank") return bankDemo({ ...opts, store: storeOf(opts) });

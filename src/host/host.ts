@@ -42,6 +42,13 @@ export interface HostOptions {
 }
 
 export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300, lease_ms: 3000 };
+/** The lowest failure-detection timeout a host accepts: below it, a busy machine's scheduling hiccups read as deaths. */
+export const DETECT_MS_MIN = 100;
+
+/** The heartbeat interval for a detection timeout: the default 50 ms, or a quarter of a shorter timeout (4 beats per window). */
+export function heartbeatFor(detect_ms: number): number {
+  return Math.max(10, Math.min(HOST_DEFAULTS.heartbeat_ms, Math.floor(detect_ms / 4)));
+}
 /** Idle VM threads kept ready, so a promotion's new backup or a deploy does not wait for a thread to start. */
 export const VM_THREADS_PREWARMED = 2;
 
