@@ -222,7 +222,7 @@ describe("the group core refuses bad frames of every kind", () => {
 
   it("a route that is no address gives a closed link and a reported problem, not an exception", () => {
     const problems: string[] = [];
-    const path = new MessagePath({ rank: 0, bind_host: "127.0.0.1", hold_until_commit: false }, { offer: () => [], committed: () => 0, problem: (p) => problems.push(p) });
+    const path = new MessagePath({ rank: 0, bind_host: "127.0.0.1", hold_until_commit: false, tls: null }, { offer: () => [], committed: () => 0, problem: (p) => problems.push(p) });
     path.setRoutes([null, { address: "127.0.0.1:99999", token: "x" }], []);
     path.run();
     expect(() => path.send([{ from: 0, to: 1, incarnation: 0, epoch: 1, seq: 1, bytes: new Uint8Array(1) }])).not.toThrow();
@@ -243,7 +243,7 @@ describe("a VM thread fed bad values", () => {
     const guest = await compileGuest(instrument(builtBytes("pingpong")));
     const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     vms.push(vm);
-    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false });
+    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null });
     await expect(vm.captureTo(5)).rejects.toThrow(/capture_to 5/);
     await expect(vm.request("commit", { epoch: 7 })).rejects.toThrow(/commit 7/);
     await expect(vm.request("rollback", { epoch: 3 })).rejects.toThrow(/rollback to 3/);
@@ -265,9 +265,9 @@ describe("a VM thread fed bad values", () => {
     const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     vms.push(vm);
     const crashed = new Promise<string>((resolve) => vm.once("crashed", resolve));
-    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false });
+    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null });
     // Opening the path twice trips an assertion in the worker: it answers, then its thread dies loudly.
-    await expect(vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false })).rejects.toThrow(/open already/);
+    await expect(vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null })).rejects.toThrow(/open already/);
     expect(await crashed).toMatch(/VM thread/);
     await expect(vm.status()).rejects.toThrow();
   });

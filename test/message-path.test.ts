@@ -20,6 +20,7 @@ import { compileGuest } from "../src/guest/module-cache.js";
 import type { CaptureResult, WorkerVmOptions } from "../src/vm/protocol.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { builtBytes } from "./support/guests.js";
+import type { TlsMaterial } from "../src/tls/context.js";
 
 const message = (from: number, to: number, seq: number, epoch = 1, text = `m${seq}`): GroupMessage => ({
   from,
@@ -61,7 +62,7 @@ describe("message batch format", () => {
 });
 
 /** A path whose VM is a list: what it was offered, in order. */
-function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean } = {}) {
+function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean; tls?: TlsMaterial } = {}) {
   const offered: GroupMessage[] = [];
   const problems: string[] = [];
   let committed = 0;
@@ -74,7 +75,7 @@ function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMes
     committed: () => committed,
     problem: (reason) => problems.push(reason),
   };
-  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false }, hooks);
+  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false, tls: options.tls ?? null }, hooks);
   return { path, offered, problems, commit: (e: number) => (committed = e) };
 }
 
@@ -277,7 +278,7 @@ describe("the marker rule across real VM threads", () => {
     const options = (rank: number): WorkerVmOptions => ({ rank, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     const [vm0, vm1] = await Promise.all([VmWorker.boot(guest, options(0)), VmWorker.boot(guest, options(1))]);
     vms.push(vm0, vm1);
-    const routes = await Promise.all([vm0, vm1].map((vm) => vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false })));
+    const routes = await Promise.all([vm0, vm1].map((vm) => vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null })));
     await vm0.request("path_routes", { routes, locals: [] });
     await vm1.request("path_routes", { routes, locals: [] });
     const captured1: CaptureResult[] = [];
