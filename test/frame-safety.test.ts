@@ -3,6 +3,8 @@
  * and failover"). First the group protocol core on its own, fed bad frames
  * of every kind: each is refused with a counted reason, asks for no replica
  * step and leaves the group running. Then real host processes: a fake peer
+ * (authenticated: it holds the cluster's admin credential, as a compromised
+ * or buggy peer would hold a certificate)
  * sends a bad frame of every GROUP kind (and bad control frames) to live
  * hosts running two groups, and every host stays up, both groups keep
  * committing and releasing output, no replica step fails, and each refusal
@@ -35,7 +37,7 @@ import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { Connection } from "../src/host/connection.js";
 import { MSG } from "../src/host/messages.js";
-import { requestAny, sleep } from "../src/cli/client.js";
+import { dialTls, requestAny, sleep } from "../src/cli/client.js";
 import type { HostStatus } from "../src/host/api.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 import { HOST_DEFAULTS } from "../src/host/host.js";
@@ -321,7 +323,7 @@ describe("bad frames sent to live hosts", () => {
 
     /** Sends one frame on a fresh connection, as a peer would; resolves once the host handled it (or closed the connection). */
     async function send(to: string, type: number, header: Record<string, unknown>, body?: Uint8Array): Promise<boolean> {
-      const connection = await Connection.open(address(to), "fake-peer", 2000);
+      const connection = await Connection.open(address(to), "fake-peer", 2000, dialTls(c, to));
       connection.send(MSG.HELLO, { from: "fake" });
       connection.send(type, header, body);
       const closed = await Promise.race([new Promise<boolean>((resolve) => connection.once("close", () => resolve(true))), sleep(200).then(() => false)]);
@@ -374,7 +376,7 @@ describe("bad frames sent to live hosts", () => {
     // A flood: every frame is refused and counted, the log gets a bounded share of it.
     const logLines = async () => (await readFile(join(c.state_dir, "logs", `${L}.log`), "utf8")).split("\n").filter((l) => l.includes("group frame refused")).length;
     const [floodBefore, linesBefore] = [await refusedOf(L), await logLines()];
-    const flood = await Connection.open(address(L), "fake-peer", 2000);
+    const flood = await Connection.open(address(L), "fake-peer", 2000, dialTls(c, L));
     for (let i = 0; i < 2000; i++) flood.send(MSG.GROUP, group("fake", { k: "pending", u: false }));
     await waitFor(async () => (await refusedOf(L)).group >= floodBefore.group + 2000, 10_000, "2000 refusals counted");
     flood.close("done");
