@@ -98,6 +98,7 @@ export function serverTlsOptions(material: TlsMaterial): TlsOptions {
     rejectUnauthorized: false,
     minVersion: "TLSv1.3",
     handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS,
+    noDelay: true, // on the accepted TCP socket from the start; users set it on the TLS socket too
   };
 }
 
@@ -125,6 +126,7 @@ export function mutualTlsServer(material: TlsMaterial, accept: (socket: TLSSocke
     const address = `${socket.remoteAddress}:${socket.remotePort}`;
     const refusal = refusalOf(socket);
     if (refusal !== null) {
+      socket.on("error", () => undefined); // whatever the peer does next, nobody listens
       socket.destroy();
       refused(address, refusal);
       return;
