@@ -78,7 +78,7 @@ describe("a killed host restarted with the same id rejoins", () => {
     const restarted: ChildProcess[] = [];
     const restart = (id: string) => {
       const out = openSync(join(dir, "logs", `${id}-restarted.log`), "a");
-      restarted.push(spawn(node, [bin, "host", "--id", id, "--port", "0", "--state-dir", dir, "--store", "embedded", "--detect-ms", String(DETECT_MS)], { stdio: ["ignore", out, out] }));
+      restarted.push(spawn(node, [bin, "host", "--id", id, "--port", "0", "--state-dir", dir, "--store", "embedded", "--detect-ms", String(DETECT_MS), "--tls-dir", join(dir, "tls")], { stdio: ["ignore", out, out] }));
       closeSync(out);
     };
     restart(backupHost.id);

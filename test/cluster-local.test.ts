@@ -198,6 +198,7 @@ describe("local cluster", () => {
       store: "embedded",
       hosts: [{ id: "h1", address: "127.0.0.1:1", pid: other, started_at_ms: start - 60_000 }],
       created_at_ms: start - 60_000,
+      tls: null,
     };
     await writeFile(join(dir, "cluster.json"), JSON.stringify(fake));
     expect(await down({ state_dir: dir, timeout_ms: 200 })).toEqual({ stopped: [], already_gone: [other], killed: [] });

@@ -3,6 +3,8 @@
  * and failover"). First the group protocol core on its own, fed bad frames
  * of every kind: each is refused with a counted reason, asks for no replica
  * step and leaves the group running. Then real host processes: a fake peer
+ * (authenticated: it holds the cluster's admin credential, as a compromised
+ * or buggy peer would hold a certificate)
  * sends a bad frame of every GROUP kind (and bad control frames) to live
  * hosts running two groups, and every host stays up, both groups keep
  * committing and releasing output, no replica step fails, and each refusal
@@ -35,7 +37,7 @@ import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { Connection } from "../src/host/connection.js";
 import { MSG } from "../src/host/messages.js";
-import { requestAny, sleep } from "../src/cli/client.js";
+import { dialTls, requestAny, sleep } from "../src/cli/client.js";
 import type { HostStatus } from "../src/host/api.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 import { HOST_DEFAULTS } from "../src/host/host.js";
@@ -222,7 +224,7 @@ describe("the group core refuses bad frames of every kind", () => {
 
   it("a route that is no address gives a closed link and a reported problem, not an exception", () => {
     const problems: string[] = [];
-    const path = new MessagePath({ rank: 0, bind_host: "127.0.0.1", hold_until_commit: false }, { offer: () => [], committed: () => 0, problem: (p) => problems.push(p) });
+    const path = new MessagePath({ rank: 0, bind_host: "127.0.0.1", hold_until_commit: false, tls: null }, { offer: () => [], committed: () => 0, problem: (p) => problems.push(p) });
     path.setRoutes([null, { address: "127.0.0.1:99999", token: "x" }], []);
     path.run();
     expect(() => path.send([{ from: 0, to: 1, incarnation: 0, epoch: 1, seq: 1, bytes: new Uint8Array(1) }])).not.toThrow();
@@ -243,7 +245,7 @@ describe("a VM thread fed bad values", () => {
     const guest = await compileGuest(instrument(builtBytes("pingpong")));
     const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     vms.push(vm);
-    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false });
+    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null });
     await expect(vm.captureTo(5)).rejects.toThrow(/capture_to 5/);
     await expect(vm.request("commit", { epoch: 7 })).rejects.toThrow(/commit 7/);
     await expect(vm.request("rollback", { epoch: 3 })).rejects.toThrow(/rollback to 3/);
@@ -265,9 +267,9 @@ describe("a VM thread fed bad values", () => {
     const vm = await VmWorker.boot(guest, { rank: 0, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     vms.push(vm);
     const crashed = new Promise<string>((resolve) => vm.once("crashed", resolve));
-    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false });
+    await vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null });
     // Opening the path twice trips an assertion in the worker: it answers, then its thread dies loudly.
-    await expect(vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false })).rejects.toThrow(/open already/);
+    await expect(vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null })).rejects.toThrow(/open already/);
     expect(await crashed).toMatch(/VM thread/);
     await expect(vm.status()).rejects.toThrow();
   });
@@ -321,7 +323,7 @@ describe("bad frames sent to live hosts", () => {
 
     /** Sends one frame on a fresh connection, as a peer would; resolves once the host handled it (or closed the connection). */
     async function send(to: string, type: number, header: Record<string, unknown>, body?: Uint8Array): Promise<boolean> {
-      const connection = await Connection.open(address(to), "fake-peer", 2000);
+      const connection = await Connection.open(address(to), "fake-peer", 2000, dialTls(c, to));
       connection.send(MSG.HELLO, { from: "fake" });
       connection.send(type, header, body);
       const closed = await Promise.race([new Promise<boolean>((resolve) => connection.once("close", () => resolve(true))), sleep(200).then(() => false)]);
@@ -374,7 +376,7 @@ describe("bad frames sent to live hosts", () => {
     // A flood: every frame is refused and counted, the log gets a bounded share of it.
     const logLines = async () => (await readFile(join(c.state_dir, "logs", `${L}.log`), "utf8")).split("\n").filter((l) => l.includes("group frame refused")).length;
     const [floodBefore, linesBefore] = [await refusedOf(L), await logLines()];
-    const flood = await Connection.open(address(L), "fake-peer", 2000);
+    const flood = await Connection.open(address(L), "fake-peer", 2000, dialTls(c, L));
     for (let i = 0; i < 2000; i++) flood.send(MSG.GROUP, group("fake", { k: "pending", u: false }));
     await waitFor(async () => (await refusedOf(L)).group >= floodBefore.group + 2000, 10_000, "2000 refusals counted");
     flood.close("done");

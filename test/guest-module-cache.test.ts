@@ -135,7 +135,7 @@ describe("module cache", () => {
 
   it("a host instruments and compiles a module once for all its VMs, however many ask at once, and logs the instrument time", async () => {
     const state_dir = await tempDir();
-    const host = new Host({ id: "h1", listen_host: "127.0.0.1", port: 0, state_dir, heartbeat_ms: 50, detect_ms: 300 }, new MemoryStore());
+    const host = new Host({ id: "h1", listen_host: "127.0.0.1", port: 0, state_dir, heartbeat_ms: 50, detect_ms: 300, tls: null }, new MemoryStore());
     const info = vi.spyOn(host.log, "info").mockImplementation(() => undefined);
     const wasm = watBytes(`(module (memory 1) (func (export "g") (i32.store (i32.const 16) (i32.const ${(Date.now() + 7) % 1_000_000}))))`);
     const before = instrumentations();

@@ -8,6 +8,7 @@
 import { readFile } from "node:fs/promises";
 import { createServer, connect, type Server, type Socket } from "node:net";
 import { join } from "node:path";
+import { connect as tlsConnect } from "node:tls";
 import { afterEach, describe, expect, it } from "vitest";
 import { parseManifest, type Manifest } from "../src/cluster/manifest.js";
 import type { ClusterFile } from "../src/cluster/local-cluster.js";
@@ -18,7 +19,8 @@ import { Connection } from "../src/host/connection.js";
 import { vmKey, type VmRecord } from "../src/host/records.js";
 import { checkControl, CONTROL_VERSION, ControlFrameError, encodePayload, MSG } from "../src/host/messages.js";
 import { encodeFrameBytes } from "../src/transport/frame.js";
-import { requestAny } from "../src/cli/client.js";
+import { clusterTls, requestAny } from "../src/cli/client.js";
+import { clientTlsOptions } from "../src/tls/context.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 
 const MANIFEST: Manifest = {
@@ -214,12 +216,13 @@ describe("host API against real host processes", () => {
       const unknown = await failure(requestAny(c, "no_such_op", {}, undefined, h1.id));
       expect(unknown.code).toBe("UnknownRequest");
 
-      // A REQUEST frame of a newer control version: that connection is closed, with the reason in the host's log.
+      // A REQUEST frame of a newer control version, from an authenticated client (the cluster's admin
+      // credential, over TLS): that connection is closed, with the reason in the host's log.
       const [host, port] = h1.address.split(":");
-      const raw = connect({ host, port: Number(port) });
+      const raw = tlsConnect({ host, port: Number(port), ...clientTlsOptions({ material: clusterTls(c)!, peer: h1.id }) });
       raw.on("error", () => undefined);
       const closed = new Promise<void>((resolve) => raw.once("close", () => resolve()));
-      raw.write(encodeFrameBytes(MSG.REQUEST, encodePayload({ v: CONTROL_VERSION + 1, id: 1, op: "ping", args: {} })));
+      raw.once("secureConnect", () => raw.write(encodeFrameBytes(MSG.REQUEST, encodePayload({ v: CONTROL_VERSION + 1, id: 1, op: "ping", args: {} }))));
       await closed;
       const refusedLine = `REQUEST frame version ${CONTROL_VERSION + 1} is newer than this host's ${CONTROL_VERSION}`;
       await waitFor(async () => (await readFile(join(dir, "logs", `${h1.id}.log`), "utf8")).includes(refusedLine), 5000, "the refusal in the host's log");

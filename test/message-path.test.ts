@@ -7,6 +7,7 @@
  * VM threads (a message from the next epoch makes its receiver capture).
  */
 import { connect } from "node:net";
+import { connect as tlsConnect } from "node:tls";
 import { MessageChannel } from "node:worker_threads";
 import { afterEach, describe, expect, it } from "vitest";
 import fc from "fast-check";
@@ -20,6 +21,8 @@ import { compileGuest } from "../src/guest/module-cache.js";
 import type { CaptureResult, WorkerVmOptions } from "../src/vm/protocol.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { builtBytes } from "./support/guests.js";
+import type { TlsMaterial } from "../src/tls/context.js";
+import { createCa, issueCert } from "../src/tls/ca.js";
 
 const message = (from: number, to: number, seq: number, epoch = 1, text = `m${seq}`): GroupMessage => ({
   from,
@@ -61,7 +64,7 @@ describe("message batch format", () => {
 });
 
 /** A path whose VM is a list: what it was offered, in order. */
-function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean } = {}) {
+function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean; tls?: TlsMaterial } = {}) {
   const offered: GroupMessage[] = [];
   const problems: string[] = [];
   let committed = 0;
@@ -74,7 +77,7 @@ function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMes
     committed: () => committed,
     problem: (reason) => problems.push(reason),
   };
-  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false }, hooks);
+  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false, tls: options.tls ?? null }, hooks);
   return { path, offered, problems, commit: (e: number) => (committed = e) };
 }
 
@@ -266,6 +269,89 @@ describe("message path over TCP", () => {
   });
 });
 
+describe("message path over mutual TLS", () => {
+  /** A cluster CA, the material of two hosts it certified, and bad credentials: another CA's, an expired one. */
+  async function credentials() {
+    const ca = await createCa();
+    const material = async (name: string): Promise<TlsMaterial> => ({ ca: ca.cert, ...(await issueCert(ca, name, { role: "host" })) });
+    const day = 86_400_000;
+    return {
+      h1: await material("h1"),
+      h2: await material("h2"),
+      foreign: { ca: ca.cert, ...(await issueCert(await createCa(), "h2", { role: "host" })) },
+      expired: { ca: ca.cert, ...(await issueCert(ca, "h2", { role: "host", not_before: new Date(Date.now() - 2 * day), not_after: new Date(Date.now() - day) })) },
+    };
+  }
+
+  /** Dials `port` as a peer would (TLS with `material`, TLS without a certificate, or plain TCP), sends a hello for `token`; resolves with the local port once the listener closed the connection. */
+  function intruder(port: number, how: TlsMaterial | "no-cert" | "plain", token: string): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const hello = encodeFrame(1, new TextEncoder().encode(JSON.stringify({ token, from: 0 })));
+      const socket =
+        how === "plain" ? connect(port, "127.0.0.1")
+        : tlsConnect({ host: "127.0.0.1", port, ca: how === "no-cert" ? undefined : how.ca, rejectUnauthorized: false, ...(how === "no-cert" ? {} : { cert: how.cert, key: how.key }) });
+      let local = 0;
+      socket.once(how === "plain" ? "connect" : "secureConnect", () => {
+        local = socket.localPort ?? 0;
+        for (const part of hello) socket.write(part);
+      });
+      socket.on("error", () => undefined);
+      socket.on("close", () => (local ? resolve(local) : reject(new Error("never connected"))));
+      setTimeout(() => socket.destroy(new Error("not closed by the listener")), 5000).unref();
+    });
+  }
+
+  it("delivers both ways between certified VMs; refuses no certificate, another CA's, an expired one and plain TCP, each reported with the peer and the reason", async () => {
+    const creds = await credentials();
+    const a = testPath(0, { tls: creds.h1 });
+    const b = testPath(1, { tls: creds.h2 });
+    paths.push(a.path, b.path);
+    const [portA, portB] = [await a.path.listen(), await b.path.listen()];
+    const routes = [
+      { address: `127.0.0.1:${portA}`, token: a.path.token },
+      { address: `127.0.0.1:${portB}`, token: b.path.token },
+    ];
+    a.path.setRoutes([null, routes[1]], []);
+    b.path.setRoutes([routes[0], null], []);
+    a.path.run();
+    b.path.run();
+    a.path.send([message(0, 1, 1)]);
+    await until(() => b.offered.length === 1, "a message over TLS");
+    b.path.send([message(1, 0, 1)]);
+    await until(() => a.offered.length === 1, "the answer on the same link");
+    expect(a.path.counters.links_dialed + b.path.counters.links_dialed).toBe(1);
+
+    const cases: [string, TlsMaterial | "no-cert" | "plain", RegExp][] = [
+      ["no certificate", "no-cert", /no client certificate/],
+      ["another CA's certificate", creds.foreign, /UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT/],
+      ["an expired certificate", creds.expired, /CERT_HAS_EXPIRED/],
+      ["plain TCP", "plain", /wrong version number|http request|record|packet length|unexpected/i],
+    ];
+    for (const [what, how, reason] of cases) {
+      const local = await intruder(portB, how, b.path.token);
+      await until(() => b.problems.some((p) => p.includes(`127.0.0.1:${local}`)), `${what}: refusal reported`);
+      const line = b.problems.find((p) => p.includes(`127.0.0.1:${local}`))!;
+      expect(line, what).toMatch(/^refused a connection from 127\.0\.0\.1:\d+: /);
+      expect(line, what).toMatch(reason);
+      expect(line).not.toContain("PRIVATE KEY");
+    }
+    expect(b.offered).toHaveLength(1); // no intruder's hello got through
+    // The certified link carries on.
+    a.path.send([message(0, 1, 2)]);
+    await until(() => b.offered.length === 2, "a message after the refusals");
+    // A dialer checks the listener too: a path holding another CA's certificate is not dialed into.
+    const impostor = testPath(1, { tls: creds.foreign });
+    paths.push(impostor.path);
+    const portI = await impostor.path.listen();
+    impostor.path.run();
+    a.path.setRoutes([null, { address: `127.0.0.1:${portI}`, token: impostor.path.token }], []);
+    a.path.send([message(0, 1, 3)]);
+    await until(() => a.problems.some((p) => /closed: .*(certificate|verify)/i.test(p)), "the dialer refusing the impostor");
+    await sleep(50);
+    expect(impostor.offered).toEqual([]);
+  });
+});
+
 describe("the marker rule across real VM threads", () => {
   const vms: VmWorker[] = [];
   afterEach(async () => {
@@ -277,7 +363,7 @@ describe("the marker rule across real VM threads", () => {
     const options = (rank: number): WorkerVmOptions => ({ rank, size: 2, limits: { ...DEFAULT_LIMITS }, timers: "manual", consistent_cut: true });
     const [vm0, vm1] = await Promise.all([VmWorker.boot(guest, options(0)), VmWorker.boot(guest, options(1))]);
     vms.push(vm0, vm1);
-    const routes = await Promise.all([vm0, vm1].map((vm) => vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false })));
+    const routes = await Promise.all([vm0, vm1].map((vm) => vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null })));
     await vm0.request("path_routes", { routes, locals: [] });
     await vm1.request("path_routes", { routes, locals: [] });
     const captured1: CaptureResult[] = [];

@@ -10,6 +10,11 @@
  * shared machine the load drifts, and interleaving spreads the drift over the
  * modes instead of charging it to whichever ran last.
  *
+ * Clusters run with mutual TLS (as `cohort up` starts them); pingpong also
+ * runs group mode on hosts started `--insecure` (`group_insecure`), so the
+ * cost of TLS on the message path is one ratio of the same run
+ * (`group_tls_vs_insecure`).
+ *
  * The guests measure themselves (pingpong: round trips and their latency on
  * the guest's clock; allreduce: completed rounds); the bench reads them
  * through `vm_request`, whose reply is released like any output.
@@ -52,12 +57,12 @@ interface RunningGroup {
  * A fresh cluster with one group deployed; torn down after `body`. If the run
  * fails, its state directory (the hosts' logs) is kept and named in the error.
  */
-async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, hosts: number, body: (g: RunningGroup) => Promise<T>): Promise<T> {
+async function withGroup<T>(guest: string, mode: ProtectionMode, size: number, hosts: number, body: (g: RunningGroup) => Promise<T>, tls = true): Promise<T> {
   const state_dir = await mkdtemp(join(tmpdir(), `cohort-bench-${guest}-`));
   let cluster: ClusterFile | null = null;
   let failed = false;
   try {
-    cluster = await up({ hosts, state_dir, host_command: hostCommand() });
+    cluster = await up({ hosts, state_dir, host_command: hostCommand(), tls });
     await sleep(600); // hosts see each other's heartbeats before placement
     const manifest = parseManifest(`group: ${guest}\nmode: ${mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(guest))}\n`, { source: "bench", base_dir: "/" });
     await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
@@ -94,13 +99,14 @@ export interface PingpongReport {
   payload_bytes: number;
   measure_ms: number;
   repeat: number;
-  results: Record<"raw_tcp" | ProtectionMode, PingpongModeResult>;
-  ratios: { none_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number };
+  /** Every mode runs over mutual TLS but raw_tcp and group_insecure (group mode, hosts started --insecure). */
+  results: Record<"raw_tcp" | ProtectionMode | "group_insecure", PingpongModeResult>;
+  ratios: { none_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number; group_tls_vs_insecure: number };
 }
 
 
 export async function runPingpongBench(options: GroupBenchOptions): Promise<PingpongReport> {
-  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], none: [], vm: [], group: [] };
+  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], none: [], vm: [], group: [], group_insecure: [] };
   for (let i = 1; i <= options.repeat; i++) {
     options.progress(`run ${i}/${options.repeat}: raw_tcp: two Node processes, 64 bytes over loopback`);
     runs.raw_tcp.push(await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms }));
@@ -108,6 +114,8 @@ export async function runPingpongBench(options: GroupBenchOptions): Promise<Ping
       options.progress(`run ${i}/${options.repeat}: ${mode}: 2 VMs on ${options.hosts} hosts`);
       runs[mode].push(await measurePingpong(mode, options));
     }
+    options.progress(`run ${i}/${options.repeat}: group_insecure: group mode, hosts without TLS`);
+    runs.group_insecure.push(await measurePingpong("group", options, false));
   }
   const results = {} as PingpongReport["results"];
   for (const [mode, list] of Object.entries(runs) as [keyof PingpongReport["results"], PingpongRun[]][]) {
@@ -121,11 +129,13 @@ export async function runPingpongBench(options: GroupBenchOptions): Promise<Ping
     measure_ms: options.measure_ms,
     repeat: options.repeat,
     results,
-    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2) },
+    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2),
+      group_tls_vs_insecure: round(rate("group") / rate("group_insecure"), 3),
+    },
   };
 }
 
-function measurePingpong(mode: ProtectionMode, options: GroupBenchOptions): Promise<PingpongRun> {
+function measurePingpong(mode: ProtectionMode, options: GroupBenchOptions, tls = true): Promise<PingpongRun> {
   return withGroup("pingpong", mode, 2, options.hosts, async (g) => {
     await sleep(options.warmup_ms);
     await g.ask("pingpong-0", "reset");
@@ -137,7 +147,7 @@ function measurePingpong(mode: ProtectionMode, options: GroupBenchOptions): Prom
       latency_us_p99: round(stats.latency_us_p99, 1),
       round_trips: stats.round_trips,
     };
-  });
+  }, tls);
 }
 
 export interface AllreduceModeResult {

@@ -4,6 +4,10 @@
  * across failovers. Everything the CLI knows of groups and VMs comes from the
  * hosts over TCP (ops `records` and `locate`, src/host/api.ts): it never opens
  * the coordination store.
+ *
+ * Over mutual TLS when cluster.json names a credential (`tls`: the cluster
+ * CA, admin.crt and admin.key that `cohort up` made): each host's certificate
+ * must chain to the CA and name the host the CLI meant to reach.
  */
 import { Connection } from "../host/connection.js";
 import { MSG, parseLogPush } from "../host/messages.js";
@@ -11,11 +15,29 @@ import type { ReleasedRecord } from "../core/frames.js";
 import type { VmRecord } from "../host/records.js";
 import type { HostOp, HostOps } from "../host/api.js";
 import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
+import { readTlsMaterial, type ClientTls, type TlsMaterial } from "../tls/context.js";
 
 export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
   const cluster = await readCluster(state_dir);
   if (!cluster) throw new Error(`no cluster in ${state_dir} (start one with \`cohort up\`)`);
   return cluster;
+}
+
+const credentials = new Map<string, TlsMaterial>();
+
+/** The CLI's TLS credential for this cluster (read once per process), or null if the cluster speaks plain TCP. */
+export function clusterTls(cluster: ClusterFile): TlsMaterial | null {
+  if (!cluster.tls) return null;
+  const key = `${cluster.tls.ca}\0${cluster.tls.cert}\0${cluster.tls.key}`;
+  let material = credentials.get(key);
+  if (!material) credentials.set(key, (material = readTlsMaterial(cluster.tls)));
+  return material;
+}
+
+/** How to dial `host` of `cluster`: mutual TLS expecting that host's certificate, or plain TCP. */
+export function dialTls(cluster: ClusterFile, host: string): ClientTls | null {
+  const material = clusterTls(cluster);
+  return material ? { material, peer: host } : null;
 }
 
 export interface RequestOptions {
@@ -67,7 +89,7 @@ export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op
     if ((host_id && host.id !== host_id) || host.id === options.exclude) continue;
     let connection: Connection | null = null;
     try {
-      connection = await Connection.open(host.address, `cli→${host.id}`, 1000);
+      connection = await Connection.open(host.address, `cli→${host.id}`, 1000, dialTls(cluster, host.id));
       connection.send(MSG.HELLO, { from: "cli" });
       const result = await connection.request(op, args, body, options.timeout_ms);
       if (op === "records") learn(cluster, (result as HostOps["records"]["result"]).hosts);
@@ -170,7 +192,7 @@ export class LogFollower {
   }
 
   private async followOn(host: string, address: string): Promise<void> {
-    const connection = await Connection.open(address, `logs→${host}`, 500);
+    const connection = await Connection.open(address, `logs→${host}`, 500, dialTls(this.cluster, host));
     this.connection = connection;
     const closed = new Promise<void>((resolve) => connection.once("close", () => resolve()));
     // Pushes can be handled before the reply's continuation runs (a resolved promise runs later):

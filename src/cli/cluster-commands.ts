@@ -14,6 +14,7 @@ import { clusterOrFail, LogFollower, readLog, requestAny } from "./client.js";
 import { claimHostInstance } from "../host/instance.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { hostCommand, runDemo } from "./demo.js";
+import { readTlsMaterial, tlsDirFiles } from "../tls/context.js";
 
 const int = (name: string) => (value: string) => {
   const n = Number(value);
@@ -54,14 +55,25 @@ export function registerClusterCommands(program: Command): void {
       .option("--heartbeat-ms <ms>", `interval between heartbeats to each peer (default: ${HOST_DEFAULTS.heartbeat_ms}, or a quarter of a shorter --detect-ms)`, int("--heartbeat-ms"))
       .option("--detect-ms <ms>", `a peer silent this long is considered failed (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
       .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds)", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
-      .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)"),
-  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs?: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string }) => {
+      .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)")
+      .option(
+        "--tls-dir <dir>",
+        "mutual TLS on the host port and the VMs' message paths with <dir>/ca.crt (the cluster CA), <dir>/<id>.crt and <dir>/<id>.key " +
+          "(`cohort ca issue <id> --dir <dir>`; `cohort up` passes <state dir>/tls); peers without a certificate from that CA are refused",
+      )
+      .option("--insecure", "plain TCP, no authentication: anyone who reaches the port is a peer (one of --tls-dir and --insecure is required)")
+      .addHelpText("after", "\nA host refuses to start without --tls-dir or --insecure."),
+  )).action(async (opts: { id: string; listen: string; port: number; heartbeatMs?: number; detectMs: number; leaseMs: number; recordCoreEvents?: string; stateDir?: string; store?: string; tlsDir?: string; insecure?: boolean }) => {
     const state_dir = stateDir(opts);
     const record_dir = opts.recordCoreEvents ?? process.env.COHORT_RECORD_CORE_EVENTS ?? null;
+    if (opts.tlsDir !== undefined && opts.insecure) throw new InvalidArgumentError("give either --tls-dir or --insecure, not both");
+    if (opts.tlsDir === undefined && !opts.insecure) throw new InvalidArgumentError("no TLS material: give --tls-dir <dir> (ca.crt, <id>.crt, <id>.key) or, to run unauthenticated, --insecure");
+    // The certificate names the host (h1); a restart takes part as h1.2, ... under the same certificate.
+    const tls = opts.tlsDir !== undefined ? readTlsMaterial(tlsDirFiles(resolve(opts.tlsDir), opts.id), opts.id) : null;
     const store = openStore(storeOf(opts), state_dir);
     // Each start is a new participant: `h1` the first time, `h1.2` after a restart (src/host/instance.ts).
     const id = await claimHostInstance(store, opts.id);
-    const host = new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs ?? heartbeatFor(opts.detectMs), detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir }, store);
+    const host = new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs ?? heartbeatFor(opts.detectMs), detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir, tls }, store);
     const shutdown = (signal: string) => {
       host.log.info({ signal }, "shutting down");
       host.stop().then(
@@ -77,7 +89,10 @@ export function registerClusterCommands(program: Command): void {
   storeOption(stateOption(
     program
       .command("up")
-      .description("start a local cluster of host processes on loopback; returns once they are ready")
+      .description(
+        "start a local cluster of host processes on loopback; returns once they are ready. Hosts, their VMs and the CLI authenticate each other " +
+          "with mutual TLS: the cluster CA and host certificates are made in <state dir>/tls, the CLI's credential (admin.crt, admin.key) beside cluster.json",
+      )
       .option("--hosts <n>", "number of hosts", int("--hosts"), 3)
       .option("--detect-ms <ms>", `failure detection timeout of each host (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
       .option("--json", "print the cluster as JSON"),

@@ -5,6 +5,7 @@
 import { Command, InvalidArgumentError, Option } from "commander";
 import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
+import { registerCaCommands } from "./ca-commands.js";
 import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
 // `cohort logs vm --follow | head -1`: once stdout's reader has gone away, every write fails with
@@ -80,6 +81,7 @@ program
   });
 
 registerClusterCommands(program);
+registerCaCommands(program);
 
 program
   .command("sim")

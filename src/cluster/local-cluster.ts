@@ -7,9 +7,13 @@
  *   <state_dir>/logs/h<i>.log    stdout and stderr of host h<i> (appended to)
  *   <state_dir>/store/           the embedded coordination store (src/store/embedded.ts), unless
  *                                the cluster uses etcd (`store` in cluster.json, src/store/open.ts)
+ *   <state_dir>/tls/             the cluster CA (ca.crt, ca.key) and each host's certificate and key
+ *                                (h<i>.crt, h<i>.key), made by `up` (src/tls/ca.ts); the CA is kept
+ *   <state_dir>/admin.crt, .key  the CLI's credential (`tls` in cluster.json); keys are mode 0600
  *
  * Protocol with the host daemon: `up` starts each host as
- * `[...host_command, "--id", "h<i>", "--port", "0", "--state-dir", <abs state_dir>, "--store", <store>, ...extra_args]`,
+ * `[...host_command, "--id", "h<i>", "--port", "0", "--state-dir", <abs state_dir>, "--store", <store>,
+ *  "--tls-dir", <abs state_dir>/tls (or "--insecure" with `tls: false`), ...extra_args]`,
  * detached, and waits until the host has put its HostRecord under `hosts/h<i>`
  * in the cluster's coordination store with `pid` equal to the pid
  * `up` spawned. So host_command must start the daemon itself (e.g.
@@ -46,6 +50,14 @@ export interface ClusterFile {
   store: string;
   hosts: HostRecord[];
   created_at_ms: number;
+  /** The CLI's credential: the cluster CA's certificate and the admin certificate and key (paths). null: the hosts speak plain TCP. */
+  tls: ClusterTls | null;
+}
+
+export interface ClusterTls {
+  ca: string;
+  cert: string;
+  key: string;
 }
 
 export interface UpOptions {
@@ -59,6 +71,13 @@ export interface UpOptions {
   extra_args?: string[];
   /** The hosts' coordination store (src/store/open.ts; default "embedded"), passed as `--store`. */
   store?: string;
+  /**
+   * Mutual TLS between hosts, VMs and the CLI (default true): a CA and a
+   * certificate per host in <state_dir>/tls, the admin credential beside
+   * cluster.json. false starts the hosts with `--insecure` (benchmarks
+   * measure what TLS costs with it).
+   */
+  tls?: boolean;
 }
 
 export interface DownOptions {
@@ -139,6 +158,8 @@ const clusterFileSchema = z.object({
   store: z.string().default(STORE_DEFAULT),
   hosts: z.array(hostRecordSchema),
   created_at_ms: z.number().int().nonnegative(),
+  // Cluster files written before TLS: plain TCP.
+  tls: z.object({ ca: z.string(), cert: z.string(), key: z.string() }).nullable().default(null),
 });
 
 /** cluster.json of `state_dir`, or null if there is none. Throws LocalClusterError("InvalidClusterFile") if it is damaged. */
@@ -226,13 +247,22 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
     // A new cluster: its hosts start from their first generation (src/host/instance.ts), so they take part as h1, h2, ...
     for (let i = 1; i <= opts.hosts; i++) await store.delete(hostGenerationKey(`h${i}`));
 
+    const ids = Array.from({ length: opts.hosts }, (_, i) => `h${i + 1}`);
+    let tls: ClusterTls | null = null;
+    let tls_args = ["--insecure"];
+    if (opts.tls ?? true) {
+      // Loaded here only: the certificate builder is not needed by the commands that merely read cluster.json.
+      const { localClusterTls } = await import("../tls/ca.js");
+      const made = await localClusterTls(state_dir, ids);
+      tls = made.admin;
+      tls_args = ["--tls-dir", made.tls_dir];
+    }
     const [command, ...prefix] = opts.host_command;
-    for (let i = 1; i <= opts.hosts; i++) {
-      const id = `h${i}`;
+    for (const id of ids) {
       // On etcd the hosts share no files: each has its own state directory (its module cache). The embedded
       // store is files in the state directory, which the hosts of one machine share.
       const host_state_dir = parseStoreSpec(store_spec).kind === "embedded" ? state_dir : hostStateDir(state_dir, id);
-      const args = [...prefix, "--id", id, "--port", "0", "--state-dir", host_state_dir, "--store", store_spec, ...(opts.extra_args ?? [])];
+      const args = [...prefix, "--id", id, "--port", "0", "--state-dir", host_state_dir, "--store", store_spec, ...tls_args, ...(opts.extra_args ?? [])];
       started.push(await spawnHost(id, command, args, hostLogPath(state_dir, id)));
     }
 
@@ -265,6 +295,7 @@ export async function up(opts: UpOptions): Promise<ClusterFile> {
       store: store_spec,
       hosts: started.map((s) => s.record as HostRecord),
       created_at_ms: Date.now(),
+      tls,
     };
     await writeFileAtomic(clusterFilePath(state_dir), `${JSON.stringify(cluster, null, 2)}\n`);
     started.length = 0; // handed over to cluster.json

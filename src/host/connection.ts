@@ -4,8 +4,14 @@
  * newer version or the wrong shape (src/host/messages.ts checkControl)
  * closes this connection with a logged reason; nothing else is affected.
  * Requests are the typed host API (src/host/api.ts).
+ *
+ * Over mutual TLS when the cluster has it (src/tls/context.ts): open() then
+ * verifies the host's certificate (and, given the host id, that it names it)
+ * and presents this side's.
  */
 import { connect, type Socket } from "node:net";
+import { connect as tlsConnect } from "node:tls";
+import { clientTlsOptions, tlsReason, type ClientTls } from "../tls/context.js";
 import { EventEmitter } from "node:events";
 import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES_DEFAULT } from "../transport/frame.js";
 import { checkControl, CONTROL_VERSION, decodePayload, encodePayload, MSG, parseReply, type Reply, type Request } from "./messages.js";
@@ -40,21 +46,23 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     socket.on("close", () => this.close("peer closed the connection"));
   }
 
-  static open(address: string, label: string, timeout_ms = 2000): Promise<Connection> {
+  /** Dials `address`; with `tls`, over mutual TLS (resolves once the handshake is done and the host's certificate verified). */
+  static open(address: string, label: string, timeout_ms = 2000, tls: ClientTls | null = null): Promise<Connection> {
     const [host, port] = splitAddress(address);
     return new Promise((resolve, reject) => {
-      const socket = connect({ host, port });
+      const socket = tls ? tlsConnect({ host, port, ...clientTlsOptions(tls) }) : connect({ host, port });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connect to ${address} timed out after ${timeout_ms} ms`));
       }, timeout_ms);
-      socket.once("connect", () => {
+      socket.once(tls ? "secureConnect" : "connect", () => {
         clearTimeout(timer);
         resolve(new Connection(socket, label));
       });
-      socket.once("error", (error) => {
+      socket.once("error", (error: NodeJS.ErrnoException) => {
         clearTimeout(timer);
-        reject(error);
+        socket.destroy();
+        reject(tls && error.code !== "ECONNREFUSED" ? Object.assign(new Error(`TLS to ${address}: ${tlsReason(error)}`), { code: error.code ?? "TLS" }) : error);
       });
     });
   }

@@ -6,6 +6,7 @@
  * carries it out. A single VM is a group of one.
  */
 import { createServer, type Server, type Socket } from "node:net";
+import { mutualTlsServer, type TlsMaterial } from "../tls/context.js";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
 import { Connection } from "./connection.js";
@@ -39,6 +40,12 @@ export interface HostOptions {
   record_dir?: string | null;
   /** TTL of the lease `hosts/<id>` lives by (renewed every third of it): a dead host's entry goes after this. */
   lease_ms?: number;
+  /**
+   * This host's certificate (naming its id), key and the cluster CA: the host
+   * port and its VMs' message paths speak mutual TLS and take only peers the
+   * CA certified. null: plain TCP, no authentication (`cohort host --insecure`).
+   */
+  tls: TlsMaterial | null;
 }
 
 export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300, lease_ms: 3000 };
@@ -81,6 +88,9 @@ export class Host {
   private groupFramesRefused = 0;
   private stopping = false;
   private readonly closeLog = new LogLimit();
+  /** Connections refused for their certificate (or their handshake), and failed dials, logged a bounded share. */
+  private readonly tlsLog = new LogLimit();
+  private readonly dialLog = new LogLimit(1, 5000);
   private readonly storeLog = new LogLimit(1, 5000);
   private storeDown = false;
   /** The lease `hosts/<id>` lives by, and when it was last renewed. */
@@ -105,6 +115,7 @@ export class Host {
       store,
       detect_ms: options.detect_ms,
       listen_host: options.listen_host,
+      tls: options.tls,
       record_dir: options.record_dir ?? null,
       send: (to, frame, body, done) => this.sendGroup(to, frame, body, done),
       liveHosts: () => this.liveHosts(),
@@ -118,7 +129,8 @@ export class Host {
   }
 
   async start(): Promise<void> {
-    this.server = createServer((socket) => this.accept(socket));
+    const tls = this.options.tls;
+    this.server = tls ? mutualTlsServer(tls, (socket, peer) => this.accept(socket, peer), (address, reason) => this.refused(address, reason)) : createServer((socket) => this.accept(socket));
     await new Promise<void>((resolve, reject) => {
       this.server.once("error", reject);
       this.server.listen(this.options.port, this.options.listen_host, () => resolve());
@@ -143,7 +155,7 @@ export class Host {
     );
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
-    this.log.info({ address: this.address, pid: process.pid }, "host listening");
+    this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
   }
 
   /** Puts `hosts/<id>` with a fresh lease. */
@@ -194,8 +206,9 @@ export class Host {
 
   // ---- peers and failure detection -------------------------------------------------
 
-  private accept(socket: Socket): void {
-    const connection = new Connection(socket, `in:${socket.remoteAddress}:${socket.remotePort}`);
+  /** `peer`: the name in the peer's verified certificate (TLS), or none (plain TCP). */
+  private accept(socket: Socket, peer?: string): void {
+    const connection = new Connection(socket, `in:${peer !== undefined ? `${peer}@` : ""}${socket.remoteAddress}:${socket.remotePort}`);
     this.incoming.add(connection);
     connection.on("close", (reason) => {
       this.incoming.delete(connection);
@@ -209,6 +222,13 @@ export class Host {
         this.log.error({ err: error, type }, "message handling failed");
       });
     });
+  }
+
+  /** A connection refused before it could send anything: no valid certificate, or no TLS handshake. */
+  private refused(address: string, reason: string): void {
+    if (this.stopping) return;
+    const take = this.tlsLog.take(Date.now());
+    if (take) this.log.warn({ peer: address, reason, ...(take.skipped ? { refusals_not_logged: take.skipped } : {}) }, "connection refused: not authenticated");
   }
 
   private async refreshPeers(): Promise<void> {
@@ -245,7 +265,8 @@ export class Host {
     if (peer.out && !peer.out.isClosed) return peer.out;
     peer.connecting = true;
     try {
-      const connection = await Connection.open(peer.address, `out:${peer.id}`, 1000);
+      const tls = this.options.tls;
+      const connection = await Connection.open(peer.address, `out:${peer.id}`, 1000, tls ? { material: tls, peer: peer.id } : null);
       connection.send(MSG.HELLO, { from: this.id });
       connection.on("close", () => {
         if (peer.out === connection) peer.out = null;
@@ -256,7 +277,11 @@ export class Host {
       peer.queue = [];
       for (const { header, body, done } of queued) connection.send(MSG.GROUP, header, body, done);
       return connection;
-    } catch {
+    } catch (error) {
+      // Unreachable peers are the detector's business; a peer whose certificate does not hold is worth a line.
+      const e = error as NodeJS.ErrnoException;
+      const take = e.code === "ECONNREFUSED" || /timed out/.test(e.message) ? null : this.dialLog.take(Date.now());
+      if (take) this.log.warn({ peer: peer.id, address: peer.address, reason: e.message, ...(take.skipped ? { not_logged: take.skipped } : {}) }, "connecting to a peer failed");
       return null;
     } finally {
       peer.connecting = false;

@@ -21,8 +21,16 @@
  *
  * A connection that breaks loses what was in flight on it; only a recovery
  * re-sends (the sender log has it), as when a host dies.
+ *
+ * With `tls` (the host's certificate, key and the cluster CA) every link is
+ * mutual TLS 1.3 (src/tls/context.ts): the listener takes only peers the CA
+ * certified and reports every refusal (peer address and reason) as a problem,
+ * which the host logs; a dialer takes only a listener with a host certificate.
+ * Each frame is still one write on a socket with Nagle off.
  */
 import { connect, createServer, Socket, type Server } from "node:net";
+import { connect as tlsConnect } from "node:tls";
+import { clientTlsOptions, mutualTlsServer, type TlsMaterial } from "../tls/context.js";
 import type { MessagePort } from "node:worker_threads";
 import { randomUUID } from "node:crypto";
 import type { Route } from "../core/frames.js";
@@ -63,6 +71,8 @@ export interface PathOptions {
   rank: number;
   bind_host: string;
   hold_until_commit: boolean;
+  /** Mutual TLS on every link, or null: plain TCP. */
+  tls: TlsMaterial | null;
 }
 
 /** Arrivals kept while frozen or refused: beyond this they are dropped (re-sent only by a recovery). */
@@ -131,11 +141,12 @@ class Link {
   }
 
   /** Dials the member at `route`; the hello goes out first, whatever is written meanwhile waits. */
-  static dial(route: Route, rank: number, self: { rank: number; token: string }, handlers: LinkHandlers): Link {
+  static dial(route: Route, rank: number, self: { rank: number; token: string }, tls: TlsMaterial | null, handlers: LinkHandlers): Link {
     const i = route.address.lastIndexOf(":");
     let socket: Socket;
     try {
-      socket = connect({ host: route.address.slice(0, i), port: Number(route.address.slice(i + 1)) });
+      const target = { host: route.address.slice(0, i), port: Number(route.address.slice(i + 1)) };
+      socket = tls ? tlsConnect({ ...target, ...clientTlsOptions({ material: tls }) }) : connect(target);
     } catch (error) {
       // A route that is no address (the host checks routes, this is the last line): a link that is closed from the start.
       const link = new Link(new Socket(), true, { rank, token: route.token }, `link to ${route.address}`, handlers);
@@ -143,7 +154,7 @@ class Link {
       return link;
     }
     const link = new Link(socket, true, { rank, token: route.token }, `link to ${route.address}`, handlers);
-    socket.on("connect", () => link.connected(encodeHello({ token: route.token, from: self.rank, sender: self.token })));
+    socket.on(tls ? "secureConnect" : "connect", () => link.connected(encodeHello({ token: route.token, from: self.rank, sender: self.token })));
     return link;
   }
 
@@ -237,7 +248,10 @@ export class MessagePath {
 
   /** Starts listening for peers' connections; resolves with the port. */
   listen(): Promise<number> {
-    const server = createServer((socket) => this.accept(socket));
+    const tls = this.options.tls;
+    const server = tls
+      ? mutualTlsServer(tls, (socket) => this.accept(socket), (address, reason) => this.hooks.problem(`refused a connection from ${address}: ${reason}`))
+      : createServer((socket) => this.accept(socket));
     this.server = server;
     return new Promise((resolve, reject) => {
       server.once("error", reject);
@@ -402,7 +416,7 @@ export class MessagePath {
       }
     }
     if (link && Date.now() - link.closedAt! < RECONNECT_AFTER_MS) return null;
-    const fresh = Link.dial(route, rank, { rank: this.options.rank, token: this.token }, this.handlers);
+    const fresh = Link.dial(route, rank, { rank: this.options.rank, token: this.token }, this.options.tls, this.handlers);
     this.stats.links_dialed++;
     if (fresh.closedAt === null) this.open.add(fresh);
     this.links.set(rank, fresh);

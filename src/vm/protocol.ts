@@ -9,6 +9,7 @@ import type { PathCounters, Route } from "./message-path.js";
 import type { OutputRecord } from "./runtime-state.js";
 import type { CapturedDelta, GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
 import type { DeltaPoolStats } from "./delta-pool.js";
+import type { TlsMaterial } from "../tls/context.js";
 
 export interface GuestBundle {
   module: WebAssembly.Module;
@@ -124,8 +125,12 @@ export interface WorkerOps {
   image_current: { args: Record<string, never>; result: Uint8Array };
   status: { args: Record<string, never>; result: VmStatus };
   // ---- the group message data path (src/vm/message-path.ts): a primary sends and receives on its own thread
-  /** Listens for peers on `bind_host`; from now on what the guest sends goes out on the path, not in outboxes. */
-  path_open: { args: { bind_host: string; hold_until_commit: boolean }; result: Route };
+  /**
+   * Listens for peers on `bind_host`; from now on what the guest sends goes out on the path, not in outboxes.
+   * `tls`: the host's certificate, key and cluster CA: links are mutual TLS (null: plain TCP). Kept on the
+   * VM thread only for its sockets: never in a status, event or error.
+   */
+  path_open: { args: { bind_host: string; hold_until_commit: boolean; tls: TlsMaterial | null }; result: Route };
   /** Where every rank listens (null: nowhere / this VM) and MessageChannel ports to the ranks on this host (transferred). */
   path_routes: { args: { routes: (Route | null)[]; locals: { rank: number; port: MessagePort }[] }; result: null };
   /** Recovery: timers stopped, nothing sent, arrivals kept for later. */

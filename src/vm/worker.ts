@@ -403,11 +403,11 @@ const handlers: Handlers = {
   status() {
     return status();
   },
-  async path_open({ bind_host, hold_until_commit }) {
+  async path_open({ bind_host, hold_until_commit, tls }) {
     const vm = needPrimary();
     assert(!path, "the message path is open already");
     const opened = new MessagePath(
-      { rank: vm.rank(), bind_host, hold_until_commit },
+      { rank: vm.rank(), bind_host, hold_until_commit, tls },
       { offer, committed: () => primary?.committedEpoch ?? 0, problem: (message) => emit({ event: "problem", message }) },
     );
     path = opened;

@@ -3,7 +3,7 @@
 // register through the real store `up` names (src/store/open.ts) and thus
 // exactly where `up` polls.
 //
-//   stub-host.mjs --id h1 --port 0 --state-dir DIR [--store SPEC] [--stub-fail h2:never-register|exit|ignore-term ...]
+//   stub-host.mjs --id h1 --port 0 --state-dir DIR [--store SPEC] [--tls-dir DIR | --insecure] [--stub-fail h2:never-register|exit|ignore-term ...]
 //
 // On start it records its pid in DIR/stub-pids/<id>.pid (so tests can find
 // every process ever started, independently of cluster.json), listens on
@@ -21,6 +21,9 @@ const { values } = parseArgs({
     port: { type: "string" },
     "state-dir": { type: "string" },
     store: { type: "string", default: "embedded" },
+    // What `up` passes for TLS; the stub speaks plain TCP either way (test/tls.test.ts tests real hosts).
+    "tls-dir": { type: "string" },
+    insecure: { type: "boolean" },
     "stub-fail": { type: "string", multiple: true, default: [] },
   },
   strict: true,

@@ -10,6 +10,7 @@
  * them (a promotion before the member's restore, a backup's install before
  * the deltas staged after it); steps of different ranks overlap.
  */
+import type { TlsMaterial } from "../../tls/context.js";
 import type { Logger } from "pino";
 import { MessageChannel, type MessagePort } from "node:worker_threads";
 import { decodeDelta, decodeImage } from "../../checkpoint/format.js";
@@ -38,6 +39,8 @@ export interface GroupHostApi {
   readonly detect_ms: number;
   /** Interface the VMs' message paths listen on (the host's own). */
   readonly listen_host: string;
+  /** The host's TLS identity, for its VMs' message paths (mutual TLS between VM threads); null or absent: plain TCP. */
+  readonly tls?: TlsMaterial | null;
   /**
    * Best effort, in order per destination; lost only if the connection breaks.
    * `done`, if given, is called once nothing reads `body` any more (written
@@ -687,7 +690,7 @@ export class GroupDriver {
   }
 
   private openPath(member: GroupMember): Promise<Route> {
-    return member.openPath(this.api.listen_host, this.record.mode === "vm");
+    return member.openPath(this.api.listen_host, this.record.mode === "vm", this.api.tls ?? null);
   }
 
   private addMember(rank: number, vm: VmWorker, log: OutputLog, cut: number): GroupMember {

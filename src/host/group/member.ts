@@ -10,6 +10,7 @@
  * delivered vector, incarnation: src/vm/machine.ts); its thread keeps what may
  * be lost with the host (arrivals not yet offered, vm-mode held messages).
  */
+import type { TlsMaterial } from "../../tls/context.js";
 import { EventEmitter } from "node:events";
 import type { MessagePort } from "node:worker_threads";
 import type { VmWorker } from "../../vm/vm.js";
@@ -79,10 +80,10 @@ export class GroupMember extends EventEmitter<MemberEvents> {
 
   // ---- the message path -------------------------------------------------------------------
 
-  /** Opens the VM's message path; vm mode holds what it sends until its epoch commits. */
-  openPath(bind_host: string, hold_until_commit: boolean): Promise<Route> {
+  /** Opens the VM's message path (mutual TLS with `tls`); vm mode holds what it sends until its epoch commits. */
+  openPath(bind_host: string, hold_until_commit: boolean, tls: TlsMaterial | null): Promise<Route> {
     return this.step("path_open", async () => {
-      this.route = await this.vm.request("path_open", { bind_host, hold_until_commit });
+      this.route = await this.vm.request("path_open", { bind_host, hold_until_commit, tls });
       return this.route;
     });
   }
