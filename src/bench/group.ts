@@ -99,17 +99,19 @@ export interface PingpongReport {
   payload_bytes: number;
   measure_ms: number;
   repeat: number;
-  /** Every mode runs over mutual TLS but raw_tcp and group_insecure (group mode, hosts started --insecure). */
-  results: Record<"raw_tcp" | ProtectionMode | "group_insecure", PingpongModeResult>;
-  ratios: { none_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number; group_tls_vs_insecure: number };
+  /** Every mode runs over mutual TLS but raw_tcp and group_insecure (group mode, hosts started --insecure); raw_tls is raw_tcp's two processes over mutual TLS. */
+  results: Record<"raw_tcp" | "raw_tls" | ProtectionMode | "group_insecure", PingpongModeResult>;
+  ratios: { none_vs_raw_tcp: number; none_vs_raw_tls: number; group_vs_none: number; group_vs_vm: number; group_tls_vs_insecure: number };
 }
 
 
 export async function runPingpongBench(options: GroupBenchOptions): Promise<PingpongReport> {
-  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], none: [], vm: [], group: [], group_insecure: [] };
+  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], raw_tls: [], none: [], vm: [], group: [], group_insecure: [] };
   for (let i = 1; i <= options.repeat; i++) {
     options.progress(`run ${i}/${options.repeat}: raw_tcp: two Node processes, 64 bytes over loopback`);
     runs.raw_tcp.push(await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms }));
+    options.progress(`run ${i}/${options.repeat}: raw_tls: the same two processes over mutual TLS`);
+    runs.raw_tls.push(await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms, tls: true }));
     for (const mode of GROUP_MODES) {
       options.progress(`run ${i}/${options.repeat}: ${mode}: 2 VMs on ${options.hosts} hosts`);
       runs[mode].push(await measurePingpong(mode, options));
@@ -129,7 +131,7 @@ export async function runPingpongBench(options: GroupBenchOptions): Promise<Ping
     measure_ms: options.measure_ms,
     repeat: options.repeat,
     results,
-    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2),
+    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), none_vs_raw_tls: round(rate("none") / rate("raw_tls"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2),
       group_tls_vs_insecure: round(rate("group") / rate("group_insecure"), 3),
     },
   };

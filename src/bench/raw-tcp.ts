@@ -3,7 +3,9 @@
  * plain Node processes (no Cohort code in them) bounce a payload over loopback
  * TCP, one echoing, the other sending the next payload as soon as the whole
  * echo came back. Whatever Cohort adds on top of a round trip is measured
- * against this.
+ * against this. With `tls`, the two speak mutual TLS 1.3 with certificates
+ * from a throwaway CA, as Cohort's peers do: the floor of an authenticated
+ * transport.
  *
  * The two child scripts are inline (`node -e`), so this works the same from
  * src/ (tests) and from the compiled dist/ tree. The sender prints its result
@@ -11,6 +13,10 @@
  * killed by their own pid.
  */
 import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createCa, issueCert, writePair } from "../tls/ca.js";
 
 export interface RawTcpOptions {
   /** Measured time, after the warm-up. */
@@ -19,6 +25,8 @@ export interface RawTcpOptions {
   payload_bytes: number;
   /** Round trips before measuring starts (connection, JIT, socket buffers). Default 200 ms. */
   warmup_ms?: number;
+  /** Mutual TLS 1.3 between the two, with certificates from a throwaway CA: the floor of a transport that authenticates. */
+  tls?: boolean;
 }
 
 export interface RawTcpResult {
@@ -26,6 +34,8 @@ export interface RawTcpResult {
   latency_us_p50: number;
   latency_us_p99: number;
   round_trips: number;
+  /** "tcp", or the TLS version the two negotiated ("TLSv1.3"). */
+  transport: string;
 }
 
 export const RAW_TCP_DEFAULT_WARMUP_MS = 200;
@@ -33,22 +43,36 @@ export const RAW_TCP_DEFAULT_WARMUP_MS = 200;
 /** Beyond warm-up + duration: time for two processes to start, connect and report. */
 const STARTUP_BUDGET_MS = 10_000;
 
+/** Mutual TLS 1.3 options from $COHORT_RAW_TLS_DIR (ca.crt, <name>.crt, <name>.key), as Cohort's peers use them. */
+const TLS_OPTIONS_SCRIPT = `
+function tlsOptions(name, extra) {
+  const fs = require("node:fs");
+  const file = (f) => fs.readFileSync(require("node:path").join(tlsDir, f));
+  return { ca: file("ca.crt"), cert: file(name + ".crt"), key: file(name + ".key"), minVersion: "TLSv1.3", ...extra };
+}
+`;
+
 /**
  * Echo side: listens on an ephemeral loopback port, prints {"port":N}, echoes
  * every byte back on the one connection it takes, exits when that connection closes.
  */
 const ECHO_SCRIPT = `
 const net = require("node:net");
-const server = net.createServer((socket) => {
+const tlsDir = process.env.COHORT_RAW_TLS_DIR;
+const onConnection = (socket) => {
   server.close();
   socket.setNoDelay(true);
   socket.on("data", (chunk) => socket.write(chunk));
   socket.on("error", () => process.exit(1));
   socket.on("close", () => process.exit(0));
-});
+};
+const server = tlsDir
+  ? require("node:tls").createServer(tlsOptions("echo", { requestCert: true, rejectUnauthorized: true }), onConnection)
+  : net.createServer(onConnection);
 server.listen(0, "127.0.0.1", () => {
   process.stdout.write(JSON.stringify({ port: server.address().port }) + "\\n");
 });
+${TLS_OPTIONS_SCRIPT}
 `;
 
 /**
@@ -58,6 +82,8 @@ server.listen(0, "127.0.0.1", () => {
  */
 const SENDER_SCRIPT = `
 const net = require("node:net");
+const tlsDir = process.env.COHORT_RAW_TLS_DIR;
+${TLS_OPTIONS_SCRIPT}
 const [port, payloadBytes, warmupMs, durationMs] = process.argv.slice(1).map(Number);
 const payload = Buffer.alloc(payloadBytes, 0x61);
 const now = () => process.hrtime.bigint();
@@ -69,11 +95,14 @@ const started = now();
 const measureFrom = started + BigInt(Math.round(warmupMs * 1e6));
 const measureUntil = measureFrom + BigInt(Math.round(durationMs * 1e6));
 let measuredEnd = measureFrom;
-const socket = net.connect(port, "127.0.0.1", () => {
+const onConnect = () => {
   socket.setNoDelay(true);
   sentAt = now();
   socket.write(payload);
-});
+};
+const socket = tlsDir
+  ? require("node:tls").connect({ port, host: "127.0.0.1", ...tlsOptions("sender", { checkServerIdentity: () => undefined }) }, onConnect)
+  : net.connect(port, "127.0.0.1", onConnect);
 socket.on("data", (chunk) => {
   received += chunk.length;
   if (received < payloadBytes) return;
@@ -110,6 +139,7 @@ function finish() {
     latency_us_p50: r1(pct(0.5)),
     latency_us_p99: r1(pct(0.99)),
     round_trips: count,
+    transport: typeof socket.getProtocol === "function" ? socket.getProtocol() : "tcp",
   };
   process.stdout.write(JSON.stringify(result) + "\\n", () => {
     socket.end();
@@ -125,8 +155,8 @@ interface Child {
   exited: Promise<void>;
 }
 
-function startChild(name: string, script: string, args: string[]): Child {
-  const child = spawn(process.execPath, ["-e", script, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+function startChild(name: string, script: string, args: string[], env: NodeJS.ProcessEnv): Child {
+  const child = spawn(process.execPath, ["-e", script, ...args], { stdio: ["ignore", "pipe", "pipe"], env });
   let stdout = "";
   let stderr = "";
   child.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr += d));
@@ -186,12 +216,14 @@ export async function measureRawTcp(options: RawTcpOptions): Promise<RawTcpResul
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error(`raw TCP benchmark did not finish within ${budget} ms`)), budget);
   });
+  const tls_dir = options.tls ? await throwawayTls() : null;
+  const env = tls_dir ? { ...process.env, COHORT_RAW_TLS_DIR: tls_dir } : process.env;
   try {
-    echo = startChild("echo", ECHO_SCRIPT, []);
+    echo = startChild("echo", ECHO_SCRIPT, [], env);
     const ready = await Promise.race([echo.firstLine, timeout]);
     const port = (ready as { port?: unknown }).port;
     if (typeof port !== "number") throw new Error(`echo process reported no port: ${JSON.stringify(ready)}`);
-    sender = startChild("sender", SENDER_SCRIPT, [String(port), String(payload_bytes), String(warmup_ms), String(duration_ms)]);
+    sender = startChild("sender", SENDER_SCRIPT, [String(port), String(payload_bytes), String(warmup_ms), String(duration_ms)], env);
     const result = await Promise.race([sender.firstLine, timeout]);
     if (!isResult(result)) throw new Error(`sender process reported ${JSON.stringify(result)}`);
     // Both exit on their own once the connection closes.
@@ -201,5 +233,15 @@ export async function measureRawTcp(options: RawTcpOptions): Promise<RawTcpResul
     clearTimeout(timer);
     kill(sender);
     kill(echo);
+    if (tls_dir) await rm(tls_dir, { recursive: true, force: true });
   }
+}
+
+/** A CA and two host certificates (echo, sender) in a new temporary directory. */
+async function throwawayTls(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), "cohort-raw-tls-"));
+  const ca = await createCa(1);
+  await writePair(dir, "ca", ca);
+  for (const name of ["echo", "sender"]) await writePair(dir, name, await issueCert(ca, name, { role: "host", days: 1 }));
+  return dir;
 }
