@@ -19,9 +19,20 @@
  * has a deadline (call_timeout_ms).
  */
 import { noop } from "cockatiel";
-import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type Lease as Etcd3Lease, type Namespace } from "etcd3";
+import { createRequire } from "node:module";
+import type { Etcd3, IKeyValue, Lease as Etcd3Lease, Namespace } from "etcd3";
 import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
 import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+
+/**
+ * etcd3 and its gRPC stack take ≈ 0.2 s of main-thread time to load: loaded
+ * with the first EtcdStore, not by every CLI command and every host on the
+ * embedded store (a host's main thread also answers heartbeats).
+ */
+let etcd3Module: typeof import("etcd3") | null = null;
+function etcd3(): typeof import("etcd3") {
+  return (etcd3Module ??= createRequire(import.meta.url)("etcd3") as typeof import("etcd3"));
+}
 
 export interface EtcdStoreOptions {
   /** `host:port` of each etcd member (plain HTTP/2 gRPC). */
@@ -66,7 +77,7 @@ export class EtcdStore implements CoordinationStore {
     if (options.endpoints.length === 0) throw new StoreError("InvalidArgument", "etcd store: no endpoint given");
     this.opts = { ...ETCD_STORE_DEFAULTS, ...options };
     const call_timeout_ms = this.opts.call_timeout_ms;
-    this.client = new Etcd3({
+    this.client = new (etcd3().Etcd3)({
       hosts: this.opts.endpoints.map((e) => `http://${e}`),
       dialTimeout: this.opts.dial_timeout_ms,
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + call_timeout_ms }),
@@ -120,7 +131,7 @@ export class EtcdStore implements CoordinationStore {
       try {
         return await fn();
       } catch (e) {
-        if (e instanceof EtcdLeaseInvalidError) throw new StoreError("LeaseLost", `${what}: the lease lapsed`, { cause: e });
+        if (e instanceof etcd3().EtcdLeaseInvalidError) throw new StoreError("LeaseLost", `${what}: the lease lapsed`, { cause: e });
         throw e;
       }
     });
