@@ -111,6 +111,25 @@ describe("a killed host restarted with the same id rejoins", () => {
   }, 60_000);
 });
 
+describe("a request to a degraded VM", () => {
+  it("times out saying why: its backup's host is gone and no spare took over, so nothing is released", async () => {
+    const { cluster: c, store } = await cluster(2);
+    const module = guestPath("kv");
+    await requestAny(c, "deploy", { manifest: parseManifest(`group: kv\nmode: vm\nmodule: ${JSON.stringify(module)}\n`, { source: "test", base_dir: "/" }) }, new Uint8Array(await readFile(module)));
+    const record = (await store.get<VmRecord>(vmKey("kv-0")))!.value;
+    expect((await requestAny(c, "vm_request", { vm: "kv-0", text: "put a 1" }, undefined, record.primary)).reply).toBe("ok");
+    process.kill(c.hosts.find((h) => h.id === record.backup)!.pid, "SIGKILL");
+    await sleep(3 * DETECT_MS);
+    const error = await requestAny(c, "vm_request", { vm: "kv-0", text: "get a" }, undefined, record.primary).then(
+      () => null,
+      (e: Error & { code?: string }) => e,
+    );
+    expect(error?.code).toBe("Timeout");
+    expect(error?.message).toMatch(new RegExp(`kv-0 is degraded \\(its backup's host ${record.backup} is not answering\\)`));
+    await store.close();
+  });
+});
+
 describe("single-VM protection across host processes", () => {
   it("kill -9 of the primary's host: the backup promotes, output continues with no gap and no duplicate", async () => {
     const { cluster: c, store } = await cluster(3);

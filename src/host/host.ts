@@ -489,11 +489,19 @@ export class Host {
   }
 
   /** The primary of `vm` on this host, with its released-output log and VM thread. */
-  private primaryOf(vm: string): { log: OutputLog; worker: VmWorker } | null {
+  private primaryOf(vm: string): { log: OutputLog; worker: VmWorker; unprotected: () => string | null } | null {
     for (const g of this.groups.values()) {
       const rank = g.rankOf(vm);
       const m = rank === null ? undefined : g.members.get(rank);
-      if (m) return { log: m.log, worker: m.vm };
+      if (m && rank !== null) {
+        // Why nothing commits, if that is so: the backup's host is gone and no live host took its place.
+        const unprotected = () => {
+          const backup = g.record.mode === "none" ? "none" : g.record.placement[rank]?.backup ?? null;
+          if (backup === "none" || (backup !== null && this.liveHosts().includes(backup))) return null;
+          return backup === null ? "it has no backup" : `its backup's host ${backup} is not answering`;
+        };
+        return { log: m.log, worker: m.vm, unprotected };
+      }
     }
     return null;
   }
@@ -510,7 +518,9 @@ export class Host {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         primary.log.off("append", onAppend);
-        reject(Object.assign(new Error(`${vm}: no reply released within ${VM_REQUEST_TIMEOUT_MS} ms`), { code: "Timeout" }));
+        const why = primary.unprotected();
+        const hint = why ? `: ${vm} is degraded (${why}), so nothing it outputs is released until a live host takes its backup (see \`cohort status\`)` : "";
+        reject(Object.assign(new Error(`${vm}: no reply released within ${VM_REQUEST_TIMEOUT_MS} ms${hint}`), { code: "Timeout" }));
       }, VM_REQUEST_TIMEOUT_MS);
       const onAppend = (records: ReleasedRecord[]) => {
         const reply = records.find((r) => r.kind === 1 && r.request_id === request_id);
