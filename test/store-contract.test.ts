@@ -48,6 +48,7 @@ function memoryClient(store: MemoryStore): CoordinationStore {
     list: guard((prefix: string) => store.list(prefix)),
     delete: guard((key: string) => store.delete(key)),
     grantLease: guard((ttl_ms: number) => store.grantLease(ttl_ms)),
+    watch: (prefix: string, onChange: () => void) => store.watch(prefix, onChange),
     close: async () => {
       closed = true;
     },
@@ -280,6 +281,43 @@ describe.each(backends)("$name: the store contract", (backend) => {
         { numRuns: 40 },
       );
     });
+
+  it("a watch on a prefix says when it is in place, then hears another client's put, delete and revoked lease under it, and nothing else", async () => {
+    const a = open();
+    const b = open();
+    let heard = 0;
+    const watch = a.watch("hosts/", () => heard++);
+    try {
+      const until = async (what: string, check: () => boolean) => {
+        const end = Date.now() + 5000;
+        while (!check()) {
+          if (Date.now() > end) throw new Error(`the watch did not hear ${what}`);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      };
+      await until("the watch in place", () => heard > 0); // it says so once
+      await new Promise((r) => setTimeout(r, 300));
+      let seen = heard;
+      await b.put("hosts/h1", { n: 1 });
+      await until("a put", () => heard > seen);
+      seen = heard;
+      await b.delete("hosts/h1");
+      await until("a delete", () => heard > seen);
+      seen = heard;
+      const lease = await b.grantLease(1000);
+      await b.put("hosts/h2", { n: 2 }, { lease });
+      await until("a put with a lease", () => heard > seen);
+      seen = heard;
+      await lease.revoke();
+      await until("the lease revoked", () => heard > seen);
+      seen = heard;
+      await b.put("groups/g", { n: 3 }); // another prefix
+      await new Promise((r) => setTimeout(r, 600));
+      expect(heard).toBe(seen);
+    } finally {
+      watch.close();
+    }
+  });
 
   it("a key put with a lease lives while the lease does: revoked or lapsed, it reads as deleted and its versions go on", async () => {
     const s = open();

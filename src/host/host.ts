@@ -18,7 +18,7 @@ import { LogLimit } from "../util/log-limit.js";
 import { round } from "../util/stats.js";
 import { hostKey, vmKey, type GroupRecord, type VmRecord } from "./records.js";
 import { deployGroup } from "./deploy.js";
-import { StoreError, type CoordinationStore, type Lease, type Versioned } from "../store/store.js";
+import { StoreError, type CoordinationStore, type Lease, type Versioned, type Watch } from "../store/store.js";
 import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
 import type { GuestBundle } from "../vm/protocol.js";
@@ -72,6 +72,8 @@ interface Peer {
 
 /** Group frames kept per peer while its connection is (re)opening. */
 export const PEER_QUEUE_MAX = 10_000;
+/** Registrations are re-read this often besides the store's watch (a missed change costs at most this). */
+const PEER_RESYNC_MS = 2000;
 /** How long `vm_request` waits for the VM's reply to be released. */
 export const VM_REQUEST_TIMEOUT_MS = 5000;
 
@@ -99,6 +101,7 @@ export class Host {
   private renewing = false;
   /** When detect() last ran: a gap longer than the timeout means this host stalled. */
   private lastDetect_ms = 0;
+  private hostsWatch: Watch | null = null;
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -148,11 +151,13 @@ export class Host {
     );
     VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
-    this.timers.push(
-      setInterval(() => {
-        this.refreshPeers().catch((error: Error) => this.log.error({ err: error }, "peer refresh failed"));
-      }, 250),
-    );
+    // Registrations come and go (hosts start, restart, their leases lapse): the store says when (etcd pushes,
+    // the file store is looked at every WATCH_POLL_MS); a slow re-read besides catches what a watch missed.
+    const refresh = (): void => {
+      this.refreshPeers().catch((error: Error) => this.log.error({ err: error }, "peer refresh failed"));
+    };
+    this.hostsWatch = this.store.watch("hosts/", refresh);
+    this.timers.push(setInterval(refresh, PEER_RESYNC_MS));
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
@@ -195,6 +200,7 @@ export class Host {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
+    this.hostsWatch?.close();
     await this.lease?.revoke().catch(() => undefined); // the registration goes now rather than after its TTL
     await this.groups.stop();
     for (const peer of this.peers.values()) peer.out?.close("host stopping");

@@ -41,7 +41,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
-import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix, pollingWatch, type Watch } from "./store.js";
 
 export interface EmbeddedStoreOptions {
   /** Largest JSON encoding of a value, in bytes (default 1 MiB). */
@@ -166,6 +166,10 @@ export class EmbeddedStore implements CoordinationStore {
         await this.write(key, cur.version + 1, null);
       });
     });
+  }
+
+  watch(prefix: string, onChange: () => void): Watch {
+    return pollingWatch(this, prefix, onChange);
   }
 
   async close(): Promise<void> {

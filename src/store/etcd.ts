@@ -22,7 +22,7 @@ import { noop } from "cockatiel";
 import { createRequire } from "node:module";
 import type { Etcd3, IKeyValue, Lease as Etcd3Lease, Namespace } from "etcd3";
 import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
-import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix } from "./store.js";
+import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, pollingWatch, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix, type Watch } from "./store.js";
 
 /**
  * etcd3 and its gRPC stack take ≈ 0.2 s of main-thread time to load: loaded
@@ -176,6 +176,42 @@ export class EtcdStore implements CoordinationStore {
         return { text: recordText(key, cur.record.version + 1, null), result: undefined };
       }),
     );
+  }
+
+  /**
+   * etcd watches on the prefix and on the lease markers (a key whose lease
+   * lapsed reads as deleted, but only its marker changes). If a watch cannot
+   * be set up (etcd away at the time), it falls back to polling.
+   */
+  watch(prefix: string, onChange: () => void): Watch {
+    validatePrefix(prefix);
+    let closed = false;
+    let fallback: Watch | null = null;
+    const watchers: { cancel(): Promise<void> }[] = [];
+    const builder = (p: string) => (p === "" ? this.ns.watch().prefix("") : this.ns.watch().prefix(p));
+    Promise.all([builder(prefix).create(), builder(LEASE_MARKER_PREFIX).create()]).then(
+      (created) => {
+        for (const w of created) {
+          w.on("put", () => onChange());
+          w.on("delete", () => onChange());
+          // The client reconnects a broken watch by itself; nothing to do here but not crash.
+          w.on("error", () => undefined);
+          watchers.push(w);
+        }
+        if (closed) for (const w of watchers) w.cancel().catch(() => undefined);
+        else onChange(); // in place: what changed meanwhile is not lost
+      },
+      () => {
+        if (!closed) fallback = pollingWatch(this, prefix, onChange);
+      },
+    );
+    return {
+      close: () => {
+        closed = true;
+        fallback?.close();
+        for (const w of watchers) w.cancel().catch(() => undefined);
+      },
+    };
   }
 
   async close(): Promise<void> {

@@ -9,7 +9,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { checkExpectedVersion, encodeValue } from "./record.js";
-import { checkLeaseTtl, StoreError, validateKey, validatePrefix, type CoordinationStore, type Lease, type PutOptions, type Versioned } from "./store.js";
+import { checkLeaseTtl, StoreError, validateKey, validatePrefix, type CoordinationStore, type Lease, type PutOptions, type Versioned, pollingWatch, type Watch } from "./store.js";
 
 /** Values larger than this (as JSON) are refused by default, like the embedded store's. */
 const VALUE_BYTES_MAX = 1 << 20;
@@ -96,6 +96,10 @@ export class MemoryStore implements CoordinationStore {
   revokeLease(id: string): void {
     this.check();
     this.leases.delete(id);
+  }
+
+  watch(prefix: string, onChange: () => void): Watch {
+    return pollingWatch(this, prefix, onChange);
   }
 
   async close(): Promise<void> {

@@ -45,6 +45,44 @@ export interface PutOptions {
 /** Shortest lease a store grants (etcd counts whole seconds: it grants at least this, rounded up to a second). */
 export const LEASE_TTL_MS_MIN = 1000;
 
+/** A watch on a prefix (CoordinationStore.watch); close() stops it. */
+export interface Watch {
+  close(): void;
+}
+
+/** How often a store without change notifications (files, memory) looks for changes under a watched prefix. */
+export const WATCH_POLL_MS = 250;
+
+/**
+ * A watch by polling, for stores that cannot push changes: lists the prefix
+ * every `interval_ms` and calls `onChange` when its keys or versions differ
+ * from the last listing. Errors (the store away) are skipped.
+ */
+export function pollingWatch(store: Pick<CoordinationStore, "list">, prefix: string, onChange: () => void, interval_ms = WATCH_POLL_MS): Watch {
+  validatePrefix(prefix);
+  let last: string | null = null;
+  let busy = false;
+  const look = () => {
+    if (busy) return;
+    busy = true;
+    store
+      .list(prefix)
+      .then(
+        (entries) => {
+          const signature = entries.map((e) => `${e.key}@${e.version}`).join(",");
+          if (signature !== last) onChange(); // the first listing too: the watch is in place
+          last = signature;
+        },
+        () => undefined,
+      )
+      .finally(() => (busy = false));
+  };
+  look();
+  const timer = setInterval(look, interval_ms);
+  timer.unref();
+  return { close: () => clearInterval(timer) };
+}
+
 export interface CoordinationStore {
   /** The current value, or null if the key does not exist (never written, deleted, or its lease lapsed). */
   get<T>(key: string): Promise<Versioned<T> | null>;
@@ -61,6 +99,14 @@ export interface CoordinationStore {
   list<T>(prefix: string): Promise<Versioned<T>[]>;
   /** Removes the key; a no-op if it does not exist. */
   delete(key: string): Promise<void>;
+  /**
+   * Calls `onChange` soon after a key under `prefix` is written, deleted or
+   * lapses with its lease (no detail: list again), and once when the watch
+   * is in place (what changed while it was being set up is not lost). etcd
+   * pushes changes; the file and in-memory stores look every WATCH_POLL_MS.
+   * A store that is unreachable calls nothing until it is back.
+   */
+  watch(prefix: string, onChange: () => void): Watch;
   /** Waits for operations in flight; any later call fails with StoreUnavailable. */
   close(): Promise<void>;
 }
