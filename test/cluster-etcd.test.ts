@@ -80,6 +80,8 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
       // The primary's host dies while etcd is down: nobody can decide, so nothing is promoted yet...
       const victim = c.hosts.find((h) => h.id === before.primary)!;
       process.kill(victim.pid, "SIGKILL");
+      // What the killed host released just before may still be in the follower's socket: let it arrive.
+      await new Promise((r) => setTimeout(r, 100));
       const atKill = follower.lastSeq;
       await new Promise((r) => setTimeout(r, 2 * DETECT_MS + 500));
       expect(follower.lastSeq).toBe(atKill);
