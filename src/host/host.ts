@@ -74,6 +74,8 @@ interface Peer {
 export const PEER_QUEUE_MAX = 10_000;
 /** Registrations are re-read this often besides the store's watch (a missed change costs at most this). */
 const PEER_RESYNC_MS = 2000;
+/** A peer without a connection (down, or declared failed and perhaps only paused) is dialed again this often. */
+const PEER_RECONNECT_MS = 250;
 /** How long `vm_request` waits for the VM's reply to be released. */
 export const VM_REQUEST_TIMEOUT_MS = 5000;
 
@@ -158,6 +160,7 @@ export class Host {
     };
     this.hostsWatch = this.store.watch("hosts/", refresh);
     this.timers.push(setInterval(refresh, PEER_RESYNC_MS));
+    this.timers.push(setInterval(() => this.reconnectPeers(), PEER_RECONNECT_MS));
     this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
@@ -262,9 +265,18 @@ export class Host {
         peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false, queue: [] };
         this.peers.set(value.id, peer);
       }
-      // Failed peers too: a paused host comes back, and it learns we are alive from our heartbeats.
       if (!peer.out && !peer.connecting) this.connectInBackground(peer);
     }
+  }
+
+  /**
+   * Connections to peers that are down are tried again, failed peers too: a
+   * paused host comes back and learns we are alive only from our heartbeats
+   * (its registration did not change, so the store's watch says nothing).
+   */
+  private reconnectPeers(): void {
+    if (this.stopping) return;
+    for (const peer of this.peers.values()) if (!peer.out && !peer.connecting) this.connectInBackground(peer);
   }
 
   private async connectPeer(peer: Peer): Promise<Connection | null> {
