@@ -114,8 +114,7 @@ describe("a killed host restarted with the same id rejoins", () => {
 describe("a request to a degraded VM", () => {
   it("times out saying why: its backup's host is gone and no spare took over, so nothing is released", async () => {
     const { cluster: c, store } = await cluster(2);
-    const module = guestPath("kv");
-    await requestAny(c, "deploy", { manifest: parseManifest(`group: kv\nmode: vm\nmodule: ${JSON.stringify(module)}\n`, { source: "test", base_dir: "/" }) }, new Uint8Array(await readFile(module)));
+    await deploy(c, "kv", guestPath("kv"));
     const record = (await store.get<VmRecord>(vmKey("kv-0")))!.value;
     expect((await requestAny(c, "vm_request", { vm: "kv-0", text: "put a 1" }, undefined, record.primary)).reply).toBe("ok");
     process.kill(c.hosts.find((h) => h.id === record.backup)!.pid, "SIGKILL");

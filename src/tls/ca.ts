@@ -13,6 +13,7 @@
  * Layout of a CA directory: ca.crt, ca.key, and <name>.crt / <name>.key per
  * issued certificate. Keys are written with mode 0600.
  */
+import { HOST_NAME_RE } from "../host/instance.js";
 import "reflect-metadata";
 import * as x509 from "@peculiar/x509";
 import { randomBytes, webcrypto } from "node:crypto";
@@ -46,7 +47,8 @@ export interface IssueOptions {
 export const CA_DAYS_DEFAULT = 3650;
 export const CERT_DAYS_DEFAULT = 365;
 /** Names a certificate can carry: host ids (src/cluster/local-cluster.ts) and `admin`. */
-export const CERT_NAME = /^[a-z0-9][a-z0-9_-]*$/;
+/** A certificate names a host (as `cohort host --id` takes it) or `admin`: the same rule as host names. */
+export const CERT_NAME = HOST_NAME_RE;
 
 export class CaError extends Error {
   override name = "CaError";

@@ -104,7 +104,8 @@ interface LinkHandlers {
  * connection it accepted instead of dialing back. Why one connection, not one
  * per direction: every message then carries the TCP acknowledgement of the
  * previous one the other way, where a one-way link needs a bare ACK segment
- * per message; on loopback that is ~13% of a round trip (`cohort bench pingpong`).
+ * per message (the receiver's side of the connection never writes). The
+ * test "one connection per pair" counts the dials.
  *
  * If both members dial at once, each sends on the link it dialed and receives
  * on both; messages carry channel sequence numbers, so which connection
