@@ -191,9 +191,13 @@ export class EtcdStore implements CoordinationStore {
     const builder = (p: string) => (p === "" ? this.ns.watch().prefix("") : this.ns.watch().prefix(p));
     Promise.all([builder(prefix).create(), builder(LEASE_MARKER_PREFIX).create()]).then(
       (created) => {
+        const [onPrefix, onMarkers] = created;
+        onPrefix.on("put", () => onChange());
+        onPrefix.on("delete", () => onChange());
+        // A marker is put when a lease is granted, which changes no key that
+        // reads; only its deletion (the lease revoked or lapsed) does.
+        onMarkers.on("delete", () => onChange());
         for (const w of created) {
-          w.on("put", () => onChange());
-          w.on("delete", () => onChange());
           // The client reconnects a broken watch by itself; nothing to do here but not crash.
           w.on("error", () => undefined);
           watchers.push(w);
