@@ -11,9 +11,12 @@
  * modes instead of charging it to whichever ran last.
  *
  * Clusters run with mutual TLS (as `cohort up` starts them); pingpong also
- * runs group mode on hosts started `--insecure` (`group_insecure`), so the
- * cost of TLS on the message path is one ratio of the same run
- * (`group_tls_vs_insecure`).
+ * runs none and group mode on hosts started `--insecure` (`none_insecure`,
+ * `group_insecure`), so the cost of TLS on the message path is one ratio of
+ * the same run (`group_tls_vs_insecure`), and the message path's own cost is
+ * measured against a raw socket of the same transport: `none_vs_raw_tls`
+ * (TLS) and `none_insecure_vs_raw_tcp` (plain TCP). `none_vs_raw_tcp` mixes
+ * the two costs.
  *
  * The guests measure themselves (pingpong: round trips and their latency on
  * the guest's clock; allreduce: completed rounds); the bench reads them
@@ -99,14 +102,14 @@ export interface PingpongReport {
   payload_bytes: number;
   measure_ms: number;
   repeat: number;
-  /** Every mode runs over mutual TLS but raw_tcp and group_insecure (group mode, hosts started --insecure); raw_tls is raw_tcp's two processes over mutual TLS. */
-  results: Record<"raw_tcp" | "raw_tls" | ProtectionMode | "group_insecure", PingpongModeResult>;
-  ratios: { none_vs_raw_tcp: number; none_vs_raw_tls: number; group_vs_none: number; group_vs_vm: number; group_tls_vs_insecure: number };
+  /** Every mode runs over mutual TLS but raw_tcp, none_insecure and group_insecure (hosts started --insecure); raw_tls is raw_tcp's two processes over mutual TLS. */
+  results: Record<"raw_tcp" | "raw_tls" | ProtectionMode | "none_insecure" | "group_insecure", PingpongModeResult>;
+  ratios: { none_vs_raw_tcp: number; none_vs_raw_tls: number; none_insecure_vs_raw_tcp: number; group_vs_none: number; group_vs_vm: number; group_tls_vs_insecure: number };
 }
 
 
 export async function runPingpongBench(options: GroupBenchOptions): Promise<PingpongReport> {
-  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], raw_tls: [], none: [], vm: [], group: [], group_insecure: [] };
+  const runs: Record<keyof PingpongReport["results"], PingpongRun[]> = { raw_tcp: [], raw_tls: [], none: [], vm: [], group: [], none_insecure: [], group_insecure: [] };
   for (let i = 1; i <= options.repeat; i++) {
     options.progress(`run ${i}/${options.repeat}: raw_tcp: two Node processes, 64 bytes over loopback`);
     runs.raw_tcp.push(await measureRawTcp({ duration_ms: options.measure_ms, payload_bytes: 64, warmup_ms: options.warmup_ms }));
@@ -116,6 +119,8 @@ export async function runPingpongBench(options: GroupBenchOptions): Promise<Ping
       options.progress(`run ${i}/${options.repeat}: ${mode}: 2 VMs on ${options.hosts} hosts`);
       runs[mode].push(await measurePingpong(mode, options));
     }
+    options.progress(`run ${i}/${options.repeat}: none_insecure: none mode, hosts without TLS`);
+    runs.none_insecure.push(await measurePingpong("none", options, false));
     options.progress(`run ${i}/${options.repeat}: group_insecure: group mode, hosts without TLS`);
     runs.group_insecure.push(await measurePingpong("group", options, false));
   }
@@ -131,7 +136,8 @@ export async function runPingpongBench(options: GroupBenchOptions): Promise<Ping
     measure_ms: options.measure_ms,
     repeat: options.repeat,
     results,
-    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), none_vs_raw_tls: round(rate("none") / rate("raw_tls"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2),
+    ratios: { none_vs_raw_tcp: round(rate("none") / rate("raw_tcp"), 3), none_vs_raw_tls: round(rate("none") / rate("raw_tls"), 3),
+      none_insecure_vs_raw_tcp: round(rate("none_insecure") / rate("raw_tcp"), 3), group_vs_none: round(rate("group") / rate("none"), 3), group_vs_vm: round(rate("group") / Math.max(rate("vm"), 1e-9), 2),
       group_tls_vs_insecure: round(rate("group") / rate("group_insecure"), 3),
     },
   };

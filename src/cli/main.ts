@@ -155,7 +155,7 @@ const groupBenchOptions = (command: Command) =>
     .option("--hosts <n>", "host processes per cluster", int("--hosts"), GROUP_BENCH_DEFAULTS.hosts)
     .option("--repeat <n>", "measurements per mode, modes interleaved; the median is reported", int("--repeat"), GROUP_BENCH_DEFAULTS.repeat);
 
-groupBenchOptions(bench.command("pingpong").description("two VMs on two hosts bouncing 64 bytes, per mode (none, vm, group) and over raw TCP")).action(
+groupBenchOptions(bench.command("pingpong").description("two VMs on two hosts bouncing 64 bytes, per mode (none, vm, group; none and group also without TLS) and over raw TCP and TLS")).action(
   async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number; repeat: number }) => {
     const { runPingpongBench } = await import("../bench/group.js");
     const report = await runPingpongBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, repeat: opts.repeat, progress: (line) => process.stderr.write(`${line}\n`) });
