@@ -69,7 +69,7 @@ function frame(from: string, fields: Record<string, unknown>, inc = RECORD.incar
 /** h1 of RECORD: leader, primary of rank 0, backup of rank 1; running, epoch 1 ended by its leader. */
 function runningCore(): { core: GroupCore; now: () => number; tick: (ms: number) => CoreAction[] } {
   let now_ms = 0;
-  const core = GroupCore.deployed({ host: "h1", record: RECORD, now_ms, detect_ms: 300, live: ["h1", "h2"] });
+  const core = GroupCore.deployed({ host: "h1", record: RECORD, now_ms, detect_ms: 300, live: ["h1", "h2"], registered: ["h1", "h2"] });
   const [run] = core.handle({ type: "start", routes: [route(1), route(2)] });
   expect(run.type).toBe("members");
   core.handle({ type: "done", id: (run as Extract<CoreAction, { type: "members" }>).id, ok: true, value: {} });

@@ -21,8 +21,13 @@ export type CoreEvent =
   | { type: "tick"; now_ms: number }
   /** A validated frame of this group from host `from` (this host's own frames are handled inside). */
   | { type: "frame"; from: HostId; frame: GroupFrame; body: Handle }
-  /** The hosts alive now as the failure detector sees them (this one included). */
-  | { type: "hosts"; live: HostId[] }
+  /**
+   * The hosts alive now as the failure detector sees them, and the hosts
+   * registered in the store as the driver last read it (a registration lives
+   * by its host's lease); this one included in both. Only a side that sees a
+   * majority of the registered hosts decides a failover (GroupCore.quorate).
+   */
+  | { type: "hosts"; live: HostId[]; registered: HostId[] }
   /**
    * Answer to a `store_get` / `store_cas`: the key's value afterwards (null:
    * absent). `unavailable`: the store could not be reached (ok false, record
@@ -119,5 +124,7 @@ export type Notice =
   | { kind: "degraded"; inc: Incarnation; ranks: Rank[] }
   | { kind: "lost"; inc: Incarnation; ranks: Rank[] }
   | { kind: "fenced"; inc: Incarnation }
+  /** A failure to decide, but this host sees no majority of the cluster (GroupCore.quorate): it only reads the record until it does. */
+  | { kind: "no_quorum"; live: HostId[]; registered: HostId[] }
   | { kind: "refused"; reason: string }
   | { kind: "step_failed"; rank: Rank | null; step: string; error: string };

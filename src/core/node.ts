@@ -115,6 +115,8 @@ export interface CoreOptions {
   detect_ms: number;
   /** Hosts alive at start (this one included). */
   live: HostId[];
+  /** Hosts registered in the store at start (this one included); see the `hosts` event. */
+  registered: HostId[];
 }
 
 export interface CoreStatus {
@@ -137,6 +139,9 @@ export class GroupCore {
   private readonly detect_ms: number;
   private now_ms: number;
   private live: Set<HostId>;
+  private registered: Set<HostId>;
+  /** Whether this host last found itself without a quorum (told once per change). */
+  private withoutQuorum = false;
   private readonly members = new Map<Rank, Member>();
   private readonly backups = new Map<Rank, Backup>();
   private leader: Leader | null = null;
@@ -170,6 +175,7 @@ export class GroupCore {
     this.detect_ms = options.detect_ms;
     this.now_ms = options.now_ms;
     this.live = new Set(options.live);
+    this.registered = new Set(options.registered);
     this.committedDelivered = Array.from({ length: options.record.size }, () => new Array<number>(options.record.size).fill(0));
   }
 
@@ -239,7 +245,7 @@ export class GroupCore {
         if (this.state === "running") this.onFrame(event.from, event.frame, event.body, out);
         break;
       case "hosts":
-        this.onHosts(event.live, out);
+        this.onHosts(event.live, event.registered, out);
         break;
       case "store":
         this.onStore(event, out);
@@ -686,10 +692,14 @@ export class GroupCore {
 
   // ---- failure handling: detection and the decision ----------------------------------------
 
-  private onHosts(live: readonly HostId[], out: CoreAction[]): void {
+  private onHosts(live: readonly HostId[], registered: readonly HostId[], out: CoreAction[]): void {
     const before = this.live;
     this.live = new Set(live);
+    const registrationsGone = [...this.registered].some((h) => !registered.includes(h));
+    this.registered = new Set(registered);
     if (this.state !== "running") return;
+    // A registration lapsed: a side that lacked a quorum may have one now.
+    if (registrationsGone && this.withoutQuorum) this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms);
     const gone = [...before].filter((h) => !this.live.has(h));
     for (const h of gone) this.notify(out, { kind: "suspected", host: h });
     // A host is back (or joined) and members lack a backup: the leader re-protects them.
@@ -711,6 +721,37 @@ export class GroupCore {
     const candidates = activeHostsOf(this.record).filter((h) => this.live.has(h));
     const delay = candidates[0] === this.host ? 0 : this.backoff_ms();
     this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + delay);
+  }
+
+  /**
+   * Whether this host may write a decision: it sees (itself included) more
+   * than half of the cluster (the registered hosts and any it hears from), or
+   * exactly half with the lowest-named host of the cluster on its side. Why:
+   * a host cut off from its peers but not from the store suspects them all,
+   * as they suspect it; both sides reach the store, and whichever wrote first
+   * would win. The majority must: a minority host only reads the record (and
+   * so finds itself fenced). A host that dies keeps its registration until
+   * its lease lapses, so a survivor of more than half of the cluster dying at
+   * once (or of the lowest-named of two) decides only after those leases lapse.
+   */
+  private quorate(): boolean {
+    const cluster = [...new Set([...this.registered, ...this.live])].sort();
+    const seen = cluster.filter((h) => this.live.has(h)).length;
+    if (2 * seen !== cluster.length) return 2 * seen > cluster.length;
+    return this.live.has(cluster[0]);
+  }
+
+  /** Writes `value` as the group's record if this side has a quorum; otherwise reads the store again later. */
+  private propose(out: CoreAction[], expected: number, value: ProtectionRecord): void {
+    if (!this.quorate()) {
+      if (!this.withoutQuorum) this.notify(out, { kind: "no_quorum", live: [...this.live].sort(), registered: [...this.registered].sort() });
+      this.withoutQuorum = true;
+      this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + this.backoff_ms());
+      return;
+    }
+    this.withoutQuorum = false;
+    this.storeOp = { op: "cas", value };
+    out.push({ type: "store_cas", key: protectionKey(this.record.group), expected, value });
   }
 
   /** How long a host that is not the first candidate waits before it proposes or looks again; never 0, so a look never loops. */
@@ -766,9 +807,7 @@ export class GroupCore {
       if (current.incarnation !== this.record.incarnation || current.leader !== this.host || this.degradedRanks(current).length === 0) return;
       const healed = planFailover(current, [], [...this.live], this.host);
       if (this.degradedRanks(healed).length === this.degradedRanks(current).length) return; // no host to place them on
-      this.storeOp = { op: "cas", value: healed };
-      out.push({ type: "store_cas", key: protectionKey(this.record.group), expected: result.version, value: healed });
-      return;
+      return this.propose(out, result.version, healed);
     }
     // Only backups lost (no primary, not the leader): nothing is running on them, so the decision can
     // wait one detection period. Hosts that fail close together (a rack, a pause of several) are then
@@ -792,8 +831,7 @@ export class GroupCore {
       this.notify(out, { kind: "degraded", inc: current.incarnation, ranks });
       return;
     }
-    this.storeOp = { op: "cas", value: next };
-    out.push({ type: "store_cas", key: protectionKey(this.record.group), expected: result.version, value: next });
+    this.propose(out, result.version, next);
   }
 
   /** Members without a backup (none mode has none by design). */

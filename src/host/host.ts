@@ -99,6 +99,8 @@ export class Host {
   private storeDown = false;
   /** The lease `hosts/<id>` lives by, and when it was last renewed. */
   private lease: Lease | null = null;
+  /** The hosts registered in the store as last read (this one included), sorted. */
+  private registered: string[];
   private leaseRenewed_ms = 0;
   private renewing = false;
   /** When detect() last ran: a gap longer than the timeout means this host stalled. */
@@ -124,9 +126,11 @@ export class Host {
       record_dir: options.record_dir ?? null,
       send: (to, frame, body, done) => this.sendGroup(to, frame, body, done),
       liveHosts: () => this.liveHosts(),
+      registeredHosts: () => this.registered,
       guestFor: (module) => this.guestFor(module),
     };
     this.groups = new GroupTable(this.groupApi);
+    this.registered = [this.id];
   }
 
   get id(): string {
@@ -255,6 +259,11 @@ export class Host {
     if (this.storeDown) {
       this.storeDown = false;
       this.log.info("store reachable again");
+    }
+    const registered = [...new Set([this.id, ...hosts.map((h) => h.value.id)])].sort();
+    if (registered.join(" ") !== this.registered.join(" ")) {
+      this.registered = registered;
+      this.groups.hostsChanged(); // a lapsed registration may give a side without a majority one
     }
     for (const { value } of hosts) {
       if (value.id === this.id) continue;

@@ -88,6 +88,8 @@ export interface RunResult {
 
 /** Failure detector timeout: a host silent this long is suspected (the daemon's detect_ms, scaled down). */
 export const DETECT_MS = 30;
+/** A registration's lease (the daemon's default is ten detection timeouts and more): what a survivor without a majority waits for. */
+const SIM_LEASE_MS = 10 * DETECT_MS;
 const TIMING = { interval_ms: 10, min_interval_ms: 3, max_interval_ms: 40 };
 const LIMITS = { memory_mib: 16, call_cpu_ms: 100, output_bytes_max: 1 << 20 };
 const GUEST_STEP_MS = [0.4, 2.5] as const;
@@ -117,6 +119,8 @@ type SimEvent =
   | { k: "see"; h: number; target: HostId; up: boolean }
   | { k: "guest"; h: number; vm: ModelVm }
   | { k: "resume"; h: number }
+  /** A crashed host's registration lease lapsed: host `h` hears the registrations changed. */
+  | { k: "registry"; h: number }
   | { k: "fail"; plan: number }
   | { k: "check" };
 
@@ -125,6 +129,8 @@ interface SimHost {
   id: HostId;
   alive: boolean;
   paused: boolean;
+  /** Until when its registration lives in the store (Infinity while alive: its lease is renewed; a crash leaves SIM_LEASE_MS). */
+  registeredUntil: number;
   core: GroupCore;
   vms: Map<Rank, ModelVm>;
   backups: Map<Rank, ModelBackup>;
@@ -204,12 +210,13 @@ export class Simulator {
     const faults = { releaseAtCapture: schedule.mutation === "release_at_capture", ignoreCutRule: schedule.mutation === "ignore_cut_rule" };
     const named = new Set(hostsOf(record));
     this.hosts = ids.map((id, idx) => {
-      const options = { host: id, record: structuredClone(record), now_ms: 0, detect_ms: DETECT_MS, live: ids };
+      const options = { host: id, record: structuredClone(record), now_ms: 0, detect_ms: DETECT_MS, live: ids, registered: ids };
       const h: SimHost = {
         idx,
         id,
         alive: true,
         paused: false,
+        registeredUntil: Infinity,
         // Hosts outside the record hold nothing yet; a recovery may place backups on them.
         core: named.has(id) ? GroupCore.deployed(options) : GroupCore.joined(options),
         vms: new Map(),
@@ -373,9 +380,12 @@ export class Simulator {
         if (ev.up === had) return;
         if (ev.up) h.view.add(ev.target);
         else h.view.delete(ev.target);
-        this.feed(h, { type: "hosts", live: [...h.view].sort() });
+        this.feed(h, { type: "hosts", live: [...h.view].sort(), registered: this.registered() });
         break;
       }
+      case "registry":
+        this.feed(h, { type: "hosts", live: [...h.view].sort(), registered: this.registered() });
+        break;
       case "guest":
         this.guest(h, ev.vm);
         break;
@@ -791,9 +801,16 @@ export class Simulator {
     else this.pause(victim, plan.pause_ms ?? 2 * DETECT_MS, plan.step ?? "time");
   }
 
+  /** The hosts registered in the store now (paused hosts keep theirs: the pauses drawn are shorter than a lease). */
+  private registered(): HostId[] {
+    return this.hosts.filter((h) => this.now < h.registeredUntil).map((h) => h.id);
+  }
+
   private crash(h: SimHost, why: string): void {
     h.alive = false;
     h.paused = false;
+    h.registeredUntil = this.now + SIM_LEASE_MS;
+    for (const o of this.hosts) if (o !== h) this.agenda.push(h.registeredUntil, { k: "registry", h: o.idx });
     h.deferred = [];
     this.crashes++;
     this.failuresFired++;

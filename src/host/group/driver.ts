@@ -49,6 +49,8 @@ export interface GroupHostApi {
   send(to: string, frame: GroupFrame, body?: Uint8Array, done?: () => void): void;
   /** Hosts alive now (this one included), sorted. */
   liveHosts(): string[];
+  /** Hosts registered in the store as last read (this one included), sorted: the cluster a failover decision needs a majority of. */
+  registeredHosts(): string[];
   guestFor(module: Uint8Array): Promise<GuestBundle>;
   /** If set, each group's core events and actions are recorded here (src/host/group/recorder.ts). */
   readonly record_dir?: string | null;
@@ -124,7 +126,7 @@ export class GroupDriver {
     private readonly guestReady: Promise<GuestBundle>,
     joined: boolean,
   ) {
-    const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts() };
+    const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts(), registered: api.registeredHosts() };
     this.core = joined ? GroupCore.joined(options) : GroupCore.deployed(options);
     this.recorder = api.record_dir ? new CoreRecorder(api.record_dir, api.id, record.group) : null;
     this.recorder?.start(joined ? "joined" : "deployed", options);
@@ -258,9 +260,9 @@ export class GroupDriver {
     );
   }
 
-  /** The failure detector's view changed (a peer failed or came back). */
+  /** The failure detector's view changed (a peer failed or came back), or the registrations did. */
   onHostsChanged(): void {
-    this.feed({ type: "hosts", live: this.api.liveHosts() });
+    this.feed({ type: "hosts", live: this.api.liveHosts(), registered: this.api.registeredHosts() });
   }
 
   async stop(): Promise<void> {
@@ -635,6 +637,8 @@ export class GroupDriver {
         return this.log.error({ group, event: "lost", incarnation: n.inc, vms: n.ranks.map((r) => vmName(group, r)) }, "no copy of these VMs survived: the group is stopped");
       case "fenced":
         return this.log.warn({ group, event: "fenced", incarnation: n.inc }, "fenced: the group's record names this host failed; its replicas stop");
+      case "no_quorum":
+        return this.log.warn({ group, event: "no_quorum", live: n.live, registered: n.registered }, "a failure to decide, but this host sees no majority of the cluster: it waits (the majority decides; this host reads the record)");
       case "refused":
         return this.logRefusal({ group, event: "refused", reason: n.reason });
       case "step_failed":

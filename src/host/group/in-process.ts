@@ -53,6 +53,8 @@ export class InProcessCluster {
       listen_host: "127.0.0.1",
       send: (to, frame, body, done) => this.deliver(id, to, frame, body, done),
       liveHosts: () => [...this.live].sort(),
+      // A killed in-process host also leaves the registrations at once (as if its lease were revoked).
+      registeredHosts: () => [...this.live].sort(),
       guestFor: async () => this.options.guest,
       record_dir: this.options.record_dir ?? null,
       onNotice: (group, notice) => this.options.onNotice?.(id, group, notice),
