@@ -87,16 +87,23 @@ describe("a failover is decided by a majority of the cluster only", () => {
     expect(cas[0].value.failed.sort()).toEqual(["h2", "h3"]);
   });
 
-  it("two hosts split in half: the side with the lowest-named host decides at once, the other waits for its lease", () => {
+  it("two halves that both reach the store may each write: the compare-and-swap picks one (so of two hosts, one dying is decided at once)", () => {
     const two: ProtectionRecord = { ...RECORD, placement: [{ primary: "h1", backup: "h2" }, { primary: "h2", backup: "h1" }] };
     const pair = ["h1", "h2"];
-    const h1 = coreOn("h1", two, pair);
-    h1.hosts(["h1"], pair);
-    expect(h1.settle(3000).cas.map((c) => c.value.failed)).toEqual([["h2"]]);
-    const h2 = coreOn("h2", two, pair);
-    h2.hosts(["h2"], pair);
-    expect(h2.settle(3000).cas).toEqual([]);
-    h2.hosts(["h2"], ["h2"]); // h1's registration lapsed
-    expect(h2.settle(100).cas.map((c) => c.value.failed)).toEqual([["h1"]]);
+    for (const [host, other] of [["h1", "h2"], ["h2", "h1"]]) {
+      const core = coreOn(host, two, pair);
+      core.hosts([host], pair);
+      expect(core.settle(3000).cas.map((c) => c.value.failed)).toEqual([[other]]);
+    }
+  });
+
+  it("of four hosts, one cut off waits; the three decide", () => {
+    const four = ["h1", "h2", "h3", "h4"];
+    const h1 = coreOn("h1", RECORD, four);
+    h1.hosts(["h1"], four);
+    expect(h1.settle(3000).cas).toEqual([]);
+    const h3 = coreOn("h3", RECORD, four);
+    h3.hosts(["h2", "h3", "h4"], four);
+    expect(h3.settle(3000).cas.map((c) => c.value.failed)).toEqual([["h1"]]);
   });
 });

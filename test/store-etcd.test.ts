@@ -69,12 +69,15 @@ describe.skipIf(!etcdAvailable())("EtcdStore on a real etcd", () => {
     const s = open({ call_timeout_ms: 500, dial_timeout_ms: 500 });
     expect(await s.put("groups/g", 1)).toBe(1);
 
-    etcd.pause(); // hung: accepts connections, answers nothing
+    await etcd.pause(); // hung: accepts connections, answers nothing
     let started = Date.now();
-    const hung = await rejectsWith(s.get("groups/g"), "StoreUnavailable");
-    expect(Date.now() - started).toBeLessThan(3000);
-    expect(hung.message).toContain(etcd.endpoint);
-    etcd.resume();
+    try {
+      const hung = await rejectsWith(s.get("groups/g"), "StoreUnavailable");
+      expect(Date.now() - started).toBeLessThan(3000);
+      expect(hung.message).toContain(etcd.endpoint);
+    } finally {
+      etcd.resume(); // a failure here must not leave the server stopped under the next tests
+    }
     expect((await s.get("groups/g"))!.value).toBe(1);
 
     await etcd.stop(); // down: connections refused

@@ -724,21 +724,23 @@ export class GroupCore {
   }
 
   /**
-   * Whether this host may write a decision: it sees (itself included) more
-   * than half of the cluster (the registered hosts and any it hears from), or
-   * exactly half with the lowest-named host of the cluster on its side. Why:
-   * a host cut off from its peers but not from the store suspects them all,
-   * as they suspect it; both sides reach the store, and whichever wrote first
-   * would win. The majority must: a minority host only reads the record (and
-   * so finds itself fenced). A host that dies keeps its registration until
-   * its lease lapses, so a survivor of more than half of the cluster dying at
-   * once (or of the lowest-named of two) decides only after those leases lapse.
+   * Whether this host may write a decision: it sees (itself included) at
+   * least half of the cluster (the registered hosts and any it hears from).
+   * The store's compare-and-swap counts as one more voter, on the side of
+   * whoever reaches it: a strict majority of hosts and store. Why: a host
+   * cut off from its peers but not from the store suspects them all, as they
+   * suspect it, and both sides reach the store; whoever wrote first would
+   * win, so a minority must not write at all (it only reads the record, and
+   * so finds itself fenced). Two halves that both reach the store are told
+   * apart by the compare-and-swap alone (with two hosts, one dying is then
+   * decided at once). A dead host keeps its registration until its lease
+   * lapses: a survivor of more than half of the cluster dying at once
+   * decides only after their leases lapse.
    */
   private quorate(): boolean {
-    const cluster = [...new Set([...this.registered, ...this.live])].sort();
-    const seen = cluster.filter((h) => this.live.has(h)).length;
-    if (2 * seen !== cluster.length) return 2 * seen > cluster.length;
-    return this.live.has(cluster[0]);
+    const cluster = new Set([...this.registered, ...this.live]);
+    const seen = [...cluster].filter((h) => this.live.has(h)).length;
+    return 2 * seen >= cluster.size;
   }
 
   /** Writes `value` as the group's record if this side has a quorum; otherwise reads the store again later. */

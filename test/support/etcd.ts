@@ -5,7 +5,7 @@
  * it are skipped outside CI and fail under CI=true (see etcdAvailable).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -25,8 +25,8 @@ export interface RunningEtcd {
   endpoint: string;
   pid: number;
   data_dir: string;
-  /** SIGSTOP / SIGCONT of the server (an etcd that hangs). */
-  pause(): void;
+  /** SIGSTOP of the server (an etcd that hangs); resolves once every thread of it is stopped (the signal is not synchronous: a request sent at once could still be answered). */
+  pause(): Promise<void>;
   resume(): void;
   /** Stops the server (SIGTERM, then SIGKILL after 5 s); keeps the data directory. */
   stop(): Promise<void>;
@@ -46,6 +46,13 @@ async function freePort(): Promise<number> {
       server.close(() => resolve(port));
     });
   });
+}
+
+/** Whether every thread of `pid` is in the stopped state (`T` in /proc/<pid>/task/<tid>/stat). */
+async function allThreadsStopped(pid: number): Promise<boolean> {
+  const tasks = await readdir(`/proc/${pid}/task`);
+  const states = await Promise.all(tasks.map(async (t) => (await readFile(`/proc/${pid}/task/${t}/stat`, "utf8").catch(() => ") T")).replace(/^.*\) /s, "")[0]));
+  return states.every((s) => s === "T" || s === "t");
 }
 
 /** Starts one etcd member and waits until it answers a read. */
@@ -92,7 +99,16 @@ export async function startEtcd(): Promise<RunningEtcd> {
       return child?.pid ?? -1;
     },
     data_dir,
-    pause: () => child?.kill("SIGSTOP"),
+    pause: async () => {
+      const pid = child?.pid;
+      if (!child || pid === undefined) return;
+      child.kill("SIGSTOP");
+      const until = Date.now() + 5000;
+      while (!(await allThreadsStopped(pid))) {
+        if (Date.now() > until) throw new Error(`etcd (pid ${pid}) did not stop within 5 s of SIGSTOP`);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    },
     resume: () => child?.kill("SIGCONT"),
     stop,
     restart: async () => {
