@@ -231,7 +231,7 @@ describe("single-VM protection across host processes", () => {
     await store.close();
   });
 
-  it("a paused primary (SIGSTOP) is taken over; when it resumes it is fenced (its VM stops) and the stream stays contiguous", async () => {
+  it("a paused primary (SIGSTOP) is taken over; when it resumes it is fenced (its VM stops), its process rejoins as a fresh host, and the stream stays contiguous", async () => {
     const { cluster: c, store } = await cluster(3);
     await deploy(c, "ticker", guestPath("ticker"));
     const before = (await store.get<VmRecord>(vmKey("ticker-0")))!.value;
@@ -244,10 +244,11 @@ describe("single-VM protection across host processes", () => {
     } finally {
       process.kill(primary.pid, "SIGCONT");
     }
-    await waitFor(async () => {
-      const status = await requestAny(c, "status", {}, undefined, primary.id);
-      return status.primaries.every((p) => p.vm !== "ticker-0");
-    }, 5000, "the old primary to stop");
+    // Fenced by the only group it held, the instance ends: the same process (same pid) takes part as <id>.2, empty.
+    const fresh = `${primary.id}.2`;
+    await waitFor(async () => (await store.get<{ pid: number }>(`hosts/${fresh}`))?.value.pid === primary.pid, 5000, `the paused process registered again as ${fresh}`);
+    const status = await requestAny(c, "status", {}, undefined, fresh);
+    expect(status.primaries).toEqual([]);
     const count = f.records.length;
     await waitFor(() => f.records.length >= count + 10, 5000, "output after the takeover");
     f.follower.stop();

@@ -11,7 +11,8 @@ import { DETECT_MS_MIN, heartbeatFor, Host, HOST_DEFAULTS } from "../host/host.j
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
 import { LEASE_TTL_MS_MIN } from "../store/store.js";
 import { clusterOrFail, LogFollower, readLog, requestAny } from "./client.js";
-import { claimHostInstance } from "../host/instance.js";
+import { HostProcess } from "../host/lifecycle.js";
+import { pino } from "pino";
 import type { ReleasedRecord } from "../core/frames.js";
 import { hostCommand, runDemo } from "./demo.js";
 import { readTlsMaterial, tlsDirFiles } from "../tls/context.js";
@@ -54,7 +55,7 @@ export function registerClusterCommands(program: Command): void {
       .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", `interval between heartbeats to each peer (default: ${HOST_DEFAULTS.heartbeat_ms}, or a quarter of a shorter --detect-ms)`, int("--heartbeat-ms"))
       .option("--detect-ms <ms>", `a peer silent this long is considered failed (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
-      .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds)", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
+      .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds): a host that cannot renew it for this long (the store away, or the host cut off) stops its replicas and rejoins as a fresh host", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
       .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)")
       .option(
         "--tls-dir <dir>",
@@ -70,20 +71,26 @@ export function registerClusterCommands(program: Command): void {
     if (opts.tlsDir === undefined && !opts.insecure) throw new InvalidArgumentError("no TLS material: give --tls-dir <dir> (ca.crt, <id>.crt, <id>.key) or, to run unauthenticated, --insecure");
     // The certificate names the host (h1); a restart takes part as h1.2, ... under the same certificate.
     const tls = opts.tlsDir !== undefined ? readTlsMaterial(tlsDirFiles(resolve(opts.tlsDir), opts.id), opts.id) : null;
-    const store = openStore(storeOf(opts), state_dir);
-    // Each start is a new participant: `h1` the first time, `h1.2` after a restart (src/host/instance.ts).
-    const id = await claimHostInstance(store, opts.id);
-    const host = new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs ?? heartbeatFor(opts.detectMs), detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir, tls }, store);
+    // Each start is a new participant: `h1` the first time, `h1.2` after a restart, or after this
+    // process's instance retired and it rejoined as a fresh host (src/host/instance.ts, lifecycle.ts).
+    const log = pino({ base: { host: opts.id } });
+    const hostProcess = new HostProcess({
+      name: opts.id,
+      openStore: () => openStore(storeOf(opts), state_dir),
+      makeHost: (id, store) =>
+        new Host({ id, listen_host: opts.listen, port: opts.port, state_dir, heartbeat_ms: opts.heartbeatMs ?? heartbeatFor(opts.detectMs), detect_ms: opts.detectMs, lease_ms: opts.leaseMs, record_dir, tls }, store),
+      log,
+    });
     const shutdown = (signal: string) => {
-      host.log.info({ signal }, "shutting down");
-      host.stop().then(
+      log.info({ signal }, "shutting down");
+      hostProcess.stop().then(
         () => process.exit(0),
         () => process.exit(1),
       );
     };
     process.once("SIGTERM", () => shutdown("SIGTERM"));
     process.once("SIGINT", () => shutdown("SIGINT"));
-    await host.start();
+    await hostProcess.start();
   });
 
   storeOption(stateOption(

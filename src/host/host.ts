@@ -38,7 +38,11 @@ export interface HostOptions {
   detect_ms: number;
   /** Record every group core's events and actions in this directory (`cohort sim --replay`); off when null. */
   record_dir?: string | null;
-  /** TTL of the lease `hosts/<id>` lives by (renewed every third of it): a dead host's entry goes after this. */
+  /**
+   * TTL of the lease `hosts/<id>` lives by (renewed every tenth of it): a
+   * dead host's entry goes after this, and a host that could not renew it
+   * for this long (the store away, or this host cut off or paused) retires.
+   */
   lease_ms?: number;
   /**
    * This host's certificate (naming its id), key and the cluster CA: the host
@@ -48,7 +52,15 @@ export interface HostOptions {
   tls: TlsMaterial | null;
 }
 
-export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300, lease_ms: 3000 };
+/**
+ * lease_ms: an outage of the store shorter than this (less one renewal
+ * period) stops nothing; a longer one stops every host's replicas. Failover
+ * does not wait for it (heartbeats find a dead host); a survivor of more than
+ * half of the cluster dying at once does (docs/PROTOCOL.md "Who decides").
+ */
+export const HOST_DEFAULTS = { heartbeat_ms: 50, detect_ms: 300, lease_ms: 10_000 };
+/** A registration's lease is renewed this many times per TTL: a store outage of up to (1 - 1/this) of the TTL stops nothing. */
+const LEASE_RENEWALS_PER_TTL = 10;
 /** The lowest failure-detection timeout a host accepts: below it, a busy machine's scheduling hiccups read as deaths. */
 export const DETECT_MS_MIN = 100;
 
@@ -103,6 +115,14 @@ export class Host {
   private registered: string[];
   private leaseRenewed_ms = 0;
   private renewing = false;
+  /**
+   * Resolves, with the reason, when this host instance must end and its
+   * process rejoin the cluster as a fresh host (src/host/lifecycle.ts): its
+   * registration's lease lapsed, or every group it held declared it failed.
+   */
+  readonly retired: Promise<string>;
+  private retireWith: (reason: string) => void = () => undefined;
+  private retiring = false;
   /** When detect() last ran: a gap longer than the timeout means this host stalled. */
   private lastDetect_ms = 0;
   private hostsWatch: Watch | null = null;
@@ -127,10 +147,14 @@ export class Host {
       send: (to, frame, body, done) => this.sendGroup(to, frame, body, done),
       liveHosts: () => this.liveHosts(),
       registeredHosts: () => this.registered,
+      onNotice: (group, notice) => {
+        if (notice.kind === "fenced" && this.groups.allFenced()) this.retire(`declared failed by every group it held (the last: ${group}, incarnation ${notice.inc})`);
+      },
       guestFor: (module) => this.guestFor(module),
     };
     this.groups = new GroupTable(this.groupApi);
     this.registered = [this.id];
+    this.retired = new Promise((resolve) => (this.retireWith = resolve));
   }
 
   get id(): string {
@@ -152,8 +176,11 @@ export class Host {
     const lease_ms = this.options.lease_ms ?? HOST_DEFAULTS.lease_ms;
     this.timers.push(
       setInterval(() => {
-        this.renewLease(record).catch((error: Error) => this.log.error({ err: error }, "lease renewal failed"));
-      }, Math.max(100, Math.floor(lease_ms / 3))),
+        // Checked apart from the renewal, which may be waiting on a store that does not answer.
+        const since_ms = Date.now() - this.leaseRenewed_ms;
+        if (this.lease && since_ms > this.lease.ttl_ms) return this.retire(`its registration's lease lapsed: not renewed for ${since_ms} ms (TTL ${this.lease.ttl_ms} ms)`);
+        this.renewLease().catch((error: Error) => this.log.error({ err: error }, "lease renewal failed"));
+      }, Math.max(100, Math.floor(lease_ms / LEASE_RENEWALS_PER_TTL))),
     );
     VmWorker.prewarm(VM_THREADS_PREWARMED);
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
@@ -179,28 +206,33 @@ export class Host {
   }
 
   /**
-   * Keeps the registration's lease alive; a lapsed one (the store was away
-   * longer than its TTL, or this host was paused) is replaced by a new one.
-   * The lease is for liveness of the registration only: failover decisions
-   * come from heartbeats and the group record's incarnation, not from it.
+   * Keeps the registration's lease alive. A lapsed one (the store was away
+   * longer than its TTL, or this host was cut off or paused) ends this host
+   * instance: the others may have decided it failed meanwhile, and it holds
+   * nothing they count on. Safety does not come from the lease (failover
+   * decisions come from heartbeats and the group record's incarnation); it
+   * frees the replicas of a host nobody can reach, and rejoins it fresh.
    */
-  private async renewLease(record: HostRecord): Promise<void> {
-    if (this.stopping || this.renewing) return;
+  private async renewLease(): Promise<void> {
+    if (this.stopping || this.renewing || !this.lease) return;
     this.renewing = true;
     try {
-      if (!this.lease) await this.register(record);
-      else await this.lease.keepAlive();
+      await this.lease.keepAlive();
       this.leaseRenewed_ms = Date.now();
     } catch (error) {
-      if (error instanceof StoreError && error.code === "LeaseLost") {
-        this.log.warn({ lease: this.lease?.id }, "registration lease lapsed; registering again");
-        this.lease = null;
-        await this.register(record).catch(() => undefined); // the store is away: the next round tries again
-      }
+      if (error instanceof StoreError && error.code === "LeaseLost") this.retire(`its registration's lease ${this.lease.id} lapsed (the store says so)`);
       // StoreUnavailable: refreshPeers reports the store's absence; the next round tries again.
     } finally {
       this.renewing = false;
     }
+  }
+
+  /** Ends this host instance (see `retired`); the process stops it and starts a fresh one. */
+  private retire(reason: string): void {
+    if (this.retiring || this.stopping) return;
+    this.retiring = true;
+    this.log.warn({ reason }, "this host instance ends: its replicas stop, and the process rejoins as a fresh host");
+    this.retireWith(reason);
   }
 
   async stop(): Promise<void> {

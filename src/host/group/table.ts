@@ -95,6 +95,11 @@ export class GroupTable {
     if (take) this.api.log.warn({ group: frame.g, kind: frame.k, from: frame.from, reason, ...(take.skipped ? { refusals_not_logged: take.skipped } : {}) }, "group frame refused");
   }
 
+  /** Whether this host holds groups and every one of them declared it failed (nothing here is counted on any more). */
+  allFenced(): boolean {
+    return this.groups.size > 0 && [...this.groups.values()].every((g) => g.status().state === "fenced");
+  }
+
   /** The failure detector's view changed: every group re-evaluates. */
   hostsChanged(): void {
     for (const g of this.groups.values()) g.onHostsChanged();
