@@ -22,6 +22,7 @@ import { encodeFrameBytes } from "../src/transport/frame.js";
 import { clusterTls, requestAny } from "../src/cli/client.js";
 import { clientTlsOptions } from "../src/tls/context.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
+import { HOST_DEFAULTS } from "../src/host/host.js";
 
 const MANIFEST: Manifest = {
   group: "kv",
@@ -255,7 +256,7 @@ describe("host API against real host processes", () => {
         expect(await requestAny(c, "locate", { vm: "nope-0" }, undefined, h.id)).toEqual({ vm: null });
       }
       // Registrations live by a lease the host keeps renewing: a host killed with -9 vanishes from hosts/ after its TTL.
-      expect(status.lease).toMatchObject({ ttl_ms: 3000 });
+      expect(status.lease).toMatchObject({ ttl_ms: HOST_DEFAULTS.lease_ms });
       expect(status.lease!.renewed_ms_ago).toBeLessThan(3000);
       process.kill(c.hosts[1].pid, "SIGKILL");
       await waitFor(async () => (await requestAny(c, "records", {}, undefined, h1.id)).hosts.every((x) => x.id !== c.hosts[1].id), 8000, "the killed host's registration to lapse");
