@@ -32,7 +32,7 @@
  *      `status` from inside its namespace, before the links are healed).
  *
  * Needs root, iproute2 and etcd: skipped without them, except under CI=true,
- * where it fails. Longer variants, off by default (the file takes about 55 s):
+ * where it fails. Longer variants, off by default (the file takes about a minute):
  * COHORT_PARTITION_LONG=1 holds each partition 20 s instead of a few (TCP
  * retransmission backoff grows; leases lapse long before), and
  * COHORT_PARTITION_REPEAT=<n> runs both cases n times (who decides first after
