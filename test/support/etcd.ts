@@ -1,7 +1,10 @@
 /**
  * A real etcd server for tests: Debian's `etcd` binary (package etcd-server,
  * installed by .ci/run), one member on free loopback ports with a temporary
- * data directory, stopped by its own pid. Without the binary, tests that need
+ * data directory, stopped by its own pid. `startEtcd({ host })` serves clients
+ * on another local address instead (e.g. a bridge's address that hosts in
+ * network namespaces reach, test/support/netns.ts); its peer port stays on
+ * loopback, where nobody else needs it. Without the binary, tests that need
  * it are skipped outside CI and fail under CI=true (see etcdAvailable).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -36,11 +39,11 @@ export interface RunningEtcd {
   destroy(): Promise<void>;
 }
 
-async function freePort(): Promise<number> {
+async function freePort(host = "127.0.0.1"): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = createServer();
     server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
+    server.listen(0, host, () => {
       const address = server.address();
       const port = typeof address === "object" && address ? address.port : 0;
       server.close(() => resolve(port));
@@ -55,11 +58,17 @@ async function allThreadsStopped(pid: number): Promise<boolean> {
   return states.every((s) => s === "T" || s === "t");
 }
 
+export interface EtcdOptions {
+  /** IPv4 address of this machine the client URL listens on (default 127.0.0.1); it must exist already. */
+  host?: string;
+}
+
 /** Starts one etcd member and waits until it answers a read. */
-export async function startEtcd(): Promise<RunningEtcd> {
+export async function startEtcd(options: EtcdOptions = {}): Promise<RunningEtcd> {
+  const host = options.host ?? "127.0.0.1";
   const data_dir = await mkdtemp(join(tmpdir(), "cohort-etcd-"));
-  const [clientPort, peerPort] = [await freePort(), await freePort()];
-  const client = `http://127.0.0.1:${clientPort}`;
+  const [clientPort, peerPort] = [await freePort(host), await freePort()];
+  const client = `http://${host}:${clientPort}`;
   const peer = `http://127.0.0.1:${peerPort}`;
   const args = [
     "--name", "test",
@@ -79,7 +88,7 @@ export async function startEtcd(): Promise<RunningEtcd> {
     const c = spawn(ETCD_BINARY, args, { stdio: ["ignore", "ignore", "pipe"] });
     c.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr = (stderr + d).slice(-4000)));
     child = c;
-    await waitReady(`127.0.0.1:${clientPort}`, c, () => stderr);
+    await waitReady(`${host}:${clientPort}`, c, () => stderr);
   };
   const stop = async () => {
     const c = child;
@@ -94,7 +103,7 @@ export async function startEtcd(): Promise<RunningEtcd> {
   };
   await launch();
   return {
-    endpoint: `127.0.0.1:${clientPort}`,
+    endpoint: `${host}:${clientPort}`,
     get pid() {
       return child?.pid ?? -1;
     },
