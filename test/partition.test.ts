@@ -35,8 +35,9 @@
  * where it fails. Longer variants, off by default (the file takes about a minute):
  * COHORT_PARTITION_LONG=1 holds each partition 20 s instead of a few (TCP
  * retransmission backoff grows; leases lapse long before), and
- * COHORT_PARTITION_REPEAT=<n> runs both cases n times (who decides first after
- * a cut, the majority or the cut host, is a race of a few ms: see a4).
+ * COHORT_PARTITION_REPEAT=<n> runs both cases n times (in case 2, without the
+ * majority rule the cut host and the majority raced to decide, a few ms apart:
+ * see a4).
  */
 import { execFile } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";

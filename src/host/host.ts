@@ -240,8 +240,9 @@ export class Host {
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
     this.hostsWatch?.close();
-    await this.lease?.revoke().catch(() => undefined); // the registration goes now rather than after its TTL
+    // Replicas first: a host that retires because the store is away must not wait on it to stop them.
     await this.groups.stop();
+    await this.lease?.revoke().catch(() => undefined); // the registration goes now rather than after its TTL
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
     await new Promise<void>((resolve) => this.server.close(() => resolve()));

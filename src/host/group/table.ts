@@ -112,7 +112,10 @@ export class GroupTable {
     await driver?.stop();
   }
 
+  /** Stops every group's replicas here and forgets them (status shows none from then on). */
   async stop(): Promise<void> {
-    await Promise.all([...this.groups.values()].map((g) => g.stop()));
+    const groups = [...this.groups.values()];
+    this.groups.clear();
+    await Promise.all(groups.map((g) => g.stop()));
   }
 }
