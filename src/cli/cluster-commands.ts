@@ -47,7 +47,7 @@ function addressList(value: string, what: string): string[] {
 /** The options of a command that talks to a running cluster (deploy, status, logs). */
 interface ClusterTargetOptions {
   stateDir?: string;
-  host: string[];
+  host?: string[];
   credentials?: string;
   insecure?: boolean;
 }
@@ -59,7 +59,7 @@ interface ClusterTargetOptions {
  * `--insecure`; else the one <state dir>/cluster.json names.
  */
 async function clusterOf(opts: ClusterTargetOptions, state_dir: string): Promise<ClusterAccess> {
-  const hosts = opts.host.length > 0 ? opts.host : addressList(process.env.COHORT_HOST ?? "", "$COHORT_HOST");
+  const hosts = opts.host ?? addressList(process.env.COHORT_HOST ?? "", "$COHORT_HOST");
   if (hosts.length === 0) {
     if (opts.credentials !== undefined || opts.insecure) throw new InvalidArgumentError("--credentials and --insecure go with --host (without it, the cluster and its credential come from cluster.json)");
     return clusterOrFail(state_dir);
@@ -105,8 +105,11 @@ export function registerClusterCommands(program: Command): void {
         "--host <address>",
         "host:port of any host of the cluster, instead of <state dir>/cluster.json: the first that answers names the others " +
           "(repeat it or separate addresses by commas; default: $COHORT_HOST)",
-        (value: string, previous: string[]) => [...previous, ...addressList(value, "--host")],
-        [] as string[],
+        (value: string, previous: string[] | undefined) => {
+          const addresses = addressList(value, "--host");
+          if (addresses.length === 0) throw new InvalidArgumentError("--host: no address given (want host:port)");
+          return [...(previous ?? []), ...addresses];
+        },
       )
       .option(
         "--credentials <dir>",
