@@ -206,6 +206,9 @@ describe("cohort status / deploy / logs --host: any host's address instead of a 
     const malformed = await cohort(["status", "--host", `127.0.0.1:${a},nohost`, "--insecure", "--state-dir", work], work);
     expect(malformed.code).toBe(1);
     expect(malformed.stderr).toMatch(/"nohost" is not an address \(want host:port/);
+    const empty = await cohort(["status", "--host", "", "--insecure", "--state-dir", work], work);
+    expect(empty.code).toBe(1);
+    expect(empty.stderr).toMatch(/--host: no address given/);
     const fromEnv = await cohort(["logs", "x", "--insecure", "--state-dir", work], work, { COHORT_HOST: "127.0.0.1" });
     expect(fromEnv.code).toBe(1);
     expect(fromEnv.stderr).toMatch(/\$COHORT_HOST: "127\.0\.0\.1" is not an address/);
