@@ -1,32 +1,41 @@
 /**
- * The CLI side of talking to a cluster: find the hosts (cluster.json in the
- * state directory), send a request to one, and follow a VM's released output
- * across failovers. Everything the CLI knows of groups and VMs comes from the
- * hosts over TCP (ops `records` and `locate`, src/host/api.ts): it never opens
- * the coordination store.
+ * The CLI side of talking to a cluster: find the hosts, send a request to
+ * one, and follow a VM's released output across failovers. Everything the
+ * CLI knows of groups and VMs comes from the hosts over TCP (ops `records`
+ * and `locate`, src/host/api.ts): it never opens the coordination store.
  *
- * Over mutual TLS when cluster.json names a credential (`tls`: the cluster
- * CA, admin.crt and admin.key that `cohort up` made): each host's certificate
- * must chain to the CA and name the host the CLI meant to reach.
+ * A cluster is found one of two ways, both giving a ClusterAccess (the hosts
+ * to ask first and the CLI's credential) that the rest of this module takes:
+ * cluster.json in the state directory (clusterOrFail: the hosts `cohort up`
+ * started), or the address of any host (clusterAt, `--host`): the first that
+ * answers `records` names the others.
+ *
+ * Over mutual TLS when the access names a credential (`tls`: the cluster CA,
+ * admin.crt and admin.key): each host's certificate must chain to the CA
+ * and name the host the CLI meant to reach, or, dialing an address whose
+ * host is not known yet, name some host.
  */
 import { Connection } from "../host/connection.js";
 import { MSG, parseLogPush } from "../host/messages.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import type { VmRecord } from "../host/records.js";
 import type { HostOp, HostOps } from "../host/api.js";
-import { readCluster, type ClusterFile } from "../cluster/local-cluster.js";
+import { readCluster, type ClusterFile, type ClusterTls } from "../cluster/local-cluster.js";
 import { readTlsMaterial, type ClientTls, type TlsMaterial } from "../tls/context.js";
+
+/** What the CLI needs of a cluster: hosts to ask first (more are learned from their `records`) and its credential (null: plain TCP). */
+export type ClusterAccess = Pick<ClusterFile, "hosts" | "tls">;
 
 export async function clusterOrFail(state_dir: string): Promise<ClusterFile> {
   const cluster = await readCluster(state_dir);
-  if (!cluster) throw new Error(`no cluster in ${state_dir} (start one with \`cohort up\`)`);
+  if (!cluster) throw new Error(`no cluster in ${state_dir} (start one with \`cohort up\`, or name a host of a running one with --host)`);
   return cluster;
 }
 
 const credentials = new Map<string, TlsMaterial>();
 
 /** The CLI's TLS credential for this cluster (read once per process), or null if the cluster speaks plain TCP. */
-export function clusterTls(cluster: ClusterFile): TlsMaterial | null {
+export function clusterTls(cluster: ClusterAccess): TlsMaterial | null {
   if (!cluster.tls) return null;
   const key = `${cluster.tls.ca}\0${cluster.tls.cert}\0${cluster.tls.key}`;
   let material = credentials.get(key);
@@ -34,10 +43,57 @@ export function clusterTls(cluster: ClusterFile): TlsMaterial | null {
   return material;
 }
 
-/** How to dial `host` of `cluster`: mutual TLS expecting that host's certificate, or plain TCP. */
-export function dialTls(cluster: ClusterFile, host: string): ClientTls | null {
+/**
+ * How to dial `host` of `cluster`: mutual TLS expecting that host's
+ * certificate (without `host`: any host's of the cluster CA), or plain TCP.
+ */
+export function dialTls(cluster: ClusterAccess, host?: string): ClientTls | null {
   const material = clusterTls(cluster);
-  return material ? { material, peer: host } : null;
+  return material ? { material, ...(host !== undefined ? { peer: host } : {}) } : null;
+}
+
+/** OpenSSL's verdicts on a chain that does not lead to the CA the CLI trusts. */
+const FOREIGN_CHAIN = new Set([
+  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+  "UNABLE_TO_GET_ISSUER_CERT",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+  "SELF_SIGNED_CERT_IN_CHAIN",
+  "DEPTH_ZERO_SELF_SIGNED_CERT",
+  "CERT_SIGNATURE_FAILURE",
+]);
+
+/**
+ * The cluster the hosts at `addresses` (host:port, `--host`) belong to, as
+ * the first of them that answers `records` describes it: every registered
+ * host, dialed with `tls` (the CLI's credential, or null for hosts started
+ * `--insecure`). The address's host is not known before it answers, so its
+ * certificate must chain to the CA and name some host. Throws, naming every
+ * address tried and why it failed, if none answers.
+ */
+export async function clusterAt(addresses: readonly string[], tls: ClusterTls | null): Promise<ClusterAccess> {
+  if (addresses.length === 0) throw new Error("no host address given");
+  const seed: ClusterAccess = { hosts: [], tls };
+  clusterTls(seed); // a credential that cannot be read or does not fit fails here, naming its files
+  const errors: string[] = [];
+  for (const address of addresses) {
+    try {
+      const { hosts } = await ask(seed, { id: null, address }, "records", {});
+      if (hosts.length > 0) return { hosts, tls };
+      errors.push(`${address}: answered, but no host is registered in its cluster's store`);
+    } catch (error) {
+      errors.push(`${address}: ${whyNot(error as Error & { code?: string }, tls)}`);
+    }
+  }
+  throw new Error(`no host of the cluster answered at the address${addresses.length > 1 ? "es" : ""} given:\n${errors.map((e) => `  ${e}`).join("\n")}`);
+}
+
+/** A failed dial or request's reason, with what the user may have got wrong. */
+function whyNot(e: Error & { code?: string }, tls: ClusterTls | null): string {
+  if (e.code && FOREIGN_CHAIN.has(e.code)) return `${e.message} (${e.code}): the host's certificate was not issued by the CA in ${tls?.ca ?? "?"}`;
+  if (e.code === "CERT_HAS_EXPIRED") return `${e.message}: the host's certificate has expired`;
+  if (tls && e.code === "ECONNRESET") return `${e.message} (a host started --insecure speaks plain TCP: give --insecure instead of a credential)`;
+  if (!tls && /connection closed/.test(e.message)) return `${e.message} (a host with TLS closes plain TCP connections: give --credentials)`;
+  return e.message;
 }
 
 export interface RequestOptions {
@@ -48,11 +104,12 @@ export interface RequestOptions {
 }
 
 /**
- * Where host `id` listens: cluster.json's hosts (the ones `cohort up`
- * started), else the registrations the hosts read from the store (a host
- * restarted, as `h2.2`, or started by hand). Null if nobody knows it.
+ * Where host `id` listens: the access's hosts (the ones `cohort up` started,
+ * or those registered when `--host` was asked), else the registrations the
+ * hosts read from the store (a host restarted, as `h2.2`, or started by
+ * hand). Null if nobody knows it.
  */
-export async function hostAddress(cluster: ClusterFile, id: string): Promise<string | null> {
+export async function hostAddress(cluster: ClusterAccess, id: string): Promise<string | null> {
   const known = cluster.hosts.find((h) => h.id === id) ?? learnedHosts(cluster).find((h) => h.id === id);
   if (known) return known.address;
   const { hosts } = await requestAny(cluster, "records", {});
@@ -60,25 +117,25 @@ export async function hostAddress(cluster: ClusterFile, id: string): Promise<str
 }
 
 /**
- * Hosts this process learned from `records` answers beyond cluster.json's:
- * asked too when none of cluster.json's answer, so a long-running follower
- * keeps finding the cluster after every host `cohort up` started was
- * replaced by a restarted one.
+ * Hosts this process learned from `records` answers beyond the access's
+ * own: asked too when none of those answer, so a long-running follower
+ * keeps finding the cluster after every host it started with was replaced
+ * by a restarted one.
  */
-const learned = new WeakMap<ClusterFile, Map<string, string>>();
+const learned = new WeakMap<ClusterAccess, Map<string, string>>();
 
-function learnedHosts(cluster: ClusterFile): { id: string; address: string }[] {
+function learnedHosts(cluster: ClusterAccess): { id: string; address: string }[] {
   return [...(learned.get(cluster) ?? new Map<string, string>())].map(([id, address]) => ({ id, address }));
 }
 
-function learn(cluster: ClusterFile, hosts: readonly { id: string; address: string }[]): void {
+function learn(cluster: ClusterAccess, hosts: readonly { id: string; address: string }[]): void {
   let map = learned.get(cluster);
   if (!map) learned.set(cluster, (map = new Map()));
   for (const h of hosts) if (!cluster.hosts.some((c) => c.id === h.id)) map.set(h.id, h.address);
 }
 
 /** Sends one request to the first host that answers (or to `host_id`). */
-export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string, options: RequestOptions = {}): Promise<HostOps[Op]["result"]> {
+export async function requestAny<Op extends HostOp>(cluster: ClusterAccess, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string, options: RequestOptions = {}): Promise<HostOps[Op]["result"]> {
   const errors: string[] = [];
   let hosts: { id: string; address: string }[] = [...cluster.hosts, ...learnedHosts(cluster)];
   if (host_id && !hosts.some((h) => h.id === host_id)) {
@@ -87,27 +144,34 @@ export async function requestAny<Op extends HostOp>(cluster: ClusterFile, op: Op
   }
   for (const host of hosts) {
     if ((host_id && host.id !== host_id) || host.id === options.exclude) continue;
-    let connection: Connection | null = null;
     try {
-      connection = await Connection.open(host.address, `cli→${host.id}`, 1000, dialTls(cluster, host.id));
-      connection.send(MSG.HELLO, { from: "cli" });
-      const result = await connection.request(op, args, body, options.timeout_ms);
-      if (op === "records") learn(cluster, (result as HostOps["records"]["result"]).hosts);
-      return result;
+      return await ask(cluster, host, op, args, body, options.timeout_ms);
     } catch (error) {
       const e = error as Error & { code?: string };
       // An answer that says no is final; only unreachable hosts make us try the next one.
       if (e.code && e.code !== "ECONNREFUSED") throw error;
       errors.push(`${host.id}: ${e.message}`);
-    } finally {
-      connection?.close("done");
     }
   }
   throw new Error(`no host answered (${errors.join("; ")})`);
 }
 
+/** One request on a connection of its own to `host` (id null: whichever host listens at the address). */
+async function ask<Op extends HostOp>(cluster: ClusterAccess, host: { id: string | null; address: string }, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, timeout_ms?: number): Promise<HostOps[Op]["result"]> {
+  let connection: Connection | null = null;
+  try {
+    connection = await Connection.open(host.address, `cli→${host.id ?? host.address}`, 1000, dialTls(cluster, host.id ?? undefined));
+    connection.send(MSG.HELLO, { from: "cli" });
+    const result = await connection.request(op, args, body, timeout_ms);
+    if (op === "records") learn(cluster, (result as HostOps["records"]["result"]).hosts);
+    return result;
+  } finally {
+    connection?.close("done");
+  }
+}
+
 /** Where `vm` is (its record in the coordination store, as a host reads it), or null if there is no such VM. */
-export async function locateVm(cluster: ClusterFile, vm: string, options: RequestOptions = {}): Promise<VmRecord | null> {
+export async function locateVm(cluster: ClusterAccess, vm: string, options: RequestOptions = {}): Promise<VmRecord | null> {
   return (await requestAny(cluster, "locate", { vm }, undefined, undefined, options)).vm;
 }
 
@@ -116,7 +180,7 @@ export async function locateVm(cluster: ClusterFile, vm: string, options: Reques
  * newest, page by page (a long log does not fit one reply); `onRecords` gets
  * each page in order. Returns the seq after the last record read.
  */
-export async function readLog(cluster: ClusterFile, vm: string, from_seq: number, onRecords: (records: ReleasedRecord[]) => void): Promise<number> {
+export async function readLog(cluster: ClusterAccess, vm: string, from_seq: number, onRecords: (records: ReleasedRecord[]) => void): Promise<number> {
   const record = await locateVm(cluster, vm);
   if (!record) throw new Error(`no VM named ${vm}`);
   let next = from_seq;
@@ -150,7 +214,7 @@ export class LogFollower {
   private stopped = false;
 
   constructor(
-    private readonly cluster: ClusterFile,
+    private readonly cluster: ClusterAccess,
     private readonly vm: string,
     from_seq: number,
     private readonly onRecord: (record: FollowedRecord) => void,

@@ -1,6 +1,8 @@
 /**
  * Commands that run or talk to a cluster: host, up, down, deploy, status,
- * logs, demo.
+ * logs, demo. The ones that talk to a running cluster (deploy, status, logs)
+ * find it through <state dir>/cluster.json, or through `--host` (any host's
+ * address) with the CLI's credential from `--credentials` (or `--insecure`).
  */
 import { type Command, InvalidArgumentError } from "commander";
 import { readFile } from "node:fs/promises";
@@ -10,12 +12,13 @@ import { loadManifest } from "../cluster/manifest.js";
 import { DETECT_MS_MIN, heartbeatFor, Host, HOST_DEFAULTS } from "../host/host.js";
 import { openStore, parseStoreSpec, STORE_DEFAULT } from "../store/open.js";
 import { LEASE_TTL_MS_MIN } from "../store/store.js";
-import { clusterOrFail, LogFollower, readLog, requestAny } from "./client.js";
+import { clusterAt, clusterOrFail, type ClusterAccess, LogFollower, readLog, requestAny } from "./client.js";
+import { splitAddress } from "../host/connection.js";
 import { HostProcess } from "../host/lifecycle.js";
 import { pino } from "pino";
 import type { ReleasedRecord } from "../core/frames.js";
 import { hostCommand, runDemo } from "./demo.js";
-import { readTlsMaterial, tlsDirFiles } from "../tls/context.js";
+import { ADMIN_NAME, readTlsMaterial, tlsDirFiles, TlsMaterialError } from "../tls/context.js";
 
 const int = (name: string) => (value: string) => {
   const n = Number(value);
@@ -27,6 +30,57 @@ const atLeast = (name: string, min: number) => (value: string) => {
   if (n < min) throw new InvalidArgumentError(`${name} must be at least ${min}`);
   return n;
 };
+
+/** Addresses of `--host` (or $COHORT_HOST): host:port, separated by commas. */
+function addressList(value: string, what: string): string[] {
+  const addresses = value.split(",").map((a) => a.trim()).filter((a) => a !== "");
+  for (const a of addresses) {
+    try {
+      splitAddress(a);
+    } catch {
+      throw new InvalidArgumentError(`${what}: ${JSON.stringify(a)} is not an address (want host:port, e.g. 10.0.0.11:7400)`);
+    }
+  }
+  return addresses;
+}
+
+/** The options of a command that talks to a running cluster (deploy, status, logs). */
+interface ClusterTargetOptions {
+  stateDir?: string;
+  host?: string[];
+  credentials?: string;
+  insecure?: boolean;
+}
+
+/**
+ * The cluster a command talks to: with `--host` (or $COHORT_HOST), the one
+ * the first host that answers at those addresses describes, dialed with the
+ * credential in `--credentials` (or $COHORT_CREDENTIALS), or plain TCP with
+ * `--insecure`; else the one <state dir>/cluster.json names.
+ */
+async function clusterOf(opts: ClusterTargetOptions, state_dir: string): Promise<ClusterAccess> {
+  const hosts = opts.host ?? addressList(process.env.COHORT_HOST ?? "", "$COHORT_HOST");
+  if (hosts.length === 0) {
+    if (opts.credentials !== undefined || opts.insecure) throw new InvalidArgumentError("--credentials and --insecure go with --host (without it, the cluster and its credential come from cluster.json)");
+    return clusterOrFail(state_dir);
+  }
+  if (opts.credentials !== undefined && opts.insecure) throw new InvalidArgumentError("give either --credentials or --insecure, not both");
+  const credentials = opts.insecure ? null : (opts.credentials ?? (process.env.COHORT_CREDENTIALS || null));
+  if (credentials === null && !opts.insecure) {
+    throw new InvalidArgumentError(
+      "--host needs the CLI's credential: give --credentials <dir> (or $COHORT_CREDENTIALS) holding ca.crt, admin.crt and admin.key " +
+        "(`cohort ca issue admin --dir <dir>` makes them), or --insecure for hosts started --insecure",
+    );
+  }
+  if (credentials === null) return clusterAt(hosts, null);
+  const dir = resolve(credentials);
+  try {
+    return await clusterAt(hosts, tlsDirFiles(dir, ADMIN_NAME));
+  } catch (error) {
+    if (error instanceof TlsMaterialError) throw new Error(`the credential in ${dir} cannot be used: ${error.message}`, { cause: error });
+    throw error;
+  }
+}
 
 export function registerClusterCommands(program: Command): void {
   const stateOption = (c: Command) => c.option("--state-dir <dir>", "cluster state directory (default: $COHORT_STATE_DIR or ./.cohort)");
@@ -45,6 +99,23 @@ export function registerClusterCommands(program: Command): void {
       },
     );
   const storeOf = (opts: { store?: string }) => opts.store ?? (process.env.COHORT_STORE || STORE_DEFAULT);
+  const targetOptions = (c: Command) =>
+    stateOption(c)
+      .option(
+        "--host <address>",
+        "host:port of any host of the cluster, instead of <state dir>/cluster.json: the first that answers names the others " +
+          "(repeat it or separate addresses by commas; default: $COHORT_HOST)",
+        (value: string, previous: string[] | undefined) => {
+          const addresses = addressList(value, "--host");
+          if (addresses.length === 0) throw new InvalidArgumentError("--host: no address given (want host:port)");
+          return [...(previous ?? []), ...addresses];
+        },
+      )
+      .option(
+        "--credentials <dir>",
+        "with --host: the CLI's credential, <dir>/ca.crt (the cluster CA), <dir>/admin.crt and <dir>/admin.key, as `cohort ca issue admin --dir <dir>` makes them (default: $COHORT_CREDENTIALS)",
+      )
+      .option("--insecure", "with --host: plain TCP, no authentication, for hosts started --insecure");
 
   storeOption(stateOption(
     program
@@ -114,26 +185,26 @@ export function registerClusterCommands(program: Command): void {
     console.log(`stopped ${result.stopped.length} host(s)${result.already_gone.length ? `, ${result.already_gone.length} already gone` : ""}`);
   });
 
-  stateOption(
+  targetOptions(
     program
       .command("deploy")
       .description("deploy a group from a YAML or JSON manifest")
       .argument("<manifest>", "manifest file")
       .option("--json", "print the placement as JSON"),
-  ).action(async (file: string, opts: { json?: boolean; stateDir?: string }) => {
+  ).action(async (file: string, opts: { json?: boolean } & ClusterTargetOptions) => {
     const manifest = await loadManifest(file);
-    const cluster = await clusterOrFail(stateDir(opts));
+    const cluster = await clusterOf(opts, stateDir(opts));
     const result = await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
     if (opts.json) console.log(JSON.stringify(result));
     else for (const vm of result.vms) console.log(`${vm.vm}  primary ${vm.primary}  backup ${vm.backup ?? "-"}  mode ${vm.mode}`);
   });
 
-  stateOption(program.command("status").description("hosts, groups, VMs and where each replica is").option("--json", "print JSON")).action(
-    async (opts: { json?: boolean; stateDir?: string }) => {
-      const state_dir = stateDir(opts);
-      const cluster = await clusterOrFail(state_dir);
+  targetOptions(program.command("status").description("hosts, groups, VMs and where each replica is").option("--json", "print JSON")).action(
+    async (opts: { json?: boolean } & ClusterTargetOptions) => {
+      const cluster = await clusterOf(opts, stateDir(opts));
       const { groups, vms, hosts: registered } = await requestAny(cluster, "records", {});
-      // The hosts `cohort up` started, and the ones registered since (a host restarted as h2.2, or started by hand).
+      // The hosts `cohort up` started (or registered when --host was asked), and the ones registered since
+      // (a host restarted as h2.2, or started by hand).
       const known = [...cluster.hosts, ...registered.filter((r) => !cluster.hosts.some((h) => h.id === r.id)).map((r) => ({ id: r.id, address: r.address, pid: r.pid }))];
       const hosts = await Promise.all(
         known.map(async (h) => {
@@ -187,15 +258,15 @@ export function registerClusterCommands(program: Command): void {
     },
   );
 
-  stateOption(
+  targetOptions(
     program
       .command("logs")
       .description("show a VM's released output (only output whose checkpoint committed)")
       .argument("<vm>", "VM name, e.g. ticker-0")
       .option("--follow", "keep following, across failovers")
       .option("--from <seq>", "first output sequence number", int("--from"), 1),
-  ).action(async (vm: string, opts: { follow?: boolean; from: number; stateDir?: string }) => {
-    const cluster = await clusterOrFail(stateDir(opts));
+  ).action(async (vm: string, opts: { follow?: boolean; from: number } & ClusterTargetOptions) => {
+    const cluster = await clusterOf(opts, stateDir(opts));
     const print = (r: ReleasedRecord) => process.stdout.write(r.text.endsWith("\n") ? r.text : `${r.text}\n`);
     if (!opts.follow) {
       // One pass: what the primary has now, page by page, then stop.

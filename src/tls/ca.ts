@@ -19,7 +19,7 @@ import * as x509 from "@peculiar/x509";
 import { randomBytes, webcrypto } from "node:crypto";
 import { chmod, mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { tlsDirFiles, type TlsFiles } from "./context.js";
+import { ADMIN_NAME, tlsDirFiles, type TlsFiles } from "./context.js";
 
 x509.cryptoProvider.set(webcrypto as unknown as Crypto);
 
@@ -144,8 +144,7 @@ export async function issueToDir(ca_dir: string, name: string, options: IssueOpt
   return writePair(out_dir, name, await issueCert(await readCa(ca_dir), name, options));
 }
 
-/** The name of the CLI's credential. */
-export const ADMIN_NAME = "admin";
+export { ADMIN_NAME };
 
 /**
  * TLS for a local cluster (`cohort up`): a CA in <state_dir>/tls (kept

@@ -13,7 +13,7 @@
  * `key` is never logged, put in a status or an error message: what goes to
  * logs is the peer's address and OpenSSL's reason.
  */
-import { hostNameOf } from "../host/instance.js";
+import { HOST_NAME_RE, hostNameOf } from "../host/instance.js";
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -38,6 +38,9 @@ export interface ClientTls {
   material: TlsMaterial;
   peer?: string;
 }
+
+/** The name of the CLI's credential: a client-only certificate, never a host's. */
+export const ADMIN_NAME = "admin";
 
 /** A peer that has not finished its handshake by then is dropped (a stalled or garbage handshake costs a socket this long, no more). */
 export const TLS_HANDSHAKE_TIMEOUT_MS = 5000;
@@ -148,8 +151,10 @@ export function tlsReason(error: Error): string {
  * Options of a dialing side (add host and port). The chain is verified
  * against the CA; the name check is ours, not a DNS name check: peers are
  * dialed by address, and a host is named by its id. With `peer`, the
- * certificate must name that host; without, any certificate the CA issued
- * for serving (a host's) is taken.
+ * certificate must name that host; without (the dialer does not know yet
+ * which host listens there: a VM thread's message path, the CLI's `--host`),
+ * it must name some host: a host name, not `admin`. Either way OpenSSL
+ * takes only a certificate fit for serving (a host's, not the CLI's).
  */
 export function clientTlsOptions({ material, peer }: ClientTls): ConnectionOptions {
   return {
@@ -159,13 +164,21 @@ export function clientTlsOptions({ material, peer }: ClientTls): ConnectionOptio
     minVersion: "TLSv1.3",
     rejectUnauthorized: true,
     ...(peer !== undefined ? { servername: peer } : {}),
-    checkServerIdentity: (_host: string, cert: PeerCertificate) => {
-      if (peer === undefined) return undefined;
-      // A certificate names the host (h2); a restart of it takes part as h2.2, h2.3, ... (src/host/instance.ts).
-      const cn = cert.subject?.CN;
-      return cn === hostNameOf(peer) ? undefined : new Error(`the peer's certificate names ${JSON.stringify(cn)}, expected host ${JSON.stringify(hostNameOf(peer))}`);
-    },
+    checkServerIdentity: (_host: string, cert: PeerCertificate) => serverIdentityError(cert.subject?.CN, peer),
   };
+}
+
+/**
+ * Why a listener whose verified certificate names `cn` is not the host a
+ * dialer meant (`peer`, or any host without), or undefined if it is.
+ */
+export function serverIdentityError(cn: string | string[] | undefined, peer?: string): Error | undefined {
+  if (peer !== undefined) {
+    // A certificate names the host (h2); a restart of it takes part as h2.2, h2.3, ... (src/host/instance.ts).
+    return cn === hostNameOf(peer) ? undefined : new Error(`the peer's certificate names ${JSON.stringify(cn)}, expected host ${JSON.stringify(hostNameOf(peer))}`);
+  }
+  if (typeof cn !== "string" || !HOST_NAME_RE.test(cn) || cn === ADMIN_NAME) return new Error(`the peer's certificate names ${JSON.stringify(cn ?? null)}, which is not a host name`);
+  return undefined;
 }
 
 /** The name in the peer's verified certificate (a host id, or `admin`), or null. */

@@ -26,11 +26,14 @@ export const BANK_CHECKS_ALL_TRUE = {
   processes_cleaned_up: true,
 };
 
-/** `store`: the hosts' coordination store (src/store/open.ts), embedded unless a test names an etcd. */
-export async function startCluster(hosts: number, detect_ms: number, store = "embedded"): Promise<{ dir: string; cluster: ClusterFile; store: CoordinationStore }> {
+/**
+ * `store`: the hosts' coordination store (src/store/open.ts), embedded unless a test names an etcd.
+ * `tls`: false starts the hosts `--insecure` (plain TCP); mutual TLS by default, as `cohort up` does.
+ */
+export async function startCluster(hosts: number, detect_ms: number, store = "embedded", options: { tls?: boolean } = {}): Promise<{ dir: string; cluster: ClusterFile; store: CoordinationStore }> {
   const dir = await mkdtemp(join(tmpdir(), "cohort-it-"));
   clusters.push(dir);
-  const c = await up({ hosts, state_dir: dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(detect_ms)], store });
+  const c = await up({ hosts, state_dir: dir, host_command: hostCommand(), extra_args: ["--detect-ms", String(detect_ms)], store, tls: options.tls ?? true });
   await sleep(3 * detect_ms); // hosts see each other's heartbeats before placement
   return { dir, cluster: c, store: openStore(store, dir) };
 }
