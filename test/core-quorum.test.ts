@@ -52,7 +52,7 @@ function coreOn(host: string, record: ProtectionRecord, cluster: string[]) {
     }
     return { cas, notices };
   };
-  const hosts = (live: string[], registered: string[]) => core.handle({ type: "hosts", live, registered });
+  const hosts = (live: string[], registered: string[], heard = live) => core.handle({ type: "hosts", live, heard, registered });
   return { core, settle, hosts };
 }
 
@@ -64,7 +64,7 @@ describe("a failover is decided by a majority of the cluster only", () => {
     h1.hosts(["h1"], cluster);
     const { cas, notices } = h1.settle(5000);
     expect(cas).toEqual([]);
-    expect(notices.filter((n) => n.kind === "no_quorum")).toEqual([{ kind: "no_quorum", live: ["h1"], registered: cluster }]);
+    expect(notices.filter((n) => n.kind === "no_quorum")).toEqual([{ kind: "no_quorum", heard: ["h1"], registered: cluster }]);
   });
 
   it("the two that see each other decide, naming the third failed", () => {
@@ -105,5 +105,15 @@ describe("a failover is decided by a majority of the cluster only", () => {
     const h3 = coreOn("h3", RECORD, four);
     h3.hosts(["h2", "h3", "h4"], four);
     expect(h3.settle(3000).cas.map((c) => c.value.failed)).toEqual([["h1"]]);
+  });
+
+  it("a cut host times its peers out one by one: deciding about the first, it does not count the second (silent, not yet timed out) on its side", () => {
+    const h1 = coreOn("h1", RECORD, cluster);
+    // h2 timed out; h3 is still within the detection timeout but not heard from within half of it.
+    h1.hosts(["h1", "h3"], cluster, ["h1"]);
+    expect(h1.settle(200).cas).toEqual([]);
+    // The same view with h3 heard recently: a majority, which decides.
+    h1.hosts(["h1", "h3"], cluster, ["h1", "h3"]);
+    expect(h1.settle(200).cas.map((c) => c.value.failed)).toEqual([["h2"]]);
   });
 });

@@ -22,12 +22,15 @@ export type CoreEvent =
   /** A validated frame of this group from host `from` (this host's own frames are handled inside). */
   | { type: "frame"; from: HostId; frame: GroupFrame; body: Handle }
   /**
-   * The hosts alive now as the failure detector sees them, and the hosts
-   * registered in the store as the driver last read it (a registration lives
-   * by its host's lease); this one included in both. Only a side that sees a
-   * majority of the registered hosts decides a failover (GroupCore.quorate).
+   * The hosts alive now as the failure detector sees them; those of them
+   * heard from within half its timeout (the side of a partition this host is
+   * on: when a link is cut, peers fall silent at once, but the detector
+   * times each out on its own, a few ms apart); and the hosts registered in
+   * the store as the driver last read it (a registration lives by its host's
+   * lease). This host is in all three. Only a side that hears from half of
+   * the cluster or more decides a failover (GroupCore.quorate).
    */
-  | { type: "hosts"; live: HostId[]; registered: HostId[] }
+  | { type: "hosts"; live: HostId[]; heard: HostId[]; registered: HostId[] }
   /**
    * Answer to a `store_get` / `store_cas`: the key's value afterwards (null:
    * absent). `unavailable`: the store could not be reached (ok false, record
@@ -125,6 +128,6 @@ export type Notice =
   | { kind: "lost"; inc: Incarnation; ranks: Rank[] }
   | { kind: "fenced"; inc: Incarnation }
   /** A failure to decide, but this host sees no majority of the cluster (GroupCore.quorate): it only reads the record until it does. */
-  | { kind: "no_quorum"; live: HostId[]; registered: HostId[] }
+  | { kind: "no_quorum"; heard: HostId[]; registered: HostId[] }
   | { kind: "refused"; reason: string }
   | { kind: "step_failed"; rank: Rank | null; step: string; error: string };

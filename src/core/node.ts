@@ -140,6 +140,8 @@ export class GroupCore {
   private now_ms: number;
   private live: Set<HostId>;
   private registered: Set<HostId>;
+  /** Live hosts heard from within half the detection timeout (see the `hosts` event). */
+  private heard: Set<HostId>;
   /** Whether this host last found itself without a quorum (told once per change). */
   private withoutQuorum = false;
   private readonly members = new Map<Rank, Member>();
@@ -176,6 +178,7 @@ export class GroupCore {
     this.now_ms = options.now_ms;
     this.live = new Set(options.live);
     this.registered = new Set(options.registered);
+    this.heard = new Set(options.live);
     this.committedDelivered = Array.from({ length: options.record.size }, () => new Array<number>(options.record.size).fill(0));
   }
 
@@ -245,7 +248,7 @@ export class GroupCore {
         if (this.state === "running") this.onFrame(event.from, event.frame, event.body, out);
         break;
       case "hosts":
-        this.onHosts(event.live, event.registered, out);
+        this.onHosts(event, out);
         break;
       case "store":
         this.onStore(event, out);
@@ -692,14 +695,16 @@ export class GroupCore {
 
   // ---- failure handling: detection and the decision ----------------------------------------
 
-  private onHosts(live: readonly HostId[], registered: readonly HostId[], out: CoreAction[]): void {
+  private onHosts({ live, heard, registered }: Extract<CoreEvent, { type: "hosts" }>, out: CoreAction[]): void {
     const before = this.live;
     this.live = new Set(live);
     const registrationsGone = [...this.registered].some((h) => !registered.includes(h));
+    const heardMore = heard.some((h) => !this.heard.has(h));
     this.registered = new Set(registered);
+    this.heard = new Set(heard);
     if (this.state !== "running") return;
-    // A registration lapsed: a side that lacked a quorum may have one now.
-    if (registrationsGone && this.withoutQuorum) this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms);
+    // A registration lapsed, or a peer is heard again: a side that lacked a quorum may have one now.
+    if ((registrationsGone || heardMore) && this.withoutQuorum) this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms);
     const gone = [...before].filter((h) => !this.live.has(h));
     for (const h of gone) this.notify(out, { kind: "suspected", host: h });
     // A host is back (or joined) and members lack a backup: the leader re-protects them.
@@ -724,8 +729,11 @@ export class GroupCore {
   }
 
   /**
-   * Whether this host may write a decision: it sees (itself included) at
-   * least half of the cluster (the registered hosts and any it hears from).
+   * Whether this host may write a decision: it hears from (itself included)
+   * at least half of the cluster (the registered hosts and any it hears
+   * from), within half the detection timeout: a cut host times out its peers
+   * one by one, and must not count the second as on its side while deciding
+   * about the first.
    * The store's compare-and-swap counts as one more voter, on the side of
    * whoever reaches it: a strict majority of hosts and store. Why: a host
    * cut off from its peers but not from the store suspects them all, as they
@@ -738,15 +746,15 @@ export class GroupCore {
    * decides only after their leases lapse.
    */
   private quorate(): boolean {
-    const cluster = new Set([...this.registered, ...this.live]);
-    const seen = [...cluster].filter((h) => this.live.has(h)).length;
+    const cluster = new Set([...this.registered, ...this.live, ...this.heard]);
+    const seen = [...cluster].filter((h) => this.heard.has(h)).length;
     return 2 * seen >= cluster.size;
   }
 
   /** Writes `value` as the group's record if this side has a quorum; otherwise reads the store again later. */
   private propose(out: CoreAction[], expected: number, value: ProtectionRecord): void {
     if (!this.quorate()) {
-      if (!this.withoutQuorum) this.notify(out, { kind: "no_quorum", live: [...this.live].sort(), registered: [...this.registered].sort() });
+      if (!this.withoutQuorum) this.notify(out, { kind: "no_quorum", heard: [...this.heard].sort(), registered: [...this.registered].sort() });
       this.withoutQuorum = true;
       this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms + this.backoff_ms());
       return;

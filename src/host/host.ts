@@ -123,6 +123,8 @@ export class Host {
   readonly retired: Promise<string>;
   private retireWith: (reason: string) => void = () => undefined;
   private retiring = false;
+  /** heardHosts() as detect() last told the groups. */
+  private lastHeard = "";
   /** When detect() last ran: a gap longer than the timeout means this host stalled. */
   private lastDetect_ms = 0;
   private hostsWatch: Watch | null = null;
@@ -146,6 +148,7 @@ export class Host {
       record_dir: options.record_dir ?? null,
       send: (to, frame, body, done) => this.sendGroup(to, frame, body, done),
       liveHosts: () => this.liveHosts(),
+      heardHosts: () => this.heardHosts(),
       registeredHosts: () => this.registered,
       onNotice: (group, notice) => {
         if (notice.kind === "fenced" && this.groups.allFenced()) this.retire(`declared failed by every group it held (the last: ${group}, incarnation ${notice.inc})`);
@@ -380,6 +383,19 @@ export class Host {
         this.onLivenessChanged(peer.id);
       }
     }
+    // Who is heard from within half the timeout changes before anyone fails: the groups weigh it when deciding.
+    const heard = this.heardHosts().join(" ");
+    if (heard !== this.lastHeard) {
+      this.lastHeard = heard;
+      this.groups.hostsChanged();
+    }
+  }
+
+  /** Live peers heard from within half the detection timeout, and this host (the side of a partition it is on; see the core's `hosts` event). */
+  heardHosts(): string[] {
+    const now = Date.now();
+    const heard = [...this.peers.values()].filter((p) => !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms / 2).map((p) => p.id);
+    return [this.id, ...heard].sort();
   }
 
   /** Peers that heartbeat within the detection timeout. */

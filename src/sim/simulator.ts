@@ -380,11 +380,11 @@ export class Simulator {
         if (ev.up === had) return;
         if (ev.up) h.view.add(ev.target);
         else h.view.delete(ev.target);
-        this.feed(h, { type: "hosts", live: [...h.view].sort(), registered: this.registered() });
+        this.feed(h, { type: "hosts", live: [...h.view].sort(), heard: [...h.view].sort(), registered: this.registered() });
         break;
       }
       case "registry":
-        this.feed(h, { type: "hosts", live: [...h.view].sort(), registered: this.registered() });
+        this.feed(h, { type: "hosts", live: [...h.view].sort(), heard: [...h.view].sort(), registered: this.registered() });
         break;
       case "guest":
         this.guest(h, ev.vm);

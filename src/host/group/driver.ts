@@ -49,6 +49,8 @@ export interface GroupHostApi {
   send(to: string, frame: GroupFrame, body?: Uint8Array, done?: () => void): void;
   /** Hosts alive now (this one included), sorted. */
   liveHosts(): string[];
+  /** Live hosts heard from within half the detection timeout (this one included), sorted: the side of a partition this host is on. */
+  heardHosts(): string[];
   /** Hosts registered in the store as last read (this one included), sorted: the cluster a failover decision needs a majority of. */
   registeredHosts(): string[];
   guestFor(module: Uint8Array): Promise<GuestBundle>;
@@ -262,7 +264,7 @@ export class GroupDriver {
 
   /** The failure detector's view changed (a peer failed or came back), or the registrations did. */
   onHostsChanged(): void {
-    this.feed({ type: "hosts", live: this.api.liveHosts(), registered: this.api.registeredHosts() });
+    this.feed({ type: "hosts", live: this.api.liveHosts(), heard: this.api.heardHosts(), registered: this.api.registeredHosts() });
   }
 
   async stop(): Promise<void> {
@@ -638,7 +640,7 @@ export class GroupDriver {
       case "fenced":
         return this.log.warn({ group, event: "fenced", incarnation: n.inc }, "fenced: the group's record names this host failed; its replicas stop");
       case "no_quorum":
-        return this.log.warn({ group, event: "no_quorum", live: n.live, registered: n.registered }, "a failure to decide, but this host sees no majority of the cluster: it waits (the majority decides; this host reads the record)");
+        return this.log.warn({ group, event: "no_quorum", heard: n.heard, registered: n.registered }, "a failure to decide, but this host sees no majority of the cluster: it waits (the majority decides; this host reads the record)");
       case "refused":
         return this.logRefusal({ group, event: "refused", reason: n.reason });
       case "step_failed":

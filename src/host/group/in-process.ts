@@ -54,6 +54,7 @@ export class InProcessCluster {
       send: (to, frame, body, done) => this.deliver(id, to, frame, body, done),
       liveHosts: () => [...this.live].sort(),
       // A killed in-process host also leaves the registrations at once (as if its lease were revoked).
+      heardHosts: () => [...this.live].sort(),
       registeredHosts: () => [...this.live].sort(),
       guestFor: async () => this.options.guest,
       record_dir: this.options.record_dir ?? null,
