@@ -49,6 +49,7 @@ describe("the simulated protocol keeps its invariants", () => {
     for (const kind of STEP_KINDS) expect(parts.reduce((n, p) => n + p.second_failures_by_step[kind], 0), kind).toBeGreaterThan(0);
     expect(parts.reduce((n, p) => n + p.halts, 0)).toBeGreaterThan(0);
     expect(parts.reduce((n, p) => n + p.pauses, 0)).toBeGreaterThan(0);
+    expect(parts.reduce((n, p) => n + p.rejoins, 0)).toBeGreaterThan(0);
   });
 });
 
@@ -85,6 +86,25 @@ describe("scenarios", () => {
       if (r.timeline.some((line) => line.endsWith("fenced"))) fenced++;
     }
     expect(fenced).toBeGreaterThan(0);
+  });
+
+  it("a crashed host restarting during its failover rejoins as a fresh instance, which the recovery places replicas on; a crash of it while its images arrive is survived", () => {
+    let joined = 0;
+    let freshCrashed = 0;
+    for (let seed = 1; seed <= 6; seed++) {
+      const restart = { kind: "crash" as const, at_ms: 80, target: "any" as const, index: seed, restart_ms: 10 };
+      const r = simulate({ ...base, hosts: 3, seed, failures: [restart] });
+      expect(r.violations, JSON.stringify(r.timeline)).toEqual([]);
+      expect(r.rejoins).toBe(1);
+      expect(r.quiescent).toBe(true);
+      if (r.timeline.some((line) => /h\d\.2 joins the group/.test(line))) joined++;
+      // The fresh instance crashes in turn right after the group resumed, its images perhaps still in flight.
+      const again = simulate({ ...base, hosts: 4, seed, failures: [restart, { kind: "crash", step: "after_resume", target: "any", index: 3 }] });
+      expect(again.violations, JSON.stringify(again.timeline)).toEqual([]);
+      if (again.timeline.some((line) => /CRASH h\d\.2 \(after_resume\)/.test(line))) freshCrashed++;
+    }
+    expect(joined).toBeGreaterThan(3);
+    expect(freshCrashed).toBeGreaterThan(0);
   });
 
   it("none mode: a crash of a host with primaries halts the group naming exactly its members", () => {

@@ -31,7 +31,7 @@ export function runSimCommand(options: SimCommandOptions, print: (line: string) 
 }
 
 function printHuman(s: CampaignSummary, print: (line: string) => void): void {
-  print(`seed ${s.seed}: ${s.runs} runs, ${s.steps} steps (${s.steps_per_s} steps/s), ${s.commits} commits, ${s.recoveries} recoveries, ${s.crashes} crashes, ${s.pauses} pauses, ${s.halts} halts, ${s.store_outages} with a store outage`);
+  print(`seed ${s.seed}: ${s.runs} runs, ${s.steps} steps (${s.steps_per_s} steps/s), ${s.commits} commits, ${s.recoveries} recoveries, ${s.crashes} crashes (${s.rejoins} restarted and rejoined), ${s.pauses} pauses, ${s.halts} halts, ${s.store_outages} with a store outage`);
   print(`second failures by step: ${Object.entries(s.second_failures_by_step).map(([k, n]) => `${k} ${n}`).join(", ")}`);
   if (!s.failure) {
     print("violations: 0");

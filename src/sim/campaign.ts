@@ -31,6 +31,8 @@ export interface CampaignSummary {
   commits: number;
   recoveries: number;
   crashes: number;
+  /** Crashed hosts that restarted as fresh instances and rejoined (Schedule failures' restart_ms). */
+  rejoins: number;
   pauses: number;
   halts: number;
   /** Runs with a store outage (see Schedule.store_outage). */
@@ -95,6 +97,12 @@ export function scheduleFor(seed: number, run: number, options: Pick<CampaignOpt
     const from_ms = Math.max(0, first + outages.range(-DETECT_MS, 2 * DETECT_MS));
     schedule.store_outage = { from_ms, until_ms: from_ms + outages.range(0.5 * DETECT_MS, 6 * DETECT_MS) };
   }
+  // Restarts too come from a stream of their own: some crashed hosts come back as fresh instances,
+  // often while the failover is still under way, so second failures meet the healing that follows.
+  const restarts = new Rng((seed ^ Math.imul(run + 1, 0xc2b2ae35) ^ 0x27d4eb2f) >>> 0);
+  for (const f of schedule.failures) {
+    if (f.kind === "crash" && restarts.chance(0.35)) f.restart_ms = restarts.chance(0.5) ? restarts.range(0.5 * DETECT_MS, 3 * DETECT_MS) : restarts.range(3 * DETECT_MS, 15 * DETECT_MS);
+  }
   return schedule;
 }
 
@@ -106,6 +114,7 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
     commits: 0,
     recoveries: 0,
     crashes: 0,
+    rejoins: 0,
     pauses: 0,
     halts: 0,
     store_outages: 0,
@@ -123,6 +132,7 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
     summary.commits += r.commits;
     summary.recoveries += r.recoveries;
     summary.crashes += r.crashes;
+    summary.rejoins += r.rejoins;
     summary.pauses += r.pauses;
     if (r.halted) summary.halts++;
     if (schedule.store_outage) summary.store_outages++;
@@ -142,7 +152,7 @@ export function runCampaign(options: CampaignOptions, clock: () => number = () =
 
 /** How big a schedule is, for shrinking: failures first, then traffic. */
 function weight(s: Schedule): number {
-  return s.failures.length * 1e6 + (s.store_outage ? 5e5 : 0) + s.size * 1e4 + s.hosts * 1e3 + s.traffic_ms + (s.send_rate + s.output_rate) * 100;
+  return s.failures.length * 1e6 + s.failures.filter((f) => f.restart_ms !== undefined).length * 2e5 + (s.store_outage ? 5e5 : 0) + s.size * 1e4 + s.hosts * 1e3 + s.traffic_ms + (s.send_rate + s.output_rate) * 100;
 }
 
 /** Smaller variants of a schedule, most promising first. */
@@ -151,6 +161,7 @@ function candidates(s: Schedule): Schedule[] {
   if (s.store_outage) out.push({ ...s, store_outage: undefined });
   s.failures.forEach((_, i) => out.push({ ...s, failures: s.failures.filter((_, j) => j !== i) }));
   s.failures.forEach((f, i) => {
+    if (f.restart_ms !== undefined) out.push({ ...s, failures: s.failures.map((g, j) => (j === i ? { ...g, restart_ms: undefined } : g)) });
     if (f.kind === "pause") out.push({ ...s, failures: s.failures.map((g, j) => (j === i ? { ...g, kind: "crash" as const, pause_ms: undefined } : g)) });
     if (f.at_ms !== undefined && f.at_ms > 20) out.push({ ...s, failures: s.failures.map((g, j) => (j === i ? { ...g, at_ms: Math.max(20, Math.floor(f.at_ms! / 2)) } : g)) });
     if ((f.nth ?? 1) > 1) out.push({ ...s, failures: s.failures.map((g, j) => (j === i ? { ...g, nth: 1 } : g)) });

@@ -37,6 +37,15 @@ export class SimNetwork {
     this.inflight = Array.from({ length: hosts }, () => new Map());
   }
 
+  /** A new host (a restarted process, under a new identity): its index. */
+  addHost(): number {
+    const n = this.base.length;
+    for (let a = 0; a < n; a++) this.base[a].push(this.rng.range(0.05, this.delay.baseMax));
+    this.base.push(Array.from({ length: n + 1 }, (_, b) => (b === n ? 0.01 : this.rng.range(0.05, this.delay.baseMax))));
+    this.inflight.push(new Map());
+    return n;
+  }
+
   /** A frame leaves host `from` for host `to` on connection `key`: its arrival time, never before the previous frame's on that connection. */
   send(now: number, from: number, to: number, key: string): Flight {
     let queue = this.inflight[from].get(key);

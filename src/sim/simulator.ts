@@ -21,6 +21,7 @@ import { SimNetwork, type Flight } from "./network.js";
 import { EventQueue } from "./queue.js";
 import { Rng } from "./rng.js";
 import { SimStore } from "./store.js";
+import { assert } from "../util/assert.js";
 
 /** The recovery steps a second failure is injected at (docs/PROTOCOL.md "Failures during a recovery"). */
 export const STEP_KINDS = ["before_cas", "after_cas", "after_report", "during_rollback", "after_rolled", "after_resume", "vm_promotion"] as const;
@@ -42,6 +43,14 @@ export interface FailurePlan {
   index: number;
   /** Pauses: how long the host is stopped (SIGSTOP .. SIGCONT). */
   pause_ms?: number;
+  /**
+   * Crashes: the host's process starts again this long after, as a fresh
+   * instance (`h1` comes back as `h1.2`, src/host/instance.ts): empty, it
+   * registers and heartbeats, takes part in the group only once a `recover`
+   * the store backs names it (as the daemon's group table joins), and the
+   * group's leader places missing backups on it (healing).
+   */
+  restart_ms?: number;
 }
 
 export interface Schedule {
@@ -73,6 +82,8 @@ export interface RunResult {
   commits: number;
   recoveries: number;
   crashes: number;
+  /** Crashed hosts whose process started again as a fresh instance. */
+  rejoins: number;
   pauses: number;
   second_failures_by_step: Record<StepKind, number>;
   /** Members named lost when the group halted, or null. */
@@ -119,6 +130,7 @@ type SimEvent =
   | { k: "see"; h: number; target: HostId; up: boolean }
   | { k: "guest"; h: number; vm: ModelVm }
   | { k: "resume"; h: number }
+  | { k: "restart"; h: number }
   /** A crashed host's registration lease lapsed: host `h` hears the registrations changed. */
   | { k: "registry"; h: number }
   | { k: "fail"; plan: number }
@@ -131,6 +143,8 @@ interface SimHost {
   paused: boolean;
   /** Until when its registration lives in the store (Infinity while alive: its lease is renewed; a crash leaves SIM_LEASE_MS). */
   registeredUntil: number;
+  /** A restarted instance holds no core for the group until a `recover` naming it arrives: `core` is a placeholder meanwhile. */
+  dormant: boolean;
   core: GroupCore;
   vms: Map<Rank, ModelVm>;
   backups: Map<Rank, ModelBackup>;
@@ -174,6 +188,7 @@ export class Simulator {
   private commits = 0;
   private recoveries = 0;
   private crashes = 0;
+  private rejoins = 0;
   private pauses = 0;
   private messages = 0;
   private outputs = 0;
@@ -217,6 +232,7 @@ export class Simulator {
         alive: true,
         paused: false,
         registeredUntil: Infinity,
+        dormant: false,
         // Hosts outside the record hold nothing yet; a recovery may place backups on them.
         core: named.has(id) ? GroupCore.deployed(options) : GroupCore.joined(options),
         vms: new Map(),
@@ -284,6 +300,7 @@ export class Simulator {
       commits: this.commits,
       recoveries: this.recoveries,
       crashes: this.crashes,
+      rejoins: this.rejoins,
       pauses: this.pauses,
       second_failures_by_step: { ...this.secondByStep },
       halted: this.halted,
@@ -304,6 +321,9 @@ export class Simulator {
         return;
       case "check":
         this.check();
+        return;
+      case "restart":
+        if (!this.done) this.restart(this.hosts[ev.h]);
         return;
       case "store": {
         // The request left its host: it takes effect even if that host dies meanwhile.
@@ -405,6 +425,15 @@ export class Simulator {
   }
 
   private feed(h: SimHost, event: CoreEvent): void {
+    if (h.dormant) {
+      // As the daemon's group table: only a `recover` whose decision the store holds makes it join.
+      if (event.type !== "frame" || event.frame.k !== "recover") return;
+      const stored = this.store.current;
+      if (stored.incarnation !== event.frame.inc || stored.leader !== event.from) return;
+      h.core = GroupCore.joined({ host: h.id, record: structuredClone(event.frame.record), now_ms: this.now, detect_ms: DETECT_MS, live: [...h.view].sort(), registered: this.registered() });
+      h.dormant = false;
+      this.log(`${h.id} joins the group (recover of incarnation ${event.frame.inc})`);
+    }
     this.steps++;
     const actions = h.core.handle(event);
     for (const a of actions) this.perform(h, a);
@@ -797,7 +826,7 @@ export class Simulator {
       victim = pool[plan.index % pool.length];
     }
     if (plan.step) this.secondByStep[plan.step]++;
-    if (plan.kind === "crash") this.crash(victim, plan.step ?? "time");
+    if (plan.kind === "crash") this.crash(victim, plan.step ?? "time", plan.restart_ms);
     else this.pause(victim, plan.pause_ms ?? 2 * DETECT_MS, plan.step ?? "time");
   }
 
@@ -806,7 +835,43 @@ export class Simulator {
     return this.hosts.filter((h) => this.now < h.registeredUntil).map((h) => h.id);
   }
 
-  private crash(h: SimHost, why: string): void {
+  /** A crashed host's process starts again as a fresh instance (FailurePlan.restart_ms). */
+  private restart(old: SimHost): void {
+    const name = old.id.split(".")[0];
+    const generation = this.hosts.filter((h) => h.id.split(".")[0] === name).length + 1;
+    const id = `${name}.${generation}`;
+    const idx = this.net.addHost();
+    assert(idx === this.hosts.length, "network and host indexes agree");
+    const view = new Set([id, ...this.hosts.filter((h) => h.alive).map((h) => h.id)]);
+    const placeholder = GroupCore.joined({ host: id, record: structuredClone(this.store.current), now_ms: this.now, detect_ms: DETECT_MS, live: [...view].sort(), registered: this.registered() });
+    const h: SimHost = {
+      idx,
+      id,
+      alive: true,
+      paused: false,
+      registeredUntil: Infinity,
+      dormant: true,
+      core: placeholder,
+      vms: new Map(),
+      backups: new Map(),
+      queues: Array.from({ length: this.schedule.size + 1 }, () => []),
+      view,
+      tickAt: Infinity,
+      lastTick: this.now,
+      deferred: [],
+      vmHost: null as unknown as VmHost,
+    };
+    h.vmHost = this.vmHostFor(h);
+    this.hosts.push(h);
+    this.byId.set(id, h);
+    this.rejoins++;
+    this.log(`RESTART ${old.id} as ${id}`);
+    // Its heartbeats reach the others a moment later: they see it up (and a degraded group's leader heals onto it).
+    for (const o of this.hosts) if (o !== h && o.alive) this.agenda.push(this.now + this.rng.range(0.3, 2), { k: "see", h: o.idx, target: id, up: true });
+  }
+
+  private crash(h: SimHost, why: string, restart_ms?: number): void {
+    if (restart_ms !== undefined) this.agenda.push(this.now + restart_ms, { k: "restart", h: h.idx });
     h.alive = false;
     h.paused = false;
     h.registeredUntil = this.now + SIM_LEASE_MS;
