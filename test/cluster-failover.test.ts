@@ -331,6 +331,10 @@ describe("single-VM protection across host processes", () => {
     const log = await readFile(hostLogPath(dir, backup.id), "utf8");
     expect(log).not.toContain('"msg":"peer failed"');
     expect(log).toContain("this host stalled");
+    // Its status reports the stall (src/host/api.ts main_loop).
+    const paused = await requestAny(c, "status", {}, undefined, backup.id);
+    expect(paused.main_loop.stall_ms_max).toBeGreaterThanOrEqual(1.2 * DETECT_MS);
+    expect(paused.main_loop.delay_ms_max).toBeGreaterThanOrEqual(1.2 * DETECT_MS);
     f.follower.stop();
     await f.done;
     expectContiguous(f.records);

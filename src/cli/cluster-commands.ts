@@ -218,7 +218,7 @@ export function registerClusterCommands(program: Command): void {
       // Frames refused and replica steps failed, summed over the hosts that answered (src/host/api.ts HostStatus).
       const ofGroup = (group: string) => hosts.flatMap((h) => h.status?.groups.filter((s) => s.group === group) ?? []);
       const report = {
-        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up, lease: h.status?.lease ?? null, group_frames_refused: h.status?.group_frames_refused ?? null })),
+        hosts: hosts.map((h) => ({ id: h.id, address: h.address, pid: h.pid, up: h.up, lease: h.status?.lease ?? null, group_frames_refused: h.status?.group_frames_refused ?? null, main_loop: h.status?.main_loop ?? null })),
         groups: groups.map((g) => ({
           group: g.group,
           mode: g.mode,
@@ -248,7 +248,7 @@ export function registerClusterCommands(program: Command): void {
       }
       console.log("HOSTS");
       const lease = (l: { ttl_ms: number; renewed_ms_ago: number } | null) => (l ? `lease ${l.ttl_ms} ms, renewed ${l.renewed_ms_ago} ms ago` : "no lease");
-      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? `up  ${lease(h.lease)}  group frames refused ${h.group_frames_refused}` : "DOWN"}`);
+      for (const h of report.hosts) console.log(`  ${h.id}  ${h.address}  pid ${h.pid}  ${h.up ? `up  ${lease(h.lease)}  group frames refused ${h.group_frames_refused}  main loop late max ${h.main_loop?.delay_ms_max ?? "?"} ms` : "DOWN"}`);
       for (const g of report.groups) {
         console.log(`GROUP ${g.group} (mode ${g.mode})  frames refused ${g.refused}  steps failed ${g.steps_failed}`);
         for (const v of g.vms) {

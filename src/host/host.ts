@@ -6,6 +6,7 @@
  * carries it out. A single VM is a group of one.
  */
 import { createServer, type Server, type Socket } from "node:net";
+import { monitorEventLoopDelay, type IntervalHistogram } from "node:perf_hooks";
 import { mutualTlsServer, type TlsMaterial } from "../tls/context.js";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
@@ -123,6 +124,9 @@ export class Host {
   readonly retired: Promise<string>;
   private retireWith: (reason: string) => void = () => undefined;
   private retiring = false;
+  /** The main loop's lateness (status `main_loop`), and the longest gap between two detector runs. */
+  private readonly loopDelay: IntervalHistogram = monitorEventLoopDelay({ resolution: 10 });
+  private stallMax_ms = 0;
   /** heardHosts() as detect() last told the groups. */
   private lastHeard = "";
   /** When detect() last ran: a gap longer than the timeout means this host stalled. */
@@ -186,6 +190,7 @@ export class Host {
       }, Math.max(100, Math.floor(lease_ms / LEASE_RENEWALS_PER_TTL))),
     );
     VmWorker.prewarm(VM_THREADS_PREWARMED);
+    this.loopDelay.enable();
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     // Registrations come and go (hosts start, restart, their leases lapse): the store says when (etcd pushes,
     // the file store is looked at every WATCH_POLL_MS); a slow re-read besides catches what a watch missed.
@@ -242,6 +247,7 @@ export class Host {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
+    this.loopDelay.disable();
     this.hostsWatch?.close();
     // Replicas first: a host that retires because the store is away must not wait on it to stop them.
     await this.groups.stop();
@@ -369,6 +375,7 @@ export class Host {
     // failed before their heartbeats, queued in its sockets, were read.)
     const stalled_ms = this.lastDetect_ms > 0 ? now - this.lastDetect_ms : 0;
     this.lastDetect_ms = now;
+    this.stallMax_ms = Math.max(this.stallMax_ms, stalled_ms);
     if (stalled_ms > this.options.detect_ms) {
       for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
       this.log.warn({ stalled_ms }, "this host stalled; its peers get a fresh detection window");
@@ -725,6 +732,12 @@ export class Host {
       backups: [...this.groups.values()].flatMap((g) => g.status().backups.map((b) => ({ vm: b.vm, primary: g.record.placement[b.rank].primary, incarnation: g.record.incarnation, cut: b.cut, staged: b.staged }))),
       groups: [...this.groups.values()].map((g) => g.status()),
       group_frames_refused: this.groupFramesRefused + this.groups.refused,
+      // The histogram counts in ns and starts at the sampling resolution: what is above it is lateness.
+      main_loop: {
+        delay_ms_p99: round(Math.max(0, this.loopDelay.percentile(99) / 1e6 - 10), 1),
+        delay_ms_max: round(Math.max(0, this.loopDelay.max / 1e6 - 10), 1),
+        stall_ms_max: this.stallMax_ms,
+      },
     };
   }
 }
