@@ -226,26 +226,8 @@ export class Simulator {
     const named = new Set(hostsOf(record));
     this.hosts = ids.map((id, idx) => {
       const options = { host: id, record: structuredClone(record), now_ms: 0, detect_ms: DETECT_MS, live: ids, registered: ids };
-      const h: SimHost = {
-        idx,
-        id,
-        alive: true,
-        paused: false,
-        registeredUntil: Infinity,
-        dormant: false,
-        // Hosts outside the record hold nothing yet; a recovery may place backups on them.
-        core: named.has(id) ? GroupCore.deployed(options) : GroupCore.joined(options),
-        vms: new Map(),
-        backups: new Map(),
-        queues: Array.from({ length: size + 1 }, () => []),
-        view: new Set(ids),
-        tickAt: Infinity,
-        lastTick: 0,
-        deferred: [],
-        vmHost: null as unknown as VmHost,
-      };
-      h.vmHost = this.vmHostFor(h);
-      return h;
+      // Hosts outside the record hold nothing yet; a recovery may place backups on them.
+      return this.newHost(idx, id, named.has(id) ? GroupCore.deployed(options) : GroupCore.joined(options), new Set(ids), false);
     });
     for (const h of this.hosts) this.byId.set(h.id, h);
     placement.forEach((p, rank) => {
@@ -835,23 +817,16 @@ export class Simulator {
     return this.hosts.filter((h) => this.now < h.registeredUntil).map((h) => h.id);
   }
 
-  /** A crashed host's process starts again as a fresh instance (FailurePlan.restart_ms). */
-  private restart(old: SimHost): void {
-    const name = old.id.split(".")[0];
-    const generation = this.hosts.filter((h) => h.id.split(".")[0] === name).length + 1;
-    const id = `${name}.${generation}`;
-    const idx = this.net.addHost();
-    assert(idx === this.hosts.length, "network and host indexes agree");
-    const view = new Set([id, ...this.hosts.filter((h) => h.alive).map((h) => h.id)]);
-    const placeholder = GroupCore.joined({ host: id, record: structuredClone(this.store.current), now_ms: this.now, detect_ms: DETECT_MS, live: [...view].sort(), registered: this.registered() });
+  /** A live host with nothing of the group yet but what `core` holds; `dormant`: it has no core for the group until a `recover` names it. */
+  private newHost(idx: number, id: HostId, core: GroupCore, view: Set<HostId>, dormant: boolean): SimHost {
     const h: SimHost = {
       idx,
       id,
       alive: true,
       paused: false,
       registeredUntil: Infinity,
-      dormant: true,
-      core: placeholder,
+      dormant,
+      core,
       vms: new Map(),
       backups: new Map(),
       queues: Array.from({ length: this.schedule.size + 1 }, () => []),
@@ -862,6 +837,19 @@ export class Simulator {
       vmHost: null as unknown as VmHost,
     };
     h.vmHost = this.vmHostFor(h);
+    return h;
+  }
+
+  /** A crashed host's process starts again as a fresh instance (FailurePlan.restart_ms). */
+  private restart(old: SimHost): void {
+    const name = old.id.split(".")[0];
+    const generation = this.hosts.filter((h) => h.id.split(".")[0] === name).length + 1;
+    const id = `${name}.${generation}`;
+    const idx = this.net.addHost();
+    assert(idx === this.hosts.length, "network and host indexes agree");
+    const view = new Set([id, ...this.hosts.filter((h) => h.alive).map((h) => h.id)]);
+    const placeholder = GroupCore.joined({ host: id, record: structuredClone(this.store.current), now_ms: this.now, detect_ms: DETECT_MS, live: [...view].sort(), registered: this.registered() });
+    const h = this.newHost(idx, id, placeholder, view, true);
     this.hosts.push(h);
     this.byId.set(id, h);
     this.rejoins++;
