@@ -8,7 +8,6 @@
  * another CA's, plain TCP against TLS and the reverse, unreachable
  * addresses, a listener whose certificate names no host.
  */
-import { spawn } from "node:child_process";
 import { copyFile, mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { createServer as createTcpServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
@@ -21,8 +20,8 @@ import { HOST_DEFAULTS } from "../src/host/host.js";
 import { createCa, issueCert, writePair } from "../src/tls/ca.js";
 import { mutualTlsServer, readTlsMaterial, tlsDirFiles } from "../src/tls/context.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
+import { runCli, type CliExit } from "./support/cli.js";
 
-const CLI = join(process.cwd(), "bin/cohort.js");
 
 const scratch: string[] = [];
 afterEach(async () => {
@@ -37,36 +36,15 @@ async function tempDir(): Promise<string> {
   return d;
 }
 
-interface Exit {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
 /**
  * Runs the built CLI in `cwd` with none of the environment that would point
  * it at a cluster (COHORT_HOST, COHORT_CREDENTIALS, COHORT_STATE_DIR) but
  * what `env` gives; killed (and the test failed) after 20 s.
  */
-function cohort(args: string[], cwd: string, env: Record<string, string> = {}): Promise<Exit> {
+function cohort(args: string[], cwd: string, env: Record<string, string> = {}): Promise<CliExit> {
   const base = { ...process.env };
   for (const k of ["COHORT_HOST", "COHORT_CREDENTIALS", "COHORT_STATE_DIR"]) delete base[k];
-  const child = spawn(process.execPath, [CLI, ...args], { cwd, env: { ...base, ...env }, stdio: ["ignore", "pipe", "pipe"] });
-  let stdout = "";
-  let stderr = "";
-  child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-  child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`cohort ${args.join(" ")} still running after 20 s; stderr: ${stderr}`));
-    }, 20_000);
-    child.once("error", reject);
-    child.once("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
+  return runCli(args, { cwd, env: { ...base, ...env }, limit_ms: 20_000 });
 }
 
 /** Runs the CLI and expects it to succeed. */

@@ -10,43 +10,15 @@ import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import binaryen from "binaryen";
 import { fixtureBytes } from "./support/guests.js";
+import { CLI, runCli, type CliExit } from "./support/cli.js";
 
 const root = fileURLToPath(new URL("../", import.meta.url));
-const CLI = join(root, "bin", "cohort.js");
 const dir = mkdtempSync(join(tmpdir(), "cohort-cli-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-interface Exit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
-
 /** Runs the CLI; kills it (and fails the test) if it is still running after `limit_ms`. */
-function cohort(args: string[], options: { cwd?: string; limit_ms: number }): Promise<Exit> {
-  const started = Date.now();
-  const child = spawn(process.execPath, [CLI, ...args], {
-    cwd: options.cwd ?? root,
-    env: { ...process.env, COHORT_CACHE_DIR: join(dir, "cache") },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let stdout = "";
-  let stderr = "";
-  child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-  child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`cohort ${args.join(" ")} still running after ${options.limit_ms} ms; stderr: ${stderr}`));
-    }, options.limit_ms);
-    child.once("error", reject);
-    child.once("close", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr, ms: Date.now() - started });
-    });
-  });
+function cohort(args: string[], options: { cwd?: string; limit_ms: number }): Promise<CliExit> {
+  return runCli(args, { cwd: options.cwd ?? root, env: { ...process.env, COHORT_CACHE_DIR: join(dir, "cache") }, limit_ms: options.limit_ms });
 }
 
 describe("cohort run", () => {
