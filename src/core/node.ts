@@ -731,19 +731,19 @@ export class GroupCore {
   /**
    * Whether this host may write a decision: it hears from (itself included)
    * at least half of the cluster (the registered hosts and any it hears
-   * from), within half the detection timeout: a cut host times out its peers
-   * one by one, and must not count the second as on its side while deciding
-   * about the first.
-   * The store's compare-and-swap counts as one more voter, on the side of
-   * whoever reaches it: a strict majority of hosts and store. Why: a host
-   * cut off from its peers but not from the store suspects them all, as they
-   * suspect it, and both sides reach the store; whoever wrote first would
-   * win, so a minority must not write at all (it only reads the record, and
-   * so finds itself fenced). Two halves that both reach the store are told
-   * apart by the compare-and-swap alone (with two hosts, one dying is then
-   * decided at once). A dead host keeps its registration until its lease
-   * lapses: a survivor of more than half of the cluster dying at once
-   * decides only after their leases lapse.
+   * from), and the store's compare-and-swap is one more voter, on the side
+   * of whoever reaches it: a strict majority of hosts and store.
+   *
+   * Why: a host cut off from its peers but not from the store suspects them
+   * all, as they suspect it, and both sides reach the store; whoever wrote
+   * first would win. So a minority does not write at all: it only reads the
+   * record (and so finds itself fenced). Two halves that both reach the
+   * store are told apart by the compare-and-swap alone (with two hosts, one
+   * dying is decided at once). "Hears from" means within half the detection
+   * timeout: a cut host times its peers out one by one, a few ms apart, and
+   * must not count the second on its side while deciding about the first.
+   * A dead host keeps its registration until its lease lapses: a survivor of
+   * more than half of the cluster dying at once decides only after that.
    */
   private quorate(): boolean {
     const cluster = new Set([...this.registered, ...this.live, ...this.heard]);
