@@ -177,7 +177,7 @@ export interface HostStatus {
   id: string;
   address: string;
   pid: number;
-  /** The lease this host's registration lives by (null while it has none: the store was away at start or since it lapsed). */
+  /** The lease this host's registration lives by (null before it registered; a lapsed one ends the host instance, src/host/lifecycle.ts). */
   lease: { ttl_ms: number; renewed_ms_ago: number } | null;
   peers: PeerStatus[];
   primaries: PrimaryStatus[];
