@@ -400,16 +400,19 @@ export class Host {
 
   /** Live peers heard from within half the detection timeout, and this host (the side of a partition it is on; see the core's `hosts` event). */
   heardHosts(): string[] {
-    const now = Date.now();
-    const heard = [...this.peers.values()].filter((p) => !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms / 2).map((p) => p.id);
-    return [this.id, ...heard].sort();
+    return this.heardWithin(this.options.detect_ms / 2);
   }
 
   /** Peers that heartbeat within the detection timeout. */
   liveHosts(): string[] {
+    return this.heardWithin(this.options.detect_ms);
+  }
+
+  /** This host and the peers not failed that were heard from within `window_ms`, sorted. */
+  private heardWithin(window_ms: number): string[] {
     const now = Date.now();
-    const live = [...this.peers.values()].filter((p) => !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms).map((p) => p.id);
-    return [this.id, ...live].sort();
+    const heard = [...this.peers.values()].filter((p) => !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= window_ms).map((p) => p.id);
+    return [this.id, ...heard].sort();
   }
 
   async peerConnection(host: string): Promise<Connection> {
