@@ -39,12 +39,12 @@ async function tempDir(): Promise<string> {
 /**
  * Runs the built CLI in `cwd` with none of the environment that would point
  * it at a cluster (COHORT_HOST, COHORT_CREDENTIALS, COHORT_STATE_DIR) but
- * what `env` gives; killed (and the test failed) after 20 s.
+ * what `env` gives; killed (and the test failed) after 10 s (a bound on a hang: each call normally exits within a second).
  */
 function cohort(args: string[], cwd: string, env: Record<string, string> = {}): Promise<CliExit> {
   const base = { ...process.env };
   for (const k of ["COHORT_HOST", "COHORT_CREDENTIALS", "COHORT_STATE_DIR"]) delete base[k];
-  return runCli(args, { cwd, env: { ...base, ...env }, limit_ms: 20_000 });
+  return runCli(args, { cwd, env: { ...base, ...env }, limit_ms: 10_000 });
 }
 
 /** Runs the CLI and expects it to succeed. */
@@ -102,7 +102,7 @@ describe("cohort status / deploy / logs --host: any host's address instead of a 
 
     // logs: the released output, through a host that may not be the VM's.
     let viaHost: string[] = [];
-    await waitFor(async () => (viaHost = lines(await ok(["logs", "ticker-0", ...viaH3], work))).length >= 5, 20_000, "ticker-0's output through --host");
+    await waitFor(async () => (viaHost = lines(await ok(["logs", "ticker-0", ...viaH3], work))).length >= 5, 10_000, "ticker-0's output through --host");
     const viaFile = lines(await ok(["logs", "ticker-0", "--state-dir", dir], work));
     expect(viaFile.slice(0, viaHost.length)).toEqual(viaHost);
 

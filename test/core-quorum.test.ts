@@ -9,22 +9,15 @@ import { describe, expect, it } from "vitest";
 import { GroupCore } from "../src/core/node.js";
 import type { CoreAction, Notice } from "../src/core/events.js";
 import type { ProtectionRecord } from "../src/core/types.js";
+import { protectionRecord } from "./support/record.js";
 
 /** Three hosts: member 0 on h1 (backup h2), member 1 on h2 (backup h3), led by h1. */
-const RECORD: ProtectionRecord = {
-  group: "g",
-  mode: "group",
-  size: 2,
-  incarnation: 1,
-  leader: "h1",
+const RECORD = protectionRecord({
   placement: [
     { primary: "h1", backup: "h2" },
     { primary: "h2", backup: "h3" },
   ],
-  failed: [],
-  epoch: { interval_ms: 20, min_interval_ms: 5, max_interval_ms: 200 },
-  limits: { memory_mib: 64, call_cpu_ms: 1000, output_bytes_max: 1 << 20 },
-};
+});
 
 const route = (port: number) => ({ address: `127.0.0.1:${port}`, token: `t${port}` });
 

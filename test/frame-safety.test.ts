@@ -23,6 +23,7 @@ import { scheduleFor } from "../src/sim/campaign.js";
 import { simulate } from "../src/sim/simulator.js";
 import type { CoreAction } from "../src/core/events.js";
 import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
+import { protectionRecord } from "./support/record.js";
 import { MessagePath } from "../src/vm/message-path.js";
 import { encodeDelta, encodeImage } from "../src/checkpoint/format.js";
 import { bodyProblem } from "../src/host/group/driver.js";
@@ -44,20 +45,14 @@ import { HOST_DEFAULTS } from "../src/host/host.js";
 
 // ---- the core on its own -------------------------------------------------------------------
 
-const RECORD: ProtectionRecord = {
+const RECORD = protectionRecord({
   group: "bank",
-  mode: "group",
-  size: 2,
   incarnation: 3,
-  leader: "h1",
   placement: [
     { primary: "h1", backup: "h2" },
     { primary: "h2", backup: "h1" },
   ],
-  failed: [],
-  epoch: { interval_ms: 20, min_interval_ms: 5, max_interval_ms: 200 },
-  limits: { memory_mib: 64, call_cpu_ms: 1000, output_bytes_max: 1 << 20 },
-};
+});
 
 const route = (port: number) => ({ address: `127.0.0.1:${port}`, token: `t${port}` });
 

@@ -12,7 +12,7 @@ import { connect as tlsConnect } from "node:tls";
 import { afterEach, describe, expect, it } from "vitest";
 import { parseManifest, type Manifest } from "../src/cluster/manifest.js";
 import type { ClusterFile } from "../src/cluster/local-cluster.js";
-import type { ProtectionRecord } from "../src/core/types.js";
+import { protectionRecord } from "./support/record.js";
 import { guestPath } from "../src/guest/examples.js";
 import { BadArgumentsError, checkArgs, isHostOp } from "../src/host/api.js";
 import { Connection } from "../src/host/connection.js";
@@ -33,20 +33,14 @@ const MANIFEST: Manifest = {
   limits: { memory_mib: 256, call_cpu_ms: 1000, output_bytes_max: 1 << 20 },
 };
 
-const RECORD: ProtectionRecord = {
-  group: "g",
-  mode: "group",
-  size: 2,
-  incarnation: 1,
-  leader: "h1",
+const RECORD = protectionRecord({
   placement: [
     { primary: "h1", backup: "h2" },
     { primary: "h2", backup: "h1" },
   ],
-  failed: [],
   epoch: MANIFEST.epoch,
   limits: MANIFEST.limits,
-};
+});
 
 /** The BadArgumentsError `checkArgs` throws for these arguments. */
 function refusal(op: Parameters<typeof checkArgs>[0], args: unknown): BadArgumentsError {
