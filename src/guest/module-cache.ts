@@ -30,8 +30,15 @@ export interface CachedModule extends InstrumentedModule {
 
 /** Cache entries being read or made, by directory and key: concurrent requests for one entry share it. */
 const entries = new Map<string, Promise<CachedModule>>();
-/** Instrumentations running, by key: one per module in this process, whatever the cache directory. */
+/**
+ * Instrumentations by key: one per module in this process, whatever the
+ * cache directory. Kept until every request for the module in flight has
+ * settled (`requests`): a request still reading its own directory's cache
+ * when another's instrumentation finished takes that result instead of
+ * instrumenting again.
+ */
 const running = new Map<string, Promise<TimedInstrumentedModule>>();
+const requests = new Map<string, number>();
 let tmpCounter = 0;
 
 /** Instruments `wasm`, reusing a cached result in `cache_dir` when there is one. */
@@ -42,7 +49,14 @@ export async function instrumentCached(wasm: Uint8Array, cache_dir: string | nul
   const id = `${cache_dir ?? ""}\0${key}`;
   let entry = entries.get(id);
   if (!entry) {
-    entry = readOrInstrument(wasm, key, cache_dir).finally(() => entries.delete(id));
+    requests.set(key, (requests.get(key) ?? 0) + 1);
+    entry = readOrInstrument(wasm, key, cache_dir).finally(() => {
+      entries.delete(id);
+      const left = requests.get(key)! - 1;
+      if (left > 0) return void requests.set(key, left);
+      requests.delete(key);
+      running.delete(key);
+    });
     entries.set(id, entry);
   }
   return await entry;
@@ -72,8 +86,8 @@ async function readOrInstrument(wasm: Uint8Array, key: string, cache_dir: string
 function instrumentOnce(wasm: Uint8Array, key: string): Promise<TimedInstrumentedModule> {
   let run = running.get(key);
   if (!run) {
-    run = instrumentOffThread(wasm).finally(() => running.delete(key));
-    running.set(key, run);
+    run = instrumentOffThread(wasm);
+    running.set(key, run); // forgotten once no request for the module is in flight (instrumentCached)
   }
   return run;
 }
