@@ -49,6 +49,12 @@ function hello(address: string): Promise<string> {
   });
 }
 
+/** The session id of a process (Linux: /proc/<pid>/stat, the field after state, ppid and pgrp). */
+async function sessionOf(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[3]);
+}
+
 async function hostKeys(): Promise<string[]> {
   const store = new EmbeddedStore(dir);
   try {
@@ -95,6 +101,8 @@ describe("local cluster", () => {
     expect(Object.fromEntries(await stubPids())).toEqual({ h1: pids[0], h2: pids[1], h3: pids[2] });
     // Each one really listens there.
     for (const h of cluster.hosts) expect(await hello(h.address)).toBe(h.id);
+    // In the caller's session, so on an autogroup kernel one scheduling group (see spawnHost).
+    for (const pid of pids) expect(await sessionOf(pid)).toBe(await sessionOf(process.pid));
     expect(await readCluster(dir)).toEqual(cluster);
     expect(JSON.parse(await readFile(join(dir, "cluster.json"), "utf8"))).toEqual(cluster);
     expect(await hostKeys()).toEqual(["hosts/h1", "hosts/h2", "hosts/h3"]);

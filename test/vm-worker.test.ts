@@ -5,6 +5,8 @@
  * in-process primary/backup pair used by `cohort run`.
  */
 import { afterEach, describe, expect, it } from "vitest";
+import { readdirSync, readFileSync } from "node:fs";
+import { WORKER_THREAD_NICE } from "../src/util/thread-priority.js";
 import { decodeDelta } from "../src/checkpoint/format.js";
 import { instrument } from "../src/guest/instrument.js";
 import { compileGuest } from "../src/guest/module-cache.js";
@@ -17,6 +19,16 @@ const started: VmWorker[] = [];
 afterEach(async () => {
   await Promise.all(started.splice(0).map((vm) => vm.terminate()));
 });
+
+/** The nice value of every thread of this process, by thread id (Linux: /proc/self/task/<tid>/stat). */
+function threadNices(): Map<number, number> {
+  const out = new Map<number, number>();
+  for (const tid of readdirSync("/proc/self/task")) {
+    const stat = readFileSync(`/proc/self/task/${tid}/stat`, "utf8");
+    out.set(Number(tid), Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]));
+  }
+  return out;
+}
 
 async function bundle(bytes: Uint8Array): Promise<GuestBundle> {
   return compileGuest(instrument(bytes));
@@ -63,6 +75,14 @@ describe("VM worker", () => {
     const after = await backup.capture();
     const out = await backup.request("commit", { epoch: after.epoch });
     expect(out.map((r) => Buffer.from(r.bytes).toString()).at(-1)).toBe("1");
+  });
+
+  it("a VM thread runs at a lower scheduling priority than the thread that started it (Linux)", async () => {
+    const vm = await boot(await bundle(builtBytes("kv")));
+    await vm.request("request", { session: 1, request_id: 1, payload: Buffer.from("put a 1") });
+    const nices = threadNices();
+    expect(nices.get(process.pid)).toBe(0); // this (main) thread keeps its priority
+    expect([...nices.values()]).toContain(WORKER_THREAD_NICE);
   });
 
   it("a trap crashes only that VM, with the trap's message", async () => {

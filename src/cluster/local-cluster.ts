@@ -14,7 +14,7 @@
  * Protocol with the host daemon: `up` starts each host as
  * `[...host_command, "--id", "h<i>", "--port", "0", "--state-dir", <abs state_dir>, "--store", <store>,
  *  "--tls-dir", <abs state_dir>/tls (or "--insecure" with `tls: false`), ...extra_args]`,
- * detached, and waits until the host has put its HostRecord under `hosts/h<i>`
+ * in the caller's session (see spawnHost), and waits until the host has put its HostRecord under `hosts/h<i>`
  * in the cluster's coordination store with `pid` equal to the pid
  * `up` spawned. So host_command must start the daemon itself (e.g.
  * `node bin/cohort.js host` or `node --import tsx ...`), not a wrapper that
@@ -382,7 +382,15 @@ async function spawnHost(id: string, command: string, args: string[], log: strin
   let child: ChildProcess;
   try {
     writeSync(fd, `--- ${new Date().toISOString()} cohort up: starting ${id}: ${[command, ...args].join(" ")}\n`);
-    child = spawn(command, args, { detached: true, stdio: ["ignore", fd, fd] });
+    // Not detached: a detached child calls setsid(), and on Linux with autogroup scheduling (the
+    // default on desktop and many server kernels) every session is its own scheduling group. Each
+    // host then got an equal share of the CPU as a whole, its main thread (heartbeats, the protocol)
+    // no longer ranked above its own VM threads across cores (see src/util/thread-priority.ts),
+    // and a 16-VM deploy over 3 hosts on 2 cores left main threads runnable but unscheduled for
+    // 300-470 ms: peers declared live hosts failed. In the caller's session the hosts share one
+    // group. They survive `up`'s exit all the same (unref below; their stdio is a log file, never
+    // the terminal), and a Ctrl-C while `up` or `demo` still runs stops them with it.
+    child = spawn(command, args, { stdio: ["ignore", fd, fd] });
   } finally {
     closeSync(fd);
   }
@@ -400,17 +408,12 @@ async function spawnHost(id: string, command: string, args: string[], log: strin
   return s;
 }
 
-/** SIGKILLs the process groups `up` created (detached => group id = pid) and waits for them to exit. */
+/** SIGKILLs the host processes `up` started and waits for them to exit. */
 async function killStarted(started: Started[], store: CoordinationStore): Promise<void> {
   for (const s of started) {
     if (s.exit !== null) continue;
-    try {
-      // Our child's pid is also its process group's id and cannot be reused
-      // before we reap it, so this reaches only what we started.
-      process.kill(-s.pid, "SIGKILL");
-    } catch {
-      signal(s.pid, "SIGKILL");
-    }
+    // Our child's pid cannot be reused before we reap it, so this reaches only what we started.
+    signal(s.pid, "SIGKILL");
   }
   const deadline = Date.now() + LOCAL_CLUSTER_DEFAULTS.kill_wait_ms;
   while (started.some((s) => s.exit === null) && Date.now() < deadline) await sleep(10);

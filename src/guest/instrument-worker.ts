@@ -11,6 +11,7 @@
  * so a refused module costs no load.
  */
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
+import { yieldCpuToMainThread } from "../util/thread-priority.js";
 import { fileURLToPath } from "node:url";
 import { describeThrown, InstrumenterError, InvalidModuleError, ModuleLimitError, UnsupportedModuleError } from "./errors.js";
 import { checkModuleLimits } from "./limits.js";
@@ -202,6 +203,7 @@ async function instrumentHere(wasm: Uint8Array): Promise<Reply> {
 
 if (!isMainThread && parentPort && workerData?.instrumenter) {
   const port = parentPort;
+  yieldCpuToMainThread();
   // Binaryen is loaded on the first module that passes the limits (loadInstrumenter), never by
   // the threads that import this file for instrumentOffThread().
   // One module at a time: the main thread sends the next only after this one's reply.

@@ -200,7 +200,10 @@ export class Host {
     this.hostsWatch = this.store.watch("hosts/", refresh);
     this.timers.push(setInterval(refresh, PEER_RESYNC_MS));
     this.timers.push(setInterval(() => this.reconnectPeers(), PEER_RECONNECT_MS));
-    this.timers.push(setInterval(() => this.detect(), Math.max(10, Math.floor(this.options.detect_ms / 10))));
+    // Judged after the loop's next poll (setImmediate runs in the check phase, timers before poll):
+    // heartbeats that reached the socket while this thread waited for the CPU are read before the
+    // silence they end is counted against their sender.
+    this.timers.push(setInterval(() => setImmediate(() => this.detect()), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
   }
@@ -368,6 +371,7 @@ export class Host {
   }
 
   private detect(): void {
+    if (this.stopping) return; // an immediate queued by the last tick
     const now = Date.now();
     // This host stalled itself (SIGSTOP, a long synchronous step) for longer than the timeout: the
     // silence it would measure now is its own. Every peer gets a fresh window; one that is really gone

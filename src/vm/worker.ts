@@ -24,10 +24,13 @@ import {
   type WorkerVmOptions,
 } from "./protocol.js";
 import { assert, AssertionError } from "../util/assert.js";
+import { yieldCpuToMainThread } from "../util/thread-priority.js";
 
 const port = parentPort;
 assert(port, "worker.ts runs in a worker thread");
 const watchdog = new Int32Array(workerData.watchdog as SharedArrayBuffer);
+// Guests never starve the host's main thread of the CPU (its heartbeats and the protocol): see thread-priority.ts.
+yieldCpuToMainThread();
 
 let primary: VmCore | null = null;
 let backup: BackupImage | null = null;
