@@ -185,9 +185,11 @@ export type WorkerResponse =
 
 /**
  * Shared call watchdog: the worker marks each guest call in a SharedArrayBuffer
- * (slot 0: busy flag, slot 1: call counter), so the host thread can stop a call
- * that runs past its CPU budget without a message per call.
+ * (slot 0: busy flag, slot 1: call counter, slot 2: the worker thread's kernel
+ * id, 0 where unknown), so the host thread can stop a call that runs past its
+ * CPU budget without a message per call.
  */
 export const WATCHDOG_BUSY = 0;
 export const WATCHDOG_SEQ = 1;
-export const WATCHDOG_SLOTS = 2;
+export const WATCHDOG_TID = 2;
+export const WATCHDOG_SLOTS = 3;

@@ -8,10 +8,12 @@ import { EventEmitter } from "node:events";
 import { Worker, type TransferListItem } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
 import { sealDelta } from "../checkpoint/format.js";
+import { threadCpuMs } from "../util/thread-cpu.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
   WATCHDOG_SLOTS,
+  WATCHDOG_TID,
   type CaptureResult,
   type GuestBundle,
   type SerializedError,
@@ -141,19 +143,32 @@ export class VmWorker extends EventEmitter<VmEvents> {
     this.worker.on("error", (error) => this.fail(`VM thread failed: ${error.message}`));
     this.worker.on("exit", (code) => this.fail(`VM thread exited (code ${code})`));
     let lastSeq = -1;
-    let since = Date.now();
-    // Poll at a quarter of the budget: a runaway call is stopped within 1.25x its budget.
+    let since_ms = Date.now();
+    let cpuSince_ms: number | null = null;
+    // Polls at a quarter of the budget. A call is first seen busy up to one poll after it began, so a
+    // runaway call is stopped after between 1x and 1.25x its budget of CPU, plus one poll.
     this.watchdogTimer = setInterval(() => {
       const seq = Atomics.load(this.watchdog, WATCHDOG_SEQ);
       const busy = Atomics.load(this.watchdog, WATCHDOG_BUSY) === 1;
       if (!busy || seq !== lastSeq) {
         lastSeq = seq;
-        since = Date.now();
-      } else if (Date.now() - since > this.call_cpu_ms) {
-        this.fail(`cpu limit exceeded: a guest call ran longer than ${this.call_cpu_ms} ms`);
+        since_ms = Date.now();
+        cpuSince_ms = busy ? this.threadCpu_ms() : null;
+        return;
       }
+      // A thread cannot run longer than the wall clock: only a call past its budget in wall time costs a read.
+      if (Date.now() - since_ms <= this.call_cpu_ms) return;
+      const cpu_ms = this.threadCpu_ms();
+      // Where the thread's CPU time cannot be read (not Linux), wall time is the budget.
+      const used_ms = cpu_ms !== null && cpuSince_ms !== null ? cpu_ms - cpuSince_ms : Date.now() - since_ms;
+      if (used_ms > this.call_cpu_ms) this.fail(`cpu limit exceeded: a guest call used more than ${this.call_cpu_ms} ms of CPU`);
     }, Math.max(5, Math.floor(call_cpu_ms / 4)));
     this.watchdogTimer.unref();
+  }
+
+  /** CPU time of this replica's thread so far (ms), or null where it cannot be read. */
+  private threadCpu_ms(): number | null {
+    return threadCpuMs(Atomics.load(this.watchdog, WATCHDOG_TID));
   }
 
   static boot(guest: GuestBundle, options: WorkerVmOptions): Promise<VmWorker> {

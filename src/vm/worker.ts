@@ -14,6 +14,7 @@ import { decodeOutputRecords, type OutputRecord } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
+  WATCHDOG_TID,
   type CaptureResult,
   type GuestBundle,
   type VmStatus,
@@ -25,12 +26,15 @@ import {
 } from "./protocol.js";
 import { assert, AssertionError } from "../util/assert.js";
 import { yieldCpuToMainThread } from "../util/thread-priority.js";
+import { threadIdOfThisThread } from "../util/thread-cpu.js";
 
 const port = parentPort;
 assert(port, "worker.ts runs in a worker thread");
 const watchdog = new Int32Array(workerData.watchdog as SharedArrayBuffer);
 // Guests never starve the host's main thread of the CPU (its heartbeats and the protocol): see thread-priority.ts.
 yieldCpuToMainThread();
+// The watchdog measures a call's CPU time on this thread, not its wall time (thread-cpu.ts).
+Atomics.store(watchdog, WATCHDOG_TID, threadIdOfThisThread());
 
 let primary: VmCore | null = null;
 let backup: BackupImage | null = null;
