@@ -93,6 +93,53 @@ function spawnThread(): Thread {
 const spares: Thread[] = [];
 let sparesWanted = 0;
 
+/**
+ * Creating a Worker holds the calling thread until the new thread exists, and
+ * on a loaded machine that can take tens of milliseconds: a host that started
+ * every VM thread of a 32-VM deploy in one go held its main loop for over
+ * 600 ms (heartbeats late, its peers declared it failed). Threads are created
+ * one per turn of the event loop, in order, so timers and sockets are served
+ * between them.
+ */
+let lastThreadTurn: Promise<void> = Promise.resolve();
+function nextThreadTurn(): Promise<void> {
+  const turn = lastThreadTurn.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
+  lastThreadTurn = turn;
+  return turn;
+}
+
+/** Whether a fillSpares loop is running (one at a time). */
+let prewarming = false;
+
+async function fillSpares(): Promise<void> {
+  prewarming = true;
+  try {
+    while (spares.length < sparesWanted) {
+      await nextThreadTurn();
+      if (spares.length < sparesWanted) addSpare(spawnThread());
+    }
+  } finally {
+    prewarming = false;
+  }
+}
+
+function addSpare(thread: Thread): void {
+  thread.worker.unref();
+  const drop = () => {
+    const i = spares.indexOf(thread);
+    if (i >= 0) spares.splice(i, 1);
+  };
+  thread.worker.once("exit", drop);
+  // An idle thread that fails (it could not load) must not take the process with it: an unheard
+  // 'error' event throws. Once taken, the VmWorker that owns it handles its errors.
+  thread.worker.on("error", (error) => {
+    if (!spares.includes(thread)) return;
+    drop();
+    process.emitWarning(`idle VM thread failed: ${error.message}`);
+  });
+  spares.push(thread);
+}
+
 function takeThread(): Thread {
   const spare = spares.shift();
   if (spare) {
@@ -115,23 +162,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
   /** Keeps `count` idle VM threads ready (a host daemon calls this; idle threads do not keep a process alive). */
   static prewarm(count: number): void {
     sparesWanted = count;
-    while (spares.length < count) {
-      const thread = spawnThread();
-      thread.worker.unref();
-      const drop = () => {
-        const i = spares.indexOf(thread);
-        if (i >= 0) spares.splice(i, 1);
-      };
-      thread.worker.once("exit", drop);
-      // An idle thread that fails (it could not load) must not take the process with it: an unheard
-      // 'error' event throws. Once taken, the VmWorker that owns it handles its errors.
-      thread.worker.on("error", (error) => {
-        if (!spares.includes(thread)) return;
-        drop();
-        process.emitWarning(`idle VM thread failed: ${error.message}`);
-      });
-      spares.push(thread);
-    }
+    if (!prewarming) fillSpares().catch((error: Error) => process.emitWarning(`starting an idle VM thread failed: ${error.message}`));
   }
 
   private constructor(private readonly call_cpu_ms: number) {
@@ -189,6 +220,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
    * failed to start) must not hold up a deploy or a failover forever. On failure the thread is stopped.
    */
   private static async start(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
+    if (spares.length === 0) await nextThreadTurn(); // this VM creates a thread (see nextThreadTurn)
     const vm = new VmWorker(options.limits.call_cpu_ms);
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
