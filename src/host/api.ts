@@ -12,6 +12,7 @@
  * | deploy | CLI → any host | a validated manifest | the module | the VM records placed |
  * | group_prepare | deploying host → hosts of the group | the group's ProtectionRecord | the module | where its primaries' message paths listen |
  * | group_run | deploying host → hosts of the group | group name, every rank's route | – | the group name |
+ * | group_abort | deploying host → hosts of the group | group name, the given-up attempt's incarnation | – | whether prepared replicas were stopped (never a started group's) |
  * | vm_request | CLI → a VM's primary host | VM name, request text | – | the released reply |
  * | logs | CLI → a VM's host | VM name, first seq, follow | – | one page of the records kept (`more` if others follow); with follow, the other pages and then each new record as MSG.LOG pushes |
  * | records | CLI → any host | none | – | the groups, VMs and hosts in the coordination store |
@@ -57,6 +58,7 @@ export const HOST_OP_ARGS = {
   deploy: z.strictObject({ manifest: manifestSchema }),
   group_prepare: z.strictObject({ record }),
   group_run: z.strictObject({ group: name, routes: z.array(routeSchema.nullable()).min(1).max(GROUP_SIZE_MAX) }),
+  group_abort: z.strictObject({ group: name, incarnation: count }),
   vm_request: z.strictObject({ vm: name, text: z.string().max(VM_REQUEST_TEXT_CHARS_MAX) }),
   logs: z.strictObject({ vm: name, from_seq: count.default(1), follow: z.boolean().default(false) }),
   records: z.strictObject({}),
@@ -74,6 +76,7 @@ interface HostOpResults {
   deploy: { group: string; vms: VmRecord[] };
   group_prepare: { group: string; routes: Record<number, Route> };
   group_run: { group: string };
+  group_abort: { group: string; stopped: boolean };
   vm_request: { vm: string; reply: string; epoch: number };
   /** With `follow`, each record released afterwards comes as a MSG.LOG push on the same connection. */
   /** One page of records (see LOG_PAGE_BYTES_MAX); `more`: records follow it (without follow, ask again from the next seq). */

@@ -1,8 +1,11 @@
 /**
  * Placement and start of a group, run by whichever host the CLI asked. Every
  * VM gets its primary and its backup on two different live hosts; the records
- * are created in the store first (create-only), then every host the placement
- * names prepares its replicas, and only then do they run.
+ * are created in the store first (the group's create-only, which holds its
+ * name), then every host the placement names prepares its replicas, and only
+ * then do they run. A host that fails before they run costs an attempt (the
+ * group is placed again on the live hosts); a deploy that fails otherwise
+ * stops what it prepared and removes its records.
  */
 import type { Manifest } from "../cluster/manifest.js";
 import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
@@ -16,19 +19,23 @@ import { assert } from "../util/assert.js";
 export class DeployError extends Error {
   override name = "DeployError";
   constructor(
-    readonly code: "GroupExists" | "NotEnoughHosts",
+    readonly code: "GroupExists" | "NotEnoughHosts" | "HostsFailed",
     message: string,
   ) {
     super(message);
   }
 }
 
+/**
+ * Attempts of one deploy. A host of the placement that fails, or is suspected,
+ * before the group starts costs an attempt: its replicas elsewhere are
+ * stopped and the group is placed again on the hosts still live, under the
+ * next incarnation (frames of the given-up attempt are then stale everywhere).
+ */
+export const DEPLOY_ATTEMPTS_MAX = 3;
+
 export async function deployGroup(host: Host, manifest: Manifest, module: Uint8Array): Promise<{ group: string; vms: VmRecord[] }> {
-  const hosts = host.liveHosts();
-  const protectedMode = manifest.mode !== "none";
-  if (protectedMode && hosts.length < 2) {
-    throw new DeployError("NotEnoughHosts", `mode ${manifest.mode} needs a primary and a backup on different hosts; ${hosts.length} live host(s)`);
-  }
+  enoughHosts(manifest, host.liveHosts());
   const group: GroupRecord = {
     group: manifest.group,
     mode: manifest.mode,
@@ -40,16 +47,44 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
   if ((await host.store.cas(groupKey(manifest.group), 0, group)) === null) {
     throw new DeployError("GroupExists", `group ${manifest.group} is already deployed`);
   }
-  // Spread primaries round-robin from a group-dependent offset; the backup is the next host.
+  try {
+    for (let attempt = 1; ; attempt++) {
+      const hosts = host.liveHosts();
+      enoughHosts(manifest, hosts);
+      const records = place(manifest, group, hosts, attempt);
+      for (const record of records) await host.store.put(vmKey(record.vm), record);
+      const lost = await startProtectedGroup(host, manifest, records, module);
+      if (lost.length === 0) return { group: manifest.group, vms: records };
+      if (attempt >= DEPLOY_ATTEMPTS_MAX) {
+        throw new DeployError("HostsFailed", `group ${manifest.group}: a host of its placement failed during each of ${attempt} attempts (last: ${lost.join(", ")}); nothing of it was started`);
+      }
+      host.log.warn({ group: manifest.group, attempt, lost }, "a host failed while the group was being deployed: placing it again on the live hosts");
+    }
+  } catch (error) {
+    // A deploy that does not start leaves nothing behind: its records go, and its name is free again.
+    await forget(host, group).catch((e: Error) => host.log.error({ err: e, group: group.group }, "removing the records of a failed deploy failed"));
+    throw error;
+  }
+}
+
+function enoughHosts(manifest: Manifest, hosts: string[]): void {
+  if (manifest.mode !== "none" && hosts.length < 2) {
+    throw new DeployError("NotEnoughHosts", `mode ${manifest.mode} needs a primary and a backup on different hosts; ${hosts.length} live host(s)`);
+  }
+}
+
+/** Primaries round-robin from a group-dependent offset; each VM's backup on the next host. */
+function place(manifest: Manifest, group: GroupRecord, hosts: string[], incarnation: number): VmRecord[] {
+  const protectedMode = manifest.mode !== "none";
   const offset = [...manifest.group].reduce((s, c) => s + c.charCodeAt(0), 0) % hosts.length;
-  const records: VmRecord[] = group.vms.map((vm, rank) => ({
+  return group.vms.map((vm, rank) => ({
     vm,
     group: manifest.group,
     rank,
     mode: manifest.mode,
     primary: hosts[(offset + rank) % hosts.length],
     backup: protectedMode ? hosts[(offset + rank + 1) % hosts.length] : null,
-    incarnation: 1,
+    incarnation,
     health: protectedMode ? "healthy" : "degraded",
     interval_ms: manifest.epoch.interval_ms,
     min_interval_ms: manifest.epoch.min_interval_ms,
@@ -57,9 +92,13 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
     limits: manifest.limits,
     size: manifest.size,
   }));
-  for (const record of records) await host.store.put(vmKey(record.vm), record);
-  await startProtectedGroup(host, manifest, records, module);
-  return { group: manifest.group, vms: records };
+}
+
+/** Deletes a deploy's records: its protection record, its VMs' and, last, the group's (which holds its name). */
+async function forget(host: Host, group: GroupRecord): Promise<void> {
+  await host.store.delete(protectionKey(group.group));
+  for (const vm of group.vms) await host.store.delete(vmKey(vm));
+  await host.store.delete(groupKey(group.group));
 }
 
 /**
@@ -69,13 +108,19 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
  * its replicas (primaries booted but not running, backups at the deployed
  * state), and only then are the primaries started, so no message or delta
  * reaches a host that is not ready for it.
+ *
+ * Answers the hosts of the placement that failed before the group started
+ * (the attempt was given up: every other host's prepared replicas are
+ * stopped); empty once it runs. Any other failure is thrown, after the same
+ * clean-up. A host that fails once `group_run` went out is the protocol's
+ * to handle, like any failure of a running group.
  */
-async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRecord[], module: Uint8Array): Promise<void> {
+async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRecord[], module: Uint8Array): Promise<string[]> {
   const protection: ProtectionRecord = {
     group: manifest.group,
     mode: manifest.mode,
     size: manifest.size,
-    incarnation: 1,
+    incarnation: records[0].incarnation,
     leader: records[0].primary,
     placement: records.map((r) => ({ primary: r.primary, backup: r.backup })),
     failed: [],
@@ -84,18 +129,37 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
   };
   await host.store.put(protectionKey(manifest.group), protection);
   const hosts = hostsOf(protection);
-  const call = async <Op extends "group_prepare" | "group_run">(h: string, op: Op, args: HostOps[Op]["args"], body?: Uint8Array): Promise<HostOps[Op]["result"]> => {
+  const call = async <Op extends "group_prepare" | "group_run" | "group_abort">(h: string, op: Op, args: HostOps[Op]["args"], body?: Uint8Array): Promise<HostOps[Op]["result"]> => {
     if (h === host.id) return host.handleLocal(op, args, body ?? new Uint8Array(0));
     return (await host.peerConnection(h)).request(op, args, body);
   };
-  // This host first: it instruments the module into the cluster's cache, so the others only read
-  // it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
-  const first = hosts.includes(host.id) ? host.id : hosts[0];
-  const prepared = [await call(first, "group_prepare", { record: protection }, module)];
-  prepared.push(...(await Promise.all(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)))));
+  let prepared: HostOps["group_prepare"]["result"][];
+  try {
+    // This host first: it instruments the module into the cluster's cache, so the others only read
+    // it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
+    const first = hosts.includes(host.id) ? host.id : hosts[0];
+    prepared = [await call(first, "group_prepare", { record: protection }, module)];
+    const others = await Promise.allSettled(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)));
+    const failed = others.find((o): o is PromiseRejectedResult => o.status === "rejected");
+    if (failed) throw failed.reason;
+    prepared.push(...others.map((o) => (o as PromiseFulfilledResult<HostOps["group_prepare"]["result"]>).value));
+  } catch (error) {
+    const live = new Set(host.liveHosts());
+    // Every named host that answers stops what it prepared; one that does not stops it itself (GroupTable's PREPARED_WAIT_MS).
+    await Promise.allSettled(hosts.filter((h) => h === host.id || live.has(h)).map((h) => call(h, "group_abort", { group: manifest.group, incarnation: protection.incarnation })));
+    const lost = hosts.filter((h) => h !== host.id && !live.has(h));
+    if (lost.length > 0) return lost;
+    throw error;
+  }
   // Every primary's message path listens now; each host hands the whole table to its VMs.
   const routes: (Route | null)[] = protection.placement.map(() => null);
   for (const p of prepared) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
   assert(routes.every((r) => r !== null), "a group member has no message path after group_prepare");
-  await Promise.all(hosts.map((h) => call(h, "group_run", { group: manifest.group, routes })));
+  const ran = await Promise.allSettled(hosts.map((h) => call(h, "group_run", { group: manifest.group, routes })));
+  const live = new Set(host.liveHosts());
+  ran.forEach((r, i) => {
+    // A host that failed meanwhile is the group's to fail over; any other refusal is a deploy error.
+    if (r.status === "rejected" && (hosts[i] === host.id || live.has(hosts[i]))) throw r.reason;
+  });
+  return [];
 }

@@ -550,6 +550,7 @@ export class Host {
     deploy: ({ manifest }, body) => deployGroup(this, manifest, body.slice()),
     group_prepare: ({ record }, body) => this.groups.prepare(record, body.slice()),
     group_run: ({ group, routes }) => this.runGroup(group, routes),
+    group_abort: async ({ group, incarnation }) => ({ group, stopped: await this.groups.abort(group, incarnation) }),
     vm_request: ({ vm, text }) => this.vmRequest(vm, text),
     records: async () => {
       const [groups, vms, hosts] = await Promise.all([this.store.list<GroupRecord>("groups/"), this.store.list<VmRecord>("vms/"), this.store.list<HostRecord>("hosts/")]);

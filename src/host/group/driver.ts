@@ -104,6 +104,7 @@ export class GroupDriver {
   private timer: NodeJS.Timeout | null = null;
   private timerDue = Infinity;
   private stopped = false;
+  private started: boolean;
   /** Events being handled (an action may feed an event back synchronously): handled after, in order. */
   private readonly queue: CoreEvent[] = [];
   private feeding = false;
@@ -128,6 +129,7 @@ export class GroupDriver {
     private readonly guestReady: Promise<GuestBundle>,
     joined: boolean,
   ) {
+    this.started = joined;
     const options = { host: api.id, record, now_ms: 0, detect_ms: api.detect_ms, live: api.liveHosts(), registered: api.registeredHosts() };
     this.core = joined ? GroupCore.joined(options) : GroupCore.deployed(options);
     this.recorder = api.record_dir ? new CoreRecorder(api.record_dir, api.id, record.group) : null;
@@ -207,7 +209,13 @@ export class GroupDriver {
 
   /** Starts the deployed group with every member's route (from every host's `group_prepare`). */
   run(routes: (Route | null)[]): void {
+    this.started = true;
     this.feed({ type: "start", routes });
+  }
+
+  /** Whether this group was started here (`run`, or it joined a running group); false while a deploy has it prepared only. */
+  get hasStarted(): boolean {
+    return this.started;
   }
 
   /**

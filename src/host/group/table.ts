@@ -13,6 +13,9 @@ import { LogLimit } from "../../util/log-limit.js";
 /** Joins checked against the store at once. */
 const JOINING_MAX = 4;
 
+/** How often prepared replicas not yet started ask the store whether their deploy still stands (a read of one key). */
+export const PREPARED_WAIT_MS = 2_000;
+
 export class GroupTable {
   readonly groups = new Map<string, GroupDriver>();
   /** GROUP frames no group here took (see dispatch). */
@@ -37,8 +40,46 @@ export class GroupTable {
     if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.api.id}`), { code: "GroupExists" });
     const driver = await GroupDriver.prepare(this.api, record, module);
     this.groups.set(record.group, driver);
-    this.api.log.info({ group: record.group, mode: record.mode, size: record.size }, "group replicas prepared");
+    this.api.log.info({ group: record.group, mode: record.mode, size: record.size, incarnation: record.incarnation }, "group replicas prepared");
+    this.checkStartedLater(driver);
     return { group: record.group, routes: driver.pathRoutes() };
+  }
+
+  /**
+   * Replicas prepared for a deploy attempt that was given up while this host
+   * could not be told (it was suspected meanwhile, and read the
+   * `group_prepare` from its socket later) would hold threads for nobody.
+   * Until `group_run` comes, the store is asked every PREPARED_WAIT_MS whether
+   * the attempt still stands: if the group's record now is another
+   * incarnation, or gone, they stop. (A deploying host that dies mid-deploy
+   * leaves its attempt's record standing: those replicas wait.)
+   */
+  private checkStartedLater(driver: GroupDriver): void {
+    const timer = setTimeout(() => {
+      if (this.groups.get(driver.name) !== driver || driver.hasStarted) return;
+      this.api.store.get<ProtectionRecord>(protectionKey(driver.name)).then(
+        (r) => {
+          if (this.groups.get(driver.name) !== driver || driver.hasStarted) return;
+          if (r !== null && r.value.incarnation === driver.record.incarnation) return this.checkStartedLater(driver);
+          this.api.log.warn({ group: driver.name, incarnation: driver.record.incarnation, stored: r?.value.incarnation ?? null }, "prepared replicas of a deploy that was given up are stopped");
+          this.abort(driver.name, driver.record.incarnation).catch((error: Error) => this.api.log.error({ err: error, group: driver.name }, "stopping prepared replicas failed"));
+        },
+        () => this.checkStartedLater(driver), // the store is away: ask again later
+      );
+    }, PREPARED_WAIT_MS);
+    timer.unref();
+  }
+
+  /**
+   * Stops this host's replicas of attempt `incarnation` of a deploy that was
+   * given up, if they were never started (a started group is stopped only by
+   * its protocol). Answers whether something was stopped.
+   */
+  async abort(group: string, incarnation: number): Promise<boolean> {
+    const driver = this.groups.get(group);
+    if (!driver || driver.hasStarted || driver.record.incarnation !== incarnation) return false;
+    await this.remove(group);
+    return true;
   }
 
   /**
@@ -108,8 +149,10 @@ export class GroupTable {
   /** Stops and forgets this host's replicas of `group` (a deploy that failed elsewhere). */
   async remove(group: string): Promise<void> {
     const driver = this.groups.get(group);
+    if (!driver) return;
     this.groups.delete(group);
-    await driver?.stop();
+    await driver.stop();
+    this.api.log.info({ group, incarnation: driver.record.incarnation }, "group replicas removed");
   }
 
   /** Stops every group's replicas here and forgets them (status shows none from then on). */
