@@ -6,3 +6,6 @@
  * meanwhile), so measuring starts after 3 s: compare `--warmup-ms 500`.
  */
 export const GROUP_BENCH_DEFAULTS = { measure_ms: 3000, warmup_ms: 3000, hosts: 2, repeat: 3 };
+
+/** `cohort bench idle`: an idle 8-VM kv group (mode group) on 3 hosts against the same hosts with nothing deployed. */
+export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 3000, hosts: 3, size: 8, guest: "kv", repeat: 3 };
