@@ -36,6 +36,8 @@ let timerHandle: NodeJS.Timeout | null = null;
 /** The epochs output_pending was last sent for: any output, and urgent output (see afterCall). */
 let outputEpochSignalled = 0;
 let urgentEpochSignalled = 0;
+/** The epoch `active` was last sent for (see afterCall); 0 after a boot, restore or rollback. */
+let activeEpochSignalled = 0;
 /** The group message data path, once the host opened it (group members); until then sends go out in outboxes. */
 let path: MessagePath | null = null;
 
@@ -130,9 +132,26 @@ function afterCall(): void {
     emit({ event: "crashed", message: vm.crashed });
     return;
   }
+  // Once per epoch the VM did something in: the leader (vm, none mode: the member's clock) ends only such epochs.
+  if (vm.activeEpoch === vm.epoch && activeEpochSignalled !== vm.epoch) {
+    activeEpochSignalled = vm.epoch;
+    emit({ event: "active", epoch: vm.epoch });
+  }
   const waiting = vm.outputWaiting();
   if (waiting) signalOutput(vm.epoch, waiting === "reply");
   scheduleTimers();
+}
+
+/**
+ * A boot, restore, promotion or rollback: the guest calls it made (a boot's)
+ * belong to the cut the VM starts from, and epochs start again from it, so
+ * the next thing the VM does is announced anew (`active`).
+ */
+function forgetActivity(vm: VmCore): void {
+  vm.activeEpoch = 0;
+  activeEpochSignalled = 0;
+  outputEpochSignalled = 0;
+  urgentEpochSignalled = 0;
 }
 
 /**
@@ -245,12 +264,14 @@ const handlers: Handlers = {
   boot({ guest, options }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.boot(guestOf(guest), vmOptions(options)));
+    forgetActivity(primary);
     afterCall();
     return status();
   },
   restore({ guest, options, image }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.restore(guestOf(guest), decodeImage(image), vmOptions(options)));
+    forgetActivity(primary);
     afterCall();
     return status();
   },
@@ -283,6 +304,7 @@ const handlers: Handlers = {
     const b = needBackup();
     primary = guarded(() => b.promote());
     backup = null;
+    forgetActivity(primary);
     afterCall();
     return status();
   },
@@ -375,6 +397,7 @@ const handlers: Handlers = {
     requireReachableCut(vm, epoch, "rollback to");
     // Guarded like a guest call: rollback(0) runs the guest's boot again (CPU watchdog, crash event).
     const result = guarded(() => vm.rollback(epoch));
+    forgetActivity(vm);
     path?.dropHeldAfter(epoch);
     scheduleTimers();
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };

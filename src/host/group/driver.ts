@@ -711,6 +711,7 @@ export class GroupDriver {
   private addMember(rank: number, vm: VmWorker, log: OutputLog, cut: number): GroupMember {
     const member = new GroupMember(rank, vm, log, cut);
     member.on("output_pending", (epoch, urgent) => this.feed({ type: "output_pending", rank, epoch, urgent }));
+    member.on("active", (epoch) => this.feed({ type: "active", rank, epoch }));
     member.on("captured", (c) => this.feed({ type: "captured", rank, epoch: c.epoch, delivered: c.delivered, delta: c.delta }));
     // Problems include links refused on the member's message path: a flood of bad connections is not a flood of log lines.
     const problems = new LogLimit();
