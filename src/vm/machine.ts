@@ -238,10 +238,10 @@ export class VmCore implements AbiHost {
   }
 
   /**
-   * The newest epoch in which the VM did something: a guest call ran, or a
-   * message was accepted (held or refused for now). An epoch it did nothing
-   * in needs no checkpoint (the core's `active` event); the worker clears it
-   * after a boot, restore or rollback, whose guest calls are the cut's.
+   * The newest epoch in which the VM did something: a guest call ran (the
+   * boot's included: what it sends and logs is epoch 1's), or a message was
+   * accepted (held or refused for now). An epoch it did nothing in needs no
+   * checkpoint (the core's `active` event). A rollback clears it.
    */
   activeEpoch = 0;
 
@@ -567,6 +567,8 @@ export class VmCore implements AbiHost {
   rollback(epoch: number): { pages_restored: number } {
     assert(epoch >= this.committed, `rollback to ${epoch} below committed cut ${this.committed}`);
     assert(epoch < this.state.epoch, `rollback to ${epoch}, not a captured cut (current epoch ${this.state.epoch})`);
+    // What the VM did since the cut is undone (a rollback to cut 0 boots again, which counts as the boot did).
+    this.activeEpoch = 0;
     const mem = this.tracker.bytes();
     let pages = this.tracker.dirtyCount;
     this.tracker.undo.restoreInto(mem);

@@ -132,26 +132,27 @@ function afterCall(): void {
     emit({ event: "crashed", message: vm.crashed });
     return;
   }
-  // Once per epoch the VM did something in: the leader (vm, none mode: the member's clock) ends only such epochs.
-  if (vm.activeEpoch === vm.epoch && activeEpochSignalled !== vm.epoch) {
-    activeEpochSignalled = vm.epoch;
-    emit({ event: "active", epoch: vm.epoch });
-  }
+  signalActive(vm);
   const waiting = vm.outputWaiting();
   if (waiting) signalOutput(vm.epoch, waiting === "reply");
   scheduleTimers();
 }
 
 /**
- * A boot, restore, promotion or rollback: the guest calls it made (a boot's)
- * belong to the cut the VM starts from, and epochs start again from it, so
- * the next thing the VM does is announced anew (`active`).
+ * A boot, restore, promotion or rollback: epochs start again from the cut, so
+ * what the VM does in them is announced anew (`active`, `output_pending`).
  */
-function forgetActivity(vm: VmCore): void {
-  vm.activeEpoch = 0;
+function forgetSignals(): void {
   activeEpochSignalled = 0;
   outputEpochSignalled = 0;
   urgentEpochSignalled = 0;
+}
+
+/** Once per epoch the VM did something in: the leader (vm, none mode: the member's clock) ends only such epochs. */
+function signalActive(vm: VmCore): void {
+  if (vm.activeEpoch !== vm.epoch || activeEpochSignalled === vm.epoch) return;
+  activeEpochSignalled = vm.epoch;
+  emit({ event: "active", epoch: vm.epoch });
 }
 
 /**
@@ -264,14 +265,14 @@ const handlers: Handlers = {
   boot({ guest, options }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.boot(guestOf(guest), vmOptions(options)));
-    forgetActivity(primary);
+    forgetSignals();
     afterCall();
     return status();
   },
   restore({ guest, options, image }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.restore(guestOf(guest), decodeImage(image), vmOptions(options)));
-    forgetActivity(primary);
+    forgetSignals();
     afterCall();
     return status();
   },
@@ -304,7 +305,7 @@ const handlers: Handlers = {
     const b = needBackup();
     primary = guarded(() => b.promote());
     backup = null;
-    forgetActivity(primary);
+    forgetSignals();
     afterCall();
     return status();
   },
@@ -397,7 +398,7 @@ const handlers: Handlers = {
     requireReachableCut(vm, epoch, "rollback to");
     // Guarded like a guest call: rollback(0) runs the guest's boot again (CPU watchdog, crash event).
     const result = guarded(() => vm.rollback(epoch));
-    forgetActivity(vm);
+    forgetSignals();
     path?.dropHeldAfter(epoch);
     scheduleTimers();
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
@@ -450,6 +451,10 @@ const handlers: Handlers = {
     const vm = needPrimary();
     setTimerMode("auto");
     path?.run();
+    // What the VM did before it ran (its boot, a rollback to cut 0 booting again) reached a core
+    // that held the member frozen, which drops `active`: announce it again now that the group runs it.
+    activeEpochSignalled = 0;
+    signalActive(vm);
     flush(vm);
     return status();
   },
