@@ -14,4 +14,4 @@ export const GROUP_BENCH_DEFAULTS = { measure_ms: 3000, warmup_ms: 3000, hosts: 
  * VM thread): 3 to 8 s after it an idle group measured about 5 % of a core
  * above the floor, 20 to 25 s after it the same as the floor.
  */
-export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 15000, hosts: 3, size: 8, guest: "kv", repeat: 3 };
+export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 15000, hosts: 3, size: 8, guest: "kv", mode: "group" as const, repeat: 3 };

@@ -2,7 +2,8 @@
  * `cohort bench idle`: what an idle group costs. A fresh local cluster (real
  * host processes, as `cohort up` starts them) with nothing deployed is the
  * floor (heartbeats, lease renewals, store watches); the same cluster with
- * an idle group (`kv`, mode group, 8 VMs on 3 hosts by default: nobody sends
+ * an idle group (`kv`, mode group, 8 VMs on 3 hosts by default; `mode` picks
+ * vm or none mode instead: nobody sends
  * it a request) is what protection adds when nothing happens.
  *
  * CPU is read from /proc/<pid>/stat (utime + stime, every thread of the host
@@ -21,7 +22,7 @@ import { readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
-import { parseManifest } from "../cluster/manifest.js";
+import { parseManifest, type ProtectionMode } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
 import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
@@ -35,6 +36,7 @@ export interface IdleBenchOptions {
   hosts: number;
   size: number;
   guest: string;
+  mode: ProtectionMode;
   repeat: number;
   progress: (line: string) => void;
 }
@@ -44,7 +46,7 @@ export { IDLE_BENCH_DEFAULTS } from "./group-defaults.js";
 export interface IdleSample {
   /** CPU of every host process over the window, summed, in % of one core. */
   cpu_percent: number;
-  /** Cuts the leader committed per second (0 for the floor). */
+  /** Cuts the leader committed per second (0 for the floor, and in vm and none mode, which have no leader). */
   epochs_per_s: number;
   deltas_per_s: number;
   delta_bytes_per_s: number;
@@ -62,7 +64,7 @@ export interface IdleCase {
 export interface IdleReport {
   bench: "idle";
   hosts: number;
-  group: { guest: string; mode: "group"; size: number };
+  group: { guest: string; mode: ProtectionMode; size: number };
   measure_ms: number;
   settle_ms: number;
   repeat: number;
@@ -123,7 +125,7 @@ async function measure(options: IdleBenchOptions, withGroup: boolean): Promise<I
     cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), tls: true });
     await sleep(600); // hosts see each other's heartbeats before placement
     if (withGroup) {
-      const manifest = parseManifest(`group: idle\nmode: group\nsize: ${options.size}\nmodule: ${JSON.stringify(guestPath(options.guest))}\n`, { source: "bench", base_dir: "/" });
+      const manifest = parseManifest(`group: idle\nmode: ${options.mode}\nsize: ${options.size}\nmodule: ${JSON.stringify(guestPath(options.guest))}\n`, { source: "bench", base_dir: "/" });
       await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
     }
     await sleep(options.settle_ms);
@@ -159,7 +161,7 @@ export async function runIdleBench(options: IdleBenchOptions): Promise<IdleRepor
   for (let i = 1; i <= options.repeat; i++) {
     options.progress(`run ${i}/${options.repeat}: floor: ${options.hosts} hosts, nothing deployed`);
     floor.push(await measure(options, false));
-    options.progress(`run ${i}/${options.repeat}: idle group: ${options.size} ${options.guest} VMs (mode group) on ${options.hosts} hosts`);
+    options.progress(`run ${i}/${options.repeat}: idle group: ${options.size} ${options.guest} VMs (mode ${options.mode}) on ${options.hosts} hosts`);
     group.push(await measure(options, true));
   }
   const results = { floor: summarise(floor), idle_group: summarise(group) };
@@ -168,7 +170,7 @@ export async function runIdleBench(options: IdleBenchOptions): Promise<IdleRepor
   return {
     bench: "idle",
     hosts: options.hosts,
-    group: { guest: options.guest, mode: "group", size: options.size },
+    group: { guest: options.guest, mode: options.mode, size: options.size },
     measure_ms: options.measure_ms,
     settle_ms: options.settle_ms,
     repeat: options.repeat,

@@ -180,15 +180,16 @@ groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide
 
 bench
   .command("idle")
-  .description("host CPU of an idle group (8 kv VMs, mode group, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second")
+  .description("host CPU of an idle group (8 kv VMs, mode group unless --mode, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second")
   .option("--json", "print one JSON object")
   .option("--measure-ms <ms>", "measured window per case", int("--measure-ms"), IDLE_BENCH_DEFAULTS.measure_ms)
   .option("--settle-ms <ms>", "wait after deploy before measuring", int("--settle-ms"), IDLE_BENCH_DEFAULTS.settle_ms)
   .option("--hosts <n>", "host processes per cluster", int("--hosts"), IDLE_BENCH_DEFAULTS.hosts)
   .option("--size <n>", "VMs in the group", int("--size"), IDLE_BENCH_DEFAULTS.size)
   .option("--guest <name>", "example guest the group runs", IDLE_BENCH_DEFAULTS.guest)
+  .addOption(new Option("--mode <mode>", "protection mode of the group").choices(["group", "vm", "none"]).default(IDLE_BENCH_DEFAULTS.mode))
   .option("--repeat <n>", "measurements per case, cases interleaved; the median is reported", int("--repeat"), IDLE_BENCH_DEFAULTS.repeat)
-  .action(async (opts: { json?: boolean; measureMs: number; settleMs: number; hosts: number; size: number; guest: string; repeat: number }) => {
+  .action(async (opts: { json?: boolean; measureMs: number; settleMs: number; hosts: number; size: number; guest: string; mode: "group" | "vm" | "none"; repeat: number }) => {
     const { runIdleBench } = await import("../bench/idle.js");
     const report = await runIdleBench({
       measure_ms: opts.measureMs,
@@ -196,6 +197,7 @@ bench
       hosts: opts.hosts,
       size: opts.size,
       guest: opts.guest,
+      mode: opts.mode,
       repeat: opts.repeat,
       progress: (line) => process.stderr.write(`${line}\n`),
     });
