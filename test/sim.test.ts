@@ -108,6 +108,14 @@ describe("scenarios", () => {
     expect(freshCrashed).toBeGreaterThan(0);
   });
 
+  it("vm mode: output of checkpoints nothing committed (taken while the member had no backup) is released once the group heals, though the member does nothing more", () => {
+    // Found by `cohort sim --seed 4` when idle epochs were first skipped: the member's clock waited for activity that never came.
+    const r = simulate({ seed: 1522565866, hosts: 4, size: 3, mode: "vm", traffic_ms: 257, send_rate: 0, output_rate: 0.02, failures: [{ kind: "crash", at_ms: 221, target: "any", index: 1 }] });
+    expect(r.violations, JSON.stringify(r.timeline)).toEqual([]);
+    expect(r.quiescent).toBe(true);
+    expect(r.released).toBe(r.outputs);
+  });
+
   it("none mode: a crash of a host with primaries halts the group naming exactly its members", () => {
     const r = simulate({ ...base, seed: 3, mode: "none", failures: [{ kind: "crash", at_ms: 100, target: "any", index: 0 }] });
     expect(r.violations, JSON.stringify(r.timeline)).toEqual([]);

@@ -393,9 +393,16 @@ export class GroupCore {
     return this.record.placement[m.rank].backup !== null && m.clock.inflight.length < MEMBER_INFLIGHT_MAX;
   }
 
-  /** vm, none mode: did the member do anything since its last checkpoint, or does something wait for one? (An idle epoch is not ended.) */
+  /**
+   * vm, none mode: did the member do anything since its last checkpoint, or
+   * does something wait for one? (An idle epoch is not ended.) Checkpoints
+   * taken that nothing will commit (taken while the member had no backup, a
+   * delta lost with its backup, a fresh image's) hold output that waits too:
+   * the next checkpoint's commit releases it.
+   */
   private clockWorthEnding(m: Member): boolean {
-    return m.active > m.captured || m.held > 0 || m.clock!.timer.outputWaiting;
+    const clock = m.clock!;
+    return m.active > m.captured || m.held > 0 || clock.timer.outputWaiting || (m.committed < m.captured && clock.inflight.length === 0);
   }
 
   /**
