@@ -2,7 +2,8 @@
  * The group leader (src/core/leader.ts), pure: one epoch in flight, commits
  * only once every member's backup staged the cut, and a commit riding on the
  * next `end` when that leaves within min_interval_ms, else going out alone
- * then. Time is whatever the test says it is.
+ * then; an epoch in which no member did anything (no `active`, no output
+ * waiting) is not ended. Time is whatever the test says it is.
  */
 import { describe, expect, it } from "vitest";
 import { Leader, type LeaderOutput } from "../src/core/leader.js";
@@ -20,6 +21,7 @@ function run(l: Leader, from: number, to: number, sent: (LeaderOutput & { at: nu
 describe("group leader (core)", () => {
   it("ends no new epoch while one is uncommitted, and commits only when every backup staged it", () => {
     const l = new Leader(2, TIMING, 0, 0);
+    l.active(1);
     const sent: (LeaderOutput & { at: number })[] = [];
     run(l, 0, 20, sent);
     expect(sent).toEqual([{ kind: "end", e: 1, commit: null, at: 20 }]);
@@ -40,6 +42,7 @@ describe("group leader (core)", () => {
 
   it("a commit with no end due within min_interval_ms goes out alone, min_interval_ms after the cut committed", () => {
     const l = new Leader(2, TIMING, 0, 0);
+    l.active(1);
     const sent: (LeaderOutput & { at: number })[] = [];
     run(l, 0, 20, sent);
     l.onStaged(0, 1, [0, 1], 20);
@@ -49,12 +52,14 @@ describe("group leader (core)", () => {
     run(l, 22, 22, sent);
     expect(sent[1]).toEqual({ kind: "commit", commit: { c: 1, d: [[0, 1], [1, 0]] }, at: 20 + TIMING.min_interval_ms });
     // Nothing waits for output: the next end comes at the doubled idle interval and carries no commit.
+    l.active(2);
     run(l, 23, 200, sent);
     expect(sent[2]).toEqual({ kind: "end", e: 2, commit: null, at: 20 + 2 * TIMING.interval_ms });
   });
 
   it("ignores acks of epochs it did not end or already committed", () => {
     const l = new Leader(2, TIMING, 0, 0);
+    l.active(1);
     const sent: (LeaderOutput & { at: number })[] = [];
     run(l, 0, 20, sent);
     l.onStaged(0, 2, [0, 0], 20);
@@ -68,14 +73,16 @@ describe("group leader (core)", () => {
     expect(sent.filter((s) => s.kind === "commit").map((s) => (s.kind === "commit" ? s.commit.c : -1))).toEqual([1]);
   });
 
-  it("idle epochs double up to max_interval_ms; a reply brings them back to min_interval_ms", () => {
+  it("epochs without output double up to max_interval_ms; a reply brings them back to min_interval_ms", () => {
     const l = new Leader(1, TIMING, 0, 0);
     const sent: (LeaderOutput & { at: number })[] = [];
+    l.active(1);
     for (let t = 0; t <= 1000; t++) {
       const out = l.tick(t);
       if (out?.kind === "end") {
         sent.push({ ...out, at: t });
         l.onStaged(0, out.e, [0], t);
+        l.active(out.e + 1); // the member keeps doing something, without output
       }
     }
     const gaps = sent.slice(1).map((s, i) => s.at - sent[i].at);
@@ -92,16 +99,18 @@ describe("group leader (core)", () => {
   it("log output ends the epoch interval_ms after the last, not min_interval_ms; a reply then hurries it", () => {
     const l = new Leader(1, TIMING, 0, 0);
     const ends: number[] = [];
+    l.active(1);
     const tickTo = (to: number, from: number) => {
       for (let t = from; t <= to; t++) {
         const out = l.tick(t);
         if (out?.kind === "end") {
           ends.push(t);
           l.onStaged(0, out.e, [0], t);
+          l.active(out.e + 1);
         }
       }
     };
-    tickTo(400, 0); // idle: the interval grew to max_interval_ms (ends at 20, 60, 140, 240, 340)
+    tickTo(400, 0); // no output: the interval grew to max_interval_ms (ends at 20, 60, 140, 240, 340)
     expect(ends.slice(-2)).toEqual([240, 340]);
     l.outputPending(false);
     tickTo(400 + TIMING.interval_ms, 401);
@@ -118,5 +127,31 @@ describe("group leader (core)", () => {
     l.outputPending(true);
     tickTo(440, 436);
     expect(ends[ends.length - 1]).toBe(436);
+  });
+
+  it("ends no epoch nothing happened in; activity or output in the running epoch ends it, activity in an ended one does not", () => {
+    const l = new Leader(2, TIMING, 0, 0);
+    const sent: (LeaderOutput & { at: number })[] = [];
+    run(l, 0, 1000, sent);
+    expect(sent).toEqual([]); // idle: no end, no commit
+    expect(l.deadline()).toBe(Infinity);
+    // A member did something in epoch 1: the epoch ends at once (its boundary passed long ago).
+    l.active(1);
+    expect(l.deadline()).toBe(TIMING.interval_ms);
+    run(l, 1001, 1001, sent);
+    expect(sent).toEqual([{ kind: "end", e: 1, commit: null, at: 1001 }]);
+    // Late news of epoch 1 (captured already): not a reason to end epoch 2.
+    l.active(1);
+    l.onStaged(0, 1, [0, 0], 1002);
+    l.onStaged(1, 1, [0, 0], 1002);
+    run(l, 1002, 3000, sent);
+    // The commit of cut 1 still goes out (alone), and nothing more.
+    expect(sent.map((s) => s.kind)).toEqual(["end", "commit"]);
+    expect(l.committed).toBe(1);
+    expect(l.deadline()).toBe(Infinity);
+    // Output waiting ends the epoch even if no activity was told (output is made by something the member did).
+    l.outputPending(true);
+    run(l, 3001, 3001, sent);
+    expect(sent[2]).toEqual({ kind: "end", e: 2, commit: null, at: 3001 });
   });
 });

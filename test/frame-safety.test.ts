@@ -83,6 +83,7 @@ describe("the group core refuses bad frames of every kind", () => {
     ["end of an epoch past the member's next", "h1", { k: "end", e: 50 }],
     ["commit of a cut never taken", "h1", { k: "commit", c: 9, d: [[0, 0], [0, 0]] }],
     ["pending from a host that holds no primary", "h9", { k: "pending", u: false }],
+    ["active from a host that holds no primary", "h9", { k: "active", e: 1 }],
     ["delta that does not follow the staged one", "h2", { k: "delta", rank: 1, e: 7, d: [0, 0] }],
     ["delta from a host that is not the member's primary", "h1", { k: "delta", rank: 1, e: 1, d: [0, 0] }],
     ["delta of a rank the group does not have", "h2", { k: "delta", rank: 5, e: 1, d: [0, 0] }],
@@ -138,6 +139,7 @@ describe("the group core refuses bad frames of every kind", () => {
 
   it("after every bad frame the group still ends epochs and stages the real delta", () => {
     const { core, tick } = runningCore();
+    core.handle({ type: "active", rank: 0, epoch: 1 }); // member 0 did something: epoch 1 is worth ending
     const ended = tick(1000);
     expect(ended.some((a) => a.type === "vm" && a.step.op === "capture_to" && a.step.epoch === 1)).toBe(true);
     for (const [, from, fields, inc] of bad) {
@@ -341,6 +343,7 @@ describe("bad frames sent to live hosts", () => {
       ["end: from a host that does not lead", p1.primary, group(p1.backup!, { k: "end", e: 1 }), undefined, "group"],
       ["end: an incarnation never decided", p1.primary, group(L, { k: "end", e: 1 }, inc + 7), undefined, "group"],
       ["pending: from a host of no primary", L, group("fake", { k: "pending", u: false }), undefined, "group"],
+      ["active: from a host of no primary", L, group("fake", { k: "active", e: 1 }), undefined, "group"],
       ["delta: corrupt body", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: [0, 0] }), garbage, "group"],
       ["delta: rank out of range", p0.backup!, group(p0.primary, { k: "delta", rank: 9, e: 1, d: [0, 0] }), undefined, "group"],
       ["delta: huge vector", p0.backup!, group(p0.primary, { k: "delta", rank: 0, e: 1, d: new Array(200).fill(1) }), undefined, "group"],

@@ -6,3 +6,12 @@
  * meanwhile), so measuring starts after 3 s: compare `--warmup-ms 500`.
  */
 export const GROUP_BENCH_DEFAULTS = { measure_ms: 3000, warmup_ms: 3000, hosts: 2, repeat: 3 };
+
+/**
+ * `cohort bench idle`: an idle 8-VM kv group (mode group) on 3 hosts against
+ * the same hosts with nothing deployed. settle_ms: for several seconds after
+ * a deploy the hosts still work it off (V8 compiling and collecting in every
+ * VM thread): 3 to 8 s after it an idle group measured about 5 % of a core
+ * above the floor, 20 to 25 s after it the same as the floor.
+ */
+export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 15000, hosts: 3, size: 8, guest: "kv", mode: "group" as const, repeat: 3 };

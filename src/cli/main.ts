@@ -6,7 +6,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { registerCaCommands } from "./ca-commands.js";
-import { GROUP_BENCH_DEFAULTS } from "../bench/group-defaults.js";
+import { GROUP_BENCH_DEFAULTS, IDLE_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
 // `cohort logs vm --follow | head -1`: once stdout's reader has gone away, every write fails with
 // EPIPE. Nobody is left to read anything we could say, and the reader chose to stop: exit quietly
@@ -173,6 +173,32 @@ groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide
       hosts: opts.hosts,
       repeat: opts.repeat,
       sizes: opts.sizes,
+      progress: (line) => process.stderr.write(`${line}\n`),
+    });
+    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+  });
+
+bench
+  .command("idle")
+  .description("host CPU of an idle group (8 kv VMs, mode group unless --mode, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second")
+  .option("--json", "print one JSON object")
+  .option("--measure-ms <ms>", "measured window per case", int("--measure-ms"), IDLE_BENCH_DEFAULTS.measure_ms)
+  .option("--settle-ms <ms>", "wait after deploy before measuring", int("--settle-ms"), IDLE_BENCH_DEFAULTS.settle_ms)
+  .option("--hosts <n>", "host processes per cluster", int("--hosts"), IDLE_BENCH_DEFAULTS.hosts)
+  .option("--size <n>", "VMs in the group", int("--size"), IDLE_BENCH_DEFAULTS.size)
+  .option("--guest <name>", "example guest the group runs", IDLE_BENCH_DEFAULTS.guest)
+  .addOption(new Option("--mode <mode>", "protection mode of the group").choices(["group", "vm", "none"]).default(IDLE_BENCH_DEFAULTS.mode))
+  .option("--repeat <n>", "measurements per case, cases interleaved; the median is reported", int("--repeat"), IDLE_BENCH_DEFAULTS.repeat)
+  .action(async (opts: { json?: boolean; measureMs: number; settleMs: number; hosts: number; size: number; guest: string; mode: "group" | "vm" | "none"; repeat: number }) => {
+    const { runIdleBench } = await import("../bench/idle.js");
+    const report = await runIdleBench({
+      measure_ms: opts.measureMs,
+      settle_ms: opts.settleMs,
+      hosts: opts.hosts,
+      size: opts.size,
+      guest: opts.guest,
+      mode: opts.mode,
+      repeat: opts.repeat,
       progress: (line) => process.stderr.write(`${line}\n`),
     });
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));

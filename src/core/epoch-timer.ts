@@ -13,8 +13,10 @@
  *   otherwise make every epoch a min_interval_ms one: a checkpoint every few
  *   milliseconds, paid for by every member of the group (compare `cohort
  *   bench allreduce`, whose guests log every round).
- * - Nothing waits: interval_ms, doubling after each idle epoch up to
- *   max_interval_ms; an epoch that had output resets it to interval_ms.
+ * - Nothing waits: interval_ms, doubling after each epoch without output up
+ *   to max_interval_ms; an epoch that had output resets it to interval_ms.
+ *   (An epoch in which nothing at all happened is not ended: the owner asks
+ *   only when something did, see leader.ts.)
  * - A boundary that came while the owner could not end the epoch (one still
  *   uncommitted, no backup) is retried min_interval_ms later (`blocked`), or
  *   at once when a commit makes room (`unblocked`).
@@ -41,6 +43,11 @@ export class EpochTimer {
   outputPending(urgent: boolean): void {
     if (urgent) this.waiting = "urgent";
     else if (this.waiting === null) this.waiting = "log";
+  }
+
+  /** Whether output of the current epoch waits for a commit. */
+  get outputWaiting(): boolean {
+    return this.waiting !== null;
   }
 
   /** When the owner should next try to end an epoch. `alsoWaiting`: more reasons than output to hurry. */

@@ -53,6 +53,14 @@ export type CoreEvent =
    * more if output that was not urgent becomes urgent.
    */
   | { type: "output_pending"; rank: Rank; epoch: Epoch; urgent: boolean }
+  /**
+   * Member `rank` did something in epoch `epoch`: a guest call ran (a
+   * request, a delivered message, a timer) or a message was accepted. Sent
+   * once per epoch (again after a rollback). An epoch in which no member of
+   * the group did anything is not ended: its checkpoint would equal the
+   * previous one (docs/PROTOCOL.md "Idle epochs").
+   */
+  | { type: "active"; rank: Rank; epoch: Epoch }
   /** A replica step finished (`ok: false`: it failed; `error` says why). */
   | { type: "done"; id: number; ok: true; value: StepValue }
   | { type: "done"; id: number; ok: false; error: string };

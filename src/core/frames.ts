@@ -9,7 +9,8 @@
  * | kind | from → to | meaning |
  * |---|---|---|
  * | end | leader → hosts | end epoch `e`: capture checkpoint `e` of every member; with `c`, `d`: also cut `c` committed |
- * | pending | primary host → leader | a member has external output waiting: end the epoch soon |
+ * | pending | primary host → leader | a member has external output waiting (in epoch `e`): end the epoch soon |
+ * | active | primary host → leader | a member did something in epoch `e`: the leader ends `e` (an epoch nobody did anything in is not ended) |
  * | delta | primary host → backup host | checkpoint `e` of `rank` (body: sealed delta); `d` = its delivered vector |
  * | image | primary host → backup host | full image of `rank` at cut `e` (body): a new backup starts from it |
  * | staged | backup host → leader (group) / primary host (vm) | `rank`'s checkpoint `e` is stored here |
@@ -76,7 +77,9 @@ interface Base {
 export type GroupFrame =
   | (Base & { k: "end"; e: number; c?: number; d?: number[][] })
   /** Output waits on the sender's members (`u`: someone blocks on it; see the `output_pending` event). */
-  | (Base & { k: "pending"; u: boolean })
+  | (Base & { k: "pending"; u: boolean; e?: number })
+  /** A member on the sender's host did something in epoch `e` (see the `active` event). */
+  | (Base & { k: "active"; e: number })
   | (Base & { k: "delta"; rank: number; e: number; d: number[] })
   | (Base & { k: "image"; rank: number; e: number; released_seq: number; history: ReleasedRecord[] })
   | (Base & { k: "staged"; rank: number; e: number; d: number[] })
@@ -132,7 +135,8 @@ export { record as protectionRecordSchema, route as routeSchema };
 
 const frameSchema = z.discriminatedUnion("k", [
   z.strictObject({ ...base, k: z.literal("end"), e: count, c: count.optional(), d: matrix.optional() }),
-  z.strictObject({ ...base, k: z.literal("pending"), u: z.boolean() }),
+  z.strictObject({ ...base, k: z.literal("pending"), u: z.boolean(), e: count.optional() }),
+  z.strictObject({ ...base, k: z.literal("active"), e: count }),
   z.strictObject({ ...base, k: z.literal("delta"), rank: count, e: count, d: vector }),
   z.strictObject({
     ...base,
@@ -270,6 +274,7 @@ export function checkFrameRanges(frame: GroupFrame, size: number): void {
       for (const r of frame.lost) rank(r, "lost rank");
       return;
     case "pending":
+    case "active":
     case "stale":
       return;
   }

@@ -10,6 +10,14 @@
  * min_interval_ms more output latency. Epoch boundaries are adaptive
  * (epoch-timer.ts): output waiting anywhere in the group ends the epoch at
  * the minimum interval.
+ *
+ * Idle epochs are not ended: the leader ends epoch e only once some member
+ * did something in it (`active`, from the `active` event and frame) or
+ * output waits. A checkpoint of an epoch nobody did anything in would equal
+ * the previous one, so an idle group captures, ships, stages, folds and
+ * commits nothing. Not ending an epoch is always safe (epochs only get
+ * longer); what happened in an epoch is always reported, so every epoch
+ * with something in it is ended and commits.
  */
 import { assert } from "../util/assert.js";
 import { EpochTimer } from "./epoch-timer.js";
@@ -33,6 +41,8 @@ export class Leader {
   /** Committed, not told yet: rides on the next `end`, or leaves alone at `commitDue_ms`. */
   private untold: CutCommit | null = null;
   private commitDue_ms = Infinity;
+  /** Newest epoch some member reported doing something in. */
+  private activeEpoch: Epoch = 0;
 
   constructor(
     private readonly size: number,
@@ -54,13 +64,25 @@ export class Leader {
   }
 
   /** Some member has output waiting (`urgent`: someone blocks on it): end the epoch soon (see EpochTimer). */
-  outputPending(urgent: boolean): void {
+  outputPending(urgent: boolean, e?: Epoch): void {
+    // Output of an epoch this leader ended already: its checkpoint is being taken, its commit is on its way.
+    if (e !== undefined && e <= this.ended) return;
     this.timer.outputPending(urgent);
+  }
+
+  /** Some member did something in epoch `e`: epoch e is worth ending (epochs this leader ended already are being captured). */
+  active(e: Epoch): void {
+    if (e > this.activeEpoch) this.activeEpoch = e;
+  }
+
+  /** Whether the epoch running now (ended + 1) has anything in it: activity reported, or output waiting. */
+  private get worthEnding(): boolean {
+    return this.activeEpoch > this.ended || this.timer.outputWaiting;
   }
 
   /** When `tick` has something to do next. */
   deadline(): number {
-    return Math.min(this.timer.due(), this.commitDue_ms);
+    return Math.min(this.worthEnding ? this.timer.due() : Infinity, this.commitDue_ms);
   }
 
   onStaged(rank: Rank, e: Epoch, delivered: number[], now_ms: number): void {
@@ -87,7 +109,7 @@ export class Leader {
   }
 
   tick(now_ms: number): LeaderOutput | null {
-    if (now_ms >= this.timer.due()) {
+    if (this.worthEnding && now_ms >= this.timer.due()) {
       if (this.ended - this.committedCut >= EPOCHS_INFLIGHT_MAX) {
         this.timer.blocked(now_ms);
       } else {

@@ -48,6 +48,8 @@ interface Member {
   held: number;
   /** vm, none mode: the member's own epoch clock. */
   clock: MemberClock | null;
+  /** vm, none mode: newest epoch the member did something in (`active` event); its clock ends only such epochs. */
+  active: Epoch;
 }
 
 interface MemberClock {
@@ -150,6 +152,10 @@ export class GroupCore {
   /** group mode: the epoch this host last told the leader it has output waiting in, and the last it said was urgent. */
   private pendingSentEpoch = 0;
   private urgentSentEpoch = 0;
+  /** group mode: the epoch this host last told the leader a member here did something in (`active`), in this incarnation. */
+  private activeSentEpoch = 0;
+  /** group mode, the leader's host: newest epoch a member did something in, as told in this incarnation (kept for a leader started later). */
+  private activeSeen = 0;
   /** vm mode: newest committed delivered vector of each receiver (index: receiver, then sender). */
   private readonly committedDelivered: number[][];
   private nextStepId = 1;
@@ -214,7 +220,7 @@ export class GroupCore {
     if (this.leader) due = Math.min(due, this.leader.deadline());
     if (this.coordination && this.coordination.plan === null) due = Math.min(due, this.coordination.retryDue_ms);
     // Member clocks exist in vm and none mode only: group mode's per-event path does not walk the members.
-    if (this.record.mode !== "group") for (const m of this.members.values()) if (m.clock && this.clockCanRun(m)) due = Math.min(due, m.clock.timer.due(m.held > 0));
+    if (this.record.mode !== "group") for (const m of this.members.values()) if (m.clock && this.clockCanRun(m) && this.clockWorthEnding(m)) due = Math.min(due, m.clock.timer.due(m.held > 0));
     return due;
   }
 
@@ -262,6 +268,9 @@ export class GroupCore {
       case "output_pending":
         this.onOutputPending(event.rank, event.epoch, event.urgent, out);
         break;
+      case "active":
+        this.onActive(event.rank, event.epoch, out);
+        break;
       case "done":
         this.onDone(event, out);
         break;
@@ -272,7 +281,7 @@ export class GroupCore {
   // ---- helpers -----------------------------------------------------------------------------
 
   private newMember(rank: Rank, cut: Epoch): Member {
-    return { rank, state: "frozen", captured: cut, committed: cut, held: 0, clock: null };
+    return { rank, state: "frozen", captured: cut, committed: cut, held: 0, clock: null, active: 0 };
   }
 
   private vm(out: CoreAction[], rank: Rank, step: VmStep, context: StepContext): void {
@@ -332,6 +341,8 @@ export class GroupCore {
     this.urgentSentEpoch = 0;
     if (this.record.mode === "group") {
       this.leader = this.record.leader === this.host ? new Leader(this.record.size, this.record.epoch, committed, this.now_ms) : null;
+      // Members may have done something before this leader started (their run step delivers re-sent messages).
+      this.leader?.active(this.activeSeen);
       return;
     }
     for (const m of this.members.values()) m.clock = { timer: new EpochTimer(this.record.epoch, this.now_ms), capturing: false, ending: m.captured, inflight: [] };
@@ -366,7 +377,7 @@ export class GroupCore {
     }
     if (this.record.mode === "group") return;
     for (const m of this.members.values()) {
-      if (!m.clock || !this.clockCanRun(m) || now < m.clock.timer.due(m.held > 0)) continue;
+      if (!m.clock || !this.clockCanRun(m) || !this.clockWorthEnding(m) || now < m.clock.timer.due(m.held > 0)) continue;
       // The epoch ends now, as the VM sees it: output that shows up from here on is the next epoch's.
       m.clock.capturing = true;
       m.clock.ending = m.captured + 1;
@@ -382,6 +393,35 @@ export class GroupCore {
     return this.record.placement[m.rank].backup !== null && m.clock.inflight.length < MEMBER_INFLIGHT_MAX;
   }
 
+  /**
+   * vm, none mode: did the member do anything since its last checkpoint, or
+   * does something wait for one? (An idle epoch is not ended.) Checkpoints
+   * taken that nothing will commit (taken while the member had no backup, a
+   * delta lost with its backup, a fresh image's) hold output that waits too:
+   * the next checkpoint's commit releases it.
+   */
+  private clockWorthEnding(m: Member): boolean {
+    const clock = m.clock!;
+    return m.active > m.captured || m.held > 0 || clock.timer.outputWaiting || (m.committed < m.captured && clock.inflight.length === 0);
+  }
+
+  /**
+   * Member `rank` did something in `epoch`. group mode: the leader hears of it
+   * once per epoch from this host (it ends only epochs something happened
+   * in); vm, none mode: the member's own clock does.
+   */
+  private onActive(rank: Rank, epoch: Epoch, out: CoreAction[]): void {
+    const m = this.members.get(rank);
+    if (!m || m.state !== "running" || this.state !== "running") return;
+    if (this.record.mode !== "group") {
+      if (epoch > m.active) m.active = epoch;
+      return;
+    }
+    if (epoch <= m.captured || epoch <= this.activeSentEpoch) return; // captured already, or told
+    this.activeSentEpoch = epoch;
+    this.sendTo(out, this.record.leader, { k: "active", inc: this.record.incarnation, e: epoch });
+  }
+
   private onOutputPending(rank: Rank, epoch: Epoch, urgent: boolean, out: CoreAction[]): void {
     const m = this.members.get(rank);
     if (!m || m.state !== "running" || this.state !== "running") return;
@@ -395,8 +435,8 @@ export class GroupCore {
     if (urgent ? epoch <= this.urgentSentEpoch : epoch <= this.pendingSentEpoch) return;
     this.pendingSentEpoch = Math.max(this.pendingSentEpoch, epoch);
     if (urgent) this.urgentSentEpoch = epoch;
-    if (this.leader) this.leader.outputPending(urgent);
-    else this.sendTo(out, this.record.leader, { k: "pending", inc: this.record.incarnation, u: urgent });
+    if (this.leader) this.leader.outputPending(urgent, epoch);
+    else this.sendTo(out, this.record.leader, { k: "pending", inc: this.record.incarnation, u: urgent, e: epoch });
   }
 
   /** group mode: a member's checkpoint, in epoch order: ship the delta to its backup. */
@@ -446,7 +486,12 @@ export class GroupCore {
       case "end":
         return this.onEnd(frame.e, frame.c !== undefined && frame.d ? { c: frame.c, d: frame.d } : null, out);
       case "pending":
-        this.leader?.outputPending(frame.u);
+        this.leader?.outputPending(frame.u, frame.e);
+        return;
+      case "active":
+        if (this.record.mode !== "group") return this.refuse(out, `active frame for a group in mode ${this.record.mode}`);
+        if (frame.e > this.activeSeen) this.activeSeen = frame.e;
+        this.leader?.active(frame.e);
         return;
       case "delta":
         return this.onDelta(frame, body, out);
@@ -518,7 +563,8 @@ export class GroupCore {
       case "staged":
         return expect(r.placement[frame.rank].backup, `member ${frame.rank}'s backup host`);
       case "pending":
-        return primaryHostsOf(r).includes(from) ? null : `pending frame from ${from}, which holds no primary of the group`;
+      case "active":
+        return primaryHostsOf(r).includes(from) ? null : `${frame.k} frame from ${from}, which holds no primary of the group`;
       default:
         return null; // recover, report, rolled: checked where they are handled
     }
@@ -937,6 +983,9 @@ export class GroupCore {
     this.record = record;
     this.local = null;
     this.recoveryNext = { k: "rollback" };
+    // Epochs start again from the recovery cut: what was told in the old incarnation says nothing about them.
+    this.activeSentEpoch = 0;
+    this.activeSeen = 0;
     this.proposeDue_ms = Infinity;
     this.backupsLostSince_ms = null;
     if (this.coordination && this.coordination.record.incarnation !== record.incarnation) this.coordination = null;

@@ -20,8 +20,8 @@
  *        at all once fenced
  *   inv6 a member whose primary and backup both survived a failure moves no
  *        memory (no image) in that recovery
- *   liveness: after the last failure the group commits new cuts and every
- *        message and output gets through; or, when no copy of some member
+ *   liveness: after the last failure the group commits every epoch a member
+ *        did something in, and every message and output gets through; or, when no copy of some member
  *        survived, the group halts naming exactly those members
  */
 import type { Epoch, HostId, Incarnation, Mode, Rank } from "../core/types.js";

@@ -124,6 +124,8 @@ export interface VmHost {
    * urgent one (a reply; a held message) if the first was not: the core's `output_pending` event.
    */
   outputPending(vm: ModelVm, epoch: Epoch, urgent: boolean): void;
+  /** The VM did something in `epoch` (the guest ran, a message was accepted): once per epoch, again after a rollback; the core's `active` event. */
+  active(vm: ModelVm, epoch: Epoch): void;
   /** Output released to the VM's sinks: seq is 1-based and dense. */
   release(vm: ModelVm, records: { seq: number; id: number; epoch: Epoch }[]): void;
   /** A message the guest handed to the VM (for the checkers). */
@@ -150,6 +152,8 @@ export class ModelVm {
   /** The epochs output_pending was last signalled for (any output; urgent output). */
   private pendingSignalled = 0;
   private urgentSignalled = 0;
+  /** The epoch `active` was last signalled for (VmCore.activeEpoch and the worker's afterCall). */
+  private activeSignalled = 0;
   /** Set when the path lost something it should not have (a bounded queue overflowed): the checkers report it. */
   overflow: string | null = null;
 
@@ -198,6 +202,7 @@ export class ModelVm {
     const m = this.channels.send(to, encodeId(id), this.epoch);
     if (typeof m === "string") return false;
     this.memory.sent[to].push(id);
+    this.signalActive();
     const out = this.channels.takeOutbox();
     if (this.mode === "vm") {
       // Remus: a message leaves only once the checkpoint of its epoch committed.
@@ -213,11 +218,24 @@ export class ModelVm {
   output(id: number, urgent: boolean): void {
     this.memory.outs.push(id);
     this.memory.outEpochs.push(this.epoch);
+    this.signalActive();
     this.signalPending(urgent);
   }
 
   compute(): void {
     this.memory.counter++;
+    this.signalActive();
+  }
+
+  /** The newest epoch this VM did something in since it started or last rolled back (0: nothing). */
+  get lastActive(): Epoch {
+    return this.activeSignalled;
+  }
+
+  private signalActive(): void {
+    if (this.activeSignalled === this.epoch) return;
+    this.activeSignalled = this.epoch;
+    this.host.active(this, this.epoch);
   }
 
   private signalPending(urgent: boolean): void {
@@ -245,6 +263,8 @@ export class ModelVm {
     const e = this.channels.markerEpoch(m, this.epoch);
     if (e !== null) while (this.epoch < e) this.captureNow(true);
     const decision = this.channels.receive(m, this.epoch);
+    // Held and refused-for-now messages need a capture too (as in VmCore.receive).
+    if (decision !== "duplicate" && decision !== "stale" && decision !== "early") this.signalActive();
     if (decision === "deliver") {
       this.deliver(m);
       for (let next = this.channels.next(m.from, this.epoch); next; next = this.channels.next(m.from, this.epoch)) this.deliver(next);
@@ -258,6 +278,7 @@ export class ModelVm {
     const id = decodeId(m.bytes);
     this.memory.recv[m.from].push(id);
     this.memory.counter++;
+    this.signalActive();
     this.host.delivered(this, m.from, id);
   }
 
@@ -373,6 +394,7 @@ export class ModelVm {
       this.channels.restore(copyRecord(cp.channels));
       for (const k of this.undo.keys()) if (k > cut) this.undo.delete(k);
       this.epoch = cut + 1;
+      this.activeSignalled = 0; // epochs start again from the cut (the worker's forgetActivity)
       this.held = this.held.filter((x) => x.epoch <= cut);
       if (this.released > cp.outLen) this.released = cp.outLen;
     }

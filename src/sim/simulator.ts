@@ -198,7 +198,6 @@ export class Simulator {
   /** Failures that took a host out (crashes, pauses long enough to be suspected). */
   private failuresFired = 0;
   private pendingFire: { plan: number; at: SimHost | null }[] = [];
-  private lastRecoveryCut: Epoch | null = null;
   private readonly imagesPending = new Set<string>();
   private halted: Rank[] | null = null;
   private quiescent = false;
@@ -518,6 +517,7 @@ export class Simulator {
       },
       captured: (vm, delta, delivered) => this.vmEvents?.push({ type: "captured", rank: vm.rank, epoch: delta.epoch, delivered, delta }),
       outputPending: (vm, epoch, urgent) => this.vmEvents?.push({ type: "output_pending", rank: vm.rank, epoch, urgent }),
+      active: (vm, epoch) => this.vmEvents?.push({ type: "active", rank: vm.rank, epoch }),
       release: (vm, records) => this.checker.onRelease(h.id, vm.rank, records),
       delivered: () => {},
     };
@@ -697,7 +697,6 @@ export class Simulator {
         return;
       case "resumed":
         this.recoveries++;
-        this.lastRecoveryCut = n.cut;
         this.log(`${h.id} resumed incarnation ${n.inc} at cut ${n.cut} after ${n.recovery_ms.toFixed(1)} ms`);
         if (this.imagesPending.size) this.trigger("after_resume", h);
         return;
@@ -958,7 +957,8 @@ export class Simulator {
       const s = h.core.status();
       if (s.state !== "running" || s.recovering || s.incarnation !== record.incarnation) return null;
     }
-    if (record.mode === "group" && this.lastRecoveryCut !== null && this.checker.committed < this.lastRecoveryCut + 2) return null;
+    // Every epoch a member did something in has committed (idle epochs are not ended, so there may be no cut past the recovery's).
+    if (record.mode === "group" && vms.some((vm) => vm.lastActive > this.checker.committed)) return null;
     if (!allDelivered) return vms;
     for (const r of vms) for (const s of vms) if (r !== s && r.channels.deliveredVector()[s.rank] !== s.channels.sentVector()[r.rank]) return null;
     return vms;

@@ -237,6 +237,14 @@ export class VmCore implements AbiHost {
     return this.crash;
   }
 
+  /**
+   * The newest epoch in which the VM did something: a guest call ran (the
+   * boot's included: what it sends and logs is epoch 1's), or a message was
+   * accepted (held or refused for now). An epoch it did nothing in needs no
+   * checkpoint (the core's `active` event). A rollback clears it.
+   */
+  activeEpoch = 0;
+
   get dirtyPages(): number {
     return this.tracker.dirtyCount;
   }
@@ -354,6 +362,8 @@ export class VmCore implements AbiHost {
     }
     const epoch = this.state.epoch;
     const decision = this.channels.receive(message, epoch);
+    // Held and refused-for-now messages need a capture too (delivered, or offered again, after one).
+    if (decision !== "duplicate" && decision !== "stale" && decision !== "early") this.activeEpoch = epoch;
     if (decision !== "deliver") return { status: decision, delivered: 0 };
     this.deliver(message);
     let delivered = 1;
@@ -427,6 +437,7 @@ export class VmCore implements AbiHost {
   private call(what: string, body: () => void): void {
     if (this.crash) throw new VmCrashedError(`VM crashed earlier: ${this.crash}`);
     this.options.on_guest_call?.();
+    this.activeEpoch = this.state.epoch;
     try {
       body();
     } catch (error) {
@@ -556,6 +567,8 @@ export class VmCore implements AbiHost {
   rollback(epoch: number): { pages_restored: number } {
     assert(epoch >= this.committed, `rollback to ${epoch} below committed cut ${this.committed}`);
     assert(epoch < this.state.epoch, `rollback to ${epoch}, not a captured cut (current epoch ${this.state.epoch})`);
+    // What the VM did since the cut is undone (a rollback to cut 0 boots again, which counts as the boot did).
+    this.activeEpoch = 0;
     const mem = this.tracker.bytes();
     let pages = this.tracker.dirtyCount;
     this.tracker.undo.restoreInto(mem);

@@ -167,6 +167,8 @@ export type WorkerEvent =
    * early (adaptive epochs, src/core/epoch-timer.ts).
    */
   | { event: "output_pending"; epoch: number; urgent: boolean }
+  /** The VM did something in `epoch` (a guest call ran, a message was accepted): once per epoch, again after a rollback. */
+  | { event: "active"; epoch: number }
   /**
    * group mode: a message from epoch e+1 reached this VM in epoch e, so the
    * leader has ended e: the VM captured checkpoint e at once (the message is

@@ -69,6 +69,7 @@ interface Pending {
 export interface VmEvents {
   crashed: [message: string];
   output_pending: [epoch: number, urgent: boolean];
+  active: [epoch: number];
   /** group mode: a checkpoint (capture_to, or the VM's own: WorkerEvent "captured"); the delta is sealed, its buffer a loan (VmWorker.recycle). */
   captured: [result: CaptureResult];
   /** The message path had a problem (a link refused or broken); the VM runs on. */
@@ -327,6 +328,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
       this.received(body.result);
       this.emit("captured", body.result);
     }
+    else if (body.event === "active") this.emit("active", body.epoch);
     else this.emit("output_pending", body.epoch, body.urgent);
   }
 

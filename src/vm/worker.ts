@@ -43,6 +43,8 @@ let timerHandle: NodeJS.Timeout | null = null;
 /** The epochs output_pending was last sent for: any output, and urgent output (see afterCall). */
 let outputEpochSignalled = 0;
 let urgentEpochSignalled = 0;
+/** The epoch `active` was last sent for (see afterCall); 0 after a boot, restore or rollback. */
+let activeEpochSignalled = 0;
 /** The group message data path, once the host opened it (group members); until then sends go out in outboxes. */
 let path: MessagePath | null = null;
 
@@ -137,9 +139,27 @@ function afterCall(): void {
     emit({ event: "crashed", message: vm.crashed });
     return;
   }
+  signalActive(vm);
   const waiting = vm.outputWaiting();
   if (waiting) signalOutput(vm.epoch, waiting === "reply");
   scheduleTimers();
+}
+
+/**
+ * A boot, restore, promotion or rollback: epochs start again from the cut, so
+ * what the VM does in them is announced anew (`active`, `output_pending`).
+ */
+function forgetSignals(): void {
+  activeEpochSignalled = 0;
+  outputEpochSignalled = 0;
+  urgentEpochSignalled = 0;
+}
+
+/** Once per epoch the VM did something in: the leader (vm, none mode: the member's clock) ends only such epochs. */
+function signalActive(vm: VmCore): void {
+  if (vm.activeEpoch !== vm.epoch || activeEpochSignalled === vm.epoch) return;
+  activeEpochSignalled = vm.epoch;
+  emit({ event: "active", epoch: vm.epoch });
 }
 
 /**
@@ -252,12 +272,14 @@ const handlers: Handlers = {
   boot({ guest, options }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.boot(guestOf(guest), vmOptions(options)));
+    forgetSignals();
     afterCall();
     return status();
   },
   restore({ guest, options, image }) {
     timerMode = options.timers;
     primary = guarded(() => VmCore.restore(guestOf(guest), decodeImage(image), vmOptions(options)));
+    forgetSignals();
     afterCall();
     return status();
   },
@@ -290,6 +312,7 @@ const handlers: Handlers = {
     const b = needBackup();
     primary = guarded(() => b.promote());
     backup = null;
+    forgetSignals();
     afterCall();
     return status();
   },
@@ -382,6 +405,7 @@ const handlers: Handlers = {
     requireReachableCut(vm, epoch, "rollback to");
     // Guarded like a guest call: rollback(0) runs the guest's boot again (CPU watchdog, crash event).
     const result = guarded(() => vm.rollback(epoch));
+    forgetSignals();
     path?.dropHeldAfter(epoch);
     scheduleTimers();
     return { ...result, rollback_us: Number(process.hrtime.bigint() - started) / 1000 };
@@ -434,6 +458,10 @@ const handlers: Handlers = {
     const vm = needPrimary();
     setTimerMode("auto");
     path?.run();
+    // What the VM did before it ran (its boot, a rollback to cut 0 booting again) reached a core
+    // that held the member frozen, which drops `active`: announce it again now that the group runs it.
+    activeEpochSignalled = 0;
+    signalActive(vm);
     flush(vm);
     return status();
   },

@@ -75,6 +75,9 @@ export interface GroupStatus {
   /** Frames of this group refused (malformed for the group, stale steps, hostile values) and replica steps that failed. */
   refused: number;
   steps_failed: number;
+  /** Deltas this host shipped to backups of the group since it joined, and their bytes (`cohort bench idle` reads them). */
+  deltas_shipped: number;
+  delta_bytes_shipped: number;
   primaries: {
     rank: number;
     vm: string;
@@ -119,6 +122,8 @@ export class GroupDriver {
   private readonly confirming = new Set<string>();
   /** Events the core failed on and actions that threw: contained to this group (a bug; each is logged). */
   private failedHere = 0;
+  private deltasShipped = 0;
+  private deltaBytesShipped = 0;
   private readonly recorder: CoreRecorder | null;
 
   private constructor(
@@ -383,6 +388,10 @@ export class GroupDriver {
     switch (a.type) {
       case "send": {
         const body = a.body === "module" ? this.module : (a.body as Uint8Array | undefined);
+        if (a.frame.k === "delta") {
+          this.deltasShipped++;
+          this.deltaBytesShipped += body?.byteLength ?? 0;
+        }
         // Held until written to the socket (or dropped). If sending throws, it is never let go of.
         this.send(a.to, a.frame, body, loan?.takenBy(body));
         break;
@@ -710,6 +719,7 @@ export class GroupDriver {
   private addMember(rank: number, vm: VmWorker, log: OutputLog, cut: number): GroupMember {
     const member = new GroupMember(rank, vm, log, cut);
     member.on("output_pending", (epoch, urgent) => this.feed({ type: "output_pending", rank, epoch, urgent }));
+    member.on("active", (epoch) => this.feed({ type: "active", rank, epoch }));
     member.on("captured", (c) => this.feed({ type: "captured", rank, epoch: c.epoch, delivered: c.delivered, delta: c.delta }));
     // Problems include links refused on the member's message path: a flood of bad connections is not a flood of log lines.
     const problems = new LogLimit();
@@ -751,6 +761,8 @@ export class GroupDriver {
       lost: core.lost,
       refused: core.refused + this.refusedHere,
       steps_failed: core.steps_failed + this.failedHere,
+      deltas_shipped: this.deltasShipped,
+      delta_bytes_shipped: this.deltaBytesShipped,
       primaries: core.primaries.flatMap((p) => {
         const m = this.members.get(p.rank);
         if (!m) return [];

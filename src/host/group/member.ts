@@ -31,6 +31,8 @@ export interface MemberEvents {
   captured: [result: CaptureResult];
   /** External output (or, vm mode, a held message) waits for a commit (adaptive epochs); `urgent`: someone blocks on it. */
   output_pending: [epoch: number, urgent: boolean];
+  /** The VM did something in `epoch` (once per epoch): the epoch is worth ending. */
+  active: [epoch: number];
   problem: [reason: string];
 }
 
@@ -63,6 +65,9 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   private listen(vm: VmWorker): void {
     vm.on("output_pending", (epoch, urgent) => {
       if (this.vm === vm && epoch > this.captured) this.emit("output_pending", epoch, urgent);
+    });
+    vm.on("active", (epoch) => {
+      if (this.vm === vm && epoch > this.captured) this.emit("active", epoch);
     });
     vm.on("crashed", (message) => {
       if (this.vm === vm) this.emit("problem", `VM crashed: ${message}`);

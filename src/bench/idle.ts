@@ -1,0 +1,181 @@
+/**
+ * `cohort bench idle`: what an idle group costs. A fresh local cluster (real
+ * host processes, as `cohort up` starts them) with nothing deployed is the
+ * floor (heartbeats, lease renewals, store watches); the same cluster with
+ * an idle group (`kv`, mode group, 8 VMs on 3 hosts by default; `mode` picks
+ * vm or none mode instead: nobody sends
+ * it a request) is what protection adds when nothing happens.
+ *
+ * CPU is read from /proc/<pid>/stat (utime + stime, every thread of the host
+ * process: main, VM threads, backups) of every host at the start and end of
+ * the measured window, summed, as % of one core. From the hosts' `status`:
+ * the leader's committed cut (epochs/s), the deltas each host shipped and
+ * their bytes (summed over the hosts), and the checkpoints the backups
+ * staged.
+ *
+ * Each case is measured `repeat` times, the cases interleaved (floor, group,
+ * floor, ...); the median sample is reported with every sample, since the
+ * machine may be shared.
+ */
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
+import { parseManifest, type ProtectionMode } from "../cluster/manifest.js";
+import { guestPath } from "../guest/examples.js";
+import { requestAny, sleep } from "../cli/client.js";
+import { hostCommand } from "../cli/demo.js";
+import type { HostStatus } from "../host/api.js";
+import { round } from "../util/stats.js";
+
+export interface IdleBenchOptions {
+  measure_ms: number;
+  /** After deploy (or after the hosts see each other, for the floor), before measuring. */
+  settle_ms: number;
+  hosts: number;
+  size: number;
+  guest: string;
+  mode: ProtectionMode;
+  repeat: number;
+  progress: (line: string) => void;
+}
+
+export { IDLE_BENCH_DEFAULTS } from "./group-defaults.js";
+
+export interface IdleSample {
+  /** CPU of every host process over the window, summed, in % of one core. */
+  cpu_percent: number;
+  /** Cuts the leader committed per second (0 for the floor, and in vm and none mode, which have no leader). */
+  epochs_per_s: number;
+  deltas_per_s: number;
+  delta_bytes_per_s: number;
+  /** Checkpoints staged by backups per second. */
+  staged_per_s: number;
+  window_ms: number;
+}
+
+export interface IdleCase {
+  /** The median sample (by CPU). */
+  median: IdleSample;
+  samples: IdleSample[];
+}
+
+export interface IdleReport {
+  bench: "idle";
+  hosts: number;
+  group: { guest: string; mode: ProtectionMode; size: number };
+  measure_ms: number;
+  settle_ms: number;
+  repeat: number;
+  /** Clock ticks per second used to read /proc (USER_HZ). */
+  clock_ticks_per_s: number;
+  results: { floor: IdleCase; idle_group: IdleCase };
+  /** idle_group CPU over the floor's (medians); and what the group adds, in % of one core. */
+  ratios: { idle_group_vs_floor: number; added_cpu_percent: number };
+}
+
+/** USER_HZ: 100 on every Linux architecture Node runs on (the kernel scales /proc times to it). */
+const CLOCK_TICKS_PER_S = 100;
+
+/** utime + stime of a process (all its threads), in clock ticks. */
+function cpuTicks(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  // The command name (field 2) is in parentheses and may contain spaces: fields count from after it.
+  const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // rest[0] is field 3 (state); utime is field 14, stime field 15.
+  return Number(rest[11]) + Number(rest[12]);
+}
+
+interface Counters {
+  at_ms: number;
+  ticks: number;
+  committed: number;
+  deltas: number;
+  delta_bytes: number;
+  staged: number;
+}
+
+async function counters(cluster: ClusterFile): Promise<Counters> {
+  const statuses: HostStatus[] = [];
+  for (const h of cluster.hosts) statuses.push(await requestAny(cluster, "status", {}, undefined, h.id));
+  const at_ms = performance.now();
+  let ticks = 0;
+  for (const s of statuses) ticks += cpuTicks(s.pid);
+  let committed = 0;
+  let deltas = 0;
+  let delta_bytes = 0;
+  let staged = 0;
+  for (const s of statuses) {
+    for (const g of s.groups) {
+      if (g.committed !== null) committed = Math.max(committed, g.committed);
+      deltas += g.deltas_shipped;
+      delta_bytes += g.delta_bytes_shipped;
+      for (const b of g.backups) staged += b.staged;
+    }
+  }
+  return { at_ms, ticks, committed, deltas, delta_bytes, staged };
+}
+
+async function measure(options: IdleBenchOptions, withGroup: boolean): Promise<IdleSample> {
+  const state_dir = await mkdtemp(join(tmpdir(), "cohort-bench-idle-"));
+  let cluster: ClusterFile | null = null;
+  let failed = false;
+  try {
+    cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), tls: true });
+    await sleep(600); // hosts see each other's heartbeats before placement
+    if (withGroup) {
+      const manifest = parseManifest(`group: idle\nmode: ${options.mode}\nsize: ${options.size}\nmodule: ${JSON.stringify(guestPath(options.guest))}\n`, { source: "bench", base_dir: "/" });
+      await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
+    }
+    await sleep(options.settle_ms);
+    const a = await counters(cluster);
+    await sleep(options.measure_ms);
+    const b = await counters(cluster);
+    const s = (b.at_ms - a.at_ms) / 1000;
+    return {
+      cpu_percent: round(((b.ticks - a.ticks) / CLOCK_TICKS_PER_S / s) * 100, 1),
+      epochs_per_s: round((b.committed - a.committed) / s, 1),
+      deltas_per_s: round((b.deltas - a.deltas) / s, 1),
+      delta_bytes_per_s: Math.round((b.delta_bytes - a.delta_bytes) / s),
+      staged_per_s: round((b.staged - a.staged) / s, 1),
+      window_ms: Math.round(b.at_ms - a.at_ms),
+    };
+  } catch (error) {
+    failed = true;
+    throw new Error(`idle bench (${withGroup ? "group" : "floor"}): ${(error as Error).message} (host logs kept in ${state_dir})`, { cause: error });
+  } finally {
+    if (cluster) await down({ state_dir }).catch(() => undefined);
+    if (!failed) await rm(state_dir, { recursive: true, force: true });
+  }
+}
+
+function summarise(samples: IdleSample[]): IdleCase {
+  const sorted = [...samples].sort((x, y) => x.cpu_percent - y.cpu_percent);
+  return { median: sorted[Math.floor((sorted.length - 1) / 2)], samples };
+}
+
+export async function runIdleBench(options: IdleBenchOptions): Promise<IdleReport> {
+  const floor: IdleSample[] = [];
+  const group: IdleSample[] = [];
+  for (let i = 1; i <= options.repeat; i++) {
+    options.progress(`run ${i}/${options.repeat}: floor: ${options.hosts} hosts, nothing deployed`);
+    floor.push(await measure(options, false));
+    options.progress(`run ${i}/${options.repeat}: idle group: ${options.size} ${options.guest} VMs (mode ${options.mode}) on ${options.hosts} hosts`);
+    group.push(await measure(options, true));
+  }
+  const results = { floor: summarise(floor), idle_group: summarise(group) };
+  const f = results.floor.median.cpu_percent;
+  const g = results.idle_group.median.cpu_percent;
+  return {
+    bench: "idle",
+    hosts: options.hosts,
+    group: { guest: options.guest, mode: options.mode, size: options.size },
+    measure_ms: options.measure_ms,
+    settle_ms: options.settle_ms,
+    repeat: options.repeat,
+    clock_ticks_per_s: CLOCK_TICKS_PER_S,
+    results,
+    ratios: { idle_group_vs_floor: round(g / Math.max(f, 0.1), 2), added_cpu_percent: round(g - f, 1) },
+  };
+}
