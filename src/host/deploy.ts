@@ -10,11 +10,9 @@
 import type { Manifest } from "../cluster/manifest.js";
 import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./records.js";
 import type { Host } from "./host.js";
-import { hostsOf } from "../core/record.js";
 import { protectionKey, type ProtectionRecord } from "../core/types.js";
-import type { Route } from "../core/frames.js";
 import type { HostOps } from "./api.js";
-import { assert } from "../util/assert.js";
+import { startGroup } from "./group/start.js";
 
 export class DeployError extends Error {
   override name = "DeployError";
@@ -103,17 +101,8 @@ async function forget(host: Host, group: GroupRecord): Promise<void> {
 
 /**
  * Every manifest runs as one protected group (src/host/group/), a single VM
- * as a group of one:
- * the record of its placement goes to the store, every host it names prepares
- * its replicas (primaries booted but not running, backups at the deployed
- * state), and only then are the primaries started, so no message or delta
- * reaches a host that is not ready for it.
- *
- * Answers the hosts of the placement that failed before the group started
- * (the attempt was given up: every other host's prepared replicas are
- * stopped); empty once it runs. Any other failure is thrown, after the same
- * clean-up. A host that fails once `group_run` went out is the protocol's
- * to handle, like any failure of a running group.
+ * as a group of one, started by startGroup (src/host/group/start.ts) with
+ * host-API requests to the hosts of its placement.
  */
 async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRecord[], module: Uint8Array): Promise<string[]> {
   const protection: ProtectionRecord = {
@@ -127,39 +116,22 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
     epoch: manifest.epoch,
     limits: manifest.limits,
   };
-  await host.store.put(protectionKey(manifest.group), protection);
-  const hosts = hostsOf(protection);
   const call = async <Op extends "group_prepare" | "group_run" | "group_abort">(h: string, op: Op, args: HostOps[Op]["args"], body?: Uint8Array): Promise<HostOps[Op]["result"]> => {
     if (h === host.id) return host.handleLocal(op, args, body ?? new Uint8Array(0));
     return (await host.peerConnection(h)).request(op, args, body);
   };
-  let prepared: HostOps["group_prepare"]["result"][];
-  try {
-    // This host first: it instruments the module into the cluster's cache, so the others only read
-    // it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
-    const first = hosts.includes(host.id) ? host.id : hosts[0];
-    prepared = [await call(first, "group_prepare", { record: protection }, module)];
-    const others = await Promise.allSettled(hosts.filter((h) => h !== first).map((h) => call(h, "group_prepare", { record: protection }, module)));
-    const failed = others.find((o): o is PromiseRejectedResult => o.status === "rejected");
-    if (failed) throw failed.reason;
-    prepared.push(...others.map((o) => (o as PromiseFulfilledResult<HostOps["group_prepare"]["result"]>).value));
-  } catch (error) {
-    const live = new Set(host.liveHosts());
-    // Every named host that answers stops what it prepared; one that does not stops it itself (GroupTable's PREPARED_WAIT_MS).
-    await Promise.allSettled(hosts.filter((h) => h === host.id || live.has(h)).map((h) => call(h, "group_abort", { group: manifest.group, incarnation: protection.incarnation })));
-    const lost = hosts.filter((h) => h !== host.id && !live.has(h));
-    if (lost.length > 0) return lost;
-    throw error;
-  }
-  // Every primary's message path listens now; each host hands the whole table to its VMs.
-  const routes: (Route | null)[] = protection.placement.map(() => null);
-  for (const p of prepared) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
-  assert(routes.every((r) => r !== null), "a group member has no message path after group_prepare");
-  const ran = await Promise.allSettled(hosts.map((h) => call(h, "group_run", { group: manifest.group, routes })));
-  const live = new Set(host.liveHosts());
-  ran.forEach((r, i) => {
-    // A host that failed meanwhile is the group's to fail over; any other refusal is a deploy error.
-    if (r.status === "rejected" && (hosts[i] === host.id || live.has(hosts[i]))) throw r.reason;
-  });
-  return [];
+  return startGroup(
+    {
+      store: host.store,
+      self: host.id,
+      liveHosts: () => host.liveHosts(),
+      calls: {
+        prepare: (h, record, body) => call(h, "group_prepare", { record }, body),
+        run: (h, group, routes) => call(h, "group_run", { group, routes }),
+        abort: (h, group, incarnation) => call(h, "group_abort", { group, incarnation }),
+      },
+    },
+    protection,
+    module,
+  );
 }

@@ -7,14 +7,14 @@
  * protect one VM without starting host processes.
  */
 import { pino, type Logger } from "pino";
-import { parseFrame, type GroupFrame, type Route } from "../../core/frames.js";
+import { parseFrame, type GroupFrame } from "../../core/frames.js";
 import type { Notice } from "../../core/events.js";
-import { hostsOf } from "../../core/record.js";
-import { protectionKey, type ProtectionRecord } from "../../core/types.js";
+import type { ProtectionRecord } from "../../core/types.js";
 import type { GuestBundle } from "../../vm/protocol.js";
 import { MemoryStore } from "../../store/memory.js";
 import type { GroupHostApi } from "./driver.js";
 import { GroupTable } from "./table.js";
+import { startGroup } from "./start.js";
 
 /** Stands for the failure detector's timeout, which an in-process cluster does not have. */
 const IN_PROCESS_DETECT_MS = 100;
@@ -73,21 +73,32 @@ export class InProcessCluster {
     });
   }
 
-  /** Deploys a group as `cohort deploy` does: every host it names prepares its replicas, then they run. */
+  /** Deploys a group as `cohort deploy` does (startGroup): every host it names prepares its replicas, then they run. */
   async deploy(record: ProtectionRecord, module: Uint8Array): Promise<void> {
-    await this.store.put(protectionKey(record.group), record);
-    const hosts = hostsOf(record);
-    const settled = await Promise.allSettled(hosts.map((h) => this.tables.get(h)!.prepare(record, module)));
-    const failed = settled.find((s): s is PromiseRejectedResult => s.status === "rejected");
-    if (failed) {
-      // The hosts that did prepare stop their replicas: a deploy that fails leaves nothing running.
-      await Promise.all(hosts.map((h) => this.tables.get(h)!.remove(record.group)));
-      throw failed.reason;
-    }
-    const prepared = settled.map((s) => (s as PromiseFulfilledResult<{ routes: Record<number, Route> }>).value);
-    const routes: (Route | null)[] = record.placement.map(() => null);
-    for (const p of prepared) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
-    for (const h of hosts) this.tables.get(h)!.get(record.group)!.run(routes);
+    const table = (h: string): GroupTable => {
+      const t = this.tables.get(h);
+      if (!t || !this.live.has(h)) throw new Error(`host ${h} is not live`);
+      return t;
+    };
+    const lost = await startGroup(
+      {
+        store: this.store,
+        self: null,
+        liveHosts: () => [...this.live].sort(),
+        calls: {
+          prepare: (h, r, body) => table(h).prepare(r, body),
+          run: async (h, group, routes) => {
+            const driver = table(h).get(group);
+            if (!driver) throw new Error(`group ${group} is not prepared on ${h}`);
+            driver.run(routes);
+          },
+          abort: (h, group, incarnation) => table(h).abort(group, incarnation),
+        },
+      },
+      record,
+      module,
+    );
+    if (lost.length > 0) throw new Error(`group ${record.group}: host(s) ${lost.join(", ")} are not live; nothing of it was started`);
   }
 
   /** Host `id` dies at once (its VM threads are terminated); the others are told. */

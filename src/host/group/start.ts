@@ -1,0 +1,71 @@
+/**
+ * One attempt at starting a deployed group on the hosts its record names: the
+ * record goes to the store, every host prepares its replicas (primaries booted
+ * but not running, backups at the deployed state), and only then are the
+ * primaries started, so no message or delta reaches a host that is not ready
+ * for it. The daemon's deploy (src/host/deploy.ts) reaches the hosts with
+ * host-API requests; the in-process cluster (in-process.ts) calls their
+ * GroupTables. One sequence for both.
+ */
+import type { Route } from "../../core/frames.js";
+import { hostsOf } from "../../core/record.js";
+import { protectionKey, type ProtectionRecord } from "../../core/types.js";
+import type { CoordinationStore } from "../../store/store.js";
+import { assert } from "../../util/assert.js";
+
+/** How a start reaches each host of the placement (`group_prepare`, `group_run`, `group_abort` in the host API). */
+export interface GroupStartCalls {
+  prepare(host: string, record: ProtectionRecord, module: Uint8Array): Promise<{ routes: Record<number, Route> }>;
+  run(host: string, group: string, routes: (Route | null)[]): Promise<unknown>;
+  /** Stops the host's replicas of that incarnation if they were prepared and never started. */
+  abort(host: string, group: string, incarnation: number): Promise<unknown>;
+}
+
+export interface GroupStartHosts {
+  store: CoordinationStore;
+  calls: GroupStartCalls;
+  /** The host running the start, if it is one of the cluster's: it prepares first. */
+  self: string | null;
+  liveHosts(): string[];
+}
+
+/**
+ * Answers the hosts of the placement that failed before the group started
+ * (the attempt was given up: every other host's prepared replicas are
+ * stopped); empty once it runs. Any other failure is thrown, after the same
+ * clean-up. A host that fails once `run` went out is the protocol's to
+ * handle, like any failure of a running group.
+ */
+export async function startGroup(env: GroupStartHosts, record: ProtectionRecord, module: Uint8Array): Promise<string[]> {
+  await env.store.put(protectionKey(record.group), record);
+  const hosts = hostsOf(record);
+  const prepared: { routes: Record<number, Route> }[] = [];
+  try {
+    // The starting host first: it instruments the module into the cluster's cache, so the others only
+    // read it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
+    const first = env.self !== null && hosts.includes(env.self) ? env.self : hosts[0];
+    prepared.push(await env.calls.prepare(first, record, module));
+    const others = await Promise.allSettled(hosts.filter((h) => h !== first).map((h) => env.calls.prepare(h, record, module)));
+    const failed = others.find((o): o is PromiseRejectedResult => o.status === "rejected");
+    if (failed) throw failed.reason;
+    for (const o of others) if (o.status === "fulfilled") prepared.push(o.value);
+  } catch (error) {
+    const live = new Set(env.liveHosts());
+    // Every named host that answers stops what it prepared; one that does not stops it itself (GroupTable, PREPARED_WAIT_MS).
+    await Promise.allSettled(hosts.filter((h) => h === env.self || live.has(h)).map((h) => env.calls.abort(h, record.group, record.incarnation)));
+    const lost = hosts.filter((h) => h !== env.self && !live.has(h));
+    if (lost.length > 0) return lost;
+    throw error;
+  }
+  // Every primary's message path listens now; each host hands the whole table to its VMs.
+  const routes: (Route | null)[] = record.placement.map(() => null);
+  for (const p of prepared) for (const [rank, route] of Object.entries(p.routes)) routes[Number(rank)] = route;
+  assert(routes.every((r) => r !== null), "a group member has no message path after group_prepare");
+  const ran = await Promise.allSettled(hosts.map((h) => env.calls.run(h, record.group, routes)));
+  const live = new Set(env.liveHosts());
+  ran.forEach((r, i) => {
+    // A host that failed meanwhile is the group's to fail over; any other refusal is a start error.
+    if (r.status === "rejected" && (hosts[i] === env.self || live.has(hosts[i]))) throw r.reason;
+  });
+  return [];
+}
