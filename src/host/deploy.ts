@@ -46,8 +46,12 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
     throw new DeployError("GroupExists", `group ${manifest.group} is already deployed`);
   }
   try {
+    const lostAll: string[] = [];
     for (let attempt = 1; ; attempt++) {
       const hosts = host.liveHosts();
+      if (attempt > 1 && manifest.mode !== "none" && hosts.length < 2) {
+        throw new DeployError("HostsFailed", `group ${manifest.group}: host(s) ${lostAll.join(", ")} failed during the deploy, and ${hosts.length} live host(s) are left (mode ${manifest.mode} needs 2); nothing of it was started`);
+      }
       enoughHosts(manifest, hosts);
       const records = place(manifest, group, hosts, attempt);
       for (const record of records) await host.store.put(vmKey(record.vm), record);
@@ -56,6 +60,7 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
       if (attempt >= DEPLOY_ATTEMPTS_MAX) {
         throw new DeployError("HostsFailed", `group ${manifest.group}: a host of its placement failed during each of ${attempt} attempts (last: ${lost.join(", ")}); nothing of it was started`);
       }
+      lostAll.push(...lost);
       host.log.warn({ group: manifest.group, attempt, lost }, "a host failed while the group was being deployed: placing it again on the live hosts");
     }
   } catch (error) {
