@@ -12,7 +12,7 @@ import { groupKey, vmKey, vmName, type GroupRecord, type VmRecord } from "./reco
 import type { Host } from "./host.js";
 import { protectionKey, type ProtectionRecord } from "../core/types.js";
 import type { HostOps } from "./api.js";
-import { startGroup } from "./group/start.js";
+import { GroupRunError, startGroup } from "./group/start.js";
 
 export class DeployError extends Error {
   override name = "DeployError";
@@ -64,6 +64,7 @@ export async function deployGroup(host: Host, manifest: Manifest, module: Uint8A
       host.log.warn({ group: manifest.group, attempt, lost }, "a host failed while the group was being deployed: placing it again on the live hosts");
     }
   } catch (error) {
+    if (error instanceof GroupRunError) throw error; // it runs on other hosts: its records stay
     // A deploy that does not start leaves nothing behind: its records go, and its name is free again.
     await forget(host, group).catch((e: Error) => host.log.error({ err: e, group: group.group }, "removing the records of a failed deploy failed"));
     throw error;

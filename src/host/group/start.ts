@@ -13,6 +13,15 @@ import { protectionKey, type ProtectionRecord } from "../../core/types.js";
 import type { CoordinationStore } from "../../store/store.js";
 import { assert } from "../../util/assert.js";
 
+/**
+ * A live host refused to run the prepared group after others started it
+ * (a bug, or a host that lost its replicas meanwhile). The group is left to
+ * its protocol: its records stay, since replicas elsewhere run on them.
+ */
+export class GroupRunError extends Error {
+  override name = "GroupRunError";
+}
+
 /** How a start reaches each host of the placement (`group_prepare`, `group_run`, `group_abort` in the host API). */
 export interface GroupStartCalls {
   prepare(host: string, record: ProtectionRecord, module: Uint8Array): Promise<{ routes: Record<number, Route> }>;
@@ -65,7 +74,9 @@ export async function startGroup(env: GroupStartHosts, record: ProtectionRecord,
   const live = new Set(env.liveHosts());
   ran.forEach((r, i) => {
     // A host that failed meanwhile is the group's to fail over; any other refusal is a start error.
-    if (r.status === "rejected" && (hosts[i] === env.self || live.has(hosts[i]))) throw r.reason;
+    if (r.status === "rejected" && (hosts[i] === env.self || live.has(hosts[i]))) {
+      throw new GroupRunError(`group ${record.group}: host ${hosts[i]} did not start its replicas (${(r.reason as Error).message}); the other hosts run theirs`, { cause: r.reason });
+    }
   });
   return [];
 }
