@@ -86,13 +86,13 @@ export class InProcessCluster {
         self: null,
         liveHosts: () => [...this.live].sort(),
         calls: {
-          prepare: (h, r, body) => table(h).prepare(r, body),
+          prepare: async (h, r, body) => table(h).prepare(r, body),
           run: async (h, group, routes) => {
             const driver = table(h).get(group);
             if (!driver) throw new Error(`group ${group} is not prepared on ${h}`);
             driver.run(routes);
           },
-          abort: (h, group, incarnation) => table(h).abort(group, incarnation),
+          abort: async (h, group, incarnation) => table(h).abort(group, incarnation),
         },
       },
       record,
