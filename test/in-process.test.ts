@@ -50,6 +50,22 @@ async function until(what: string, check: () => boolean, limit_ms = 10_000): Pro
 }
 
 describe("groups on an in-process cluster", () => {
+  it("a host's prepared replicas of a given-up deploy attempt: a later attempt supersedes them, the same or an older one is refused, a started group is never replaced", async () => {
+    const { c, module } = await start("ticker", ["h1", "h2"]);
+    const table = c.tables.get("h1")!;
+    const attempt = (incarnation: number): ProtectionRecord => ({ group: "t", mode: "group", size: 1, incarnation, leader: "h1", placement: [{ primary: "h1", backup: "h2" }], failed: [], epoch: EPOCH, limits: LIMITS });
+    await table.prepare(attempt(1), module);
+    await expect(table.prepare(attempt(1), module)).rejects.toThrow(/already has replicas/);
+    await table.prepare(attempt(2), module);
+    expect(table.get("t")!.record.incarnation).toBe(2);
+    await expect(table.prepare(attempt(1), module)).rejects.toThrow(/already has replicas/);
+    expect(await table.abort("t", 1)).toBe(false); // not the attempt it holds
+    table.get("t")!.run([null]);
+    await expect(table.prepare(attempt(3), module)).rejects.toThrow(/already has replicas/);
+    expect(await table.abort("t", 2)).toBe(false); // started: only its protocol stops it
+    expect(table.get("t")!.hasStarted).toBe(true);
+  });
+
   it("a single VM: output released in order, and it continues with no gap or duplicate after its primary's host dies", async () => {
     const { c, module } = await start("ticker", ["h1", "h2", "h3"]);
     const record: ProtectionRecord = { group: "t", mode: "group", size: 1, incarnation: 1, leader: "h1", placement: [{ primary: "h1", backup: "h2" }], failed: [], epoch: EPOCH, limits: LIMITS };

@@ -37,6 +37,10 @@ export class GroupTable {
 
   /** Boots this host's replicas of a newly deployed group (timers stopped); answers where its primaries' message paths listen. */
   async prepare(record: ProtectionRecord, module: Uint8Array): Promise<{ group: string; routes: Record<number, Route> }> {
+    // A later attempt of the same deploy supersedes one given up while this host could not be told
+    // (suspected, then back): the deploying host stored the new incarnation before asking.
+    const given_up = this.groups.get(record.group);
+    if (given_up && !given_up.hasStarted && given_up.record.incarnation < record.incarnation) await this.abort(record.group, given_up.record.incarnation);
     if (this.groups.has(record.group)) throw Object.assign(new Error(`group ${record.group} already has replicas on ${this.api.id}`), { code: "GroupExists" });
     const driver = await GroupDriver.prepare(this.api, record, module);
     this.groups.set(record.group, driver);
