@@ -9,6 +9,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { type ClusterFile, down, LocalClusterError, readCluster, up, type UpOptions } from "../src/cluster/local-cluster.js";
 import { EmbeddedStore, processStartMs } from "../src/store/embedded.js";
 import { isAlive, killQuietly, tsNodeCommand } from "./support/child.js";
+import { procStatFields } from "../src/util/proc-stat.js";
 
 const STUB = fileURLToPath(new URL("./support/stub-host.mjs", import.meta.url));
 
@@ -50,9 +51,8 @@ function hello(address: string): Promise<string> {
 }
 
 /** The session id of a process (Linux: /proc/<pid>/stat, the field after state, ppid and pgrp). */
-async function sessionOf(pid: number): Promise<number> {
-  const stat = await readFile(`/proc/${pid}/stat`, "utf8");
-  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[3]);
+function sessionOf(pid: number): number {
+  return Number(procStatFields(pid)?.[6 - 3]); // field 6: session
 }
 
 async function hostKeys(): Promise<string[]> {
@@ -102,7 +102,7 @@ describe("local cluster", () => {
     // Each one really listens there.
     for (const h of cluster.hosts) expect(await hello(h.address)).toBe(h.id);
     // In the caller's session, so on an autogroup kernel one scheduling group (see spawnHost).
-    for (const pid of pids) expect(await sessionOf(pid)).toBe(await sessionOf(process.pid));
+    for (const pid of pids) expect(sessionOf(pid)).toBe(sessionOf(process.pid));
     expect(await readCluster(dir)).toEqual(cluster);
     expect(JSON.parse(await readFile(join(dir, "cluster.json"), "utf8"))).toEqual(cluster);
     expect(await hostKeys()).toEqual(["hosts/h1", "hosts/h2", "hosts/h3"]);

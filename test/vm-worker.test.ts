@@ -5,7 +5,8 @@
  * in-process primary/backup pair used by `cohort run`.
  */
 import { afterEach, describe, expect, it } from "vitest";
-import { readdirSync, readFileSync } from "node:fs";
+import { readdirSync } from "node:fs";
+import { procStatFields } from "../src/util/proc-stat.js";
 import { WORKER_THREAD_NICE } from "../src/util/thread-priority.js";
 import { decodeDelta } from "../src/checkpoint/format.js";
 import { instrument } from "../src/guest/instrument.js";
@@ -24,8 +25,8 @@ afterEach(async () => {
 function threadNices(): Map<number, number> {
   const out = new Map<number, number>();
   for (const tid of readdirSync("/proc/self/task")) {
-    const stat = readFileSync(`/proc/self/task/${tid}/stat`, "utf8");
-    out.set(Number(tid), Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]));
+    const fields = procStatFields(`self/task/${tid}`);
+    if (fields) out.set(Number(tid), Number(fields[19 - 3])); // field 19: nice
   }
   return out;
 }

@@ -18,7 +18,6 @@
  * machine may be shared.
  */
 import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
@@ -28,6 +27,7 @@ import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import type { HostStatus } from "../host/api.js";
 import { round } from "../util/stats.js";
+import { procStatFields } from "../util/proc-stat.js";
 
 export interface IdleBenchOptions {
   measure_ms: number;
@@ -80,11 +80,9 @@ const CLOCK_TICKS_PER_S = 100;
 
 /** utime + stime of a process (all its threads), in clock ticks. */
 function cpuTicks(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  // The command name (field 2) is in parentheses and may contain spaces: fields count from after it.
-  const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  // rest[0] is field 3 (state); utime is field 14, stime field 15.
-  return Number(rest[11]) + Number(rest[12]);
+  const fields = procStatFields(pid);
+  if (fields === null) throw new Error(`host process ${pid} is gone`);
+  return Number(fields[14 - 3]) + Number(fields[15 - 3]); // utime, stime
 }
 
 interface Counters {

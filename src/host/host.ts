@@ -89,6 +89,9 @@ export const PEER_QUEUE_MAX = 10_000;
 const PEER_RESYNC_MS = 2000;
 /** A peer without a connection (down, or declared failed and perhaps only paused) is dialed again this often. */
 const PEER_RECONNECT_MS = 250;
+
+/** Sampling interval of the event-loop delay histogram (status `main_loop`); its samples start at it. */
+const LOOP_DELAY_RESOLUTION_MS = 10;
 /** How long `vm_request` waits for the VM's reply to be released. */
 export const VM_REQUEST_TIMEOUT_MS = 5000;
 
@@ -125,7 +128,7 @@ export class Host {
   private retireWith: (reason: string) => void = () => undefined;
   private retiring = false;
   /** The main loop's lateness (status `main_loop`), and the longest gap between two detector runs. */
-  private readonly loopDelay: IntervalHistogram = monitorEventLoopDelay({ resolution: 10 });
+  private readonly loopDelay: IntervalHistogram = monitorEventLoopDelay({ resolution: LOOP_DELAY_RESOLUTION_MS });
   private stallMax_ms = 0;
   /** heardHosts() as detect() last told the groups. */
   private lastHeard = "";
@@ -742,8 +745,8 @@ export class Host {
       group_frames_refused: this.groupFramesRefused + this.groups.refused,
       // The histogram counts in ns and starts at the sampling resolution: what is above it is lateness.
       main_loop: {
-        delay_ms_p99: round(Math.max(0, this.loopDelay.percentile(99) / 1e6 - 10), 1),
-        delay_ms_max: round(Math.max(0, this.loopDelay.max / 1e6 - 10), 1),
+        delay_ms_p99: round(Math.max(0, this.loopDelay.percentile(99) / 1e6 - LOOP_DELAY_RESOLUTION_MS), 1),
+        delay_ms_max: round(Math.max(0, this.loopDelay.max / 1e6 - LOOP_DELAY_RESOLUTION_MS), 1),
         stall_ms_max: this.stallMax_ms,
       },
     };

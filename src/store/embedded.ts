@@ -34,6 +34,7 @@
  * grow, across deletes too (no ABA for cas). Tombstones are small and never
  * removed; the store is control plane only.
  */
+import { procStatFields } from "../util/proc-stat.js";
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as fsp from "node:fs/promises";
@@ -526,16 +527,6 @@ function isErrno(e: unknown): e is NodeJS.ErrnoException {
 // Shared with src/cluster/local-cluster.ts (which must never signal a process
 // that merely reuses a recorded pid).
 
-/** Fields of /proc/<pid>/stat after the command name, or null (no such process, or no procfs). */
-function procStatFields(pid: number): string[] | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // "pid (comm) state ppid ..."; comm may contain spaces and parentheses.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  } catch {
-    return null;
-  }
-}
 
 /**
  * Whether `pid` names a running process: signal 0 reaches it and (where

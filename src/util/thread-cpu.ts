@@ -22,23 +22,14 @@ export function threadIdOfThisThread(): number {
 
 /**
  * CPU time (ms) thread `tid` of this process has run, or null if it cannot be
- * read (no such thread, not Linux). schedstat's first field is nanoseconds on
- * the CPU; a kernel without it falls back to stat's utime + stime (clock ticks).
+ * read (no such thread, not Linux): schedstat's first field, nanoseconds on
+ * the CPU.
  */
 export function threadCpuMs(tid: number): number | null {
   if (tid <= 0) return null;
   try {
     return Number(readFileSync(`/proc/self/task/${tid}/schedstat`, "utf8").split(" ")[0]) / 1e6;
   } catch {
-    try {
-      const stat = readFileSync(`/proc/self/task/${tid}/stat`, "utf8");
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
-    } catch {
-      return null;
-    }
+    return null;
   }
 }
-
-/** USER_HZ: the unit of /proc's utime and stime, 100 on every Linux architecture Node supports. */
-const CLOCK_TICKS_PER_S = 100;
