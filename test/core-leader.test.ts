@@ -96,37 +96,34 @@ describe("group leader (core)", () => {
     expect(at - 1).toBe(Math.max(last + TIMING.min_interval_ms, 1001));
   });
 
-  it("log output ends the epoch interval_ms after the last, not min_interval_ms; a reply then hurries it", () => {
+  it("log output stretches epochs like no output, up to max_interval_ms; a reply ends one min_interval_ms after the last, and the stretch starts over", () => {
     const l = new Leader(1, TIMING, 0, 0);
     const ends: number[] = [];
-    l.active(1);
-    const tickTo = (to: number, from: number) => {
+    const tickTo = (to: number, from: number, each: () => void) => {
       for (let t = from; t <= to; t++) {
         const out = l.tick(t);
         if (out?.kind === "end") {
           ends.push(t);
           l.onStaged(0, out.e, [0], t);
-          l.active(out.e + 1);
+          each();
         }
       }
     };
-    tickTo(400, 0); // no output: the interval grew to max_interval_ms (ends at 20, 60, 140, 240, 340)
-    expect(ends.slice(-2)).toEqual([240, 340]);
+    // A guest that logs all the time: every epoch has log output waiting, and still the epochs grow.
     l.outputPending(false);
-    tickTo(400 + TIMING.interval_ms, 401);
-    // Log output: the epoch ends interval_ms after the last end, or now if that has passed, not after 100 ms.
-    expect(ends[ends.length - 1]).toBe(401);
-    // Every epoch with log output then lasts interval_ms, not min_interval_ms.
-    l.outputPending(false);
-    tickTo(430, 402);
-    expect(ends[ends.length - 1]).toBe(401 + TIMING.interval_ms);
-    // A reply on top of log output: min_interval_ms after the last end (or now, if that passed).
-    l.outputPending(false);
-    tickTo(435, 431);
-    expect(ends[ends.length - 1]).toBe(421);
+    tickTo(600, 0, () => l.outputPending(false));
+    const gaps = ends.slice(1).map((t, i) => t - ends[i]);
+    expect(ends[0]).toBe(TIMING.interval_ms);
+    expect(gaps.slice(0, 4)).toEqual([40, 80, 100, 100]);
+    // A reply on top of the log output: the epoch ends min_interval_ms after the last end (or now, if that passed).
+    const last = ends[ends.length - 1];
     l.outputPending(true);
-    tickTo(440, 436);
-    expect(ends[ends.length - 1]).toBe(436);
+    tickTo(Math.max(last + TIMING.min_interval_ms, 601), 601, () => l.outputPending(false));
+    expect(ends[ends.length - 1]).toBe(Math.max(last + TIMING.min_interval_ms, 601));
+    // After it, log epochs start from interval_ms again.
+    const afterReply = ends[ends.length - 1];
+    tickTo(afterReply + 200, afterReply + 1, () => l.outputPending(false));
+    expect(ends.filter((t) => t > afterReply).map((t, i, a) => t - (i ? a[i - 1] : afterReply)).slice(0, 3)).toEqual([20, 40, 80]);
   });
 
   it("ends no epoch nothing happened in; activity or output in the running epoch ends it, activity in an ended one does not", () => {

@@ -7,14 +7,16 @@
  * - Someone waits for output (a reply to a client request; in vm mode also
  *   held peer messages): the epoch ends min_interval_ms after the previous
  *   one, so a reply waits about one commit round trip rather than half an
- *   epoch.
- * - Only log output waits: the epoch ends interval_ms after the previous one.
- *   Nobody blocks on a log line, and a guest that logs on every step would
- *   otherwise make every epoch a min_interval_ms one: a checkpoint every few
- *   milliseconds, paid for by every member of the group (compare `cohort
- *   bench allreduce`, whose guests log every round).
- * - Nothing waits: interval_ms, doubling after each epoch without output up
- *   to max_interval_ms; an epoch that had output resets it to interval_ms.
+ *   epoch; the next epochs start again from interval_ms.
+ * - Only log output waits, or nothing: interval_ms, doubling after each such
+ *   epoch up to max_interval_ms. Nobody blocks on a log line, and every
+ *   epoch costs each host a few milliseconds of CPU (the members' captures,
+ *   delta, `staged` and `commit` frames, a backup's stage and fold) that it
+ *   takes from the VMs: a guest that logs on every step (`cohort bench
+ *   allreduce`, whose guests log every round) ran at about two thirds of
+ *   none mode's rate in group mode with its log epochs held at interval_ms
+ *   (20), and at about none mode's rate at 100. A log line is released within
+ *   about max_interval_ms plus a commit round trip.
  *   (An epoch in which nothing at all happened is not ended: the owner asks
  *   only when something did, see leader.ts.)
  * - A boundary that came while the owner could not end the epoch (one still
@@ -39,7 +41,7 @@ export class EpochTimer {
     this.idle_ms = timing.interval_ms;
   }
 
-  /** Output waits for a commit: end the epoch soon (`urgent`: someone blocks on it), or at interval_ms (log output). */
+  /** Output waits for a commit: end the epoch soon (`urgent`: someone blocks on it), or at the stretched interval (log output). */
   outputPending(urgent: boolean): void {
     if (urgent) this.waiting = "urgent";
     else if (this.waiting === null) this.waiting = "log";
@@ -52,7 +54,7 @@ export class EpochTimer {
 
   /** When the owner should next try to end an epoch. `alsoWaiting`: more reasons than output to hurry. */
   due(alsoWaiting = false): number {
-    const wait = this.waiting === "urgent" || alsoWaiting ? this.timing.min_interval_ms : this.waiting === "log" ? this.timing.interval_ms : this.idle_ms;
+    const wait = this.waiting === "urgent" || alsoWaiting ? this.timing.min_interval_ms : this.idle_ms;
     const boundary = this.lastEnd_ms + Math.max(wait, this.timing.min_interval_ms);
     return this.retryAt_ms === null ? boundary : Math.max(boundary, this.retryAt_ms);
   }
@@ -60,7 +62,7 @@ export class EpochTimer {
   /** The owner ended an epoch at `now_ms`. */
   ended(now_ms: number): void {
     this.lastEnd_ms = now_ms;
-    this.idle_ms = this.waiting !== null ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idle_ms * 2);
+    this.idle_ms = this.waiting === "urgent" ? this.timing.interval_ms : Math.min(this.timing.max_interval_ms, this.idle_ms * 2);
     this.waiting = null;
     this.retryAt_ms = null;
   }
