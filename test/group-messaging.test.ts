@@ -32,7 +32,7 @@ import { checkCut, recoveryResends, trimVectors } from "./support/channels.js";
 import { E_BAD_RANK, E_FULL, E_TOO_BIG } from "../src/vm/abi.js";
 import { RESERVED_WASM_PAGES } from "../src/vm/layout.js";
 import { DEFAULT_LIMITS, VmCore, type GroupMessage, type GuestModule, type VmLimits, type VmOptions } from "../src/vm/machine.js";
-import { OUTPUT_LOG, OUTPUT_REPLY } from "../src/vm/runtime-state.js";
+import { OUTPUT_LOG, OUTPUT_REPLY, unpackOutput } from "../src/vm/runtime-state.js";
 import { VmWorker } from "../src/vm/vm.js";
 import type { WorkerVmOptions } from "../src/vm/protocol.js";
 import { builtBytes, guestOf, options, watBytes } from "./support/guests.js";
@@ -1218,7 +1218,7 @@ describe("group messaging over the worker boundary", () => {
     for (let i = 0; i < 2 * n; i++) await step();
     await captureAll();
     const released = await vms[0].request("commit", { epoch: epoch + 1 });
-    const laps = released.map((r) => Buffer.from(r.bytes).toString());
+    const laps = unpackOutput(released).map((r) => Buffer.from(r.bytes).toString());
     expect(laps).toEqual(["lap 3 token 9\n", "lap 4 token 12\n"]);
     const status = await vms[1].status();
     expect(status).toMatchObject({ incarnation: 1, pending_messages: 0 });

@@ -7,7 +7,7 @@
 import { describe, expect, it } from "vitest";
 import { encodePayload } from "../src/host/messages.js";
 import { LOG_PAGE_BYTES_MAX, logPages, OutputLog } from "../src/host/output-log.js";
-import { OUTPUT_LOG, type OutputRecord } from "../src/vm/runtime-state.js";
+import { OUTPUT_LOG, packOutput, type OutputRecord } from "../src/vm/runtime-state.js";
 
 const record = (seq: number, text: string): OutputRecord => ({ seq, epoch: 1, kind: OUTPUT_LOG, session: 0, request_id: 0, bytes: new TextEncoder().encode(text), produced_ms: 0 });
 
@@ -28,6 +28,17 @@ describe("output log", () => {
     expect(appended).toEqual([4]);
     expect(() => log.append([record(6, "hole")])).toThrow(/gap/);
     expect(log.since(3).map((r) => r.text)).toEqual(["line 3\n", "new"]);
+  });
+
+  it("takes released records packed as a VM thread sends them: same records, same deduplication", () => {
+    const log = logOf(2, (s) => `line ${s}\n`);
+    const appended: string[] = [];
+    log.on("append", (records) => appended.push(...records.map((r) => `${r.seq}:${r.text}`)));
+    expect(log.appendPacked(packOutput([record(2, "again"), record(3, "three"), record(4, "four")]))).toBe(2);
+    expect(log.appendPacked(packOutput([]))).toBe(0);
+    expect(appended).toEqual(["3:three", "4:four"]);
+    expect(() => log.appendPacked(packOutput([record(9, "hole")]))).toThrow(/gap/);
+    expect(log.since(1).map((r) => r.text)).toEqual(["line 1\n", "line 2\n", "three", "four"]);
   });
 
   it("pages a log of many megabytes: every page fits a message header, together they are the log, in order", () => {

@@ -12,6 +12,7 @@ import { decodeDelta } from "../src/checkpoint/format.js";
 import { instrument } from "../src/guest/instrument.js";
 import { compileGuest } from "../src/guest/module-cache.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../src/vm/machine.js";
+import { unpackOutput } from "../src/vm/runtime-state.js";
 import type { GuestBundle, WorkerVmOptions } from "../src/vm/protocol.js";
 import { VmWorker } from "../src/vm/vm.js";
 import { builtBytes, fixtureBytes, watBytes } from "./support/guests.js";
@@ -66,7 +67,7 @@ describe("VM worker", () => {
     expect(decodeDelta(captured.delta).epoch).toBe(captured.epoch); // sealed: decodes with a valid checksum
     await backup.request("apply", { delta: captured.delta });
     const released = await primary.request("commit", { epoch: captured.epoch });
-    expect(released.map((r) => Buffer.from(r.bytes).toString())).toEqual(["ok"]);
+    expect(unpackOutput(released).map((r) => Buffer.from(r.bytes).toString())).toEqual(["ok"]);
     // Uncommitted work on the primary dies with it.
     await primary.request("request", { session: 1, request_id: 2, payload: Buffer.from("put a 2") });
     await primary.terminate();
@@ -75,7 +76,7 @@ describe("VM worker", () => {
     await backup.request("request", { session: 1, request_id: 3, payload: Buffer.from("get a") });
     const after = await backup.capture();
     const out = await backup.request("commit", { epoch: after.epoch });
-    expect(out.map((r) => Buffer.from(r.bytes).toString()).at(-1)).toBe("1");
+    expect(unpackOutput(out).map((r) => Buffer.from(r.bytes).toString()).at(-1)).toBe("1");
   });
 
   it("a VM thread runs at a lower scheduling priority than the thread that started it (Linux)", async () => {

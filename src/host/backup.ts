@@ -11,7 +11,7 @@
  * staged. The output mirror follows the folds.
  */
 import { decodeDelta, decodeImage, type DecodeOptions } from "../checkpoint/format.js";
-import type { OutputRecord } from "../vm/runtime-state.js";
+import { unpackOutput, type PackedOutput } from "../vm/runtime-state.js";
 import { VmWorker } from "../vm/vm.js";
 import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { OutputLog } from "./output-log.js";
@@ -174,9 +174,12 @@ export class BackupReplica {
     this.mirror(output, Math.max(this.committed, this.cut));
   }
 
-  /** Output held in the newest folded state with epoch <= the committed cut was released by the primary. */
-  private mirror(output: OutputRecord[], committed: number): void {
-    this.log.append(output.filter((r) => r.epoch <= committed).sort((a, b) => a.seq - b.seq));
+  /** Output held in the folded states (in seq order) with epoch <= the committed cut was released by the primary. */
+  private mirror(output: PackedOutput, committed: number): void {
+    this.log.append(
+      unpackOutput(output, false).filter((r) => r.epoch <= committed),
+      true,
+    );
   }
 
   private enqueue<T>(job: () => Promise<T>): Promise<T> {

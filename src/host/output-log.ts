@@ -6,7 +6,7 @@
  * is a no-op: that is how re-released output of a recovery cut is deduplicated.
  */
 import { EventEmitter } from "node:events";
-import { OUTPUT_REPLY, type OutputRecord } from "../vm/runtime-state.js";
+import { OUTPUT_REPLY, unpackOutput, type OutputRecord, type PackedOutput } from "../vm/runtime-state.js";
 import type { ReleasedRecord } from "../core/frames.js";
 
 /** Records kept per VM; older ones are dropped (followers that fall further behind see a gap notice). */
@@ -87,8 +87,19 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
     return this.first;
   }
 
-  /** Appends records with seq > lastSeq, in order; returns how many were new. Listeners of `append` get the new ones. */
-  append(records: readonly OutputRecord[]): number {
+  /**
+   * Released records as a VM thread packs them (PackedOutput): kept as views
+   * into the batch's buffer, which holds nothing but these records.
+   */
+  appendPacked(packed: PackedOutput): number {
+    return this.append(unpackOutput(packed, false), true);
+  }
+
+  /**
+   * Appends records with seq > lastSeq, in order; returns how many were new. Listeners of `append` get the new ones.
+   * `keepViews`: the records' bytes are views into a buffer of records only (appendPacked), kept as they are.
+   */
+  append(records: readonly OutputRecord[], keepViews = false): number {
     const now = Date.now();
     const from = this.records.length;
     for (const r of records) {
@@ -96,7 +107,7 @@ export class OutputLog extends EventEmitter<{ append: [records: ReleasedRecord[]
       // Sequence numbers are dense: a hole would be lost output.
       if (r.seq !== this.lastSeq + 1) throw new Error(`output log gap: have up to ${this.lastSeq}, got ${r.seq}`);
       // A view into a much larger buffer (a decoded runtime state) is copied: kept for long, it would keep that buffer alive.
-      const bytes = r.bytes.buffer.byteLength > 4 * r.bytes.byteLength + 1024 ? r.bytes.slice() : r.bytes;
+      const bytes = !keepViews && r.bytes.buffer.byteLength > 4 * r.bytes.byteLength + 1024 ? r.bytes.slice() : r.bytes;
       this.records.push({ seq: r.seq, epoch: r.epoch, kind: r.kind, request_id: r.request_id, bytes, produced_ms: r.produced_ms, released_ms: now });
     }
     const added = this.records.length - from;

@@ -6,7 +6,7 @@
 import type { MessagePort } from "node:worker_threads";
 import type { ModuleInfo } from "../guest/module-info.js";
 import type { PathCounters, Route } from "./message-path.js";
-import type { OutputRecord } from "./runtime-state.js";
+import type { PackedOutput } from "./runtime-state.js";
 import type { CapturedDelta, GroupMessage, ReceiveStatus, VmLimits } from "./machine.js";
 import type { DeltaPoolStats } from "./delta-pool.js";
 import type { TlsMaterial } from "../tls/context.js";
@@ -83,9 +83,9 @@ export interface WorkerOps {
    * Several deltas in epoch order, in one request (a backup folding a batch),
    * each checksum-verified by the caller already (it is not checked again).
    * Returns the output records the folded states held, each once, in seq
-   * order: the caller mirrors those its committed cut released.
+   * order (packed, see PackedOutput): the caller mirrors those its committed cut released.
    */
-  apply_batch: { args: { deltas: Uint8Array[] }; result: { output: OutputRecord[] } };
+  apply_batch: { args: { deltas: Uint8Array[] }; result: { output: PackedOutput } };
   promote: { args: Record<string, never>; result: VmStatus };
   /** Direct call of the guest's `message` export, bypassing the channels (tests, fixtures). Group messages use `receive`. */
   message: { args: { from_rank: number; payload: Uint8Array }; result: GroupMessage[] };
@@ -115,10 +115,10 @@ export interface WorkerOps {
    */
   capture_to: {
     args: { epoch: number; commit?: { epoch: number; trim?: number[] } };
-    result: { captured: number | null; released: OutputRecord[] };
+    result: { captured: number | null; released: PackedOutput };
   };
-  /** Cut `epoch` committed: its output is released; with `trim`, the sender log is trimmed in the same step (trimSenderLog). */
-  commit: { args: { epoch: number; trim?: number[] }; result: OutputRecord[] };
+  /** Cut `epoch` committed: its output is released (packed, in seq order); with `trim`, the sender log is trimmed in the same step (trimSenderLog). */
+  commit: { args: { epoch: number; trim?: number[] }; result: PackedOutput };
   rollback: { args: { epoch: number }; result: { pages_restored: number; rollback_us: number } };
   image: { args: Record<string, never>; result: Uint8Array };
   /** Full image of the cut the primary is at right now, without a new capture (after a rollback, before it runs again). */

@@ -10,7 +10,7 @@ import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
 import { RESERVED_WASM_PAGES } from "./layout.js";
 import { VmCore, VmCrashedError, type CapturedDelta, type GroupMessage, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
 import { MessagePath } from "./message-path.js";
-import { decodeOutputRecords, type OutputRecord } from "./runtime-state.js";
+import { decodeOutputRecords, packOutput, type OutputRecord, type PackedOutput } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
@@ -302,7 +302,7 @@ const handlers: Handlers = {
       b.apply(parts);
       for (const r of decodeOutputRecords(parts.runtime_state)) output.set(r.seq, r);
     }
-    return { output: [...output.values()].sort((x, y) => x.seq - y.seq) };
+    return { output: packOutput([...output.values()].sort((x, y) => x.seq - y.seq)) };
   },
   apply({ delta }) {
     needBackup().apply(decodeDelta(delta));
@@ -350,7 +350,7 @@ const handlers: Handlers = {
   capture_to({ epoch, commit }) {
     const vm = needPrimary();
     if (commit) requireReachableCut(vm, commit.epoch, "commit");
-    const released = commit ? commitCut(vm, commit.epoch, commit.trim) : [];
+    const released = commit ? commitCut(vm, commit.epoch, commit.trim) : NOTHING_RELEASED;
     if (vm.epoch > epoch) {
       // Ended already (captureForMarker), which does not offer refused messages again: now.
       path?.retryRefused();
@@ -510,8 +510,8 @@ function requireReachableCut(vm: VmCore, epoch: number, what: string): void {
 }
 
 /** Cut `epoch` committed: release its output, trim the sender log, (vm mode) send what was held for it. */
-function commitCut(vm: VmCore, epoch: number, trim: number[] | undefined): OutputRecord[] {
-  const released = vm.commit(epoch);
+function commitCut(vm: VmCore, epoch: number, trim: number[] | undefined): PackedOutput {
+  const released = packOutput(vm.commit(epoch));
   if (trim) {
     // The trim vector is a peer's word (what receivers delivered). One that is not a cut of this
     // VM's history changes nothing and is reported; the commit stands, and its output is released.
@@ -541,12 +541,16 @@ function setTimerMode(mode: WorkerVmOptions["timers"]): void {
   scheduleTimers();
 }
 
+/** Released output of a step that committed nothing (never transferred: it is shared). */
+const NOTHING_RELEASED: PackedOutput = packOutput([]);
+
 /**
- * Buffers we created here and hand over whole, and pooled delta buffers (a
- * view of a loan's first bytes): moved to the host thread, not copied.
+ * Buffers we created here and hand over whole (an image, packed output), and
+ * pooled delta buffers (a view of a loan's first bytes): moved to the host
+ * thread, not copied.
  */
 function transferables(value: unknown): ArrayBuffer[] {
-  if (value instanceof Uint8Array && value.byteOffset === 0 && value.byteLength === value.buffer.byteLength && value.buffer instanceof ArrayBuffer) {
+  if (value instanceof Uint8Array && value !== NOTHING_RELEASED && value.byteOffset === 0 && value.byteLength === value.buffer.byteLength && value.buffer instanceof ArrayBuffer) {
     return [value.buffer];
   }
   if (value && typeof value === "object" && "delta" in value) {
@@ -554,6 +558,9 @@ function transferables(value: unknown): ArrayBuffer[] {
     if (delta_loan != null && delta instanceof Uint8Array && delta.buffer instanceof ArrayBuffer) return [delta.buffer];
     return transferables(delta);
   }
+  // capture_to's and apply_batch's packed output.
+  if (value && typeof value === "object" && "released" in value) return transferables((value as { released: unknown }).released);
+  if (value && typeof value === "object" && "output" in value) return transferables((value as { output: unknown }).output);
   return [];
 }
 

@@ -117,7 +117,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
       const { released } = await this.vm.captureTo(epoch, fresh);
       if (fresh) {
         this.committed = fresh.epoch;
-        this.log.append(released);
+        this.log.appendPacked(released);
       }
     });
   }
@@ -143,7 +143,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
       if (epoch <= this.committed) return;
       const released = await this.vm.request("commit", { epoch, trim });
       this.committed = epoch;
-      this.log.append(released);
+      this.log.appendPacked(released);
     });
   }
 
@@ -181,7 +181,7 @@ export class GroupMember extends EventEmitter<MemberEvents> {
   /** After a rollback or promotion to `cut` (committed by the recovery): release its output. */
   releaseAt(cut: number): Promise<void> {
     return this.step("release", async () => {
-      this.log.append(await this.vm.request("commit", { epoch: cut }));
+      this.log.appendPacked(await this.vm.request("commit", { epoch: cut }));
       this.committed = Math.max(this.committed, cut);
       this.captured = Math.max(this.captured, cut);
     });
