@@ -15,3 +15,10 @@ export const GROUP_BENCH_DEFAULTS = { measure_ms: 3000, warmup_ms: 3000, hosts: 
  * above the floor, 20 to 25 s after it the same as the floor.
  */
 export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 15000, hosts: 3, size: 8, guest: "kv", mode: "group" as const, repeat: 3 };
+
+/**
+ * `cohort bench scale`: a `kv` group per size on 4 hosts, as a new user would
+ * start (`cohort up --hosts 4`), read 3 s after its deploy. 256 VMs take
+ * minutes on 2 cores: `--sizes 8,64,256`.
+ */
+export const SCALE_BENCH_DEFAULTS = { sizes: [8, 64], hosts: 4, guest: "kv", mode: "group" as const, settle_ms: 3000 };

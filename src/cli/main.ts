@@ -6,7 +6,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { registerCaCommands } from "./ca-commands.js";
-import { GROUP_BENCH_DEFAULTS, IDLE_BENCH_DEFAULTS } from "../bench/group-defaults.js";
+import { GROUP_BENCH_DEFAULTS, IDLE_BENCH_DEFAULTS, SCALE_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
 // `cohort logs vm --follow | head -1`: once stdout's reader has gone away, every write fails with
 // EPIPE. Nobody is left to read anything we could say, and the reader chose to stop: exit quietly
@@ -199,6 +199,28 @@ bench
       guest: opts.guest,
       mode: opts.mode,
       repeat: opts.repeat,
+      progress: (line) => process.stderr.write(`${line}\n`),
+    });
+    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+  });
+
+bench
+  .command("scale")
+  .description("deploy time (module cache cold, then cached), host memory and threads per VM, main-loop stalls and false failovers of one group per size (kv, mode group, on 4 hosts), each size on fresh clusters")
+  .option("--json", "print one JSON object")
+  .option("--sizes <list>", "group sizes", intList("--sizes"), SCALE_BENCH_DEFAULTS.sizes)
+  .option("--hosts <n>", "host processes per cluster", int("--hosts"), SCALE_BENCH_DEFAULTS.hosts)
+  .option("--guest <name>", "example guest the group runs", SCALE_BENCH_DEFAULTS.guest)
+  .addOption(new Option("--mode <mode>", "protection mode of the group").choices(["group", "vm", "none"]).default(SCALE_BENCH_DEFAULTS.mode))
+  .option("--settle-ms <ms>", "how long the group runs after its deploy before the hosts are read", int("--settle-ms"), SCALE_BENCH_DEFAULTS.settle_ms)
+  .action(async (opts: { json?: boolean; sizes: number[]; hosts: number; guest: string; mode: "group" | "vm" | "none"; settleMs: number }) => {
+    const { runScaleBench } = await import("../bench/scale.js");
+    const report = await runScaleBench({
+      sizes: opts.sizes,
+      hosts: opts.hosts,
+      guest: opts.guest,
+      mode: opts.mode,
+      settle_ms: opts.settleMs,
       progress: (line) => process.stderr.write(`${line}\n`),
     });
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));

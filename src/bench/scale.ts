@@ -1,0 +1,189 @@
+/**
+ * `cohort bench scale`: what a group of N VMs costs to deploy and to keep, on
+ * one machine. For each size, two fresh local clusters (real host processes,
+ * mutual TLS, as `cohort up` starts them), one after the other:
+ *
+ * - cold: a fresh state directory, so every host instruments the module
+ *   (its instrumented-module cache is empty);
+ * - cached: a fresh state directory holding the cold run's module cache, as
+ *   a second deploy of the same guest finds it (each host still compiles
+ *   the module once).
+ *
+ * Each deploys one group of the size (`kv`, mode group by default), times
+ * the deploy request, lets the group run `settle_ms`, and reads every host's
+ * status and /proc: the longest main-loop stall and the worst timer delay
+ * since the host started (deploy included), its resident memory (VmRSS) and
+ * threads before the deploy and after the settle, its replicas, and whether
+ * any VM of the group moved to a later incarnation (a failover; nothing was
+ * killed, so any is a false one). A deploy that fails is reported with its
+ * error and the sizes after it still run.
+ */
+import { cp, mkdtemp, readFile, rm } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
+import { parseManifest, type ProtectionMode } from "../cluster/manifest.js";
+import { guestPath } from "../guest/examples.js";
+import { requestAny, sleep } from "../cli/client.js";
+import { hostCommand } from "../cli/demo.js";
+import type { HostStatus } from "../host/api.js";
+import { round } from "../util/stats.js";
+
+export interface ScaleBenchOptions {
+  sizes: number[];
+  hosts: number;
+  guest: string;
+  mode: ProtectionMode;
+  /** How long the deployed group runs before the hosts are read. */
+  settle_ms: number;
+  progress: (line: string) => void;
+}
+
+export { SCALE_BENCH_DEFAULTS } from "./group-defaults.js";
+
+export interface ScaleHost {
+  id: string;
+  /** Primaries and backups of the group on this host. */
+  primaries: number;
+  backups: number;
+  rss_mib_before: number;
+  rss_mib_after: number;
+  threads_before: number;
+  threads_after: number;
+  /** Longest gap between two runs of the failure detector since the host started. */
+  stall_ms_max: number;
+  /** Worst lateness of the main loop's timers since the host started. */
+  delay_ms_max: number;
+}
+
+export interface ScaleRun {
+  /** The deploy request, from sending it to its answer; null if it failed. */
+  deploy_ms: number | null;
+  /** How the hosts got the instrumented module, from their logs: every one from the cache, every one by instrumenting it, or some each way. */
+  module: "cache" | "instrumented" | "mixed" | "unknown";
+  error: string | null;
+  /** VMs of the group at a later incarnation than the deploy's, after the settle (nothing was killed: false failovers). */
+  vms_failed_over: number;
+  /** Every VM of the group healthy after the settle. */
+  healthy: boolean;
+  /** (Sum over the hosts of VmRSS after - before) / size. */
+  rss_mib_per_vm: number;
+  /** (Sum over the hosts of threads after - before) / size. */
+  threads_per_vm: number;
+  hosts: ScaleHost[];
+}
+
+export interface ScaleReport {
+  bench: "scale";
+  hosts: number;
+  group: { guest: string; mode: ProtectionMode };
+  settle_ms: number;
+  results: Record<string, { cold: ScaleRun; cached: ScaleRun }>;
+}
+
+/** VmRSS (MiB) and Threads of a live process, from /proc/<pid>/status. */
+async function memoryOf(pid: number): Promise<{ rss_mib: number; threads: number }> {
+  const text = await readFile(`/proc/${pid}/status`, "utf8");
+  const field = (name: string) => {
+    const m = new RegExp(`^${name}:\\s+(\\d+)`, "m").exec(text);
+    if (!m) throw new Error(`/proc/${pid}/status has no ${name}`);
+    return Number(m[1]);
+  };
+  return { rss_mib: field("VmRSS") / 1024, threads: field("Threads") };
+}
+
+async function statuses(cluster: ClusterFile): Promise<HostStatus[]> {
+  const out: HostStatus[] = [];
+  for (const h of cluster.hosts) out.push(await requestAny(cluster, "status", {}, undefined, h.id));
+  return out;
+}
+
+/** How each host got the module, from the lines host.ts logs (loadModule). */
+async function moduleSource(state_dir: string, cluster: ClusterFile): Promise<ScaleRun["module"]> {
+  let cache = 0;
+  let instrumented = 0;
+  for (const h of cluster.hosts) {
+    const log = await readFile(join(state_dir, "logs", `${h.id}.log`), "utf8").catch(() => "");
+    if (log.includes("module read from the instrumented-module cache")) cache++;
+    if (log.includes('"msg":"module instrumented"')) instrumented++;
+  }
+  if (cache + instrumented === 0) return "unknown";
+  return instrumented === 0 ? "cache" : cache === 0 ? "instrumented" : "mixed";
+}
+
+async function measure(options: ScaleBenchOptions, size: number, cache_from: string | null): Promise<{ run: ScaleRun; state_dir: string }> {
+  const state_dir = await mkdtemp(join(tmpdir(), "cohort-bench-scale-"));
+  if (cache_from && existsSync(join(cache_from, "cache"))) await cp(join(cache_from, "cache"), join(state_dir, "cache"), { recursive: true });
+  let cluster: ClusterFile | null = null;
+  try {
+    cluster = await up({ hosts: options.hosts, state_dir, host_command: hostCommand(), tls: true });
+    await sleep(600); // hosts see each other's heartbeats before placement
+    const before = new Map<string, { rss_mib: number; threads: number }>();
+    for (const h of cluster.hosts) before.set(h.id, await memoryOf(h.pid));
+    const manifest = parseManifest(`group: scale\nmode: ${options.mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(options.guest))}\n`, { source: "bench", base_dir: "/" });
+    const module = new Uint8Array(await readFile(manifest.module));
+    const start = performance.now();
+    let deploy_ms: number | null = null;
+    let error: string | null = null;
+    try {
+      await requestAny(cluster, "deploy", { manifest }, module);
+      deploy_ms = Math.round(performance.now() - start);
+    } catch (e) {
+      error = (e as Error).message;
+    }
+    await sleep(options.settle_ms);
+    const hosts: ScaleHost[] = [];
+    let vms_failed_over = 0;
+    let healthy = error === null;
+    const seen = new Set<string>();
+    for (const s of await statuses(cluster)) {
+      const primaries = s.primaries.filter((p) => p.group === "scale");
+      const backups = s.backups.filter((b) => b.vm.startsWith("scale-"));
+      for (const p of primaries) {
+        seen.add(p.vm);
+        if (p.incarnation > 1) vms_failed_over++;
+        if (options.mode !== "none" && !p.protected) healthy = false;
+      }
+      const b = before.get(s.id)!;
+      const a = await memoryOf(s.pid);
+      hosts.push({
+        id: s.id,
+        primaries: primaries.length,
+        backups: backups.length,
+        rss_mib_before: round(b.rss_mib, 1),
+        rss_mib_after: round(a.rss_mib, 1),
+        threads_before: b.threads,
+        threads_after: a.threads,
+        stall_ms_max: s.main_loop.stall_ms_max,
+        delay_ms_max: s.main_loop.delay_ms_max,
+      });
+    }
+    if (seen.size !== size) healthy = false;
+    const rss = hosts.reduce((n, h) => n + h.rss_mib_after - h.rss_mib_before, 0);
+    const threads = hosts.reduce((n, h) => n + h.threads_after - h.threads_before, 0);
+    return {
+      run: { deploy_ms, module: await moduleSource(state_dir, cluster), error, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), hosts },
+      state_dir,
+    };
+  } finally {
+    if (cluster) await down({ state_dir }).catch(() => undefined);
+  }
+}
+
+export async function runScaleBench(options: ScaleBenchOptions): Promise<ScaleReport> {
+  const results: ScaleReport["results"] = {};
+  for (const size of options.sizes) {
+    options.progress(`${size} VMs: cold deploy (empty module cache) on ${options.hosts} hosts`);
+    const cold = await measure(options, size, null);
+    try {
+      options.progress(`${size} VMs: cached deploy (module cache of the cold run) on ${options.hosts} hosts`);
+      const cached = await measure(options, size, cold.state_dir);
+      await rm(cached.state_dir, { recursive: true, force: true });
+      results[`vms_${size}`] = { cold: cold.run, cached: cached.run };
+    } finally {
+      await rm(cold.state_dir, { recursive: true, force: true });
+    }
+  }
+  return { bench: "scale", hosts: options.hosts, group: { guest: options.guest, mode: options.mode }, settle_ms: options.settle_ms, results };
+}
