@@ -14,6 +14,7 @@ describe("bench scale", () => {
     const { cold, cached } = report.results.vms_2;
     for (const run of [cold, cached]) {
       expect(run.error).toBeNull();
+      expect(run.logs_kept_in).toBeNull();
       expect(run.deploy_ms).toBeGreaterThan(0);
       expect(run.healthy).toBe(true);
       expect(run.vms_failed_over).toBe(0);

@@ -63,6 +63,8 @@ export interface ScaleRun {
   /** How the hosts got the instrumented module, from their logs: every one from the cache, every one by instrumenting it, or some each way. */
   module: "cache" | "instrumented" | "mixed" | "unknown";
   error: string | null;
+  /** Where the hosts' logs were kept: the run's state directory when its deploy failed, else null (removed). */
+  logs_kept_in: string | null;
   /** VMs of the group at a later incarnation than the deploy's, after the settle (nothing was killed: false failovers). */
   vms_failed_over: number;
   /** Every VM of the group healthy after the settle. */
@@ -163,7 +165,7 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
     const rss = hosts.reduce((n, h) => n + h.rss_mib_after - h.rss_mib_before, 0);
     const threads = hosts.reduce((n, h) => n + h.threads_after - h.threads_before, 0);
     return {
-      run: { deploy_ms, module: await moduleSource(state_dir, cluster), error, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), hosts },
+      run: { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), hosts },
       state_dir,
     };
   } finally {
@@ -176,13 +178,15 @@ export async function runScaleBench(options: ScaleBenchOptions): Promise<ScaleRe
   for (const size of options.sizes) {
     options.progress(`${size} VMs: cold deploy (empty module cache) on ${options.hosts} hosts`);
     const cold = await measure(options, size, null);
+    // A run whose deploy failed keeps its state directory (the hosts' logs), named in the report.
+    const done = (m: { run: ScaleRun; state_dir: string }) => (m.run.error === null ? rm(m.state_dir, { recursive: true, force: true }) : Promise.resolve());
     try {
       options.progress(`${size} VMs: cached deploy (module cache of the cold run) on ${options.hosts} hosts`);
       const cached = await measure(options, size, cold.state_dir);
-      await rm(cached.state_dir, { recursive: true, force: true });
+      await done(cached);
       results[`vms_${size}`] = { cold: cold.run, cached: cached.run };
     } finally {
-      await rm(cold.state_dir, { recursive: true, force: true });
+      await done(cold);
     }
   }
   return { bench: "scale", hosts: options.hosts, group: { guest: options.guest, mode: options.mode }, settle_ms: options.settle_ms, results };
