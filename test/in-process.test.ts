@@ -68,6 +68,20 @@ describe("groups on an in-process cluster", () => {
     expect(table.get("t")!.hasStarted).toBe(true);
   });
 
+  it("a host that fails while a deploy has the group only prepared is the deploy's to handle: the prepared replicas decide no failover", async () => {
+    const { c, module } = await start("ticker", ["h1", "h2", "h3"]);
+    const record: ProtectionRecord = { group: "p", mode: "group", size: 2, incarnation: 1, leader: "h1", placement: [{ primary: "h1", backup: "h2" }, { primary: "h2", backup: "h1" }], failed: [], epoch: EPOCH, limits: LIMITS };
+    await c.store.put("protection/p", record);
+    await c.tables.get("h1")!.prepare(record, module);
+    await c.tables.get("h2")!.prepare(record, module);
+    await c.kill("h2");
+    await new Promise((r) => setTimeout(r, 500));
+    // No decision of its own: the record is the deploy's attempt 1, and h1 still holds that attempt, unstarted, for the deploy to abort.
+    expect((await c.store.get<ProtectionRecord>("protection/p"))!.value).toMatchObject({ incarnation: 1, failed: [] });
+    expect(c.tables.get("h1")!.get("p")!.hasStarted).toBe(false);
+    expect(await c.tables.get("h1")!.abort("p", 1)).toBe(true);
+  });
+
   it("a single VM: output released in order, and it continues with no gap or duplicate after its primary's host dies", async () => {
     const { c, module } = await start("ticker", ["h1", "h2", "h3"]);
     const record: ProtectionRecord = { group: "t", mode: "group", size: 1, incarnation: 1, leader: "h1", placement: [{ primary: "h1", backup: "h2" }], failed: [], epoch: EPOCH, limits: LIMITS };

@@ -163,6 +163,15 @@ export class GroupCore {
   private state: CoreStatus["state"] = "running";
   private lost: Rank[] = [];
   private started = false;
+  /**
+   * Deployed and not started yet (`start` clears it): a deploy has the group
+   * prepared on its hosts. A host that fails meanwhile is the deploy's to
+   * handle (it aborts the attempt and places the group again under the next
+   * incarnation, src/host/deploy.ts); a failover decided here would write an
+   * incarnation of its own over that attempt. The views are kept; the driver
+   * tells the hosts again once the group started.
+   */
+  private preparedOnly = false;
   /** A failover proposal is due at this time (Infinity: none). */
   private proposeDue_ms = Infinity;
   private storeOp: { op: "get" } | { op: "cas"; value: ProtectionRecord } | null = null;
@@ -191,6 +200,7 @@ export class GroupCore {
   /** A freshly deployed group: the driver booted the primaries placed here (frozen, cut 0) and installed the deployed image on the backups. */
   static deployed(options: CoreOptions): GroupCore {
     const core = new GroupCore(options);
+    core.preparedOnly = true;
     options.record.placement.forEach((p, rank) => {
       assert(p.primary !== p.backup, `member ${rank}: primary and backup on one host`);
       if (p.primary === core.host) core.members.set(rank, core.newMember(rank, 0));
@@ -331,6 +341,7 @@ export class GroupCore {
   private start(routes: (Route | null)[], out: CoreAction[]): void {
     if (this.started || this.state !== "running") return;
     this.started = true;
+    this.preparedOnly = false;
     assert(routes.length === this.record.size, `${routes.length} routes for a group of ${this.record.size}`);
     for (const m of this.members.values()) m.state = "running";
     this.membersStep(out, { op: "run", routes, delivered: null }, { kind: "run", inc: this.record.incarnation, epoch: null });
@@ -748,7 +759,7 @@ export class GroupCore {
     const heardMore = heard.some((h) => !this.heard.has(h));
     this.registered = new Set(registered);
     this.heard = new Set(heard);
-    if (this.state !== "running") return;
+    if (this.state !== "running" || this.preparedOnly) return;
     // A registration lapsed, or a peer is heard again: a side that lacked a quorum may have one now.
     if ((registrationsGone || heardMore) && this.withoutQuorum) this.proposeDue_ms = Math.min(this.proposeDue_ms, this.now_ms);
     const gone = [...before].filter((h) => !this.live.has(h));

@@ -216,6 +216,8 @@ export class GroupDriver {
   run(routes: (Route | null)[]): void {
     this.started = true;
     this.feed({ type: "start", routes });
+    // A host that failed while the group was only prepared (the core decided nothing then): the core weighs it now.
+    this.onHostsChanged();
   }
 
   /** Whether this group was started here (`run`, or it joined a running group); false while a deploy has it prepared only. */
