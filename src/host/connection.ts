@@ -17,6 +17,16 @@ import { encodeFrame, FrameDecoder, MAX_FRAME_BYTES_DEFAULT } from "../transport
 import { checkControl, CONTROL_VERSION, decodePayload, encodePayload, MSG, parseReply, type Reply, type Request } from "./messages.js";
 import type { HostOp, HostOps } from "./api.js";
 
+/**
+ * A request's connection closed before its reply came (the peer was declared
+ * failed, or its socket broke): the request may or may not have been carried
+ * out there. `code` lets callers that only see the error tell it apart.
+ */
+export class ConnectionClosedError extends Error {
+  override name = "ConnectionClosedError";
+  readonly code = "ConnectionClosed";
+}
+
 export interface ConnectionEvents {
   message: [type: number, header: Record<string, unknown>, body: Uint8Array];
   close: [reason: string];
@@ -114,7 +124,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
   /** A request of the host API (control plane): its arguments are checked by the host, its result typed by the table. */
   request<Op extends HostOp>(op: Op, args: HostOps[Op]["args"], body?: Uint8Array, timeout_ms?: number): Promise<HostOps[Op]["result"]>;
   request(op: string, args: unknown, body?: Uint8Array, timeout_ms = REQUEST_TIMEOUT_MS_DEFAULT): Promise<unknown> {
-    if (this.closed) return Promise.reject(new Error(`${this.label}: connection closed (${this.closed})`));
+    if (this.closed) return Promise.reject(new ConnectionClosedError(`${this.label}: connection closed (${this.closed})`));
     const id = this.nextRequestId++;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -135,7 +145,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     this.closed = reason;
     for (const p of this.pending.values()) {
       clearTimeout(p.timer);
-      p.reject(new Error(`${this.label}: connection closed (${reason})`));
+      p.reject(new ConnectionClosedError(`${this.label}: connection closed (${reason})`));
     }
     this.pending.clear();
     this.socket.destroy();

@@ -39,9 +39,9 @@ export interface GroupStartHosts {
 }
 
 /**
- * Answers the hosts of the placement that failed before the group started
- * (the attempt was given up: every other host's prepared replicas are
- * stopped); empty once it runs. Any other failure is thrown, after the same
+ * Answers the hosts of the placement that failed before the group started,
+ * or whose connection closed while they prepared (the attempt was given up:
+ * every other host's prepared replicas are stopped); empty once it runs. Any other failure is thrown, after the same
  * clean-up. A host that fails once `run` went out is the protocol's to
  * handle, like any failure of a running group.
  */
@@ -49,12 +49,20 @@ export async function startGroup(env: GroupStartHosts, record: ProtectionRecord,
   await env.store.put(protectionKey(record.group), record);
   const hosts = hostsOf(record);
   const prepared: { routes: Record<number, Route> }[] = [];
+  // Hosts whose connection closed during their prepare: declared failed meanwhile (perhaps heard
+  // again since, a host that flaps under load), they cost an attempt like a host that stays failed.
+  const cutOff = new Set<string>();
+  const prepare = (h: string) =>
+    env.calls.prepare(h, record, module).catch((error: unknown) => {
+      if ((error as { code?: unknown } | null)?.code === "ConnectionClosed") cutOff.add(h);
+      throw error;
+    });
   try {
     // The starting host first: it instruments the module into the cluster's cache, so the others only
     // read it (instrumenting on every host at once starves the hosts' heartbeats on a small machine).
     const first = env.self !== null && hosts.includes(env.self) ? env.self : hosts[0];
-    prepared.push(await env.calls.prepare(first, record, module));
-    const others = await Promise.allSettled(hosts.filter((h) => h !== first).map((h) => env.calls.prepare(h, record, module)));
+    prepared.push(await prepare(first));
+    const others = await Promise.allSettled(hosts.filter((h) => h !== first).map((h) => prepare(h)));
     const failed = others.find((o): o is PromiseRejectedResult => o.status === "rejected");
     if (failed) throw failed.reason;
     for (const o of others) if (o.status === "fulfilled") prepared.push(o.value);
@@ -62,7 +70,7 @@ export async function startGroup(env: GroupStartHosts, record: ProtectionRecord,
     const live = new Set(env.liveHosts());
     // Every named host that answers stops what it prepared; one that does not stops it itself (GroupTable, PREPARED_WAIT_MS).
     await Promise.allSettled(hosts.filter((h) => h === env.self || live.has(h)).map((h) => env.calls.abort(h, record.group, record.incarnation)));
-    const lost = hosts.filter((h) => h !== env.self && !live.has(h));
+    const lost = hosts.filter((h) => h !== env.self && (!live.has(h) || cutOff.has(h)));
     if (lost.length > 0) return lost;
     throw error;
   }
