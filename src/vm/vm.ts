@@ -32,8 +32,8 @@ import {
  * `npm run build`, which `npm test` runs first).
  */
 const WORKER_URL = import.meta.url.endsWith(".ts")
-  ? new URL("../../dist/src/vm/worker.js", import.meta.url)
-  : new URL("./worker.js", import.meta.url);
+  ? new URL("../../dist/src/vm/worker-entry.js", import.meta.url)
+  : new URL("./worker-entry.js", import.meta.url);
 
 /** Budget for a VM thread to start and answer its first request (boot, restore, backup install). */
 export const VM_START_TIMEOUT_MS = 10_000;

@@ -31,7 +31,8 @@ import { threadIdOfThisThread } from "../util/thread-cpu.js";
 const port = parentPort;
 assert(port, "worker.ts runs in a worker thread");
 const watchdog = new Int32Array(workerData.watchdog as SharedArrayBuffer);
-// Guests never starve the host's main thread of the CPU (its heartbeats and the protocol): see thread-priority.ts.
+// Guests never starve the host's main thread of the CPU (its heartbeats and the protocol): see
+// thread-priority.ts. worker-entry.ts did it before this module loaded; here for a thread started on this module directly.
 yieldCpuToMainThread();
 // The watchdog measures a call's CPU time on this thread, not its wall time (thread-cpu.ts).
 Atomics.store(watchdog, WATCHDOG_TID, threadIdOfThisThread());
