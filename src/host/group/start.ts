@@ -41,9 +41,10 @@ export interface GroupStartHosts {
 /**
  * Answers the hosts of the placement that failed before the group started,
  * or whose connection closed while they prepared (the attempt was given up:
- * every other host's prepared replicas are stopped); empty once it runs. Any other failure is thrown, after the same
- * clean-up. A host that fails once `run` went out is the protocol's to
- * handle, like any failure of a running group.
+ * every other host's prepared replicas are stopped); empty once it runs. Any
+ * other failure is thrown, after the same clean-up. A host that fails once
+ * `run` went out is the protocol's to handle, like any failure of a running
+ * group.
  */
 export async function startGroup(env: GroupStartHosts, record: ProtectionRecord, module: Uint8Array): Promise<string[]> {
   await env.store.put(protectionKey(record.group), record);
