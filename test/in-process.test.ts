@@ -75,6 +75,7 @@ describe("groups on an in-process cluster", () => {
     await c.tables.get("h1")!.prepare(record, module);
     await c.tables.get("h2")!.prepare(record, module);
     await c.kill("h2");
+    // Time for a decision that must not come (a prepared core that reacted proposed at once and wrote within a few ms).
     await new Promise((r) => setTimeout(r, 500));
     // No decision of its own: the record is the deploy's attempt 1, and h1 still holds that attempt, unstarted, for the deploy to abort.
     expect((await c.store.get<ProtectionRecord>("protection/p"))!.value).toMatchObject({ incarnation: 1, failed: [] });

@@ -178,16 +178,23 @@ groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   });
 
-bench
-  .command("idle")
-  .description("host CPU of an idle group (8 kv VMs, mode group unless --mode, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second")
-  .option("--json", "print one JSON object")
+/** What a cluster benchmark deploys: on how many hosts, which example guest, in which mode. */
+const benchGroupOptions = (command: Command, defaults: { hosts: number; guest: string; mode: "group" | "vm" | "none" }) =>
+  command
+    .option("--json", "print one JSON object")
+    .option("--hosts <n>", "host processes per cluster", int("--hosts"), defaults.hosts)
+    .option("--guest <name>", "example guest the group runs", defaults.guest)
+    .addOption(new Option("--mode <mode>", "protection mode of the group").choices(["group", "vm", "none"]).default(defaults.mode));
+
+benchGroupOptions(
+  bench
+    .command("idle")
+    .description("host CPU of an idle group (8 kv VMs, mode group unless --mode, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second"),
+  IDLE_BENCH_DEFAULTS,
+)
   .option("--measure-ms <ms>", "measured window per case", int("--measure-ms"), IDLE_BENCH_DEFAULTS.measure_ms)
   .option("--settle-ms <ms>", "wait after deploy before measuring", int("--settle-ms"), IDLE_BENCH_DEFAULTS.settle_ms)
-  .option("--hosts <n>", "host processes per cluster", int("--hosts"), IDLE_BENCH_DEFAULTS.hosts)
   .option("--size <n>", "VMs in the group", int("--size"), IDLE_BENCH_DEFAULTS.size)
-  .option("--guest <name>", "example guest the group runs", IDLE_BENCH_DEFAULTS.guest)
-  .addOption(new Option("--mode <mode>", "protection mode of the group").choices(["group", "vm", "none"]).default(IDLE_BENCH_DEFAULTS.mode))
   .option("--repeat <n>", "measurements per case, cases interleaved; the median is reported", int("--repeat"), IDLE_BENCH_DEFAULTS.repeat)
   .action(async (opts: { json?: boolean; measureMs: number; settleMs: number; hosts: number; size: number; guest: string; mode: "group" | "vm" | "none"; repeat: number }) => {
     const { runIdleBench } = await import("../bench/idle.js");
@@ -204,14 +211,13 @@ bench
     console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
   });
 
-bench
-  .command("scale")
-  .description("deploy time (module cache cold, then cached), host memory and threads per VM, main-loop stalls and false failovers of one group per size (kv, mode group, on 4 hosts), each size on fresh clusters")
-  .option("--json", "print one JSON object")
+benchGroupOptions(
+  bench
+    .command("scale")
+    .description("deploy time (module cache cold, then cached), host memory and threads per VM, main-loop stalls and false failovers of one group per size (kv, mode group, on 4 hosts), each size on fresh clusters"),
+  SCALE_BENCH_DEFAULTS,
+)
   .option("--sizes <list>", "group sizes", intList("--sizes"), SCALE_BENCH_DEFAULTS.sizes)
-  .option("--hosts <n>", "host processes per cluster", int("--hosts"), SCALE_BENCH_DEFAULTS.hosts)
-  .option("--guest <name>", "example guest the group runs", SCALE_BENCH_DEFAULTS.guest)
-  .addOption(new Option("--mode <mode>", "protection mode of the group").choices(["group", "vm", "none"]).default(SCALE_BENCH_DEFAULTS.mode))
   .option("--settle-ms <ms>", "how long the group runs after its deploy before the hosts are read", int("--settle-ms"), SCALE_BENCH_DEFAULTS.settle_ms)
   .action(async (opts: { json?: boolean; sizes: number[]; hosts: number; guest: string; mode: "group" | "vm" | "none"; settleMs: number }) => {
     const { runScaleBench } = await import("../bench/scale.js");
