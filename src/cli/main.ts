@@ -130,7 +130,7 @@ bench
       dirty_pages: opts.dirtyPages,
       samples: opts.samples,
       barrier_runs: opts.barrierRuns,
-      progress: (line) => process.stderr.write(`${line}\n`),
+      progress: benchProgress,
     });
     console.log(opts.json ? JSON.stringify(report) : formatCheckpointReport(report));
   });
@@ -143,9 +143,17 @@ bench
   .option("--runs <n>", "instrumentations per guest after the first", int("--runs"), INSTRUMENT_BENCH_DEFAULTS.runs)
   .action(async (opts: { json?: boolean; guests?: string[]; runs: number }) => {
     const { runInstrumentBench, formatInstrumentReport } = await import("../bench/instrument.js");
-    const report = await runInstrumentBench({ guests: opts.guests, runs: opts.runs, progress: (line) => process.stderr.write(`${line}\n`) });
+    const report = await runInstrumentBench({ guests: opts.guests, runs: opts.runs, progress: benchProgress });
     console.log(opts.json ? JSON.stringify(report) : formatInstrumentReport(report));
   });
+
+/** A benchmark's progress lines go to stderr, so its report alone is on stdout (pipes). */
+const benchProgress = (line: string): void => void process.stderr.write(`${line}\n`);
+
+/** A benchmark's report: one JSON line with --json, indented JSON otherwise. */
+function printReport(report: unknown, json: boolean | undefined): void {
+  console.log(json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+}
 
 const groupBenchOptions = (command: Command) =>
   command
@@ -158,8 +166,8 @@ const groupBenchOptions = (command: Command) =>
 groupBenchOptions(bench.command("pingpong").description("two VMs on two hosts bouncing 64 bytes, per mode (none, vm, group; none and group also without TLS) and over raw TCP and TLS")).action(
   async (opts: { json?: boolean; measureMs: number; warmupMs: number; hosts: number; repeat: number }) => {
     const { runPingpongBench } = await import("../bench/group.js");
-    const report = await runPingpongBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, repeat: opts.repeat, progress: (line) => process.stderr.write(`${line}\n`) });
-    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+    const report = await runPingpongBench({ measure_ms: opts.measureMs, warmup_ms: opts.warmupMs, hosts: opts.hosts, repeat: opts.repeat, progress: benchProgress });
+    printReport(report, opts.json);
   },
 );
 
@@ -173,9 +181,9 @@ groupBenchOptions(bench.command("allreduce").description("rounds of a group-wide
       hosts: opts.hosts,
       repeat: opts.repeat,
       sizes: opts.sizes,
-      progress: (line) => process.stderr.write(`${line}\n`),
+      progress: benchProgress,
     });
-    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+    printReport(report, opts.json);
   });
 
 /** What a cluster benchmark deploys: on how many hosts, which example guest, in which mode. */
@@ -206,9 +214,9 @@ benchGroupOptions(
       guest: opts.guest,
       mode: opts.mode,
       repeat: opts.repeat,
-      progress: (line) => process.stderr.write(`${line}\n`),
+      progress: benchProgress,
     });
-    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+    printReport(report, opts.json);
   });
 
 benchGroupOptions(
@@ -227,9 +235,9 @@ benchGroupOptions(
       guest: opts.guest,
       mode: opts.mode,
       settle_ms: opts.settleMs,
-      progress: (line) => process.stderr.write(`${line}\n`),
+      progress: benchProgress,
     });
-    console.log(opts.json ? JSON.stringify(report) : JSON.stringify(report, null, 2));
+    printReport(report, opts.json);
   });
 
 program.parseAsync().catch((error: unknown) => {

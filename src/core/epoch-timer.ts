@@ -12,11 +12,10 @@
  *   epoch up to max_interval_ms. Nobody blocks on a log line, and every
  *   epoch costs each host a few milliseconds of CPU (the members' captures,
  *   delta, `staged` and `commit` frames, a backup's stage and fold) that it
- *   takes from the VMs: a guest that logs on every step (`cohort bench
- *   allreduce`, whose guests log every round) ran at about two thirds of
- *   none mode's rate in group mode with its log epochs held at interval_ms
- *   (20), and at about none mode's rate at 100. A log line is released within
- *   about max_interval_ms plus a commit round trip.
+ *   takes from the VMs: with a guest that logs on every step, `cohort bench
+ *   allreduce` measured group/none 0.55–0.65 with log epochs held at
+ *   interval_ms (20), 0.80–0.93 with them stretched to 100. A log line is
+ *   released within about max_interval_ms plus a commit round trip.
  *   (An epoch in which nothing at all happened is not ended: the owner asks
  *   only when something did, see leader.ts.)
  * - A boundary that came while the owner could not end the epoch (one still
