@@ -189,11 +189,12 @@ export interface HostStatus {
   /** Group frames no group here took: a malformed or newer header (its connection closed), for a group with no replica here, in this host's own name, a join the store does not back. */
   group_frames_refused: number;
   /**
-   * How late the host's main loop ran timers since this instance started
-   * (Node's event-loop delay, sampled every 10 ms): while it is late,
+   * How late the host's main loop ran its heartbeat tick since this instance
+   * started (every heartbeat interval, 50 ms by default): while it is late,
    * heartbeats are late, and a lateness near the detection timeout reads as
-   * a failure to the peers. `stall_ms_max`: the longest gap between two runs
-   * of the failure detector.
+   * a failure to the peers. `stall_ms_max`: the longest gap between two
+   * ticks (a gap longer than the detection timeout is this host's own stall:
+   * its detector gives every peer a fresh window).
    */
   main_loop: { delay_ms_p99: number; delay_ms_max: number; stall_ms_max: number };
 }

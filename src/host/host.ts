@@ -6,7 +6,7 @@
  * carries it out. A single VM is a group of one.
  */
 import { createServer, type Server, type Socket } from "node:net";
-import { monitorEventLoopDelay, type IntervalHistogram } from "node:perf_hooks";
+import { createHistogram, type RecordableHistogram } from "node:perf_hooks";
 import { mutualTlsServer, type TlsMaterial } from "../tls/context.js";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
@@ -90,8 +90,6 @@ const PEER_RESYNC_MS = 2000;
 /** A peer without a connection (down, or declared failed and perhaps only paused) is dialed again this often. */
 const PEER_RECONNECT_MS = 250;
 
-/** Sampling interval of the event-loop delay histogram (status `main_loop`); its samples start at it. */
-const LOOP_DELAY_RESOLUTION_MS = 10;
 /** How long `vm_request` waits for the VM's reply to be released. */
 export const VM_REQUEST_TIMEOUT_MS = 5000;
 
@@ -127,13 +125,22 @@ export class Host {
   readonly retired: Promise<string>;
   private retireWith: (reason: string) => void = () => undefined;
   private retiring = false;
-  /** The main loop's lateness (status `main_loop`), and the longest gap between two detector runs. */
-  private readonly loopDelay: IntervalHistogram = monitorEventLoopDelay({ resolution: LOOP_DELAY_RESOLUTION_MS });
+  /**
+   * The main loop's lateness (status `main_loop`), in µs: how late each
+   * heartbeat tick ran. The ticks are the host's own clock of its loop; a
+   * sampler of its own (Node's monitorEventLoopDelay) woke an idle host 100
+   * times a second, more than everything else it does when idle.
+   */
+  private readonly loopLateness_us: RecordableHistogram = createHistogram();
+  /** The longest gap between two heartbeat ticks. */
   private stallMax_ms = 0;
+  /** When the heartbeat tick last ran: a gap longer than the detection timeout means this host stalled. */
+  private lastTick_ms = 0;
   /** heardHosts() as detect() last told the groups. */
   private lastHeard = "";
-  /** When detect() last ran: a gap longer than the timeout means this host stalled. */
-  private lastDetect_ms = 0;
+  /** The detector's next run (see armDetect), and when it is due. */
+  private detectTimer: NodeJS.Timeout | null = null;
+  private detectDue_ms = Infinity;
   private hostsWatch: Watch | null = null;
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
@@ -193,7 +200,6 @@ export class Host {
       }, Math.max(100, Math.floor(lease_ms / LEASE_RENEWALS_PER_TTL))),
     );
     VmWorker.prewarm(VM_THREADS_PREWARMED);
-    this.loopDelay.enable();
     this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
     // Registrations come and go (hosts start, restart, their leases lapse): the store says when (etcd pushes,
     // the file store is looked at every WATCH_POLL_MS); a slow re-read besides catches what a watch missed.
@@ -203,10 +209,6 @@ export class Host {
     this.hostsWatch = this.store.watch("hosts/", refresh);
     this.timers.push(setInterval(refresh, PEER_RESYNC_MS));
     this.timers.push(setInterval(() => this.reconnectPeers(), PEER_RECONNECT_MS));
-    // Judged after the loop's next poll (setImmediate runs in the check phase, timers before poll):
-    // heartbeats that reached the socket while this thread waited for the CPU are read before the
-    // silence they end is counted against their sender.
-    this.timers.push(setInterval(() => setImmediate(() => this.detect()), Math.max(10, Math.floor(this.options.detect_ms / 10))));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
   }
@@ -253,7 +255,7 @@ export class Host {
     if (this.stopping) return;
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
-    this.loopDelay.disable();
+    if (this.detectTimer) clearTimeout(this.detectTimer);
     this.hostsWatch?.close();
     // Replicas first: a host that retires because the store is away must not wait on it to stop them.
     await this.groups.stop();
@@ -368,26 +370,55 @@ export class Host {
     this.connectPeer(peer).catch((error: Error) => this.log.error({ err: error, peer: peer.id }, "connecting to a peer failed"));
   }
 
+  /**
+   * The heartbeat tick: beats to every peer, and this host's own pulse. A
+   * tick that comes more than the detection timeout after the last one means
+   * this host stalled (SIGSTOP, a long synchronous step): the silence its
+   * detector would measure now is its own. Every peer gets a fresh window;
+   * one that is really gone is found a timeout later. (Deciding on that
+   * silence made a resumed host declare every live peer failed before their
+   * heartbeats, queued in its sockets, were read.) After a stall every
+   * expired timer runs in the same timers phase, this one included, before
+   * the detector's run in the check phase that follows (armDetect).
+   */
   private heartbeat(): void {
-    const beat: Heartbeat = { from: this.id, sent_ms: Date.now() };
+    const now = Date.now();
+    const gap_ms = this.lastTick_ms > 0 ? now - this.lastTick_ms : this.options.heartbeat_ms;
+    this.lastTick_ms = now;
+    this.stallMax_ms = Math.max(this.stallMax_ms, gap_ms);
+    this.loopLateness_us.record(Math.max(1, Math.round((gap_ms - this.options.heartbeat_ms) * 1000)));
+    if (gap_ms > this.options.detect_ms) {
+      for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
+      this.log.warn({ stalled_ms: gap_ms }, "this host stalled; its peers get a fresh detection window");
+    }
+    const beat: Heartbeat = { from: this.id, sent_ms: now };
     for (const peer of this.peers.values()) peer.out?.send(MSG.HEARTBEAT, beat);
+  }
+
+  /**
+   * Runs the detector at `due_ms` unless it runs sooner already. It runs only
+   * when a peer's silence can cross a threshold (half the timeout: no longer
+   * heard; the timeout: failed), not on a fixed tick: peers that keep beating
+   * cost no wake-ups. Judged after the loop's next poll (setImmediate runs in
+   * the check phase, timers before poll): heartbeats that reached the socket
+   * while this thread waited for the CPU are read before the silence they end
+   * is counted against their sender.
+   */
+  private armDetect(due_ms: number): void {
+    if (this.stopping || due_ms >= this.detectDue_ms) return;
+    if (this.detectTimer) clearTimeout(this.detectTimer);
+    this.detectDue_ms = due_ms;
+    this.detectTimer = setTimeout(() => {
+      this.detectTimer = null;
+      this.detectDue_ms = Infinity;
+      setImmediate(() => this.detect());
+    }, Math.max(0, due_ms - Date.now()));
   }
 
   private detect(): void {
     if (this.stopping) return; // an immediate queued by the last tick
     const now = Date.now();
-    // This host stalled itself (SIGSTOP, a long synchronous step) for longer than the timeout: the
-    // silence it would measure now is its own. Every peer gets a fresh window; one that is really gone
-    // is found a timeout later. (Deciding on that silence made a resumed host declare every live peer
-    // failed before their heartbeats, queued in its sockets, were read.)
-    const stalled_ms = this.lastDetect_ms > 0 ? now - this.lastDetect_ms : 0;
-    this.lastDetect_ms = now;
-    this.stallMax_ms = Math.max(this.stallMax_ms, stalled_ms);
-    if (stalled_ms > this.options.detect_ms) {
-      for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
-      this.log.warn({ stalled_ms }, "this host stalled; its peers get a fresh detection window");
-      return;
-    }
+    // This host's own stall (heartbeat()) refreshed every window; the heartbeat tick, as late, ran first.
     for (const peer of this.peers.values()) {
       if (peer.failed || peer.last_seen_ms === 0) continue;
       if (now - peer.last_seen_ms > this.options.detect_ms) {
@@ -403,6 +434,14 @@ export class Host {
       this.lastHeard = heard;
       this.groups.hostsChanged();
     }
+    // The next moment a peer's silence crosses half the timeout or the timeout (1 ms past: the tests are strict).
+    let next = Infinity;
+    for (const peer of this.peers.values()) {
+      if (peer.failed || peer.last_seen_ms === 0) continue;
+      const half = peer.last_seen_ms + this.options.detect_ms / 2;
+      next = Math.min(next, (half >= now ? half : peer.last_seen_ms + this.options.detect_ms) + 1);
+    }
+    if (next < Infinity) this.armDetect(next);
   }
 
   /** Live peers heard from within half the detection timeout, and this host (the side of a partition it is on; see the core's `hosts` event). */
@@ -483,7 +522,10 @@ export class Host {
         // One from the future (by more than the detector's timeout) is a broken clock or a forgery: it proves nothing.
         if (peer && age_ms < this.options.detect_ms && age_ms > -this.options.detect_ms) {
           const joined = peer.last_seen_ms === 0;
-          peer.last_seen_ms = Date.now();
+          const now = Date.now();
+          // Heard again after a silence (or for the first time): the detector updates who is heard now, and watches it from here.
+          if (joined || peer.failed || now - peer.last_seen_ms > this.options.detect_ms / 2) this.armDetect(now);
+          peer.last_seen_ms = now;
           if (peer.failed) {
             peer.failed = false;
             this.log.info({ peer: peer.id }, "peer is back");
@@ -745,8 +787,8 @@ export class Host {
       group_frames_refused: this.groupFramesRefused + this.groups.refused,
       // The histogram counts in ns and starts at the sampling resolution: what is above it is lateness.
       main_loop: {
-        delay_ms_p99: round(Math.max(0, this.loopDelay.percentile(99) / 1e6 - LOOP_DELAY_RESOLUTION_MS), 1),
-        delay_ms_max: round(Math.max(0, this.loopDelay.max / 1e6 - LOOP_DELAY_RESOLUTION_MS), 1),
+        delay_ms_p99: round(this.loopLateness_us.percentile(99) / 1000, 1),
+        delay_ms_max: round(this.loopLateness_us.max / 1000, 1),
         stall_ms_max: this.stallMax_ms,
       },
     };
