@@ -6,8 +6,8 @@
  */
 import { describe, expect, it } from "vitest";
 import { encodePayload } from "../src/host/messages.js";
-import { LOG_PAGE_BYTES_MAX, logPages, OutputLog } from "../src/host/output-log.js";
-import { OUTPUT_LOG, packOutput, type OutputRecord } from "../src/vm/runtime-state.js";
+import { LOG_PAGE_BYTES_MAX, logPages, OUTPUT_LOG_RECORDS_MAX, OutputLog } from "../src/host/output-log.js";
+import { MalformedRuntimeStateError, OUTPUT_LOG, packOutput, type OutputRecord } from "../src/vm/runtime-state.js";
 
 const record = (seq: number, text: string): OutputRecord => ({ seq, epoch: 1, kind: OUTPUT_LOG, session: 0, request_id: 0, bytes: new TextEncoder().encode(text), produced_ms: 0 });
 
@@ -82,5 +82,45 @@ describe("output log", () => {
     expect(first.more).toBe(true);
     expect(log.page(2, 1000)).toMatchObject({ more: false });
     expect(log.page(3)).toEqual({ records: [], more: false });
+  });
+
+  it("keeps the newest OUTPUT_LOG_RECORDS_MAX records: whole batches go first, then part of the oldest left", () => {
+    const log = new OutputLog();
+    const batch = Math.ceil(OUTPUT_LOG_RECORDS_MAX * 0.35);
+    for (let b = 0; b < 3; b++) {
+      const records: OutputRecord[] = [];
+      for (let i = 1; i <= batch; i++) records.push(record(b * batch + i, `r${b * batch + i}`));
+      expect(log.appendPacked(packOutput(records))).toBe(batch);
+    }
+    expect(log.lastSeq).toBe(3 * batch);
+    expect(log.firstSeq).toBe(3 * batch - OUTPUT_LOG_RECORDS_MAX + 1);
+    const kept = log.since(1);
+    expect(kept.length).toBe(OUTPUT_LOG_RECORDS_MAX);
+    expect(kept[0]).toMatchObject({ seq: log.firstSeq, text: `r${log.firstSeq}` });
+    // Reads that start at each batch boundary and inside the partly dropped batch.
+    for (const seq of [log.firstSeq, batch, batch + 1, 2 * batch, 2 * batch + 1, log.lastSeq]) {
+      expect(log.page(seq, 100).records[0]).toMatchObject({ seq, text: `r${seq}` });
+    }
+    expect(log.page(log.lastSeq + 1)).toEqual({ records: [], more: false });
+    // Still dense and deduplicating at the front.
+    expect(log.append([record(log.firstSeq, "again"), record(log.lastSeq + 1, "next")])).toBe(1);
+  });
+
+  it("a backup mirrors only the records of released epochs, and the rest once they are", () => {
+    const log = new OutputLog();
+    const folded = [1, 1, 2, 3].map((epoch, i) => ({ ...record(i + 1, `e${epoch}`), epoch }));
+    expect(log.appendPacked(packOutput(folded), 2)).toBe(3);
+    expect(log.lastSeq).toBe(3);
+    expect(log.appendPacked(packOutput([...folded, { ...record(5, "e4"), epoch: 4 }]), 3)).toBe(1);
+    expect(log.since(1).map((r) => r.text)).toEqual(["e1", "e1", "e2", "e3"]);
+  });
+
+  it("refuses a batch whose layout does not add up, and keeps what it had", () => {
+    const log = logOf(2, (s) => `line ${s}`);
+    const packed = packOutput([record(3, "three")]);
+    expect(() => log.appendPacked(packed.subarray(0, packed.length - 1))).toThrow(MalformedRuntimeStateError);
+    expect(() => log.appendPacked(new Uint8Array([1, 2, 3]))).toThrow(MalformedRuntimeStateError);
+    expect(log.lastSeq).toBe(2);
+    expect(log.appendPacked(packed)).toBe(1);
   });
 });

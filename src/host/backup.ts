@@ -11,7 +11,7 @@
  * staged. The output mirror follows the folds.
  */
 import { decodeDelta, decodeImage, type DecodeOptions } from "../checkpoint/format.js";
-import { unpackOutput, type PackedOutput } from "../vm/runtime-state.js";
+import type { PackedOutput } from "../vm/runtime-state.js";
 import { VmWorker } from "../vm/vm.js";
 import type { GuestBundle, WorkerVmOptions } from "../vm/protocol.js";
 import { OutputLog } from "./output-log.js";
@@ -176,10 +176,7 @@ export class BackupReplica {
 
   /** Output held in the folded states (in seq order) with epoch <= the committed cut was released by the primary. */
   private mirror(output: PackedOutput, committed: number): void {
-    this.log.append(
-      unpackOutput(output, false).filter((r) => r.epoch <= committed),
-      true,
-    );
+    this.log.appendPacked(output, committed);
   }
 
   private enqueue<T>(job: () => Promise<T>): Promise<T> {

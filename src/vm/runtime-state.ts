@@ -127,11 +127,8 @@ function writeRecords<T>(out: Uint8Array, start: number, records: readonly T[], 
   }
 }
 
-/**
- * Inverse of packRecords; `valid` checks each record's numbers; `what` names the section in errors.
- * `copy`: each record's payload is a copy of its bytes, else a view into `packed`.
- */
-function unpackRecords<T>(packed: Uint8Array, fields: number, valid: (numbers: number[]) => boolean, build: (numbers: number[], bytes: Uint8Array) => T, what: string, copy = true): T[] {
+/** Inverse of packRecords; `valid` checks each record's numbers; `what` names the section in errors. Payloads are copies. */
+function unpackRecords<T>(packed: Uint8Array, fields: number, valid: (numbers: number[]) => boolean, build: (numbers: number[], bytes: Uint8Array) => T, what: string): T[] {
   const malformed = () => new MalformedRuntimeStateError(`runtime state is malformed (${what})`);
   const entry = 8 * (fields + 1);
   if (packed.length < 8) throw malformed();
@@ -146,8 +143,8 @@ function unpackRecords<T>(packed: Uint8Array, fields: number, valid: (numbers: n
     for (let k = 0; k < fields; k++) numbers.push(view.getFloat64(at + 8 * k, true));
     const length = view.getFloat64(at + 8 * fields, true);
     if (!valid(numbers) || !Number.isSafeInteger(length) || length < 0 || body + length > packed.length) throw malformed();
-    // A copy per record unless asked: a view into one shared buffer would drag the whole array along whenever one is cloned.
-    records.push(build(numbers, copy ? packed.slice(body, body + length) : packed.subarray(body, body + length)));
+    // A copy per record: a view into one shared buffer would drag the whole array along whenever one is cloned.
+    records.push(build(numbers, packed.slice(body, body + length)));
     at += entry;
     body += length;
   }
@@ -187,15 +184,82 @@ export type PackedOutput = Uint8Array;
 
 /** Inverse of packOutput. `copy: false`: each record's bytes are a view into `packed` (the caller keeps the batch). */
 export function unpackOutput(packed: Uint8Array, copy = true): OutputRecord[] {
-  return unpackRecords(
-    packed,
-    OUTPUT_FIELDS,
-    // Any integers (a guest picks the session it replies to), a finite clock reading.
-    (n) => n.slice(0, 5).every((v) => Number.isSafeInteger(v)) && Number.isFinite(n[5]),
-    ([kind, epoch, seq, session, request_id, produced_ms], bytes) => ({ kind, epoch, seq, session, request_id, produced_ms, bytes }),
-    "output section",
-    copy,
-  );
+  const view = new PackedOutputView(packed);
+  const out: OutputRecord[] = [];
+  for (let i = 0; i < view.count; i++) out.push(view.record(i, copy));
+  return out;
+}
+
+const OUTPUT_ENTRY_BYTES = 8 * (OUTPUT_FIELDS + 1);
+
+/**
+ * Random access to the records of a PackedOutput without building them: a
+ * host keeps released output this way (src/host/output-log.ts), one object
+ * per batch, and builds a record only when someone reads it. The layout is
+ * checked whole on construction (throws MalformedRuntimeStateError), as
+ * unpackOutput, which reads through this, always did.
+ */
+export class PackedOutputView {
+  readonly count: number;
+  private readonly view: DataView;
+  /** Where record i's payload starts; offsets[count] is the end. */
+  private readonly offsets: Uint32Array;
+
+  constructor(readonly packed: PackedOutput) {
+    const malformed = () => new MalformedRuntimeStateError("runtime state is malformed (output section)");
+    if (packed.length < 8) throw malformed();
+    this.view = new DataView(packed.buffer, packed.byteOffset, packed.byteLength);
+    const count = this.view.getFloat64(0, true);
+    if (!Number.isSafeInteger(count) || count < 0 || 8 + count * OUTPUT_ENTRY_BYTES > packed.length) throw malformed();
+    this.count = count;
+    this.offsets = new Uint32Array(count + 1);
+    let body = 8 + count * OUTPUT_ENTRY_BYTES;
+    for (let i = 0; i < count; i++) {
+      // Any integers (a guest picks the session it replies to), a finite clock reading.
+      for (let k = 0; k < 5; k++) if (!Number.isSafeInteger(this.number(i, k))) throw malformed();
+      const length = this.number(i, OUTPUT_FIELDS);
+      if (!Number.isFinite(this.number(i, 5)) || !Number.isSafeInteger(length) || length < 0 || body + length > packed.length) throw malformed();
+      this.offsets[i] = body;
+      body += length;
+    }
+    if (body !== packed.length) throw malformed();
+    this.offsets[count] = body;
+  }
+
+  kind(i: number): number {
+    return this.number(i, 0);
+  }
+
+  epoch(i: number): number {
+    return this.number(i, 1);
+  }
+
+  seq(i: number): number {
+    return this.number(i, 2);
+  }
+
+  request_id(i: number): number {
+    return this.number(i, 4);
+  }
+
+  produced_ms(i: number): number {
+    return this.number(i, 5);
+  }
+
+  /** Record i's payload: a view into the batch. */
+  bytes(i: number): Uint8Array {
+    return this.packed.subarray(this.offsets[i], this.offsets[i + 1]);
+  }
+
+  /** Record i built; `copy`: its bytes copied out of the batch. */
+  record(i: number, copy = true): OutputRecord {
+    const bytes = copy ? this.packed.slice(this.offsets[i], this.offsets[i + 1]) : this.bytes(i);
+    return { kind: this.kind(i), epoch: this.epoch(i), seq: this.seq(i), session: this.number(i, 3), request_id: this.request_id(i), produced_ms: this.produced_ms(i), bytes };
+  }
+
+  private number(i: number, field: number): number {
+    return this.view.getFloat64(8 + i * OUTPUT_ENTRY_BYTES + 8 * field, true);
+  }
 }
 
 /** First byte of each layout (see the file comment); V8's serializer starts with 0xFF. */
