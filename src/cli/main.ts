@@ -6,7 +6,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { describeThrown } from "../guest/errors.js";
 import { registerClusterCommands } from "./cluster-commands.js";
 import { registerCaCommands } from "./ca-commands.js";
-import { GROUP_BENCH_DEFAULTS, IDLE_BENCH_DEFAULTS, SCALE_BENCH_DEFAULTS } from "../bench/group-defaults.js";
+import { GROUP_BENCH_DEFAULTS, IDLE_BENCH_DEFAULTS, SCALE_BENCH_DEFAULTS, STORE_BENCH_DEFAULTS } from "../bench/group-defaults.js";
 
 // `cohort logs vm --follow | head -1`: once stdout's reader has gone away, every write fails with
 // EPIPE. Nobody is left to read anything we could say, and the reader chose to stop: exit quietly
@@ -238,6 +238,33 @@ benchGroupOptions(
       progress: benchProgress,
     });
     printReport(report, opts.json);
+  });
+
+bench
+  .command("store")
+  .description("what a coordination store sustains for sizing a cluster: puts, get+compare-and-swap, lease renewals and lists, per second and their latency, with many in flight; writes only under bench/ and removes it")
+  .option("--json", "print one JSON object")
+  .option("--store <store>", "embedded (a new temporary directory) or etcd://host:port[,host:port...][/prefix]", "embedded")
+  .option("--measure-ms <ms>", "measured time per operation", int("--measure-ms"), STORE_BENCH_DEFAULTS.measure_ms)
+  .option("--concurrency <n>", "operations in flight", int("--concurrency"), STORE_BENCH_DEFAULTS.concurrency)
+  .option("--list-keys <n>", "records under the listed prefix", int("--list-keys"), STORE_BENCH_DEFAULTS.list_keys)
+  .addHelpText("after", "\nExample:\n  cohort bench store --store etcd://127.0.0.1:2379 --json")
+  .action(async (opts: { json?: boolean; store: string; measureMs: number; concurrency: number; listKeys: number }) => {
+    const { runStoreBench } = await import("../bench/store.js");
+    const { openStore, parseStoreSpec } = await import("../store/open.js");
+    const spec = parseStoreSpec(opts.store);
+    const { mkdtemp, rm } = await import("node:fs/promises");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const dir = spec.kind === "embedded" ? await mkdtemp(join(tmpdir(), "cohort-bench-store-")) : null;
+    const store = openStore(spec, dir ?? "");
+    try {
+      const report = await runStoreBench({ store, store_name: opts.store, measure_ms: opts.measureMs, concurrency: opts.concurrency, list_keys: opts.listKeys, progress: benchProgress });
+      printReport(report, opts.json);
+    } finally {
+      await store.close();
+      if (dir) await rm(dir, { recursive: true, force: true });
+    }
   });
 
 program.parseAsync().catch((error: unknown) => {
