@@ -6,11 +6,11 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { runStoreBench, type StoreBenchReport } from "../src/bench/store.js";
 import { openStore } from "../src/store/open.js";
 import { runCli } from "./support/cli.js";
-import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
+import { etcdAvailable, useEtcd } from "./support/etcd.js";
 
 function expectMeasured(report: StoreBenchReport): void {
   for (const op of ["put", "cas", "keepalive", "list"] as const) {
@@ -22,16 +22,10 @@ function expectMeasured(report: StoreBenchReport): void {
 }
 
 describe.skipIf(!etcdAvailable())("bench store on a real etcd", () => {
-  let etcd: RunningEtcd;
-  beforeAll(async () => {
-    etcd = await startEtcd();
-  }, 30_000);
-  afterAll(async () => {
-    await etcd?.destroy();
-  });
+  const etcd = useEtcd();
 
   it("times puts, compare-and-swaps, lease renewals and lists, and leaves nothing behind", async () => {
-    const store = openStore(`etcd://${etcd.endpoint}/bench-test`, "");
+    const store = openStore(`etcd://${etcd().endpoint}/bench-test`, "");
     try {
       await store.put("keep/me", { x: 1 });
       const report = await runStoreBench({ store, store_name: "etcd", measure_ms: 300, concurrency: 4, list_keys: 10, progress: () => undefined });
@@ -44,7 +38,7 @@ describe.skipIf(!etcdAvailable())("bench store on a real etcd", () => {
   }, 30_000);
 
   it("the command prints one JSON report on stdout, progress on stderr", async () => {
-    const r = await runCli(["bench", "store", "--json", "--store", `etcd://${etcd.endpoint}/bench-cli`, "--measure-ms", "200", "--concurrency", "2", "--list-keys", "5"], { cwd: tmpdir(), env: process.env, limit_ms: 30_000 });
+    const r = await runCli(["bench", "store", "--json", "--store", `etcd://${etcd().endpoint}/bench-cli`, "--measure-ms", "200", "--concurrency", "2", "--list-keys", "5"], { cwd: tmpdir(), env: process.env, limit_ms: 30_000 });
     expect(r.code, r.stderr).toBe(0);
     const report = JSON.parse(r.stdout) as StoreBenchReport;
     expect(report).toMatchObject({ bench: "store", concurrency: 2, list_keys: 5 });

@@ -9,13 +9,13 @@ import { existsSync, readdirSync } from "node:fs";
 import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Etcd3 } from "etcd3";
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it } from "vitest";
 import { LogFollower, requestAny, type FollowedRecord } from "../src/cli/client.js";
 import { runBankDemo } from "../src/cli/demo-bank.js";
 import { parseManifest } from "../src/cluster/manifest.js";
 import { hostStateDir } from "../src/cluster/local-cluster.js";
 import { guestPath } from "../src/guest/examples.js";
-import { etcdAvailable, startEtcd, type RunningEtcd } from "./support/etcd.js";
+import { etcdAvailable, useEtcd } from "./support/etcd.js";
 import { BANK_CHECKS_ALL_TRUE, startCluster, stopClusters, waitFor } from "./support/cluster.js";
 import { HOST_DEFAULTS } from "../src/host/host.js";
 
@@ -23,19 +23,13 @@ import { HOST_DEFAULTS } from "../src/host/host.js";
 const DETECT_MS = HOST_DEFAULTS.detect_ms;
 
 describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)", () => {
-  let etcd: RunningEtcd;
-  beforeAll(async () => {
-    etcd = await startEtcd();
-  }, 30_000);
-  afterAll(async () => {
-    await etcd?.destroy();
-  });
+  const etcd = useEtcd();
   afterEach(stopClusters);
 
   it("the CLI learns the cluster from the hosts over TCP: `status` works with the store it names unreachable, and no store file exists", async () => {
-    const { dir, cluster: c, store } = await startCluster(2, DETECT_MS, `etcd://${etcd.endpoint}/status-test`);
+    const { dir, cluster: c, store } = await startCluster(2, DETECT_MS, `etcd://${etcd().endpoint}/status-test`);
     try {
-      expect(c.store).toBe(`etcd://${etcd.endpoint}/status-test`);
+      expect(c.store).toBe(`etcd://${etcd().endpoint}/status-test`);
       const module = guestPath("kv");
       const manifest = parseManifest(`group: kv\nmode: group\nsize: 2\nmodule: ${JSON.stringify(module)}\n`, { source: "test", base_dir: "/" });
       await requestAny(c, "deploy", { manifest }, new Uint8Array(await readFile(module)));
@@ -59,7 +53,7 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
   }, 60_000);
 
   it("etcd stopped under a running cluster: the group keeps running and releasing; a failure meanwhile is decided once etcd is back", async () => {
-    const { cluster: c, store } = await startCluster(3, DETECT_MS, `etcd://${etcd.endpoint}/outage`);
+    const { cluster: c, store } = await startCluster(3, DETECT_MS, `etcd://${etcd().endpoint}/outage`);
     const records: FollowedRecord[] = [];
     let follower: LogFollower | null = null;
     try {
@@ -72,7 +66,7 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
       await waitFor(() => records.length >= 20, 10_000, "output before the outage");
 
       // etcd down: the store is on no per-epoch path, so output keeps being released.
-      await etcd.stop();
+      await etcd().stop();
       const atStop = records.length;
       await new Promise((r) => setTimeout(r, 3000));
       expect(records.length).toBeGreaterThan(atStop + 50); // the ticker logs every 20 ms
@@ -86,7 +80,7 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
       await new Promise((r) => setTimeout(r, 2 * DETECT_MS + 500));
       expect(follower.lastSeq).toBe(atKill);
       // ...and once etcd is back, the failover is decided and the output continues with no gap.
-      await etcd.restart();
+      await etcd().restart();
       await waitFor(() => follower!.lastSeq > atKill + 20, 20_000, "output after etcd came back");
       const after = (await store.get<{ primary: string; incarnation: number }>("vms/ticker-0"))!.value;
       expect(after.primary).toBe(before.backup);
@@ -96,20 +90,20 @@ describe.skipIf(!etcdAvailable())("a cluster on etcd (real processes, kill -9)",
       records.forEach((r, i) => expect(r.seq).toBe(i + 1));
     } finally {
       follower?.stop();
-      if (!etcd.pid || etcd.pid < 0) await etcd.restart();
+      if (!etcd().pid || etcd().pid < 0) await etcd().restart();
       await store.close();
     }
   }, 90_000);
 
   it("bank: the failover is decided through etcd; total conserved, nothing lost or applied twice", async () => {
     const report = await runBankDemo(
-      { hosts: 3, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2500, detect_ms: DETECT_MS, store: `etcd://${etcd.endpoint}/it` },
+      { hosts: 3, size: 4, run_before_kill_ms: 1500, run_after_kill_ms: 2500, detect_ms: DETECT_MS, store: `etcd://${etcd().endpoint}/it` },
       () => undefined,
     );
     expect(report.checks).toEqual(BANK_CHECKS_ALL_TRUE);
     expect(report.rounds_after_kill).toBeGreaterThan(3);
     // The decision is in etcd: the group's record (under the demo's own prefix) moved to a new incarnation.
-    const raw = new Etcd3({ hosts: `http://${etcd.endpoint}` });
+    const raw = new Etcd3({ hosts: `http://${etcd().endpoint}` });
     try {
       const all = await raw.getAll().prefix("it/").strings();
       const keys = Object.keys(all).filter((k) => /^it\/demo-[a-z0-9-]+\/protection\/bank$/.test(k));

@@ -182,11 +182,11 @@ export function packOutput(records: readonly OutputRecord[]): Uint8Array {
  */
 export type PackedOutput = Uint8Array;
 
-/** Inverse of packOutput. `copy: false`: each record's bytes are a view into `packed` (the caller keeps the batch). */
-export function unpackOutput(packed: Uint8Array, copy = true): OutputRecord[] {
+/** Inverse of packOutput; each record's bytes are a copy (a view would keep the whole batch alive). */
+export function unpackOutput(packed: Uint8Array): OutputRecord[] {
   const view = new PackedOutputView(packed);
   const out: OutputRecord[] = [];
-  for (let i = 0; i < view.count; i++) out.push(view.record(i, copy));
+  for (let i = 0; i < view.count; i++) out.push(view.record(i));
   return out;
 }
 
@@ -251,9 +251,9 @@ export class PackedOutputView {
     return this.packed.subarray(this.offsets[i], this.offsets[i + 1]);
   }
 
-  /** Record i built; `copy`: its bytes copied out of the batch. */
-  record(i: number, copy = true): OutputRecord {
-    const bytes = copy ? this.packed.slice(this.offsets[i], this.offsets[i + 1]) : this.bytes(i);
+  /** Record i built, its bytes copied out of the batch. */
+  record(i: number): OutputRecord {
+    const bytes = this.packed.slice(this.offsets[i], this.offsets[i + 1]);
     return { kind: this.kind(i), epoch: this.epoch(i), seq: this.seq(i), session: this.number(i, 3), request_id: this.request_id(i), produced_ms: this.produced_ms(i), bytes };
   }
 

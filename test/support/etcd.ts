@@ -13,6 +13,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Etcd3 } from "etcd3";
+import { afterAll, beforeAll } from "vitest";
 
 export const ETCD_BINARY = process.env.COHORT_ETCD_BINARY ?? "etcd";
 
@@ -148,4 +149,22 @@ async function waitReady(endpoint: string, child: ChildProcess, stderr: () => st
   } finally {
     probe.close();
   }
+}
+
+/**
+ * One etcd for the enclosing `describe`: started before its tests, destroyed
+ * after them. Returns a getter (the server exists only once beforeAll ran).
+ */
+export function useEtcd(): () => RunningEtcd {
+  let etcd: RunningEtcd | undefined;
+  beforeAll(async () => {
+    etcd = await startEtcd();
+  }, 30_000);
+  afterAll(async () => {
+    await etcd?.destroy();
+  });
+  return () => {
+    if (!etcd) throw new Error("etcd is not started (useEtcd's beforeAll has not run)");
+    return etcd;
+  };
 }
