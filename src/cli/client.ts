@@ -134,8 +134,31 @@ function learn(cluster: ClusterAccess, hosts: readonly { id: string; address: st
   for (const h of hosts) if (!cluster.hosts.some((c) => c.id === h.id)) map.set(h.id, h.address);
 }
 
+/**
+ * Ops that only read: one that reached a host and got no answer (the host
+ * paused, or it closed the connection) is asked of the next host. Any other
+ * op (a deploy, a request to a VM) may have been carried out by a host that
+ * did not answer, so it is never sent twice: a deploy sent again after a
+ * timeout answered "already deployed" for the group the first host was
+ * still deploying.
+ */
+const READ_ONLY_OPS: ReadonlySet<HostOp> = new Set<HostOp>(["ping", "status", "records", "locate", "logs"]);
+
+/**
+ * How long a deploy is waited for: it starts every VM of the group on
+ * several hosts, which takes seconds for large groups on a loaded machine
+ * (the hosts bound its attempts themselves), not the 30 s of other requests.
+ */
+export const DEPLOY_TIMEOUT_MS = 300_000;
+
+/** A request that reached a host which did not answer it: it may have been carried out there. */
+class UnansweredError extends Error {
+  override name = "UnansweredError";
+}
+
 /** Sends one request to the first host that answers (or to `host_id`). */
 export async function requestAny<Op extends HostOp>(cluster: ClusterAccess, op: Op, args: HostOps[Op]["args"], body?: Uint8Array, host_id?: string, options: RequestOptions = {}): Promise<HostOps[Op]["result"]> {
+  const timeout_ms = options.timeout_ms ?? (op === "deploy" ? DEPLOY_TIMEOUT_MS : undefined);
   const errors: string[] = [];
   let hosts: { id: string; address: string }[] = [...cluster.hosts, ...learnedHosts(cluster)];
   if (host_id && !hosts.some((h) => h.id === host_id)) {
@@ -145,8 +168,9 @@ export async function requestAny<Op extends HostOp>(cluster: ClusterAccess, op: 
   for (const host of hosts) {
     if ((host_id && host.id !== host_id) || host.id === options.exclude) continue;
     try {
-      return await ask(cluster, host, op, args, body, options.timeout_ms);
+      return await ask(cluster, host, op, args, body, timeout_ms);
     } catch (error) {
+      if (error instanceof UnansweredError && !READ_ONLY_OPS.has(op)) throw error;
       const e = error as Error & { code?: string };
       // An answer that says no is final; only unreachable hosts make us try the next one.
       if (e.code && e.code !== "ECONNREFUSED") throw error;
@@ -162,7 +186,15 @@ async function ask<Op extends HostOp>(cluster: ClusterAccess, host: { id: string
   try {
     connection = await Connection.open(host.address, `cli→${host.id ?? host.address}`, 1000, dialTls(cluster, host.id ?? undefined));
     connection.send(MSG.HELLO, { from: "cli" });
-    const result = await connection.request(op, args, body, timeout_ms);
+    let result: HostOps[Op]["result"];
+    try {
+      result = (await connection.request(op, args, body, timeout_ms)) as HostOps[Op]["result"];
+    } catch (error) {
+      const e = error as Error & { code?: string };
+      // An answer that says no carries its code; a timeout or a closed connection leaves the outcome unknown.
+      if (e.code && e.code !== "ConnectionClosed") throw error;
+      throw new UnansweredError(`${host.id ?? host.address} did not answer ${op} (${e.message}); it may have been carried out there: \`cohort status\` shows what runs`, { cause: error });
+    }
     if (op === "records") learn(cluster, (result as HostOps["records"]["result"]).hosts);
     return result;
   } finally {
