@@ -14,7 +14,7 @@ import { compileGuest } from "../src/guest/module-cache.js";
 import { DEFAULT_LIMITS, type VmLimits } from "../src/vm/machine.js";
 import { unpackOutput } from "../src/vm/runtime-state.js";
 import type { GuestBundle, WorkerVmOptions } from "../src/vm/protocol.js";
-import { VmWorker } from "../src/vm/vm.js";
+import { VM_THREAD_STARTS_MAX, VmWorker, vmThreadStarts } from "../src/vm/vm.js";
 import { builtBytes, fixtureBytes, watBytes } from "./support/guests.js";
 
 const started: VmWorker[] = [];
@@ -85,6 +85,28 @@ describe("VM worker", () => {
     const nices = threadNices();
     expect(nices.get(process.pid)).toBe(0); // this (main) thread keeps its priority
     expect([...nices.values()]).toContain(WORKER_THREAD_NICE);
+  });
+
+  it("VM threads start at most VM_THREAD_STARTS_MAX at a time; the others wait their turn and all start", async () => {
+    const guest = await bundle(builtBytes("kv"));
+    const count = VM_THREAD_STARTS_MAX * 3;
+    let running_max = 0;
+    let waiting_max = 0;
+    const sampler = setInterval(() => {
+      const now = vmThreadStarts();
+      running_max = Math.max(running_max, now.running);
+      waiting_max = Math.max(waiting_max, now.waiting);
+    }, 1);
+    try {
+      const vms = await Promise.all(Array.from({ length: count }, () => boot(guest)));
+      expect(new Set(vms).size).toBe(count);
+      for (const vm of vms) expect((await vm.request("status", {})).role).toBe("primary");
+    } finally {
+      clearInterval(sampler);
+    }
+    expect(running_max).toBe(VM_THREAD_STARTS_MAX);
+    expect(waiting_max).toBeGreaterThanOrEqual(count - VM_THREAD_STARTS_MAX - 1);
+    expect(vmThreadStarts()).toEqual({ running: 0, waiting: 0 });
   });
 
   it("a trap crashes only that VM, with the trap's message", async () => {

@@ -7,6 +7,8 @@
 import { EventEmitter } from "node:events";
 import { Worker, type TransferListItem } from "node:worker_threads";
 import { fileURLToPath } from "node:url";
+import { availableParallelism } from "node:os";
+import { bulkhead, BulkheadRejectedError } from "cockatiel";
 import { sealDelta } from "../checkpoint/format.js";
 import { threadCpuMs } from "../util/thread-cpu.js";
 import {
@@ -107,6 +109,28 @@ function nextThreadTurn(): Promise<void> {
   const turn = lastThreadTurn.then(() => new Promise<void>((resolve) => setImmediate(resolve)));
   lastThreadTurn = turn;
   return turn;
+}
+
+/**
+ * VM threads starting at once in this process: a thread counts from its
+ * creation (or its being taken from the spares) until its first request
+ * (boot, restore, backup install) answered. A Node worker costs 60-100 ms of
+ * CPU to start (isolate, Node's bootstrap, the VM runtime's modules), most
+ * of it before the thread can lower its priority. A host that started all
+ * 32 threads of its share of a 64-VM group at once (4 hosts, 2 cores) kept
+ * every host's main thread waiting for a core for 0.7-1 s of each second
+ * (/proc/<tid>/schedstat), the hosts declared each other failed and the
+ * deploy gave up after three attempts; two at a time, the same deploy
+ * succeeds with the main loops at most 60-170 ms late. One per core, up to 4.
+ */
+export const VM_THREAD_STARTS_MAX = Math.max(1, Math.min(4, availableParallelism()));
+/** VM starts waiting for their turn; more is a host asked to start more VMs than it could hold. */
+export const VM_THREAD_STARTS_QUEUED_MAX = 4096;
+const threadStarts = bulkhead(VM_THREAD_STARTS_MAX, VM_THREAD_STARTS_QUEUED_MAX);
+
+/** VM thread starts under way and waiting for a slot, now (for tests and status). */
+export function vmThreadStarts(): { running: number; waiting: number } {
+  return { running: VM_THREAD_STARTS_MAX - threadStarts.executionSlots, waiting: VM_THREAD_STARTS_QUEUED_MAX - threadStarts.queueSlots };
 }
 
 /** Whether a fillSpares loop is running (one at a time). */
@@ -217,10 +241,20 @@ export class VmWorker extends EventEmitter<VmEvents> {
   }
 
   /**
-   * Starts a thread and its first request, bounded in time: a thread that never answers (it
-   * failed to start) must not hold up a deploy or a failover forever. On failure the thread is stopped.
+   * Starts a thread and its first request once a start slot is free (VM_THREAD_STARTS_MAX),
+   * bounded in time from then: a thread that never answers (it failed to start) must not hold up
+   * a deploy or a failover forever. On failure the thread is stopped.
    */
   private static async start(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
+    try {
+      return await threadStarts.execute(() => VmWorker.startNow(options, first));
+    } catch (error) {
+      if (error instanceof BulkheadRejectedError) throw new VmGoneError(`more than ${VM_THREAD_STARTS_QUEUED_MAX} VM threads are waiting to start on this host`);
+      throw error;
+    }
+  }
+
+  private static async startNow(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
     if (spares.length === 0) await nextThreadTurn(); // this VM creates a thread (see nextThreadTurn)
     const vm = new VmWorker(options.limits.call_cpu_ms);
     let timer: NodeJS.Timeout | undefined;
