@@ -1,24 +1,25 @@
 /**
- * `cohort bench scale` (src/bench/scale.ts) on the smallest cluster that has
- * backups: a 2-VM group on 2 real host processes, deployed cold and then with
- * the cold run's module cache. Checks that what it reports is what happened
- * (every replica counted on its host, the cached run read the module from the
- * cache, the hosts grew by the VMs' threads), not how fast it was.
+ * `cohort bench scale` (src/bench/scale.ts) on a small cluster: a 2-VM group
+ * on 3 real host processes, deployed cold and then with the cold run's module
+ * cache, then the bank scenario with its kill -9. Checks that what it reports
+ * is what happened (every replica counted on its host, the cached run read
+ * the module from the cache, the hosts grew by the VMs' threads, the peer
+ * links counted, the failover's checks held), not how fast it was.
  */
 import { describe, expect, it } from "vitest";
 import { runScaleBench } from "../src/bench/scale.js";
 
 describe("bench scale", () => {
   it("deploys a group cold and cached, and reports its replicas, memory, threads, stalls and failovers per host", async () => {
-    const report = await runScaleBench({ sizes: [2], hosts: 2, guest: "kv", mode: "group", settle_ms: 300, progress: () => undefined });
-    const { cold, cached } = report.results.vms_2;
+    const report = await runScaleBench({ sizes: [2], hosts: 3, guest: "kv", mode: "group", settle_ms: 300, idle_ms: 500, bank_before_kill_ms: 1500, bank_after_kill_ms: 2000, progress: () => undefined });
+    const { cold, cached, bank } = report.runs.vms_2;
     for (const run of [cold, cached]) {
       expect(run.error).toBeNull();
       expect(run.logs_kept_in).toBeNull();
       expect(run.deploy_ms).toBeGreaterThan(0);
       expect(run.healthy).toBe(true);
       expect(run.vms_failed_over).toBe(0);
-      expect(run.hosts.map((h) => h.id).sort()).toEqual(["h1", "h2"]);
+      expect(run.hosts.map((h) => h.id).sort()).toEqual(["h1", "h2", "h3"]);
       // Placement spreads a primary and a backup over the two hosts for each VM.
       expect(run.hosts.reduce((n, h) => n + h.primaries, 0)).toBe(2);
       expect(run.hosts.reduce((n, h) => n + h.backups, 0)).toBe(2);
@@ -29,9 +30,20 @@ describe("bench scale", () => {
         expect(h.stall_ms_max).toBeGreaterThanOrEqual(0);
       }
       expect(run.threads_per_vm).toBeGreaterThanOrEqual(2);
+      // Every pair of the 3 hosts keeps peer links (one each way), and the VMs' message paths add theirs.
+      expect(run.connections).toBeGreaterThanOrEqual(6);
+      expect(run.connections_per_host_pair_max).toBeGreaterThanOrEqual(2);
+      expect(run.idle_cpu_pct).toBeGreaterThan(0);
     }
+    // The bank scenario at the same size: it ran, failed over after the kill, and every check held.
+    expect(bank.error).toBeNull();
+    expect(bank.checks_ok).toBe(true);
+    expect(bank.failover_ms).toBeGreaterThan(0);
+    expect(bank.rounds_per_s).toBeGreaterThan(0);
+    const [summary] = report.results;
+    expect(summary).toMatchObject({ vms: 2, deploy_ms: cached.deploy_ms, deploy_cold_ms: cold.deploy_ms, failover_ms: bank.failover_ms, connections: cached.connections, false_failovers: 0, bank_checks_ok: true });
     // On one machine the hosts share the cache directory: the first to need the module instruments it.
     expect(["instrumented", "mixed"]).toContain(cold.module);
     expect(cached.module).toBe("cache");
-  }, 60_000);
+  }, 120_000);
 });

@@ -21,7 +21,7 @@ export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 15000, hosts: 
  * start (`cohort up --hosts 4`), read 3 s after its deploy. 256 VMs take
  * minutes on 2 cores: `--sizes 8,64,256`.
  */
-export const SCALE_BENCH_DEFAULTS = { sizes: [8, 64], hosts: 4, guest: "kv", mode: "group" as const, settle_ms: 3000 };
+export const SCALE_BENCH_DEFAULTS = { sizes: [8, 64], hosts: 4, guest: "kv", mode: "group" as const, settle_ms: 3000, idle_ms: 3000, bank_before_kill_ms: 3000, bank_after_kill_ms: 3000 };
 
 /** `cohort bench store`: 2 s per operation, 32 in flight (a cluster's hosts renewing and deciding at once), lists of 100 records. */
 export const STORE_BENCH_DEFAULTS = { measure_ms: 2000, concurrency: 32, list_keys: 100 };

@@ -76,10 +76,10 @@ export interface IdleReport {
 }
 
 /** USER_HZ: 100 on every Linux architecture Node runs on (the kernel scales /proc times to it). */
-const CLOCK_TICKS_PER_S = 100;
+export const CLOCK_TICKS_PER_S = 100;
 
 /** utime + stime of a process (all its threads), in clock ticks. */
-function cpuTicks(pid: number): number {
+export function cpuTicks(pid: number): number {
   const fields = procStatFields(pid);
   if (fields === null) throw new Error(`host process ${pid} is gone`);
   return Number(fields[14 - 3]) + Number(fields[15 - 3]); // utime, stime

@@ -10,13 +10,23 @@
  *   the module once).
  *
  * Each deploys one group of the size (`kv`, mode group by default), times
- * the deploy request, lets the group run `settle_ms`, and reads every host's
- * status and /proc: the longest main-loop stall and the worst timer delay
- * since the host started (deploy included), its resident memory (VmRSS) and
- * threads before the deploy and after the settle, its replicas, and whether
- * any VM of the group moved to a later incarnation (a failover; nothing was
- * killed, so any is a false one). A deploy that fails is reported with its
- * error and the sizes after it still run.
+ * the deploy request, lets the group run `settle_ms`, measures the hosts'
+ * CPU over `idle_ms` (the group deployed and idle: nobody calls it) and the
+ * TCP connections between the host processes (src/bench/tcp-connections.ts),
+ * and reads every host's status and /proc: the longest main-loop stall and
+ * the worst timer delay since the host started (deploy included), its
+ * resident memory (VmRSS) and threads before the deploy and after the
+ * settle, its replicas, and whether any VM of the group moved to a later
+ * incarnation (a failover; nothing was killed, so any is a false one).
+ *
+ * Then the bank scenario of `cohort demo` (src/cli/demo-bank.ts) runs with a
+ * group of the same size on a third fresh cluster of as many hosts: rounds
+ * per second before a `kill -9` of the host of rank 0's primary, the
+ * failover (kill to the first line the group released after it resumed) and
+ * the scenario's checks (money conserved, no transfer lost or repeated).
+ *
+ * A deploy that fails is reported with its error and the sizes after it
+ * still run. `results` is one summary per size; `runs` holds the details.
  */
 import { cp, mkdtemp, readFile, rm } from "node:fs/promises";
 import { existsSync } from "node:fs";
@@ -29,6 +39,10 @@ import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import type { HostStatus } from "../host/api.js";
 import { round } from "../util/stats.js";
+import { HOST_DEFAULTS } from "../host/host.js";
+import { runBankDemo, type BankDemoReport } from "../cli/demo-bank.js";
+import { connectionsBetween } from "./tcp-connections.js";
+import { cpuTicks, CLOCK_TICKS_PER_S } from "./idle.js";
 
 export interface ScaleBenchOptions {
   sizes: number[];
@@ -37,6 +51,11 @@ export interface ScaleBenchOptions {
   mode: ProtectionMode;
   /** How long the deployed group runs before the hosts are read. */
   settle_ms: number;
+  /** Window over which the hosts' CPU is measured with the group deployed and idle. */
+  idle_ms: number;
+  /** The bank run: how long it runs before the kill, and after it. */
+  bank_before_kill_ms: number;
+  bank_after_kill_ms: number;
   progress: (line: string) => void;
 }
 
@@ -73,7 +92,41 @@ export interface ScaleRun {
   rss_mib_per_vm: number;
   /** (Sum over the hosts of threads after - before) / size. */
   threads_per_vm: number;
+  /** The hosts' CPU (all their threads, % of one core, summed) over `idle_ms` after the settle, the group deployed and idle. */
+  idle_cpu_pct: number;
+  /** Established TCP connections between the host processes after the settle (peer links and VM message paths), and the most between one pair of hosts. */
+  connections: number;
+  connections_per_host_pair_max: number;
   hosts: ScaleHost[];
+}
+
+/** The bank scenario at one size: rounds, failover and checks, or why it did not run. */
+export interface ScaleBankRun {
+  rounds_per_s: number | null;
+  failover_ms: number | null;
+  checks_ok: boolean;
+  error: string | null;
+  report: BankDemoReport | null;
+}
+
+/** One size, in the benchmark's summary form. */
+export interface ScaleSummary {
+  vms: number;
+  /** Deploy with the module in the hosts' cache, and with an empty cache. */
+  deploy_ms: number | null;
+  deploy_cold_ms: number | null;
+  rss_mib_per_vm: number;
+  threads_per_vm: number;
+  rounds_per_s: number | null;
+  failover_ms: number | null;
+  bank_checks_ok: boolean;
+  connections: number;
+  connections_per_host_pair_max: number;
+  idle_cpu_pct: number;
+  /** Longest main-loop stall of any host in the three runs (deploys, idle, the bank run's kill excluded: its hosts are not read). */
+  host_main_thread_stall_ms_max: number;
+  /** VMs that failed over with nothing killed, in the cold and cached runs. */
+  false_failovers: number;
 }
 
 export interface ScaleReport {
@@ -81,7 +134,9 @@ export interface ScaleReport {
   hosts: number;
   group: { guest: string; mode: ProtectionMode };
   settle_ms: number;
-  results: Record<string, { cold: ScaleRun; cached: ScaleRun }>;
+  idle_ms: number;
+  results: ScaleSummary[];
+  runs: Record<string, { cold: ScaleRun; cached: ScaleRun; bank: ScaleBankRun }>;
 }
 
 /** VmRSS (MiB) and Threads of a live process, from /proc/<pid>/status. */
@@ -135,6 +190,11 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
       error = (e as Error).message;
     }
     await sleep(options.settle_ms);
+    const ticksOf = () => cluster!.hosts.reduce((n, h) => n + cpuTicks(h.pid), 0);
+    const idleFrom = { at_ms: performance.now(), ticks: ticksOf() };
+    await sleep(options.idle_ms);
+    const idle_cpu_pct = round(((ticksOf() - idleFrom.ticks) / CLOCK_TICKS_PER_S / ((performance.now() - idleFrom.at_ms) / 1000)) * 100, 1);
+    const links = connectionsBetween(cluster.hosts.map((h) => h.pid));
     const hosts: ScaleHost[] = [];
     let vms_failed_over = 0;
     let healthy = error === null;
@@ -165,7 +225,7 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
     const rss = hosts.reduce((n, h) => n + h.rss_mib_after - h.rss_mib_before, 0);
     const threads = hosts.reduce((n, h) => n + h.threads_after - h.threads_before, 0);
     return {
-      run: { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), hosts },
+      run: { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), idle_cpu_pct, connections: links.total, connections_per_host_pair_max: Math.max(0, ...Object.values(links.by_pair)), hosts },
       state_dir,
     };
   } finally {
@@ -173,8 +233,47 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
   }
 }
 
+/** The bank scenario with a group of `size` on `options.hosts` fresh hosts (default detector, embedded store). */
+async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBankRun> {
+  try {
+    const report = await runBankDemo(
+      { hosts: options.hosts, size, run_before_kill_ms: options.bank_before_kill_ms, run_after_kill_ms: options.bank_after_kill_ms, detect_ms: HOST_DEFAULTS.detect_ms, store: "embedded" },
+      () => undefined,
+    );
+    return {
+      // Lines every rank released before the kill, over the time they had (followers start as the deploy returns).
+      rounds_per_s: round(report.rounds_before_kill / (options.bank_before_kill_ms / 1000), 1),
+      failover_ms: report.failover_ms,
+      checks_ok: Object.values(report.checks).every(Boolean),
+      error: null,
+      report,
+    };
+  } catch (error) {
+    return { rounds_per_s: null, failover_ms: null, checks_ok: false, error: (error as Error).message, report: null };
+  }
+}
+
+function summary(size: number, cold: ScaleRun, cached: ScaleRun, bankRun: ScaleBankRun): ScaleSummary {
+  return {
+    vms: size,
+    deploy_ms: cached.deploy_ms,
+    deploy_cold_ms: cold.deploy_ms,
+    rss_mib_per_vm: cached.rss_mib_per_vm,
+    threads_per_vm: cached.threads_per_vm,
+    rounds_per_s: bankRun.rounds_per_s,
+    failover_ms: bankRun.failover_ms,
+    bank_checks_ok: bankRun.checks_ok,
+    connections: cached.connections,
+    connections_per_host_pair_max: cached.connections_per_host_pair_max,
+    idle_cpu_pct: cached.idle_cpu_pct,
+    host_main_thread_stall_ms_max: Math.max(...[...cold.hosts, ...cached.hosts].map((h) => h.stall_ms_max)),
+    false_failovers: cold.vms_failed_over + cached.vms_failed_over,
+  };
+}
+
 export async function runScaleBench(options: ScaleBenchOptions): Promise<ScaleReport> {
-  const results: ScaleReport["results"] = {};
+  const runs: ScaleReport["runs"] = {};
+  const results: ScaleSummary[] = [];
   for (const size of options.sizes) {
     options.progress(`${size} VMs: cold deploy (empty module cache) on ${options.hosts} hosts`);
     const cold = await measure(options, size, null);
@@ -184,10 +283,13 @@ export async function runScaleBench(options: ScaleBenchOptions): Promise<ScaleRe
       options.progress(`${size} VMs: cached deploy (module cache of the cold run) on ${options.hosts} hosts`);
       const cached = await measure(options, size, cold.state_dir);
       await done(cached);
-      results[`vms_${size}`] = { cold: cold.run, cached: cached.run };
+      options.progress(`${size} VMs: bank scenario (kill -9 of a host) on ${options.hosts} hosts`);
+      const bankRun = await bank(options, size);
+      runs[`vms_${size}`] = { cold: cold.run, cached: cached.run, bank: bankRun };
+      results.push(summary(size, cold.run, cached.run, bankRun));
     } finally {
       await done(cold);
     }
   }
-  return { bench: "scale", hosts: options.hosts, group: { guest: options.guest, mode: options.mode }, settle_ms: options.settle_ms, results };
+  return { bench: "scale", hosts: options.hosts, group: { guest: options.guest, mode: options.mode }, settle_ms: options.settle_ms, idle_ms: options.idle_ms, results, runs };
 }

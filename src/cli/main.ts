@@ -222,12 +222,14 @@ benchGroupOptions(
 benchGroupOptions(
   bench
     .command("scale")
-    .description("deploy time (module cache cold, then cached), host memory and threads per VM, main-loop stalls and false failovers of one group per size (kv, mode group, on 4 hosts), each size on fresh clusters"),
+    .description("per group size, on fresh clusters of 4 hosts: deploy time (module cache cold, then cached), host memory and threads per VM, main-loop stalls and false failovers, the hosts' CPU with the group idle and the TCP connections between them (a kv group, mode group); then the bank scenario at that size: rounds/s, failover after a kill -9, and its checks"),
   SCALE_BENCH_DEFAULTS,
 )
   .option("--sizes <list>", "group sizes", intList("--sizes"), SCALE_BENCH_DEFAULTS.sizes)
   .option("--settle-ms <ms>", "how long the group runs after its deploy before the hosts are read", int("--settle-ms"), SCALE_BENCH_DEFAULTS.settle_ms)
-  .action(async (opts: { json?: boolean; sizes: number[]; hosts: number; guest: string; mode: "group" | "vm" | "none"; settleMs: number }) => {
+  .option("--idle-ms <ms>", "window over which the hosts' CPU is measured, the group deployed and idle", int("--idle-ms"), SCALE_BENCH_DEFAULTS.idle_ms)
+  .option("--bank-ms <ms>", "how long the bank group runs before the kill, and again after it", int("--bank-ms"), SCALE_BENCH_DEFAULTS.bank_before_kill_ms)
+  .action(async (opts: { json?: boolean; sizes: number[]; hosts: number; guest: string; mode: "group" | "vm" | "none"; settleMs: number; idleMs: number; bankMs: number }) => {
     const { runScaleBench } = await import("../bench/scale.js");
     const report = await runScaleBench({
       sizes: opts.sizes,
@@ -235,6 +237,9 @@ benchGroupOptions(
       guest: opts.guest,
       mode: opts.mode,
       settle_ms: opts.settleMs,
+      idle_ms: opts.idleMs,
+      bank_before_kill_ms: opts.bankMs,
+      bank_after_kill_ms: opts.bankMs,
       progress: benchProgress,
     });
     printReport(report, opts.json);
