@@ -109,6 +109,75 @@ describe("VM worker", () => {
     expect(vmThreadStarts()).toEqual({ running: 0, waiting: 0 });
   });
 
+  it("replicas of one thread pool share at most threads_max threads and stay independent; the last one out ends its thread", async () => {
+    const guest = await bundle(builtBytes("kv"));
+    const threadsBefore = threadNices().size;
+    const pool = { name: "test/shared", threads_max: 2 };
+    const vms = await Promise.all(Array.from({ length: 6 }, (_, rank) => boot(guest, { ...opts(), rank, thread: pool })));
+    expect(threadNices().size - threadsBefore).toBe(2);
+    // Each replica keeps its own state: a value put in one is not seen by the others.
+    for (const [i, vm] of vms.entries()) await vm.request("request", { session: 1, request_id: 1, payload: Buffer.from(`put k ${i}`) });
+    for (const [i, vm] of vms.entries()) {
+      await vm.request("request", { session: 1, request_id: 2, payload: Buffer.from("get k") });
+      const cut = await vm.capture();
+      const out = unpackOutput(await vm.request("commit", { epoch: cut.epoch })).map((r) => Buffer.from(r.bytes).toString());
+      expect(out).toEqual(["ok", String(i)]);
+      VmWorker.recycle(cut.delta);
+    }
+    // Leaving: the others run on; once every replica left, the pool's threads are gone.
+    await vms[0].terminate();
+    await expect(vms[0].status()).rejects.toThrow(/terminated/);
+    await vms[1].request("request", { session: 1, request_id: 3, payload: Buffer.from("get k") });
+    const cut = await vms[1].capture();
+    expect(unpackOutput(await vms[1].request("commit", { epoch: cut.epoch })).map((r) => Buffer.from(r.bytes).toString())).toEqual(["1"]);
+    for (const vm of vms.slice(1)) await vm.terminate();
+    await expect.poll(() => threadNices().size - threadsBefore, { timeout: 5000 }).toBe(0);
+  });
+
+  it("a runaway call stops its thread: the replicas sharing it crash with the reason, another pool's replica runs on", async () => {
+    const guest = await bundle(HOSTILE);
+    const pool = { name: "test/runaway", threads_max: 1 };
+    const bad = await boot(guest, { ...opts({ call_cpu_ms: 200 }), thread: pool });
+    const neighbour = await boot(guest, { ...opts({ call_cpu_ms: 200 }), rank: 1, thread: pool });
+    const elsewhere = await boot(guest, { ...opts(), thread: { name: "test/other", threads_max: 1 } });
+    const crashes = Promise.all([bad, neighbour].map((vm) => new Promise<string>((resolve) => vm.once("crashed", resolve))));
+    await expect(bad.request("invoke", { name: "spin", args: [] })).rejects.toThrow(/cpu limit exceeded/);
+    const [badWhy, neighbourWhy] = await crashes;
+    expect(badWhy).toMatch(/^cpu limit exceeded/);
+    expect(neighbourWhy).toMatch(/^VM thread stopped: another VM on it exceeded its cpu limit/);
+    await expect(neighbour.request("invoke", { name: "bump", args: [] })).rejects.toThrow(/cpu limit/);
+    expect(await elsewhere.request("invoke", { name: "bump", args: [] })).toBe(1);
+    // The pool starts a fresh thread for its next replica.
+    const next = await boot(guest, { ...opts(), thread: pool });
+    expect(await next.request("invoke", { name: "bump", args: [] })).toBe(1);
+  });
+
+  it("a backup promoted on a thread it shares with another backup runs there, and the other still folds deltas", async () => {
+    const guest = await bundle(builtBytes("kv"));
+    const pool = { name: "test/backups", threads_max: 1 };
+    const threadsBefore = threadNices().size;
+    const [p0, p1] = [await boot(guest), await boot(guest, { ...opts(), rank: 1 })];
+    const [b0, b1] = [await VmWorker.backup(guest, { ...opts(), thread: pool }, null), await VmWorker.backup(guest, { ...opts(), rank: 1, thread: pool }, null)];
+    started.push(b0, b1);
+    expect(threadNices().size - threadsBefore).toBe(3);
+    for (const [p, b, value] of [[p0, b0, "x"], [p1, b1, "y"]] as const) {
+      await p.request("request", { session: 1, request_id: 1, payload: Buffer.from(`put k ${value}`) });
+      const cut = await p.capture();
+      await b.request("apply", { delta: cut.delta });
+      await p.request("commit", { epoch: cut.epoch });
+    }
+    await p0.terminate();
+    expect((await b0.request("promote", {})).role).toBe("primary");
+    await b0.request("request", { session: 1, request_id: 2, payload: Buffer.from("get k") });
+    const after = await b0.capture();
+    expect(unpackOutput(await b0.request("commit", { epoch: after.epoch })).map((r) => Buffer.from(r.bytes).toString()).at(-1)).toBe("x");
+    // The other backup, on the same thread, takes the next checkpoint of its primary.
+    await p1.request("request", { session: 1, request_id: 2, payload: Buffer.from("put k z") });
+    const next = await p1.capture();
+    expect((await b1.request("apply", { delta: next.delta })).epoch).toBe(next.epoch);
+    expect((await b1.status()).role).toBe("backup");
+  });
+
   it("a trap crashes only that VM, with the trap's message", async () => {
     const guest = await bundle(HOSTILE);
     const [bad, good] = [await boot(guest), await boot(guest)];

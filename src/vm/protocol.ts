@@ -27,6 +27,18 @@ export interface WorkerVmOptions {
   consistent_cut?: boolean;
   /** See VmOptions.sender_log (default true). */
   sender_log?: boolean;
+  /** Threads this replica may share with others of the same pool (src/vm/vm.ts); absent: a thread of its own. */
+  thread?: WorkerThreadPool;
+}
+
+/**
+ * Replicas that may share VM threads: those of one pool on one host (a
+ * group's primaries, or its backups) run on at most `threads_max` threads.
+ * A runaway guest call stops its whole thread, so a pool never mixes groups.
+ */
+export interface WorkerThreadPool {
+  name: string;
+  threads_max: number;
 }
 
 export type ReplicaRole = "primary" | "backup";
@@ -146,11 +158,18 @@ export interface WorkerOps {
    * ids (VmWorker.recycle); a loan the pool no longer waits for is dropped.
    */
   recycle: { args: { loans: { id: number; buffer: ArrayBuffer }[] }; result: null };
+  /** The replica leaves the thread: its timer stops, its message path closes; the thread runs on for the others. */
+  drop: { args: Record<string, never>; result: null };
 }
 
 export type WorkerOp = keyof WorkerOps;
 
-export type WorkerRequest = { [K in WorkerOp]: { id: number; op: K; args: WorkerOps[K]["args"] } }[WorkerOp];
+/**
+ * A request to replica `vm` of the thread (boot, restore and backup create
+ * it; `drop` removes it). Replica ids start at 1: a request to `vm` 0 is the
+ * host's probe that the thread is up, answered null whatever its op.
+ */
+export type WorkerRequest = { [K in WorkerOp]: { id: number; vm: number; op: K; args: WorkerOps[K]["args"] } }[WorkerOp];
 
 export interface SerializedError {
   name: string;
@@ -183,15 +202,17 @@ export type WorkerEvent =
 export type WorkerResponse =
   | { kind: "result"; id: number; ok: true; value: unknown }
   | { kind: "result"; id: number; ok: false; error: SerializedError }
-  | { kind: "event"; body: WorkerEvent };
+  | { kind: "event"; vm: number; body: WorkerEvent };
 
 /**
  * Shared call watchdog: the worker marks each guest call in a SharedArrayBuffer
- * (slot 0: busy flag, slot 1: call counter, slot 2: the worker thread's kernel
- * id, 0 where unknown), so the host thread can stop a call that runs past its
- * CPU budget without a message per call.
+ * (word 0: busy flag, word 1: call counter, word 2: the worker thread's kernel
+ * id, 0 where unknown, word 3: the replica whose guest runs), so the host
+ * thread can stop a call that runs past its CPU budget without a message per
+ * call, and say whose call it was.
  */
 export const WATCHDOG_BUSY = 0;
 export const WATCHDOG_SEQ = 1;
 export const WATCHDOG_TID = 2;
-export const WATCHDOG_SLOTS = 3;
+export const WATCHDOG_VM = 3;
+export const WATCHDOG_WORDS = 4;

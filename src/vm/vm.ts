@@ -1,8 +1,14 @@
 /**
- * Host-thread handle of one VM replica running in its own worker thread.
- * Requests are queued in order and answered in order by the worker; the
- * handle also runs the per-call CPU watchdog (an infinite loop in a guest is
- * stopped by terminating the worker, which crashes that VM and nothing else).
+ * Host-thread handles of VM replicas running in worker threads. A replica
+ * has a thread of its own unless its options name a thread pool
+ * (`WorkerVmOptions.thread`): the replicas of one pool on this host (a
+ * group's primaries, or its backups) share at most `threads_max` threads, so
+ * a host runs a bounded number of threads per group instead of one per VM.
+ * Requests are queued in order and answered in order by the worker; each
+ * thread runs the per-call CPU watchdog (an infinite loop in a guest is
+ * stopped by terminating its thread, which crashes the replicas on that
+ * thread — that VM alone, or its pool's others on the thread too — and
+ * nothing else).
  */
 import { EventEmitter } from "node:events";
 import { Worker, type TransferListItem } from "node:worker_threads";
@@ -11,10 +17,12 @@ import { availableParallelism } from "node:os";
 import { bulkhead, BulkheadRejectedError } from "cockatiel";
 import { sealDelta } from "../checkpoint/format.js";
 import { threadCpuMs } from "../util/thread-cpu.js";
+import { assert } from "../util/assert.js";
 import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
-  WATCHDOG_SLOTS,
+  WATCHDOG_VM,
+  WATCHDOG_WORDS,
   WATCHDOG_TID,
   type CaptureResult,
   type GuestBundle,
@@ -58,8 +66,8 @@ export class VmGoneError extends Error {
 }
 
 /**
- * Pooled deltas on this thread, by buffer: the VM thread that lent it and the
- * loan's id (see VmWorker.recycle). Weak: a delta nobody gives back is garbage.
+ * Pooled deltas on this thread, by buffer: the replica whose VM thread lent
+ * it and the loan's id (see VmWorker.recycle). Weak: a delta nobody gives back is garbage.
  */
 const loans = new WeakMap<ArrayBufferLike, { vm: VmWorker; id: number }>();
 
@@ -84,7 +92,7 @@ interface Thread {
 }
 
 function spawnThread(): Thread {
-  const watchdog = new SharedArrayBuffer(WATCHDOG_SLOTS * 4);
+  const watchdog = new SharedArrayBuffer(WATCHDOG_WORDS * 4);
   return { worker: new Worker(fileURLToPath(WORKER_URL), { workerData: { watchdog } }), watchdog };
 }
 
@@ -113,18 +121,18 @@ function nextThreadTurn(): Promise<void> {
 
 /**
  * VM threads starting at once in this process: a thread counts from its
- * creation (or its being taken from the spares) until its first request
- * (boot, restore, backup install) answered. A Node worker costs 60-100 ms of
- * CPU to start (isolate, Node's bootstrap, the VM runtime's modules), most
- * of it before the thread can lower its priority. A host that started all
- * 32 threads of its share of a 64-VM group at once (4 hosts, 2 cores) kept
+ * creation (or its being taken from the spares) until it answered its first
+ * message (its modules are loaded). A Node worker costs 60-100 ms of CPU to
+ * start (isolate, Node's bootstrap, the VM runtime's modules), most of it
+ * before the thread can lower its priority. A host that started all 32
+ * threads of its share of a 64-VM group at once (4 hosts, 2 cores) kept
  * every host's main thread waiting for a core for 0.7-1 s of each second
  * (/proc/<tid>/schedstat), the hosts declared each other failed and the
  * deploy gave up after three attempts; two at a time, the same deploy
- * succeeds with the main loops at most 60-170 ms late. One per core, up to 4.
+ * succeeded with the main loops at most 60-170 ms late. One per core, up to 4.
  */
 export const VM_THREAD_STARTS_MAX = Math.max(1, Math.min(4, availableParallelism()));
-/** VM starts waiting for their turn; more is a host asked to start more VMs than it could hold. */
+/** Thread starts waiting for their turn; more is a host asked to start more VMs than it could hold. */
 export const VM_THREAD_STARTS_QUEUED_MAX = 4096;
 const threadStarts = bulkhead(VM_THREAD_STARTS_MAX, VM_THREAD_STARTS_QUEUED_MAX);
 
@@ -156,7 +164,7 @@ function addSpare(thread: Thread): void {
   };
   thread.worker.once("exit", drop);
   // An idle thread that fails (it could not load) must not take the process with it: an unheard
-  // 'error' event throws. Once taken, the VmWorker that owns it handles its errors.
+  // 'error' event throws. Once taken, the VmThread that owns it handles its errors.
   thread.worker.on("error", (error) => {
     if (!spares.includes(thread)) return;
     drop();
@@ -176,23 +184,43 @@ function takeThread(): Thread {
   return spawnThread();
 }
 
-export class VmWorker extends EventEmitter<VmEvents> {
+/** Rejects with VmGoneError(`what`) if `promise` has not settled within `ms`. */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new VmGoneError(what)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * One VM worker thread and the replicas on it: it routes their requests and
+ * events, and watches their guest calls. Request ids are the thread's; each
+ * request names its replica.
+ */
+class VmThread {
   private readonly worker: Worker;
-  private readonly pending = new Map<number, Pending>();
-  private nextId = 1;
   private readonly watchdog: Int32Array;
   private readonly watchdogTimer: NodeJS.Timeout;
+  private readonly replicas = new Map<number, VmWorker>();
+  /** Who asked each request in flight (its answer goes to that replica). */
+  private readonly owners = new Map<number, VmWorker>();
+  private nextRequest = 1;
+  private nextReplica = 1;
   private gone: string | null = null;
+  /** Replicas placed on this thread, including those whose first request is under way. */
+  assigned = 0;
 
-  /** Keeps `count` idle VM threads ready (a host daemon calls this; idle threads do not keep a process alive). */
-  static prewarm(count: number): void {
-    sparesWanted = count;
-    if (!prewarming) fillSpares().catch((error: Error) => process.emitWarning(`starting an idle VM thread failed: ${error.message}`));
-  }
-
-  private constructor(private readonly call_cpu_ms: number) {
-    super();
-    const thread = takeThread();
+  private constructor(
+    thread: Thread,
+    readonly pool: string | null,
+    /** Per-call CPU budget; a pool's replicas share their group's limits. */
+    private readonly call_cpu_ms: number,
+  ) {
     this.watchdog = new Int32Array(thread.watchdog);
     this.worker = thread.worker;
     this.worker.on("message", (message: WorkerResponse) => this.onMessage(message));
@@ -217,14 +245,187 @@ export class VmWorker extends EventEmitter<VmEvents> {
       const cpu_ms = this.threadCpu_ms();
       // Where the thread's CPU time cannot be read (not Linux), wall time is the budget.
       const used_ms = cpu_ms !== null && cpuSince_ms !== null ? cpu_ms - cpuSince_ms : Date.now() - since_ms;
-      if (used_ms > this.call_cpu_ms) this.fail(`cpu limit exceeded: a guest call used more than ${this.call_cpu_ms} ms of CPU`);
+      if (used_ms > this.call_cpu_ms) this.runaway(Atomics.load(this.watchdog, WATCHDOG_VM));
     }, Math.max(5, Math.floor(call_cpu_ms / 4)));
     this.watchdogTimer.unref();
   }
 
-  /** CPU time of this replica's thread so far (ms), or null where it cannot be read. */
+  /**
+   * A thread ready for replicas: created (one per event-loop turn, at most
+   * VM_THREAD_STARTS_MAX starting at once) or taken from the spares, and
+   * answering, within VM_START_TIMEOUT_MS of its turn.
+   */
+  static start(pool: string | null, call_cpu_ms: number): Promise<VmThread> {
+    return threadStarts
+      .execute(async () => {
+        if (spares.length === 0) await nextThreadTurn();
+        const thread = new VmThread(takeThread(), pool, call_cpu_ms);
+        try {
+          await within(thread.ask(0, "status", {}), VM_START_TIMEOUT_MS, `VM thread did not start within ${VM_START_TIMEOUT_MS} ms`);
+        } catch (error) {
+          thread.fail((error as Error).message);
+          throw error;
+        }
+        return thread;
+      })
+      .catch((error: unknown) => {
+        if (error instanceof BulkheadRejectedError) throw new VmGoneError(`more than ${VM_THREAD_STARTS_QUEUED_MAX} VM threads are waiting to start on this host`);
+        throw error;
+      });
+  }
+
+  get isGone(): boolean {
+    return this.gone !== null;
+  }
+
+  /** A new replica's handle on this thread (it exists on the thread with its first request). */
+  add(call_cpu_ms: number): VmWorker {
+    assert(!this.gone, "a replica added to a VM thread that is gone");
+    const vm = new VmWorker(this, this.nextReplica++, call_cpu_ms);
+    this.replicas.set(vm.id, vm);
+    return vm;
+  }
+
+  /** Posts request `op` for replica `vm` (0: the thread itself, for the start's probe); the answer comes to `owner`. */
+  ask(vm: number, op: WorkerOp, args: unknown, transfer: TransferListItem[] = [], owner?: VmWorker): Promise<unknown> {
+    if (this.gone) return Promise.reject(new VmGoneError(this.gone));
+    const id = this.nextRequest++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      if (owner) this.owners.set(id, owner);
+      this.worker.postMessage({ id, vm, op, args } as WorkerRequest, transfer);
+    });
+  }
+
+  private readonly pending = new Map<number, Pending>();
+
+  /** One-way (recycle): request id 0, never answered. */
+  post(vm: number, op: WorkerOp, args: unknown, transfer: TransferListItem[]): boolean {
+    if (this.gone) return false;
+    this.worker.postMessage({ id: 0, vm, op, args } as WorkerRequest, transfer);
+    return true;
+  }
+
+  /** Replica `vm` leaves the thread; the last one out ends it. */
+  async drop(vm: VmWorker): Promise<void> {
+    if (!this.replicas.delete(vm.id)) return;
+    this.assigned--;
+    if (this.replicas.size === 0 && this.assigned === 0) {
+      this.end("terminated");
+      await this.worker.terminate();
+      return;
+    }
+    await this.ask(vm.id, "drop", {}).catch(() => undefined);
+  }
+
+  /** CPU time of this thread so far (ms), or null where it cannot be read. */
   private threadCpu_ms(): number | null {
     return threadCpuMs(Atomics.load(this.watchdog, WATCHDOG_TID));
+  }
+
+  private onMessage(message: WorkerResponse): void {
+    if (message.kind === "event") {
+      this.replicas.get(message.vm)?.onEvent(message.body);
+      return;
+    }
+    const pending = this.pending.get(message.id);
+    this.owners.delete(message.id);
+    if (!pending) return;
+    this.pending.delete(message.id);
+    if (message.ok) pending.resolve(message.value);
+    else pending.reject(new VmRequestError(message.error));
+  }
+
+  /** A guest call of replica `culprit` ran past its budget: the thread stops, and every replica on it with it. */
+  private runaway(culprit: number): void {
+    const reason = `cpu limit exceeded: a guest call used more than ${this.call_cpu_ms} ms of CPU`;
+    const others = [...this.replicas.values()].filter((r) => r.id !== culprit);
+    this.replicas.get(culprit)?.threadGone(reason);
+    for (const r of others) r.threadGone(`VM thread stopped: another VM on it exceeded its cpu limit (${reason})`);
+    this.fail(reason);
+  }
+
+  /** The thread failed or was stopped: every replica on it is gone, and the thread is terminated. */
+  fail(reason: string): void {
+    if (this.gone) return;
+    for (const r of [...this.replicas.values()]) r.threadGone(reason);
+    this.end(reason);
+    this.worker.terminate().catch(() => undefined);
+  }
+
+  private end(reason: string): void {
+    this.gone = reason;
+    clearInterval(this.watchdogTimer);
+    for (const p of this.pending.values()) p.reject(new VmGoneError(reason));
+    this.pending.clear();
+    this.owners.clear();
+    this.replicas.clear();
+    if (this.pool !== null) forgetPoolThread(this.pool, this);
+  }
+}
+
+/** Threads of each pool on this host (WorkerVmOptions.thread), and those being started. */
+const pools = new Map<string, { thread: Promise<VmThread>; started: VmThread | null }[]>();
+
+function forgetPoolThread(pool: string, thread: VmThread): void {
+  const list = pools.get(pool);
+  if (!list) return;
+  const i = list.findIndex((e) => e.started === thread);
+  if (i >= 0) list.splice(i, 1);
+  if (list.length === 0) pools.delete(pool);
+}
+
+/**
+ * The thread a new replica goes to: a thread of its own without a pool; else
+ * a new thread while the pool has fewer than `threads_max`, then the pool's
+ * thread with the fewest replicas.
+ */
+async function threadFor(options: WorkerVmOptions): Promise<VmThread> {
+  const share = options.thread;
+  if (!share) return VmThread.start(null, options.limits.call_cpu_ms);
+  assert(Number.isSafeInteger(share.threads_max) && share.threads_max >= 1, "a thread pool has at least one thread");
+  let list = pools.get(share.name);
+  if (!list) pools.set(share.name, (list = []));
+  if (list.length < share.threads_max) {
+    const entry: { thread: Promise<VmThread>; started: VmThread | null } = { thread: VmThread.start(share.name, options.limits.call_cpu_ms), started: null };
+    list.push(entry);
+    entry.thread.then(
+      (t) => (entry.started = t),
+      () => {
+        // A pool thread that did not start leaves room for another.
+        const l = pools.get(share.name);
+        const i = l?.indexOf(entry) ?? -1;
+        if (l && i >= 0) l.splice(i, 1);
+      },
+    );
+    return entry.thread;
+  }
+  // Fewest replicas first; a thread still starting counts as it will hold them.
+  const settled = await Promise.allSettled(list.map((e) => e.thread));
+  const live = settled.flatMap((s) => (s.status === "fulfilled" && !s.value.isGone ? [s.value] : []));
+  if (live.length === 0) return threadFor(options);
+  return live.reduce((a, b) => (b.assigned < a.assigned ? b : a));
+}
+
+export class VmWorker extends EventEmitter<VmEvents> {
+  private gone: string | null = null;
+  private readonly inFlight = new Set<number>();
+  private nextTicket = 1;
+
+  /** @internal VmThread.add */
+  constructor(
+    private readonly thread: VmThread,
+    /** This replica's id on its thread. */
+    readonly id: number,
+    private readonly call_cpu_ms: number,
+  ) {
+    super();
+  }
+
+  /** Keeps `count` idle VM threads ready (a host daemon calls this; idle threads do not keep a process alive). */
+  static prewarm(count: number): void {
+    sparesWanted = count;
+    if (!prewarming) fillSpares().catch((error: Error) => process.emitWarning(`starting an idle VM thread failed: ${error.message}`));
   }
 
   static boot(guest: GuestBundle, options: WorkerVmOptions): Promise<VmWorker> {
@@ -241,50 +442,42 @@ export class VmWorker extends EventEmitter<VmEvents> {
   }
 
   /**
-   * Starts a thread and its first request once a start slot is free (VM_THREAD_STARTS_MAX),
-   * bounded in time from then: a thread that never answers (it failed to start) must not hold up
-   * a deploy or a failover forever. On failure the thread is stopped.
+   * Places a replica on a thread (VmThread.start bounds a new thread's start)
+   * and runs its first request, bounded in time: a replica that never answers
+   * must not hold up a deploy or a failover forever. On failure it is dropped.
    */
   private static async start(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
+    let thread = await threadFor(options);
+    // The pool's thread picked may have ended meanwhile (its last replica left): pick again.
+    while (thread.isGone) thread = await threadFor(options);
+    // Synchronous from the check on: a thread with a replica assigned is not ended by its last one leaving.
+    thread.assigned++;
+    const vm = thread.add(options.limits.call_cpu_ms);
     try {
-      return await threadStarts.execute(() => VmWorker.startNow(options, first));
-    } catch (error) {
-      if (error instanceof BulkheadRejectedError) throw new VmGoneError(`more than ${VM_THREAD_STARTS_QUEUED_MAX} VM threads are waiting to start on this host`);
-      throw error;
-    }
-  }
-
-  private static async startNow(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
-    if (spares.length === 0) await nextThreadTurn(); // this VM creates a thread (see nextThreadTurn)
-    const vm = new VmWorker(options.limits.call_cpu_ms);
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new VmGoneError(`VM thread did not start within ${VM_START_TIMEOUT_MS} ms`)), VM_START_TIMEOUT_MS);
-    });
-    try {
-      await Promise.race([first(vm), timeout]);
+      await within(first(vm), VM_START_TIMEOUT_MS, `VM did not start within ${VM_START_TIMEOUT_MS} ms`);
       return vm;
     } catch (error) {
       await vm.terminate();
       throw error;
-    } finally {
-      clearTimeout(timer);
     }
   }
 
-  /** Why this replica's thread is gone (crash, watchdog, terminate), or null while it runs. */
+  /** Why this replica is gone (crash, watchdog, terminate), or null while it runs. */
   get goneReason(): string | null {
     return this.gone;
   }
 
+  /** The per-call CPU budget its thread's watchdog holds it to. */
+  get callCpuMs(): number {
+    return this.call_cpu_ms;
+  }
+
   request<K extends WorkerOp>(op: K, args: WorkerOps[K]["args"], transfer: TransferListItem[] = []): Promise<WorkerOps[K]["result"]> {
     if (this.gone) return Promise.reject(new VmGoneError(this.gone));
-    if (this.pending.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
-      this.worker.postMessage({ id, op, args }, transfer);
-    });
+    if (this.inFlight.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
+    const ticket = this.nextTicket++;
+    this.inFlight.add(ticket);
+    return (this.thread.ask(this.id, op, args, transfer, this) as Promise<WorkerOps[K]["result"]>).finally(() => this.inFlight.delete(ticket));
   }
 
   /**
@@ -315,8 +508,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
 
   private giveBack(id: number, buffer: ArrayBuffer): boolean {
     if (this.gone) return false;
-    this.worker.postMessage({ id: 0, op: "recycle", args: { loans: [{ id, buffer }] } } satisfies WorkerRequest, [buffer]);
-    return true;
+    return this.thread.post(this.id, "recycle", { loans: [{ id, buffer }] }, [buffer]);
   }
 
   /** A capture arrived: seal its delta, and note the loan its buffer is. */
@@ -338,24 +530,14 @@ export class VmWorker extends EventEmitter<VmEvents> {
     return this.request("status", {});
   }
 
+  /** Stops this replica: it leaves its thread (the last one out ends the thread); its requests in flight fail. */
   async terminate(): Promise<void> {
-    this.fail("terminated");
-    await this.worker.terminate();
+    if (this.gone === null) this.gone = "terminated";
+    await this.thread.drop(this);
   }
 
-  private onMessage(message: WorkerResponse): void {
-    if (message.kind === "event") {
-      this.onEvent(message.body);
-      return;
-    }
-    const pending = this.pending.get(message.id);
-    if (!pending) return;
-    this.pending.delete(message.id);
-    if (message.ok) pending.resolve(message.value);
-    else pending.reject(new VmRequestError(message.error));
-  }
-
-  private onEvent(body: WorkerEvent): void {
+  /** @internal VmThread: an event of this replica. */
+  onEvent(body: WorkerEvent): void {
     if (body.event === "crashed") this.emit("crashed", body.message);
     else if (body.event === "problem") this.emit("problem", body.message);
     else if (body.event === "captured") {
@@ -366,15 +548,10 @@ export class VmWorker extends EventEmitter<VmEvents> {
     else this.emit("output_pending", body.epoch, body.urgent);
   }
 
-  private fail(reason: string): void {
+  /** @internal VmThread: the thread is gone (watchdog, failure); a replica not stopped on purpose crashed. */
+  threadGone(reason: string): void {
     if (this.gone) return;
     this.gone = reason;
-    clearInterval(this.watchdogTimer);
-    for (const pending of this.pending.values()) pending.reject(new VmGoneError(reason));
-    this.pending.clear();
-    if (reason !== "terminated") {
-      this.emit("crashed", reason);
-      this.worker.terminate().catch((error: Error) => this.emit("problem", `VM thread did not terminate: ${error.message}`));
-    }
+    this.emit("crashed", reason);
   }
 }

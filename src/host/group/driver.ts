@@ -13,6 +13,7 @@
 import type { TlsMaterial } from "../../tls/context.js";
 import type { Logger } from "pino";
 import { MessageChannel, type MessagePort } from "node:worker_threads";
+import { availableParallelism } from "node:os";
 import { decodeDelta, decodeImage } from "../../checkpoint/format.js";
 import { GroupCore, type CoreStatus } from "../../core/node.js";
 import { senderColumn } from "../../core/channel.js";
@@ -95,6 +96,16 @@ export interface GroupStatus {
   backups: { rank: number; vm: string; cut: number; staged: number }[];
 }
 
+/**
+ * VM threads of one group on one host: its primaries share up to one per
+ * core (at least 2), its backups one (they run no guest code until promoted:
+ * a promotion runs the VM in place on the backups' thread). A Node worker
+ * costs 60-100 ms of CPU and about 10 MiB to start; with a thread per
+ * replica, a 64-VM group over 4 hosts started 128 of them.
+ */
+export const GROUP_PRIMARY_THREADS_MAX = Math.max(2, availableParallelism());
+export const GROUP_BACKUP_THREADS_MAX = 1;
+
 /** `recover`/`halt` frames of newer incarnations checked against the store at once, per group. */
 const CONFIRMING_MAX = 4;
 
@@ -171,7 +182,7 @@ export class GroupDriver {
         if (p.primary === api.id) {
           let vm: VmWorker;
           try {
-            vm = await VmWorker.boot(guest, d.vmOptions(rank));
+            vm = await VmWorker.boot(guest, d.vmOptions(rank, "primary"));
           } catch (error) {
             throw new Error(`${vmName(record.group, rank)}: the guest failed to boot: ${(error as Error).message}`, { cause: error });
           }
@@ -677,7 +688,7 @@ export class GroupDriver {
 
   // ---- replicas ------------------------------------------------------------------------
 
-  private vmOptions(rank: number): WorkerVmOptions {
+  private vmOptions(rank: number, role: "primary" | "backup"): WorkerVmOptions {
     const record = this.record;
     const limits: VmLimits = {
       ...DEFAULT_LIMITS,
@@ -686,7 +697,21 @@ export class GroupDriver {
       output_bytes_max: record.limits.output_bytes_max,
     };
     // Timers start with `run`, so nothing executes before the group is wired up.
-    return { rank, size: record.size, limits, timers: "manual", consistent_cut: record.mode === "group", sender_log: record.mode !== "none" };
+    return {
+      rank,
+      size: record.size,
+      limits,
+      timers: "manual",
+      consistent_cut: record.mode === "group",
+      sender_log: record.mode !== "none",
+      // The group's replicas on this host share a few threads (a runaway guest stops its thread: only this
+      // group's replicas on this host are on it). The host's id is in the name for in-process clusters,
+      // whose hosts share one process: a VM's primary and backup never share a thread.
+      thread:
+        role === "primary"
+          ? { name: `${this.api.id}/${record.group}/primaries`, threads_max: GROUP_PRIMARY_THREADS_MAX }
+          : { name: `${this.api.id}/${record.group}/backups`, threads_max: GROUP_BACKUP_THREADS_MAX },
+    };
   }
 
   /** A VM record for one member (what `cohort status`/`logs` read), mirroring the placement. */
@@ -711,7 +736,7 @@ export class GroupDriver {
   }
 
   private newBackup(rank: number, guest: GuestBundle): BackupReplica {
-    return new BackupReplica(this.vmRecord(rank), guest, this.vmOptions(rank));
+    return new BackupReplica(this.vmRecord(rank), guest, this.vmOptions(rank, "backup"));
   }
 
   private openPath(member: GroupMember): Promise<Route> {
