@@ -8,6 +8,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { runScaleBench } from "../src/bench/scale.js";
+import { GROUP_BACKUP_THREADS_MAX, GROUP_PRIMARY_THREADS_MAX } from "../src/host/group/driver.js";
 
 describe("bench scale", () => {
   it("deploys a group cold and cached, and reports its replicas, memory, threads, stalls and failovers per host", async () => {
@@ -25,11 +26,14 @@ describe("bench scale", () => {
       expect(run.hosts.reduce((n, h) => n + h.backups, 0)).toBe(2);
       for (const h of run.hosts) {
         expect(h.rss_mib_after).toBeGreaterThan(0);
-        // A primary's VM thread and a backup's thread at least, on every host that holds them.
-        expect(h.threads_after - h.threads_before).toBeGreaterThanOrEqual(h.primaries + h.backups);
+        // The group's thread pools on this host: at least one thread where it holds a replica, at most
+        // the pools' maximum (plus the instrumenter thread of a cold deploy).
+        const grown = h.threads_after - h.threads_before;
+        if (h.primaries + h.backups > 0) expect(grown).toBeGreaterThanOrEqual(1);
+        expect(grown).toBeLessThanOrEqual(Math.min(h.primaries, GROUP_PRIMARY_THREADS_MAX) + Math.min(h.backups, GROUP_BACKUP_THREADS_MAX) + 1);
         expect(h.stall_ms_max).toBeGreaterThanOrEqual(0);
       }
-      expect(run.threads_per_vm).toBeGreaterThanOrEqual(2);
+      expect(run.threads_per_vm).toBeGreaterThan(0);
       // Every pair of the 3 hosts keeps peer links (one each way), and the VMs' message paths add theirs.
       expect(run.connections).toBeGreaterThanOrEqual(6);
       expect(run.connections_per_host_pair_max).toBeGreaterThanOrEqual(2);
@@ -41,7 +45,9 @@ describe("bench scale", () => {
     expect(bank.failover_ms).toBeGreaterThan(0);
     expect(bank.rounds_per_s).toBeGreaterThan(0);
     const [summary] = report.results;
-    expect(summary).toMatchObject({ vms: 2, deploy_ms: cached.deploy_ms, deploy_cold_ms: cold.deploy_ms, failover_ms: bank.failover_ms, connections: cached.connections, false_failovers: 0, bank_checks_ok: true });
+    // Peer links between the 3 hosts, plus the message path between the bank's two VMs (on two hosts).
+    expect(bank.connections).toBeGreaterThan(6);
+    expect(summary).toMatchObject({ vms: 2, deploy_ms: cached.deploy_ms, deploy_cold_ms: cold.deploy_ms, failover_ms: bank.failover_ms, connections: bank.connections, false_failovers: 0, bank_checks_ok: true });
     // On one machine the hosts share the cache directory: the first to need the module instruments it.
     expect(["instrumented", "mixed"]).toContain(cold.module);
     expect(cached.module).toBe("cache");

@@ -41,7 +41,7 @@ import type { HostStatus } from "../host/api.js";
 import { round } from "../util/stats.js";
 import { HOST_DEFAULTS } from "../host/host.js";
 import { runBankDemo, type BankDemoReport } from "../cli/demo-bank.js";
-import { connectionsBetween } from "./tcp-connections.js";
+import { connectionsBetween, type ConnectionCount } from "./tcp-connections.js";
 import { cpuTicks, CLOCK_TICKS_PER_S } from "./idle.js";
 
 export interface ScaleBenchOptions {
@@ -103,6 +103,9 @@ export interface ScaleRun {
 /** The bank scenario at one size: rounds, failover and checks, or why it did not run. */
 export interface ScaleBankRun {
   rounds_per_s: number | null;
+  /** TCP connections between the host processes while the bank group ran (peer links and the VMs' message paths), and the most between one pair of hosts. */
+  connections: number | null;
+  connections_per_host_pair_max: number | null;
   failover_ms: number | null;
   checks_ok: boolean;
   error: string | null;
@@ -120,8 +123,9 @@ export interface ScaleSummary {
   rounds_per_s: number | null;
   failover_ms: number | null;
   bank_checks_ok: boolean;
-  connections: number;
-  connections_per_host_pair_max: number;
+  /** TCP connections between the hosts while the bank group of this size ran (the kv group sends no messages). */
+  connections: number | null;
+  connections_per_host_pair_max: number | null;
   idle_cpu_pct: number;
   /** Longest main-loop stall of any host in the three runs (deploys, idle, the bank run's kill excluded: its hosts are not read). */
   host_main_thread_stall_ms_max: number;
@@ -235,12 +239,24 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
 
 /** The bank scenario with a group of `size` on `options.hosts` fresh hosts (default detector, embedded store). */
 async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBankRun> {
+  let links: ConnectionCount | null = null;
   try {
     const report = await runBankDemo(
-      { hosts: options.hosts, size, run_before_kill_ms: options.bank_before_kill_ms, run_after_kill_ms: options.bank_after_kill_ms, detect_ms: HOST_DEFAULTS.detect_ms, store: "embedded" },
+      {
+        hosts: options.hosts,
+        size,
+        run_before_kill_ms: options.bank_before_kill_ms,
+        run_after_kill_ms: options.bank_after_kill_ms,
+        detect_ms: HOST_DEFAULTS.detect_ms,
+        store: "embedded",
+        before_kill: (cluster) => (links = connectionsBetween(cluster.hosts.map((h) => h.pid))),
+      },
       () => undefined,
     );
+    const counted = links as ConnectionCount | null;
     return {
+      connections: counted?.total ?? null,
+      connections_per_host_pair_max: counted ? Math.max(0, ...Object.values(counted.by_pair)) : null,
       // Lines every rank released before the kill, over the time they had (followers start as the deploy returns).
       rounds_per_s: round(report.rounds_before_kill / (options.bank_before_kill_ms / 1000), 1),
       failover_ms: report.failover_ms,
@@ -249,7 +265,7 @@ async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBank
       report,
     };
   } catch (error) {
-    return { rounds_per_s: null, failover_ms: null, checks_ok: false, error: (error as Error).message, report: null };
+    return { rounds_per_s: null, connections: null, connections_per_host_pair_max: null, failover_ms: null, checks_ok: false, error: (error as Error).message, report: null };
   }
 }
 
@@ -263,8 +279,8 @@ function summary(size: number, cold: ScaleRun, cached: ScaleRun, bankRun: ScaleB
     rounds_per_s: bankRun.rounds_per_s,
     failover_ms: bankRun.failover_ms,
     bank_checks_ok: bankRun.checks_ok,
-    connections: cached.connections,
-    connections_per_host_pair_max: cached.connections_per_host_pair_max,
+    connections: bankRun.connections,
+    connections_per_host_pair_max: bankRun.connections_per_host_pair_max,
     idle_cpu_pct: cached.idle_cpu_pct,
     host_main_thread_stall_ms_max: Math.max(...[...cold.hosts, ...cached.hosts].map((h) => h.stall_ms_max)),
     false_failovers: cold.vms_failed_over + cached.vms_failed_over,

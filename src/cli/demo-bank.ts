@@ -8,7 +8,7 @@
  * skipped or repeated.
  */
 import { readFile } from "node:fs/promises";
-import { hostLogPath } from "../cluster/local-cluster.js";
+import { hostLogPath, type ClusterFile } from "../cluster/local-cluster.js";
 import { parseManifest } from "../cluster/manifest.js";
 import { guestPath } from "../guest/examples.js";
 import { vmName } from "../host/records.js";
@@ -23,6 +23,8 @@ export interface BankDemoOptions {
   detect_ms: number;
   /** Coordination store of the demo's cluster (src/store/open.ts). */
   store: string;
+  /** Called with the running cluster just before the kill (a benchmark reads the hosts then). */
+  before_kill?: (cluster: ClusterFile) => void;
 }
 
 /** examples/bank: accounts per rank and their starting balance. */
@@ -78,6 +80,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
         return follower.run().catch((error: Error) => say(`follower ${vm}: ${error.message}`));
       });
       await sleep(options.run_before_kill_ms);
+      options.before_kill?.(cluster);
       const victimId = before[0].primary;
       const victim = cluster.hosts.find((h) => h.id === victimId)!;
       const promoted = before.filter((r) => r.primary === victimId).map((r) => r.rank);
