@@ -13,7 +13,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import fc from "fast-check";
 import type { GroupMessage } from "../src/vm/machine.js";
 import { DEFAULT_LIMITS } from "../src/vm/machine.js";
-import { MessagePath, type PathHooks } from "../src/vm/message-path.js";
+import { MessagePath, PathEndpoint, type PathHooks } from "../src/vm/message-path.js";
 import { decodeBatch, encodeBatch, MalformedPathFrameError } from "../src/vm/message-wire.js";
 import { encodeFrame } from "../src/transport/frame.js";
 import { instrument } from "../src/guest/instrument.js";
@@ -64,7 +64,10 @@ describe("message batch format", () => {
 });
 
 /** A path whose VM is a list: what it was offered, in order. */
-function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean; tls?: TlsMaterial } = {}) {
+/** Each test path's rank (routes leave out the path's own). */
+const ranks = new Map<unknown, number>();
+
+function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMessage) => boolean; tls?: TlsMaterial; endpoint?: PathEndpoint } = {}) {
   const offered: GroupMessage[] = [];
   const problems: string[] = [];
   let committed = 0;
@@ -77,8 +80,10 @@ function testPath(rank: number, options: { hold?: boolean; refuse?: (m: GroupMes
     committed: () => committed,
     problem: (reason) => problems.push(reason),
   };
-  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false, tls: options.tls ?? null }, hooks);
-  return { path, offered, problems, commit: (e: number) => (committed = e) };
+  const path = new MessagePath({ rank, bind_host: "127.0.0.1", hold_until_commit: options.hold ?? false, tls: options.tls ?? null }, hooks, options.endpoint);
+  const made = { path, offered, problems, commit: (e: number) => (committed = e) };
+  ranks.set(made, rank);
+  return made;
 }
 
 const paths: MessagePath[] = [];
@@ -238,11 +243,48 @@ describe("message path over TCP", () => {
     await raw([new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n")]);
     await raw([...hello(b.path.token), ...encodeFrame(2, new Uint8Array([9, 9, 9, 9, 9]))]);
     expect(b.problems.join("\n")).toMatch(/wrong token/);
-    expect(b.problems.join("\n")).toMatch(/entries do not fit|no count|overrun/);
+    expect(b.problems.join("\n")).toMatch(/entries do not fit|no count|overrun|token of \d+ bytes does not fit/);
     expect(b.problems.length).toBe(3);
     expect(b.offered).toEqual([]);
     a.path.send([message(0, 1, 1)]);
     await until(() => b.offered.length === 1, "a message on the good link");
+  });
+
+  it("VMs on one thread share its endpoint: one listener, one connection to a peer thread for all of them, each batch to its own VM", async () => {
+    const shared = new PathEndpoint("127.0.0.1", null);
+    const a = testPath(0);
+    const b1 = testPath(1, { endpoint: shared });
+    const b2 = testPath(2, { endpoint: shared });
+    paths.push(a.path, b1.path, b2.path);
+    const portA = await a.path.listen();
+    const [port1, port2] = [await b1.path.listen(), await b2.path.listen()];
+    expect(port2).toBe(port1);
+    const routes = [
+      { address: `127.0.0.1:${portA}`, token: a.path.token },
+      { address: `127.0.0.1:${port1}`, token: b1.path.token },
+      { address: `127.0.0.1:${port2}`, token: b2.path.token },
+    ];
+    for (const p of [a, b1, b2]) {
+      p.path.setRoutes(routes.map((r, rank) => (rank === ranks.get(p) ? null : r)), []);
+      p.path.run();
+    }
+    a.path.send([message(0, 1, 1), message(0, 2, 1), message(0, 1, 2)]);
+    await until(() => b1.offered.length === 2 && b2.offered.length === 1, "messages to both VMs of the shared thread");
+    expect(b1.offered.map((m) => [m.to, m.seq])).toEqual([[1, 1], [1, 2]]);
+    expect(b2.offered.map((m) => [m.to, m.seq])).toEqual([[2, 1]]);
+    // Both answer on the one connection a dialed.
+    b1.path.send([message(1, 0, 1)]);
+    b2.path.send([message(2, 0, 1)]);
+    await until(() => a.offered.length === 2, "the answers");
+    expect(a.path.counters.links_dialed).toBe(1);
+    expect(b1.path.counters.links_dialed + b2.path.counters.links_dialed).toBe(0);
+    expect(shared.connections).toBe(1);
+    // A VM that left the thread: batches for it are dropped there and reported; the other's still arrive.
+    b2.path.close();
+    a.path.send([message(0, 2, 2), message(0, 1, 3)]);
+    await until(() => b1.offered.length === 3, "the message to the VM still there");
+    await until(() => b1.problems.some((p) => /not on this thread/.test(p)), "the dropped batch reported");
+    expect(b2.offered).toHaveLength(1);
   });
 
   it("uses a MessageChannel for a rank on the same host", async () => {

@@ -1,5 +1,5 @@
 /**
- * The group message data path of one primary VM, run on the VM's own thread:
+ * The group message data path of one primary VM, run on the VM's thread:
  * what the guest sends goes straight from this thread to the receiving VM's
  * thread, over TCP to another host or over a MessageChannel on this host
  * (docs/PROTOCOL.md "Messages inside a group": sent directly, same host in process).
@@ -19,6 +19,14 @@
  * - the VM refused a message "full" or "early": offered again after the next
  *   capture or incarnation change (retryRefused()).
  *
+ * Connections are the VM thread's, not the VM's (PathEndpoint): a thread
+ * listens on one port for all its VMs and keeps one connection per thread it
+ * talks to, each batch naming its receiving VM by token. A host's VMs of one
+ * group share a few threads (src/vm/vm.ts), so two hosts need a few
+ * connections per group, however large the group, where a connection per
+ * pair of VMs made n² of them (a 64-VM group started ~4,000 TLS handshakes
+ * at once, timed out, and exchanged nothing).
+ *
  * A connection that breaks loses what was in flight on it; only a recovery
  * re-sends (the sender log has it), as when a host dies.
  *
@@ -36,7 +44,7 @@ import { randomUUID } from "node:crypto";
 import type { Route } from "../core/frames.js";
 import { encodeFrameBytes, FrameDecoder } from "../transport/frame.js";
 import type { GroupMessage } from "./machine.js";
-import { decodeBatch, decodeHello, encodeBatchFrame, encodeHello, PATH_HELLO, PATH_MSGS, type PathHello } from "./message-wire.js";
+import { decodeBatchFrame, decodeHello, encodeBatchFrame, encodeHello, PATH_HELLO, PATH_MSGS, type PathHello } from "./message-wire.js";
 
 export type { Route };
 
@@ -52,7 +60,7 @@ export interface PathCounters {
   /** Not sent: frozen, or no route to the receiver (re-sent after a recovery). */
   dropped: number;
   received: number;
-  /** Connections this VM dialed (a member answers on the connection it accepted, see Link). */
+  /** Connections this VM's sends dialed (a thread answers on the connection it accepted, see Link; connections are the thread's). */
   links_dialed: number;
 }
 
@@ -87,27 +95,28 @@ const FRAME_BYTES_MAX = 64 * 1024 * 1024;
 const RECONNECT_AFTER_MS = 200;
 
 
-/** What a Link reports to its path. */
+/** What a Link reports to its endpoint. */
 interface LinkHandlers {
   /** An accepted link's first frame: returns why it is refused, or null. */
   hello(link: Link, hello: PathHello): string | null;
-  /** A batch from the peer; throws (closing the link) if the VM finds a message malformed. */
-  messages(messages: GroupMessage[]): void;
+  /** A batch for the VM with token `token`; throws (closing the link) if that VM finds a message malformed. */
+  messages(token: string, messages: GroupMessage[]): void;
   problem(reason: string): void;
   closed(link: Link): void;
 }
 
 /**
- * One TCP connection between this VM and another member, carrying messages
- * both ways: the VM that sends first dials (its hello names the receiver's
- * token, its own rank and its own token), and the receiver answers on the
- * connection it accepted instead of dialing back. Why one connection, not one
- * per direction: every message then carries the TCP acknowledgement of the
- * previous one the other way, where a one-way link needs a bare ACK segment
- * per message (the receiver's side of the connection never writes). The
- * test "one connection per pair" counts the dials.
+ * One TCP connection between this thread's endpoint and another's, carrying
+ * the messages of their VMs both ways: the thread that sends first dials (its
+ * hello names a VM token of the receiving thread and where the dialer
+ * listens), and the receiver answers on the connection it accepted instead
+ * of dialing back. Why one connection, not one per direction: every message
+ * then carries the TCP acknowledgement of the previous one the other way,
+ * where a one-way link needs a bare ACK segment per message (the receiver's
+ * side of the connection never writes). The test "one connection per pair"
+ * counts the dials.
  *
- * If both members dial at once, each sends on the link it dialed and receives
+ * If both threads dial at once, each sends on the link it dialed and receives
  * on both; messages carry channel sequence numbers, so which connection
  * brought one does not matter (VmCore.receive orders them).
  */
@@ -119,16 +128,12 @@ class Link {
   /** Accepted links: false until the peer's hello was checked. */
   private greeted: boolean;
   closedAt: number | null = null;
+  /** Where the other thread listens: a dialed link's target; an accepted one learns it from the hello (null: receive only). */
+  peerAddress: string | null = null;
 
-  /**
-   * @param peer the other VM (rank, and its path token): a dialed link knows it
-   *   from its route; an accepted one learns it from the hello (null until
-   *   then, and for a peer whose hello names no token: receive only).
-   */
   private constructor(
     private readonly socket: Socket,
     readonly dialed: boolean,
-    public peer: { rank: number; token: string } | null,
     private readonly describe: string,
     private readonly handlers: LinkHandlers,
   ) {
@@ -141,26 +146,28 @@ class Link {
     socket.on("close", () => this.close("closed"));
   }
 
-  /** Dials the member at `route`; the hello goes out first, whatever is written meanwhile waits. */
-  static dial(route: Route, rank: number, self: { rank: number; token: string }, tls: TlsMaterial | null, handlers: LinkHandlers): Link {
-    const i = route.address.lastIndexOf(":");
+  /** Dials the endpoint at `address`; the hello goes out first, whatever is written meanwhile waits. */
+  static dial(address: string, hello: PathHello, tls: TlsMaterial | null, handlers: LinkHandlers): Link {
+    const i = address.lastIndexOf(":");
     let socket: Socket;
     try {
-      const target = { host: route.address.slice(0, i), port: Number(route.address.slice(i + 1)) };
+      const target = { host: address.slice(0, i), port: Number(address.slice(i + 1)) };
       socket = tls ? tlsConnect({ ...target, ...clientTlsOptions({ material: tls }) }) : connect(target);
     } catch (error) {
       // A route that is no address (the host checks routes, this is the last line): a link that is closed from the start.
-      const link = new Link(new Socket(), true, { rank, token: route.token }, `link to ${route.address}`, handlers);
-      link.close(`cannot connect to ${JSON.stringify(route.address)}: ${(error as Error).message}`);
+      const link = new Link(new Socket(), true, `link to ${address}`, handlers);
+      link.peerAddress = address;
+      link.close(`cannot connect to ${JSON.stringify(address)}: ${(error as Error).message}`);
       return link;
     }
-    const link = new Link(socket, true, { rank, token: route.token }, `link to ${route.address}`, handlers);
-    socket.on(tls ? "secureConnect" : "connect", () => link.connected(encodeHello({ token: route.token, from: self.rank, sender: self.token })));
+    const link = new Link(socket, true, `link to ${address}`, handlers);
+    link.peerAddress = address;
+    socket.on(tls ? "secureConnect" : "connect", () => link.connected(encodeHello(hello)));
     return link;
   }
 
   static accept(socket: Socket, handlers: LinkHandlers): Link {
-    return new Link(socket, false, null, `incoming link from ${socket.remoteAddress}:${socket.remotePort}`, handlers);
+    return new Link(socket, false, `incoming link from ${socket.remoteAddress}:${socket.remotePort}`, handlers);
   }
 
   private connected(hello: Uint8Array): void {
@@ -197,7 +204,8 @@ class Link {
           if (refused) return this.close(refused);
           this.greeted = true;
         } else if (frame.type === PATH_MSGS) {
-          this.handlers.messages(decodeBatch(frame.payload));
+          const { token, messages } = decodeBatchFrame(frame.payload);
+          this.handlers.messages(token, messages);
         } else {
           return this.close(`unexpected frame type ${frame.type}`);
         }
@@ -217,22 +225,142 @@ class Link {
   }
 }
 
+/**
+ * The message connections of one VM thread: one listener for every VM on
+ * the thread, one connection per thread it exchanges messages with (dialed,
+ * or accepted from a thread whose hello said where it listens), and the VMs'
+ * paths by token, to hand each batch to its VM. It closes when its last path
+ * does. Problems that are no VM's own (a refused connection, a malformed
+ * frame) go to the oldest path on it.
+ */
+export class PathEndpoint {
+  private server: Server | null = null;
+  private listening: Promise<number> | null = null;
+  /** "host:port" once listening: sent in hellos so receivers can answer on the connection. */
+  private address: string | null = null;
+  private readonly paths = new Map<string, MessagePath>();
+  /** Every open link, dialed or accepted. */
+  private readonly open = new Set<Link>();
+  /** The link to each endpoint by its address (dialed, or accepted from it), also a closed one for a while (RECONNECT_AFTER_MS). */
+  private readonly byAddress = new Map<string, Link>();
+  private readonly handlers: LinkHandlers = {
+    hello: (link, hello) => this.greeted(link, hello),
+    messages: (token, messages) => this.arrived(token, messages),
+    problem: (reason) => this.problem(reason),
+    closed: (link) => this.open.delete(link),
+  };
+  private closed = false;
+
+  constructor(
+    readonly bind_host: string,
+    /** Mutual TLS on every link, or null: plain TCP. */
+    readonly tls: TlsMaterial | null,
+  ) {}
+
+  /** Connections open now (dialed and accepted). */
+  get connections(): number {
+    return this.open.size;
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /** Starts listening (once, for every path); resolves with the port. */
+  listen(): Promise<number> {
+    this.listening ??= new Promise((resolve, reject) => {
+      const tls = this.tls;
+      const server = tls
+        ? mutualTlsServer(tls, (socket) => this.accept(socket), (address, reason) => this.problem(`refused a connection from ${address}: ${reason}`))
+        : createServer((socket) => this.accept(socket));
+      this.server = server;
+      server.once("error", reject);
+      server.listen(0, this.bind_host, () => {
+        const address = server.address();
+        const port = typeof address === "object" && address ? address.port : 0;
+        this.address = `${this.bind_host}:${port}`;
+        resolve(port);
+      });
+    });
+    return this.listening;
+  }
+
+  register(path: MessagePath): void {
+    if (this.closed) throw new Error("the thread's message endpoint is closed");
+    this.paths.set(path.token, path);
+  }
+
+  /** A path leaves; the last one out closes the listener and every link. */
+  unregister(path: MessagePath): void {
+    if (this.paths.get(path.token) === path) this.paths.delete(path.token);
+    if (this.paths.size > 0 || this.closed) return;
+    this.closed = true;
+    this.server?.close();
+    for (const l of [...this.open]) l.close("closed");
+    this.byAddress.clear();
+  }
+
+  /**
+   * The link to the endpoint at `route.address`: the current one, or a new
+   * one (`dialed` true), or null while a failed one is recent. `from` is the
+   * sending VM (its rank and token) for the hello of a new link.
+   */
+  linkTo(route: Route, from: { rank: number; token: string }): { link: Link | null; dialed: boolean } {
+    const current = this.byAddress.get(route.address);
+    if (current && current.closedAt === null) return { link: current, dialed: false };
+    if (current && Date.now() - current.closedAt! < RECONNECT_AFTER_MS) return { link: null, dialed: false };
+    const hello: PathHello = { token: route.token, from: from.rank, sender: from.token };
+    if (this.address !== null) hello.address = this.address;
+    const fresh = Link.dial(route.address, hello, this.tls, this.handlers);
+    if (fresh.closedAt === null) this.open.add(fresh);
+    this.byAddress.set(route.address, fresh);
+    return { link: fresh, dialed: true };
+  }
+
+  private accept(socket: Socket): void {
+    if (this.closed) {
+      socket.destroy();
+      return;
+    }
+    this.open.add(Link.accept(socket, this.handlers));
+  }
+
+  /**
+   * An accepted link's hello: it must name a VM on this thread (a port reused
+   * by another thread is refused). If it says where the dialer listens, VMs
+   * there are answered on it, unless a live link to that address exists.
+   */
+  private greeted(link: Link, hello: PathHello): string | null {
+    if (!this.paths.has(hello.token)) return "hello for no VM on this thread (wrong token)";
+    if (hello.address === undefined) return null;
+    link.peerAddress = hello.address;
+    const current = this.byAddress.get(hello.address);
+    if (!current || current.closedAt !== null) this.byAddress.set(hello.address, link);
+    return null;
+  }
+
+  /** A batch for one VM; a token of no VM here (it left the thread, a stale route) drops the batch, not the link. */
+  private arrived(token: string, messages: GroupMessage[]): void {
+    const path = this.paths.get(token);
+    if (!path) {
+      this.problem(`${messages.length} message(s) for a VM not on this thread dropped (its route is stale)`);
+      return;
+    }
+    path.arrived(messages);
+  }
+
+  private problem(reason: string): void {
+    const oldest = this.paths.values().next();
+    if (!oldest.done) oldest.value.reportProblem(reason);
+  }
+}
+
 export class MessagePath {
   private state: "frozen" | "running" = "frozen";
   readonly token = randomUUID();
-  private server: Server | null = null;
-  /** Every open link, dialed or accepted. */
-  private readonly open = new Set<Link>();
+  private readonly endpoint: PathEndpoint;
   private routes: (Route | null)[] = [];
   private locals = new Map<number, MessagePort>();
-  /** The link each rank's messages go out on (dialed, or accepted from that rank's current primary). */
-  private links = new Map<number, Link>();
-  private readonly handlers: LinkHandlers = {
-    hello: (link, hello) => this.greeted(link, hello),
-    messages: (messages) => this.arrived(messages),
-    problem: (reason) => this.hooks.problem(reason),
-    closed: (link) => this.open.delete(link),
-  };
   /** Arrived while frozen. */
   private inbox: GroupMessage[] = [];
   /** Refused "full" / "early" by the VM. */
@@ -242,25 +370,23 @@ export class MessagePath {
   private readonly stats = { sent_before_commit: 0, sent_after_commit: 0, held_total: 0, dropped: 0, received: 0, links_dialed: 0 };
   private closed = false;
 
+  /**
+   * @param endpoint the thread's connections, shared with the other VMs on it
+   *   (absent: one of its own, with the options' bind_host and tls).
+   */
   constructor(
     private readonly options: PathOptions,
     private readonly hooks: PathHooks,
-  ) {}
+    endpoint?: PathEndpoint,
+  ) {
+    this.endpoint = endpoint ?? new PathEndpoint(options.bind_host, options.tls);
+    // From now on the endpoint hands this VM the batches that name its token, and may report through it.
+    this.endpoint.register(this);
+  }
 
-  /** Starts listening for peers' connections; resolves with the port. */
+  /** Listens for peers (the endpoint's one listener, shared with the thread's other VMs); resolves with the port. */
   listen(): Promise<number> {
-    const tls = this.options.tls;
-    const server = tls
-      ? mutualTlsServer(tls, (socket) => this.accept(socket), (address, reason) => this.hooks.problem(`refused a connection from ${address}: ${reason}`))
-      : createServer((socket) => this.accept(socket));
-    this.server = server;
-    return new Promise((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(0, this.options.bind_host, () => {
-        const address = server.address();
-        resolve(typeof address === "object" && address ? address.port : 0);
-      });
-    });
+    return this.endpoint.listen();
   }
 
   get counters(): PathCounters {
@@ -277,16 +403,13 @@ export class MessagePath {
 
   /**
    * Where each rank's primary listens (null: none, or this VM), and the
-   * MessageChannel ports to ranks on this host. Replaces earlier routes:
-   * links to receivers that moved are closed.
+   * MessageChannel ports to ranks on this host. Replaces earlier routes. A
+   * receiver that moved is reached at its new address; connections are the
+   * thread's and stay for the other VMs (a batch names its VM's token, so one
+   * to a VM gone from a thread is dropped there).
    */
   setRoutes(routes: (Route | null)[], locals: { rank: number; port: MessagePort }[]): void {
     this.routes = routes;
-    // A link to a member whose primary moved (another token) is closed, whichever side dialed it.
-    for (const link of this.open) {
-      if (link.peer && routes[link.peer.rank]?.token !== link.peer.token) link.close("closed");
-    }
-    for (const [rank, link] of this.links) if (link.closedAt !== null || routes[rank]?.token !== link.peer?.token) this.links.delete(rank);
     for (const port of this.locals.values()) port.close();
     this.locals = new Map();
     for (const { rank, port } of locals) {
@@ -367,11 +490,14 @@ export class MessagePath {
 
   close(): void {
     this.closed = true;
-    this.server?.close();
-    for (const l of [...this.open]) l.close("closed");
+    this.endpoint.unregister(this);
     for (const p of this.locals.values()) p.close();
-    this.links.clear();
     this.locals.clear();
+  }
+
+  /** @internal PathEndpoint: a problem of the thread's connections, reported through this VM. */
+  reportProblem(reason: string): void {
+    this.hooks.problem(reason);
   }
 
   private transmit(messages: GroupMessage[]): void {
@@ -394,54 +520,22 @@ export class MessagePath {
       local.postMessage(list);
       return;
     }
-    const link = this.linkTo(rank);
-    if (!link) {
+    const route = this.routes[rank];
+    const link = route ? this.linkTo(route) : null;
+    if (!route || !link) {
       this.stats.dropped += list.length;
       return;
     }
     for (const chunk of chunks(list)) {
-      if (!link.write(encodeBatchFrame(chunk))) this.stats.dropped += chunk.length;
+      if (!link.write(encodeBatchFrame(route.token, chunk))) this.stats.dropped += chunk.length;
     }
   }
 
-  /** The link to send to `rank` on: the current one, one that rank's primary dialed, or a new one. */
-  private linkTo(rank: number): Link | null {
-    const route = this.routes[rank];
-    if (!route) return null;
-    const link = this.links.get(rank);
-    if (link && link.closedAt === null) return link;
-    for (const l of this.open) {
-      if (l.peer?.rank === rank && l.peer.token === route.token) {
-        this.links.set(rank, l);
-        return l;
-      }
-    }
-    if (link && Date.now() - link.closedAt! < RECONNECT_AFTER_MS) return null;
-    const fresh = Link.dial(route, rank, { rank: this.options.rank, token: this.token }, this.options.tls, this.handlers);
-    this.stats.links_dialed++;
-    if (fresh.closedAt === null) this.open.add(fresh);
-    this.links.set(rank, fresh);
-    return fresh;
-  }
-
-  private accept(socket: Socket): void {
-    if (this.closed) {
-      socket.destroy();
-      return;
-    }
-    this.open.add(Link.accept(socket, this.handlers));
-  }
-
-  /**
-   * An accepted link's hello: it must name this VM's token (a port reused by
-   * another VM is refused). If it names the dialer's token too, and that is
-   * the token of the rank's current primary, messages to that rank go back on it.
-   */
-  private greeted(link: Link, hello: PathHello): string | null {
-    if (hello.token !== this.token) return "hello for another VM (wrong token)";
-    if (hello.sender === undefined) return null;
-    link.peer = { rank: hello.from, token: hello.sender };
-    return null;
+  /** The thread's link to the endpoint `route` names (the current one, one that endpoint dialed, or a new one). */
+  private linkTo(route: Route): Link | null {
+    const { link, dialed } = this.endpoint.linkTo(route, { rank: this.options.rank, token: this.token });
+    if (dialed) this.stats.links_dialed++;
+    return link;
   }
 
   private arrivedSafely(messages: GroupMessage[], source: string): void {
@@ -452,8 +546,8 @@ export class MessagePath {
     }
   }
 
-  /** Messages from a peer. Throws (to the link that brought them) if the VM finds one malformed. */
-  private arrived(messages: GroupMessage[]): void {
+  /** @internal PathEndpoint: messages from a peer. Throws (to the link that brought them) if the VM finds one malformed. */
+  arrived(messages: GroupMessage[]): void {
     if (this.closed) return;
     this.stats.received += messages.length;
     if (this.state === "frozen") {

@@ -3,15 +3,21 @@
  * VM thread sends another VM thread over TCP, inside the peer frame format of
  * src/transport/frame.ts (magic, version, type, length, crc).
  *
- * Frame types:
- * - PATH_HELLO, first frame of a connection: UTF-8 JSON {token, from, sender}.
- *   token is the receiving VM's own (it published it with its port); a wrong
- *   token (a port reused by another VM) closes the connection. from is the
- *   dialing VM's rank and sender its own token: if that is the token of the
- *   rank's current primary, the receiver sends its messages to that rank back
- *   on this connection (without sender, the connection carries one way only).
- * - PATH_MSGS: a batch of group messages. Binary, little-endian:
+ * A connection joins two VM threads' path endpoints and carries the messages
+ * of every VM on them, both ways (src/vm/message-path.ts PathEndpoint).
  *
+ * Frame types:
+ * - PATH_HELLO, first frame of a connection: UTF-8 JSON {token, from, sender,
+ *   address}. token is the token of a VM on the receiving thread (the first
+ *   the dialer sends to; every VM publishes its token with its address): one
+ *   that names no VM there (a port reused by another thread) closes the
+ *   connection. from and sender are the dialing VM's rank and token, address
+ *   where the dialing thread listens: the receiver sends its own messages for
+ *   any VM at that address back on this connection (without address, the
+ *   connection carries one way only).
+ * - PATH_MSGS: a batch of group messages for one VM. Binary, little-endian:
+ *
+ *     u8 token_bytes, token (UTF-8): the receiving VM's token
  *     u32 count
  *     count × { u32 from, u32 to, u32 incarnation, f64 epoch, f64 seq, u32 bytes }   (32 bytes each)
  *     payloads back to back
@@ -63,9 +69,26 @@ export function encodeBatch(messages: readonly GroupMessage[]): Uint8Array {
   return out;
 }
 
-/** A whole PATH_MSGS frame carrying `messages`: one buffer, encoded in place (see encodeFrameWith). */
-export function encodeBatchFrame(messages: readonly GroupMessage[]): Buffer {
-  return encodeFrameWith(PATH_MSGS, batchBytes(messages), (frame, offset) => writeBatch(frame, offset, messages));
+/** Longest VM token a batch frame names (the tokens are UUIDs: 36 bytes). */
+const TOKEN_BYTES_MAX = 255;
+
+/** A whole PATH_MSGS frame carrying `messages` to the VM whose token is `to_token`: one buffer, encoded in place (see encodeFrameWith). */
+export function encodeBatchFrame(to_token: string, messages: readonly GroupMessage[]): Buffer {
+  const token = Buffer.from(to_token, "utf8");
+  if (token.length > TOKEN_BYTES_MAX) throw new RangeError(`a VM token of ${token.length} bytes (at most ${TOKEN_BYTES_MAX})`);
+  return encodeFrameWith(PATH_MSGS, 1 + token.length + batchBytes(messages), (frame, offset) => {
+    frame.writeUInt8(token.length, offset);
+    frame.set(token, offset + 1);
+    writeBatch(frame, offset + 1 + token.length, messages);
+  });
+}
+
+/** Inverse of encodeBatchFrame's payload: the receiving VM's token and the batch. */
+export function decodeBatchFrame(payload: Uint8Array): { token: string; messages: GroupMessage[] } {
+  if (payload.length < 1) throw new MalformedPathFrameError("message batch frame is empty");
+  const n = payload[0];
+  if (1 + n > payload.length) throw new MalformedPathFrameError(`message batch frame: a token of ${n} bytes does not fit ${payload.length} bytes`);
+  return { token: new TextDecoder().decode(payload.subarray(1, 1 + n)), messages: decodeBatch(payload.subarray(1 + n)) };
 }
 
 /** Inverse of encodeBatch; refuses a layout that does not add up. Payloads are copies (the frame buffer is not kept). */
@@ -102,7 +125,12 @@ export interface PathHello {
   token: string;
   from: number;
   sender?: string;
+  /** Where the dialing thread's endpoint listens ("host:port"): the receiver answers VMs there on this connection. */
+  address?: string;
 }
+
+/** Longest `address` a hello may give ("host:port"). */
+const ADDRESS_CHARS_MAX = 300;
 
 export function encodeHello(hello: PathHello): Uint8Array {
   return new TextEncoder().encode(JSON.stringify(hello));
@@ -118,5 +146,9 @@ export function decodeHello(payload: Uint8Array): PathHello {
   const v = value as Partial<PathHello>;
   if (typeof v?.token !== "string" || !Number.isInteger(v.from)) throw new MalformedPathFrameError("hello lacks token or from");
   if (v.sender !== undefined && typeof v.sender !== "string") throw new MalformedPathFrameError("hello's sender is not a token");
-  return v.sender === undefined ? { token: v.token, from: v.from as number } : { token: v.token, from: v.from as number, sender: v.sender };
+  if (v.address !== undefined && (typeof v.address !== "string" || v.address.length > ADDRESS_CHARS_MAX)) throw new MalformedPathFrameError("hello's address is not an address");
+  const hello: PathHello = { token: v.token, from: v.from as number };
+  if (v.sender !== undefined) hello.sender = v.sender;
+  if (v.address !== undefined) hello.address = v.address;
+  return hello;
 }

@@ -11,7 +11,8 @@ import { BackupImage } from "../checkpoint/backup-image.js";
 import { decodeDelta, decodeImage, encodeImage } from "../checkpoint/format.js";
 import { RESERVED_WASM_PAGES } from "./layout.js";
 import { VmCore, VmCrashedError, type CapturedDelta, type GroupMessage, type GuestModule, type ReceiveStatus, type VmOptions } from "./machine.js";
-import { MessagePath } from "./message-path.js";
+import { MessagePath, PathEndpoint } from "./message-path.js";
+import type { TlsMaterial } from "../tls/context.js";
 import { decodeOutputRecords, packOutput, type OutputRecord, type PackedOutput } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
@@ -498,6 +499,7 @@ const handlers: Handlers = {
     const opened = new MessagePath(
       { rank: vm.rank(), bind_host, hold_until_commit, tls },
       { offer: (messages) => r.offer(messages), committed: () => r.primary?.committedEpoch ?? 0, problem: (message) => r.emit({ event: "problem", message }) },
+      endpointFor(bind_host, tls),
     );
     r.path = opened;
     const port = await opened.listen();
@@ -603,6 +605,20 @@ function fail(id: number, error: unknown): void {
   post({ kind: "result", id, ok: false, error: { name: e.name ?? "Error", code: e.code ?? "Error", message: e.message } });
   // A broken invariant is a bug: this replica's thread dies loudly rather than run on in a state nobody planned for.
   if (error instanceof AssertionError) throw error;
+}
+
+/**
+ * The thread's message endpoints (one listener and one connection per peer
+ * thread for every VM here), by interface and TLS identity: a host gives all
+ * its VMs the same, so a thread has one.
+ */
+const endpoints = new Map<string, PathEndpoint>();
+
+function endpointFor(bind_host: string, tls: TlsMaterial | null): PathEndpoint {
+  const key = `${bind_host}\n${tls?.cert ?? "plain"}`;
+  let endpoint = endpoints.get(key);
+  if (!endpoint || endpoint.isClosed) endpoints.set(key, (endpoint = new PathEndpoint(bind_host, tls)));
+  return endpoint;
 }
 
 /** The replicas on this thread, by the id the host gave each. */
