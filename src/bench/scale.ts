@@ -194,47 +194,66 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
       error = (e as Error).message;
     }
     await sleep(options.settle_ms);
-    const ticksOf = () => cluster!.hosts.reduce((n, h) => n + cpuTicks(h.pid), 0);
-    const idleFrom = { at_ms: performance.now(), ticks: ticksOf() };
-    await sleep(options.idle_ms);
-    const idle_cpu_pct = round(((ticksOf() - idleFrom.ticks) / CLOCK_TICKS_PER_S / ((performance.now() - idleFrom.at_ms) / 1000)) * 100, 1);
-    const links = connectionsBetween(cluster.hosts.map((h) => h.pid));
-    const hosts: ScaleHost[] = [];
-    let vms_failed_over = 0;
-    let healthy = error === null;
-    const seen = new Set<string>();
-    for (const s of await statuses(cluster)) {
-      const primaries = s.primaries.filter((p) => p.group === "scale");
-      const backups = s.backups.filter((b) => b.vm.startsWith("scale-"));
-      for (const p of primaries) {
-        seen.add(p.vm);
-        if (p.incarnation > 1) vms_failed_over++;
-        if (options.mode !== "none" && !p.protected) healthy = false;
-      }
-      const b = before.get(s.id)!;
-      const a = await memoryOf(s.pid);
-      hosts.push({
-        id: s.id,
-        primaries: primaries.length,
-        backups: backups.length,
-        rss_mib_before: round(b.rss_mib, 1),
-        rss_mib_after: round(a.rss_mib, 1),
-        threads_before: b.threads,
-        threads_after: a.threads,
-        stall_ms_max: s.main_loop.stall_ms_max,
-        delay_ms_max: s.main_loop.delay_ms_max,
-      });
+    try {
+      return { run: await readHosts(options, size, cluster, before, { deploy_ms, error }, state_dir), state_dir };
+    } catch (e) {
+      // A host that went away meanwhile (declared failed under load, it rejoined as a fresh host elsewhere) is a result too.
+      const why = `reading the hosts after the deploy failed: ${(e as Error).message}`;
+      return {
+        run: { deploy_ms, module: await moduleSource(state_dir, cluster), error: error ?? why, logs_kept_in: state_dir, vms_failed_over: 0, healthy: false, rss_mib_per_vm: 0, threads_per_vm: 0, idle_cpu_pct: 0, connections: 0, connections_per_host_pair_max: 0, hosts: [] },
+        state_dir,
+      };
     }
-    if (seen.size !== size) healthy = false;
-    const rss = hosts.reduce((n, h) => n + h.rss_mib_after - h.rss_mib_before, 0);
-    const threads = hosts.reduce((n, h) => n + h.threads_after - h.threads_before, 0);
-    return {
-      run: { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), idle_cpu_pct, connections: links.total, connections_per_host_pair_max: Math.max(0, ...Object.values(links.by_pair)), hosts },
-      state_dir,
-    };
   } finally {
     if (cluster) await down({ state_dir }).catch(() => undefined);
   }
+}
+
+/** The hosts of a deployed run, after its settle: idle CPU, connections, each host's replicas, memory, threads and stalls. */
+async function readHosts(
+  options: ScaleBenchOptions,
+  size: number,
+  cluster: ClusterFile,
+  before: Map<string, { rss_mib: number; threads: number }>,
+  deployed: { deploy_ms: number | null; error: string | null },
+  state_dir: string,
+): Promise<ScaleRun> {
+  const { deploy_ms, error } = deployed;
+  const ticksOf = () => cluster.hosts.reduce((n, h) => n + cpuTicks(h.pid), 0);
+  const idleFrom = { at_ms: performance.now(), ticks: ticksOf() };
+  await sleep(options.idle_ms);
+  const idle_cpu_pct = round(((ticksOf() - idleFrom.ticks) / CLOCK_TICKS_PER_S / ((performance.now() - idleFrom.at_ms) / 1000)) * 100, 1);
+  const links = connectionsBetween(cluster.hosts.map((h) => h.pid));
+  const hosts: ScaleHost[] = [];
+  let vms_failed_over = 0;
+  let healthy = error === null;
+  const seen = new Set<string>();
+  for (const s of await statuses(cluster)) {
+    const primaries = s.primaries.filter((p) => p.group === "scale");
+    const backups = s.backups.filter((b) => b.vm.startsWith("scale-"));
+    for (const p of primaries) {
+      seen.add(p.vm);
+      if (p.incarnation > 1) vms_failed_over++;
+      if (options.mode !== "none" && !p.protected) healthy = false;
+    }
+    const b = before.get(s.id)!;
+    const a = await memoryOf(s.pid);
+    hosts.push({
+      id: s.id,
+      primaries: primaries.length,
+      backups: backups.length,
+      rss_mib_before: round(b.rss_mib, 1),
+      rss_mib_after: round(a.rss_mib, 1),
+      threads_before: b.threads,
+      threads_after: a.threads,
+      stall_ms_max: s.main_loop.stall_ms_max,
+      delay_ms_max: s.main_loop.delay_ms_max,
+    });
+  }
+  if (seen.size !== size) healthy = false;
+  const rss = hosts.reduce((n, h) => n + h.rss_mib_after - h.rss_mib_before, 0);
+  const threads = hosts.reduce((n, h) => n + h.threads_after - h.threads_before, 0);
+  return { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), idle_cpu_pct, connections: links.total, connections_per_host_pair_max: Math.max(0, ...Object.values(links.by_pair)), hosts };
 }
 
 /** The bank scenario with a group of `size` on `options.hosts` fresh hosts (default detector, embedded store). */
@@ -282,7 +301,7 @@ function summary(size: number, cold: ScaleRun, cached: ScaleRun, bankRun: ScaleB
     connections: bankRun.connections,
     connections_per_host_pair_max: bankRun.connections_per_host_pair_max,
     idle_cpu_pct: cached.idle_cpu_pct,
-    host_main_thread_stall_ms_max: Math.max(...[...cold.hosts, ...cached.hosts].map((h) => h.stall_ms_max)),
+    host_main_thread_stall_ms_max: Math.max(0, ...[...cold.hosts, ...cached.hosts].map((h) => h.stall_ms_max)),
     false_failovers: cold.vms_failed_over + cached.vms_failed_over,
   };
 }
