@@ -207,8 +207,6 @@ class VmThread {
   private readonly watchdog: Int32Array;
   private readonly watchdogTimer: NodeJS.Timeout;
   private readonly replicas = new Map<number, VmWorker>();
-  /** Who asked each request in flight (its answer goes to that replica). */
-  private readonly owners = new Map<number, VmWorker>();
   private nextRequest = 1;
   private nextReplica = 1;
   private gone: string | null = null;
@@ -218,7 +216,7 @@ class VmThread {
   private constructor(
     thread: Thread,
     readonly pool: string | null,
-    /** Per-call CPU budget; a pool's replicas share their group's limits. */
+    /** Per-call CPU budget of the thread's first replica: it sets how often the watchdog looks, and stands in for a replica that left. */
     private readonly call_cpu_ms: number,
   ) {
     this.watchdog = new Int32Array(thread.watchdog);
@@ -240,12 +238,15 @@ class VmThread {
         cpuSince_ms = busy ? this.threadCpu_ms() : null;
         return;
       }
+      // The budget of the replica whose guest runs (a pool's replicas normally share their group's).
+      const culprit = Atomics.load(this.watchdog, WATCHDOG_VM);
+      const budget_ms = this.replicas.get(culprit)?.call_cpu_ms ?? this.call_cpu_ms;
       // A thread cannot run longer than the wall clock: only a call past its budget in wall time costs a read.
-      if (Date.now() - since_ms <= this.call_cpu_ms) return;
+      if (Date.now() - since_ms <= budget_ms) return;
       const cpu_ms = this.threadCpu_ms();
       // Where the thread's CPU time cannot be read (not Linux), wall time is the budget.
       const used_ms = cpu_ms !== null && cpuSince_ms !== null ? cpu_ms - cpuSince_ms : Date.now() - since_ms;
-      if (used_ms > this.call_cpu_ms) this.runaway(Atomics.load(this.watchdog, WATCHDOG_VM));
+      if (used_ms > budget_ms) this.runaway(culprit, budget_ms);
     }, Math.max(5, Math.floor(call_cpu_ms / 4)));
     this.watchdogTimer.unref();
   }
@@ -286,13 +287,12 @@ class VmThread {
     return vm;
   }
 
-  /** Posts request `op` for replica `vm` (0: the thread itself, for the start's probe); the answer comes to `owner`. */
-  ask(vm: number, op: WorkerOp, args: unknown, transfer: TransferListItem[] = [], owner?: VmWorker): Promise<unknown> {
+  /** Posts request `op` for replica `vm` (0: the thread itself, for the start's probe); resolves with its answer. */
+  ask(vm: number, op: WorkerOp, args: unknown, transfer: TransferListItem[] = []): Promise<unknown> {
     if (this.gone) return Promise.reject(new VmGoneError(this.gone));
     const id = this.nextRequest++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      if (owner) this.owners.set(id, owner);
       this.worker.postMessage({ id, vm, op, args } as WorkerRequest, transfer);
     });
   }
@@ -329,7 +329,6 @@ class VmThread {
       return;
     }
     const pending = this.pending.get(message.id);
-    this.owners.delete(message.id);
     if (!pending) return;
     this.pending.delete(message.id);
     if (message.ok) pending.resolve(message.value);
@@ -337,8 +336,8 @@ class VmThread {
   }
 
   /** A guest call of replica `culprit` ran past its budget: the thread stops, and every replica on it with it. */
-  private runaway(culprit: number): void {
-    const reason = `cpu limit exceeded: a guest call used more than ${this.call_cpu_ms} ms of CPU`;
+  private runaway(culprit: number, budget_ms: number): void {
+    const reason = `cpu limit exceeded: a guest call used more than ${budget_ms} ms of CPU`;
     const others = [...this.replicas.values()].filter((r) => r.id !== culprit);
     this.replicas.get(culprit)?.threadGone(reason);
     for (const r of others) r.threadGone(`VM thread stopped: another VM on it exceeded its cpu limit (${reason})`);
@@ -358,7 +357,6 @@ class VmThread {
     clearInterval(this.watchdogTimer);
     for (const p of this.pending.values()) p.reject(new VmGoneError(reason));
     this.pending.clear();
-    this.owners.clear();
     this.replicas.clear();
     if (this.pool !== null) forgetPoolThread(this.pool, this);
   }
@@ -417,7 +415,8 @@ export class VmWorker extends EventEmitter<VmEvents> {
     private readonly thread: VmThread,
     /** This replica's id on its thread. */
     readonly id: number,
-    private readonly call_cpu_ms: number,
+    /** Its per-call CPU budget, which its thread's watchdog holds each of its guest calls to. */
+    readonly call_cpu_ms: number,
   ) {
     super();
   }
@@ -467,17 +466,12 @@ export class VmWorker extends EventEmitter<VmEvents> {
     return this.gone;
   }
 
-  /** The per-call CPU budget its thread's watchdog holds it to. */
-  get callCpuMs(): number {
-    return this.call_cpu_ms;
-  }
-
   request<K extends WorkerOp>(op: K, args: WorkerOps[K]["args"], transfer: TransferListItem[] = []): Promise<WorkerOps[K]["result"]> {
     if (this.gone) return Promise.reject(new VmGoneError(this.gone));
     if (this.inFlight.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
     const ticket = this.nextTicket++;
     this.inFlight.add(ticket);
-    return (this.thread.ask(this.id, op, args, transfer, this) as Promise<WorkerOps[K]["result"]>).finally(() => this.inFlight.delete(ticket));
+    return (this.thread.ask(this.id, op, args, transfer) as Promise<WorkerOps[K]["result"]>).finally(() => this.inFlight.delete(ticket));
   }
 
   /**
