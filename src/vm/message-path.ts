@@ -44,7 +44,7 @@ import { randomUUID } from "node:crypto";
 import type { Route } from "../core/frames.js";
 import { encodeFrameBytes, FrameDecoder } from "../transport/frame.js";
 import type { GroupMessage } from "./machine.js";
-import { decodeBatchFrame, decodeHello, encodeBatchFrame, encodeHello, PATH_HELLO, PATH_MSGS, type PathHello } from "./message-wire.js";
+import { decodeBatchFrame, decodeHello, encodeBatchFrame, encodeHello, encodeToken, PATH_HELLO, PATH_MSGS, type PathHello } from "./message-wire.js";
 
 export type { Route };
 
@@ -360,6 +360,8 @@ export class MessagePath {
   readonly token = randomUUID();
   private readonly endpoint: PathEndpoint;
   private routes: (Route | null)[] = [];
+  /** Each route's token as batch frames carry it. */
+  private tokens: (Uint8Array | null)[] = [];
   private locals = new Map<number, MessagePort>();
   /** Arrived while frozen. */
   private inbox: GroupMessage[] = [];
@@ -410,6 +412,7 @@ export class MessagePath {
    */
   setRoutes(routes: (Route | null)[], locals: { rank: number; port: MessagePort }[]): void {
     this.routes = routes;
+    this.tokens = routes.map((r) => (r ? encodeToken(r.token) : null));
     for (const port of this.locals.values()) port.close();
     this.locals = new Map();
     for (const { rank, port } of locals) {
@@ -521,13 +524,14 @@ export class MessagePath {
       return;
     }
     const route = this.routes[rank];
+    const token = this.tokens[rank];
     const link = route ? this.linkTo(route) : null;
-    if (!route || !link) {
+    if (!route || !token || !link) {
       this.stats.dropped += list.length;
       return;
     }
     for (const chunk of chunks(list)) {
-      if (!link.write(encodeBatchFrame(route.token, chunk))) this.stats.dropped += chunk.length;
+      if (!link.write(encodeBatchFrame(token, chunk))) this.stats.dropped += chunk.length;
     }
   }
 

@@ -72,10 +72,15 @@ export function encodeBatch(messages: readonly GroupMessage[]): Uint8Array {
 /** Longest VM token a batch frame names (the tokens are UUIDs: 36 bytes). */
 const TOKEN_BYTES_MAX = 255;
 
-/** A whole PATH_MSGS frame carrying `messages` to the VM whose token is `to_token`: one buffer, encoded in place (see encodeFrameWith). */
-export function encodeBatchFrame(to_token: string, messages: readonly GroupMessage[]): Buffer {
-  const token = Buffer.from(to_token, "utf8");
-  if (token.length > TOKEN_BYTES_MAX) throw new RangeError(`a VM token of ${token.length} bytes (at most ${TOKEN_BYTES_MAX})`);
+/** A VM token as batch frames carry it (encoded once per route, not per frame). */
+export function encodeToken(token: string): Uint8Array {
+  const bytes = Buffer.from(token, "utf8");
+  if (bytes.length > TOKEN_BYTES_MAX) throw new RangeError(`a VM token of ${bytes.length} bytes (at most ${TOKEN_BYTES_MAX})`);
+  return bytes;
+}
+
+/** A whole PATH_MSGS frame carrying `messages` to the VM whose token (encodeToken) is `token`: one buffer, encoded in place (see encodeFrameWith). */
+export function encodeBatchFrame(token: Uint8Array, messages: readonly GroupMessage[]): Buffer {
   return encodeFrameWith(PATH_MSGS, 1 + token.length + batchBytes(messages), (frame, offset) => {
     frame.writeUInt8(token.length, offset);
     frame.set(token, offset + 1);
