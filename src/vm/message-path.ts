@@ -24,8 +24,8 @@
  * talks to, each batch naming its receiving VM by token. A host's VMs of one
  * group share a few threads (src/vm/vm.ts), so two hosts need a few
  * connections per group, however large the group, where a connection per
- * pair of VMs made n² of them (a 64-VM group started ~4,000 TLS handshakes
- * at once, timed out, and exchanged nothing).
+ * pair of VMs made n² of them (a 64-VM group over 4 hosts started some
+ * 1,500 TLS handshakes at once, they timed out, and it exchanged nothing).
  *
  * A connection that breaks loses what was in flight on it; only a recovery
  * re-sends (the sender log has it), as when a host dies.
