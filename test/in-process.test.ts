@@ -11,7 +11,8 @@ import type { ProtectionRecord } from "../src/core/types.js";
 import { InProcessCluster } from "../src/host/group/in-process.js";
 import { compileGuest, instrumentCached } from "../src/guest/module-cache.js";
 import { builtBytes } from "./support/guests.js";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { GROUP_BACKUP_THREADS_MAX, GROUP_PRIMARY_THREADS_MAX } from "../src/host/group/driver.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { readRecordings, replay } from "../src/sim/replay.js";
@@ -97,6 +98,18 @@ describe("groups on an in-process cluster", () => {
     expect(seen.map((r) => Number(r.text.trim()))).toEqual(seen.map((_, i) => i + 1));
     const now = (await c.store.get<ProtectionRecord>("protection/t"))!.value;
     expect(now).toMatchObject({ incarnation: 2, leader: "h2", placement: [{ primary: "h2", backup: "h3" }], failed: ["h1"] });
+  });
+
+  it("a group's replicas on a host share its thread pools: 12 bank VMs over 2 hosts start a few threads, not 24, and every rank runs", async () => {
+    const { c, module } = await start("bank", ["h1", "h2"]);
+    const threads = () => readdirSync("/proc/self/task").length;
+    const before = threads();
+    const size = 12;
+    const placement = Array.from({ length: size }, (_, rank) => (rank % 2 === 0 ? { primary: "h1", backup: "h2" } : { primary: "h2", backup: "h1" }));
+    await c.deploy({ group: "pooled", mode: "group", size, incarnation: 1, leader: "h1", placement, failed: [], epoch: EPOCH, limits: LIMITS }, module);
+    // Per host: the primaries' pool and the backups' (no spare threads in this process).
+    expect(threads() - before).toBeLessThanOrEqual(2 * (GROUP_PRIMARY_THREADS_MAX + GROUP_BACKUP_THREADS_MAX));
+    await until("a released round on every rank", () => Array.from({ length: size }, (_, rank) => releasedOf(c, "pooled", rank).length).every((n) => n > 0));
   });
 
   it("a bank group of 4: the total never changes and no round repeats or goes missing across a failover; its recorded core events replay, and a tampered recording is caught", async () => {

@@ -94,7 +94,7 @@ export interface ScaleRun {
   threads_per_vm: number;
   /** The hosts' CPU (all their threads, % of one core, summed) over `idle_ms` after the settle, the group deployed and idle. */
   idle_cpu_pct: number;
-  /** Established TCP connections between the host processes after the settle (peer links and VM message paths), and the most between one pair of hosts. */
+  /** Established TCP connections between the host processes after the settle, and the most between one pair of hosts: the idle group sends no messages, so these are the hosts' peer links (the bank run counts the message paths too). */
   connections: number;
   connections_per_host_pair_max: number;
   hosts: ScaleHost[];
@@ -127,7 +127,7 @@ export interface ScaleSummary {
   connections: number | null;
   connections_per_host_pair_max: number | null;
   idle_cpu_pct: number;
-  /** Longest main-loop stall of any host in the three runs (deploys, idle, the bank run's kill excluded: its hosts are not read). */
+  /** Longest main-loop stall of any host in the cold and cached runs, deploy and settle included (the bank run's hosts are not read: one is killed). */
   host_main_thread_stall_ms_max: number;
   /** VMs that failed over with nothing killed, in the cold and cached runs. */
   false_failovers: number;
@@ -253,7 +253,7 @@ async function readHosts(
   if (seen.size !== size) healthy = false;
   const rss = hosts.reduce((n, h) => n + h.rss_mib_after - h.rss_mib_before, 0);
   const threads = hosts.reduce((n, h) => n + h.threads_after - h.threads_before, 0);
-  return { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), idle_cpu_pct, connections: links.total, connections_per_host_pair_max: Math.max(0, ...Object.values(links.by_pair)), hosts };
+  return { deploy_ms, module: await moduleSource(state_dir, cluster), error, logs_kept_in: error === null ? null : state_dir, vms_failed_over, healthy, rss_mib_per_vm: round(rss / size, 1), threads_per_vm: round(threads / size, 2), idle_cpu_pct, connections: links.total, connections_per_host_pair_max: links.pair_max, hosts };
 }
 
 /** The bank scenario with a group of `size` on `options.hosts` fresh hosts (default detector, embedded store). */
@@ -275,7 +275,7 @@ async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBank
     const counted = links as ConnectionCount | null;
     return {
       connections: counted?.total ?? null,
-      connections_per_host_pair_max: counted ? Math.max(0, ...Object.values(counted.by_pair)) : null,
+      connections_per_host_pair_max: counted?.pair_max ?? null,
       // Lines every rank released before the kill, over the time they had (followers start as the deploy returns).
       rounds_per_s: round(report.rounds_before_kill / (options.bank_before_kill_ms / 1000), 1),
       failover_ms: report.failover_ms,

@@ -61,8 +61,8 @@ function socketInodes(pid: number): string[] {
 export interface ConnectionCount {
   /** Connections whose two ends are held by two different processes of the set. */
   total: number;
-  /** Per unordered pair of processes ("a-b", by pid order): its connections. */
-  by_pair: Record<string, number>;
+  /** The most between one pair of the processes. */
+  pair_max: number;
 }
 
 /**
@@ -76,7 +76,7 @@ export function connectionsBetween(pids: readonly number[]): ConnectionCount {
   const sockets = establishedSockets().filter((s) => owner.has(s.inode));
   const byEnd = new Map<string, number>();
   for (const s of sockets) byEnd.set(`${s.local}>${s.remote}`, owner.get(s.inode)!);
-  const by_pair: Record<string, number> = {};
+  const by_pair = new Map<string, number>();
   let total = 0;
   for (const s of sockets) {
     const mine = owner.get(s.inode)!;
@@ -84,8 +84,8 @@ export function connectionsBetween(pids: readonly number[]): ConnectionCount {
     // Each connection is seen from both ends: count it from the end with the lower local address.
     if (theirs === undefined || theirs === mine || s.local > s.remote) continue;
     const [a, b] = mine < theirs ? [mine, theirs] : [theirs, mine];
-    by_pair[`${a}-${b}`] = (by_pair[`${a}-${b}`] ?? 0) + 1;
+    by_pair.set(`${a}-${b}`, (by_pair.get(`${a}-${b}`) ?? 0) + 1);
     total++;
   }
-  return { total, by_pair };
+  return { total, pair_max: Math.max(0, ...by_pair.values()) };
 }

@@ -128,8 +128,6 @@ class Link {
   /** Accepted links: false until the peer's hello was checked. */
   private greeted: boolean;
   closedAt: number | null = null;
-  /** Where the other thread listens: a dialed link's target; an accepted one learns it from the hello (null: receive only). */
-  peerAddress: string | null = null;
 
   private constructor(
     private readonly socket: Socket,
@@ -156,12 +154,10 @@ class Link {
     } catch (error) {
       // A route that is no address (the host checks routes, this is the last line): a link that is closed from the start.
       const link = new Link(new Socket(), true, `link to ${address}`, handlers);
-      link.peerAddress = address;
       link.close(`cannot connect to ${JSON.stringify(address)}: ${(error as Error).message}`);
       return link;
     }
     const link = new Link(socket, true, `link to ${address}`, handlers);
-    link.peerAddress = address;
     socket.on(tls ? "secureConnect" : "connect", () => link.connected(encodeHello(hello)));
     return link;
   }
@@ -302,19 +298,21 @@ export class PathEndpoint {
 
   /**
    * The link to the endpoint at `route.address`: the current one, or a new
-   * one (`dialed` true), or null while a failed one is recent. `from` is the
-   * sending VM (its rank and token) for the hello of a new link.
+   * one dialed for `from` (its rank and token go in the hello; it counts the
+   * dial), or null while a failed one is recent. Called for every batch sent:
+   * the current link costs one map lookup.
    */
-  linkTo(route: Route, from: { rank: number; token: string }): { link: Link | null; dialed: boolean } {
+  linkTo(route: Route, from: MessagePath): Link | null {
     const current = this.byAddress.get(route.address);
-    if (current && current.closedAt === null) return { link: current, dialed: false };
-    if (current && Date.now() - current.closedAt! < RECONNECT_AFTER_MS) return { link: null, dialed: false };
+    if (current && current.closedAt === null) return current;
+    if (current && Date.now() - current.closedAt! < RECONNECT_AFTER_MS) return null;
     const hello: PathHello = { token: route.token, from: from.rank, sender: from.token };
     if (this.address !== null) hello.address = this.address;
     const fresh = Link.dial(route.address, hello, this.tls, this.handlers);
+    from.dialed();
     if (fresh.closedAt === null) this.open.add(fresh);
     this.byAddress.set(route.address, fresh);
-    return { link: fresh, dialed: true };
+    return fresh;
   }
 
   private accept(socket: Socket): void {
@@ -333,7 +331,6 @@ export class PathEndpoint {
   private greeted(link: Link, hello: PathHello): string | null {
     if (!this.paths.has(hello.token)) return "hello for no VM on this thread (wrong token)";
     if (hello.address === undefined) return null;
-    link.peerAddress = hello.address;
     const current = this.byAddress.get(hello.address);
     if (!current || current.closedAt !== null) this.byAddress.set(hello.address, link);
     return null;
@@ -525,7 +522,7 @@ export class MessagePath {
     }
     const route = this.routes[rank];
     const token = this.tokens[rank];
-    const link = route ? this.linkTo(route) : null;
+    const link = route ? this.endpoint.linkTo(route, this) : null;
     if (!route || !token || !link) {
       this.stats.dropped += list.length;
       return;
@@ -535,11 +532,13 @@ export class MessagePath {
     }
   }
 
-  /** The thread's link to the endpoint `route` names (the current one, one that endpoint dialed, or a new one). */
-  private linkTo(route: Route): Link | null {
-    const { link, dialed } = this.endpoint.linkTo(route, { rank: this.options.rank, token: this.token });
-    if (dialed) this.stats.links_dialed++;
-    return link;
+  get rank(): number {
+    return this.options.rank;
+  }
+
+  /** @internal PathEndpoint: a send of this VM dialed a new connection. */
+  dialed(): void {
+    this.stats.links_dialed++;
   }
 
   private arrivedSafely(messages: GroupMessage[], source: string): void {

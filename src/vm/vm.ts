@@ -45,7 +45,7 @@ const WORKER_URL = import.meta.url.endsWith(".ts")
   ? new URL("../../dist/src/vm/worker-entry.js", import.meta.url)
   : new URL("./worker-entry.js", import.meta.url);
 
-/** Budget for a VM thread to start and answer its first request (boot, restore, backup install). */
+/** Budget for a VM thread to start and answer, and then for a replica's first request on it (boot, restore, backup install). */
 export const VM_START_TIMEOUT_MS = 10_000;
 
 /** Requests queued to one worker at once; a host that outruns its VM gets an error, not unbounded memory. */
@@ -136,7 +136,7 @@ export const VM_THREAD_STARTS_MAX = Math.max(1, Math.min(4, availableParallelism
 export const VM_THREAD_STARTS_QUEUED_MAX = 4096;
 const threadStarts = bulkhead(VM_THREAD_STARTS_MAX, VM_THREAD_STARTS_QUEUED_MAX);
 
-/** VM thread starts under way and waiting for a slot, now (for tests and status). */
+/** VM thread starts under way and waiting for a slot, now. */
 export function vmThreadStarts(): { running: number; waiting: number } {
   return { running: VM_THREAD_STARTS_MAX - threadStarts.executionSlots, waiting: VM_THREAD_STARTS_QUEUED_MAX - threadStarts.queueSlots };
 }
@@ -207,11 +207,11 @@ class VmThread {
   private readonly watchdog: Int32Array;
   private readonly watchdogTimer: NodeJS.Timeout;
   private readonly replicas = new Map<number, VmWorker>();
+  /** Requests in flight, by id. */
+  private readonly pending = new Map<number, Pending>();
   private nextRequest = 1;
   private nextReplica = 1;
   private gone: string | null = null;
-  /** Replicas placed on this thread, including those whose first request is under way. */
-  assigned = 0;
 
   private constructor(
     thread: Thread,
@@ -279,6 +279,11 @@ class VmThread {
     return this.gone !== null;
   }
 
+  /** Replicas on this thread. */
+  get load(): number {
+    return this.replicas.size;
+  }
+
   /** A new replica's handle on this thread (it exists on the thread with its first request). */
   add(call_cpu_ms: number): VmWorker {
     assert(!this.gone, "a replica added to a VM thread that is gone");
@@ -297,8 +302,6 @@ class VmThread {
     });
   }
 
-  private readonly pending = new Map<number, Pending>();
-
   /** One-way (recycle): request id 0, never answered. */
   post(vm: number, op: WorkerOp, args: unknown, transfer: TransferListItem[]): boolean {
     if (this.gone) return false;
@@ -309,8 +312,7 @@ class VmThread {
   /** Replica `vm` leaves the thread; the last one out ends it. */
   async drop(vm: VmWorker): Promise<void> {
     if (!this.replicas.delete(vm.id)) return;
-    this.assigned--;
-    if (this.replicas.size === 0 && this.assigned === 0) {
+    if (this.replicas.size === 0) {
       this.end("terminated");
       await this.worker.terminate();
       return;
@@ -402,13 +404,13 @@ async function threadFor(options: WorkerVmOptions): Promise<VmThread> {
   const settled = await Promise.allSettled(list.map((e) => e.thread));
   const live = settled.flatMap((s) => (s.status === "fulfilled" && !s.value.isGone ? [s.value] : []));
   if (live.length === 0) return threadFor(options);
-  return live.reduce((a, b) => (b.assigned < a.assigned ? b : a));
+  return live.reduce((a, b) => (b.load < a.load ? b : a));
 }
 
 export class VmWorker extends EventEmitter<VmEvents> {
   private gone: string | null = null;
-  private readonly inFlight = new Set<number>();
-  private nextTicket = 1;
+  /** Its requests not answered yet (bounded by VM_QUEUE_MAX). */
+  private inFlight = 0;
 
   /** @internal VmThread.add */
   constructor(
@@ -449,8 +451,7 @@ export class VmWorker extends EventEmitter<VmEvents> {
     let thread = await threadFor(options);
     // The pool's thread picked may have ended meanwhile (its last replica left): pick again.
     while (thread.isGone) thread = await threadFor(options);
-    // Synchronous from the check on: a thread with a replica assigned is not ended by its last one leaving.
-    thread.assigned++;
+    // Synchronous from the check on: once the replica is added, the thread is not ended by another's leaving.
     const vm = thread.add(options.limits.call_cpu_ms);
     try {
       await within(first(vm), VM_START_TIMEOUT_MS, `VM did not start within ${VM_START_TIMEOUT_MS} ms`);
@@ -468,10 +469,9 @@ export class VmWorker extends EventEmitter<VmEvents> {
 
   request<K extends WorkerOp>(op: K, args: WorkerOps[K]["args"], transfer: TransferListItem[] = []): Promise<WorkerOps[K]["result"]> {
     if (this.gone) return Promise.reject(new VmGoneError(this.gone));
-    if (this.inFlight.size >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
-    const ticket = this.nextTicket++;
-    this.inFlight.add(ticket);
-    return (this.thread.ask(this.id, op, args, transfer) as Promise<WorkerOps[K]["result"]>).finally(() => this.inFlight.delete(ticket));
+    if (this.inFlight >= VM_QUEUE_MAX) return Promise.reject(new VmGoneError(`VM request queue full (${VM_QUEUE_MAX})`));
+    this.inFlight++;
+    return (this.thread.ask(this.id, op, args, transfer) as Promise<WorkerOps[K]["result"]>).finally(() => this.inFlight--);
   }
 
   /**

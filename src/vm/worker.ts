@@ -67,6 +67,11 @@ function guestOf(bundle: GuestBundle): GuestModule {
   return { module: bundle.module, info: bundle.info, hash: bundle.hash };
 }
 
+/** The loan id of a pooled delta's buffer: it is transferred to the host thread, which gives it back (`recycle`). */
+function loanOf(vm: VmCore, captured: CapturedDelta): number | null {
+  return vm.deltas.idOf(captured.delta) ?? null;
+}
+
 /**
  * One replica on this thread: its VmCore or BackupImage, its timers, what it
  * last announced, and its message path.
@@ -228,13 +233,8 @@ class Replica {
 
   /** group mode: a checkpoint leaves as a `captured` event, whichever way it was taken, so the host sees them all in epoch order. */
   emitCaptured(vm: VmCore, captured: CapturedDelta): void {
-    const result: CaptureResult = { ...captured, outbox: [], path: this.path?.counters ?? null, delta_loan: this.loanOf(vm, captured) };
+    const result: CaptureResult = { ...captured, outbox: [], path: this.path?.counters ?? null, delta_loan: loanOf(vm, captured) };
     this.emit({ event: "captured", result }, transferables(result));
-  }
-
-  /** The loan id of a pooled delta's buffer: it is transferred to the host thread, which gives it back (`recycle`). */
-  loanOf(vm: VmCore, captured: CapturedDelta): number | null {
-    return vm.deltas.idOf(captured.delta) ?? null;
   }
 
   /** The path's hook: offer arrivals to the VM, say which it refused for now. */
@@ -404,7 +404,7 @@ const handlers: Handlers = {
     // Capturing starts a new epoch, which may make held group messages deliverable: guest calls.
     const captured = r.guarded(() => vm.capture());
     r.path?.retryRefused();
-    return { ...captured, outbox: r.flush(vm), path: r.path?.counters ?? null, delta_loan: r.loanOf(vm, captured) };
+    return { ...captured, outbox: r.flush(vm), path: r.path?.counters ?? null, delta_loan: loanOf(vm, captured) };
   },
   capture_to(r, { epoch, commit }) {
     const vm = r.needPrimary();
