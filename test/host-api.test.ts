@@ -109,6 +109,21 @@ describe("control frame versions", () => {
     expect(() => checkControl(MSG.REQUEST, { v: CONTROL_VERSION, id: 3, op: "ping" })).not.toThrow();
   });
 
+  it("a heartbeat passes the quick check only as the schema would pass it", () => {
+    expect(() => checkControl(MSG.HEARTBEAT, { v: CONTROL_VERSION, from: "h2", sent_ms: 1_700_000_000_000 })).not.toThrow();
+    for (const bad of [
+      { v: CONTROL_VERSION, from: "h2", sent_ms: 1, extra: true },
+      { v: CONTROL_VERSION, from: "", sent_ms: 1 },
+      { v: CONTROL_VERSION, from: "h".repeat(257), sent_ms: 1 },
+      { v: CONTROL_VERSION, from: 2, sent_ms: 1 },
+      { v: CONTROL_VERSION, from: "h2", sent_ms: "1" },
+      { v: CONTROL_VERSION, from: "h2", sent_ms: Number.POSITIVE_INFINITY },
+      { from: "h2", sent_ms: 1 },
+    ]) {
+      expect(() => checkControl(MSG.HEARTBEAT, bad), JSON.stringify(bad)).toThrow(/malformed HEARTBEAT frame/);
+    }
+  });
+
   it("over TCP: a newer REQUEST closes only its connection, with the reason; others keep being answered", async () => {
     const served: Connection[] = [];
     const server: Server = createServer((socket) => {

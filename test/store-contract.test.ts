@@ -282,7 +282,7 @@ describe.each(backends)("$name: the store contract", (backend) => {
       );
     });
 
-  it("a watch on a prefix says when it is in place, then hears another client's put, delete and revoked lease under it, and nothing else", async () => {
+  it("a watch on a prefix says when it is in place, then hears another client's put, delete, revoked lease and lapsed lease under it, and nothing else (a renewal, another prefix)", async () => {
     const a = open();
     const b = open();
     let heard = 0;
@@ -314,6 +314,16 @@ describe.each(backends)("$name: the store contract", (backend) => {
       await b.put("groups/g", { n: 3 }); // another prefix
       await new Promise((r) => setTimeout(r, 600));
       expect(heard).toBe(seen);
+      // A renewal changes nothing under the prefix; a lease left to lapse does.
+      const lapsing = await b.grantLease(1000);
+      await b.put("hosts/h3", { n: 4 }, { lease: lapsing });
+      await until("a put with a second lease", () => heard > seen);
+      seen = heard;
+      await lapsing.keepAlive();
+      await new Promise((r) => setTimeout(r, 300));
+      expect(heard).toBe(seen);
+      await until("the lease lapsed", () => heard > seen);
+      expect(await a.get("hosts/h3")).toBeNull();
     } finally {
       watch.close();
     }

@@ -86,7 +86,7 @@ interface Peer {
 /** Group frames kept per peer while its connection is (re)opening. */
 export const PEER_QUEUE_MAX = 10_000;
 /** Registrations are re-read this often besides the store's watch (a missed change costs at most this). */
-const PEER_RESYNC_MS = 2000;
+const PEER_RESYNC_MS = 10_000;
 /** A peer without a connection (down, or declared failed and perhaps only paused) is dialed again this often. */
 const PEER_RECONNECT_MS = 250;
 
@@ -142,6 +142,9 @@ export class Host {
   private detectTimer: NodeJS.Timeout | null = null;
   private detectDue_ms = Infinity;
   private hostsWatch: Watch | null = null;
+  private heartbeatTimer: NodeJS.Timeout | null = null;
+  /** Armed while some peer has no connection (see scheduleReconnect). */
+  private reconnectTimer: NodeJS.Timeout | null = null;
   /** Protected groups with a replica on this host (a single VM is a group of one). */
   readonly groups: GroupTable;
   private nextRequestId = (process.pid % 10_000) * 100_000;
@@ -200,15 +203,14 @@ export class Host {
       }, Math.max(100, Math.floor(lease_ms / LEASE_RENEWALS_PER_TTL))),
     );
     VmWorker.prewarm(VM_THREADS_PREWARMED);
-    this.timers.push(setInterval(() => this.heartbeat(), this.options.heartbeat_ms));
+    this.scheduleHeartbeat();
     // Registrations come and go (hosts start, restart, their leases lapse): the store says when (etcd pushes,
-    // the file store is looked at every WATCH_POLL_MS); a slow re-read besides catches what a watch missed.
+    // the file store from the kernel's file notifications); a slow re-read besides catches what a watch missed.
     const refresh = (): void => {
       this.refreshPeers().catch((error: Error) => this.log.error({ err: error }, "peer refresh failed"));
     };
     this.hostsWatch = this.store.watch("hosts/", refresh);
     this.timers.push(setInterval(refresh, PEER_RESYNC_MS));
-    this.timers.push(setInterval(() => this.reconnectPeers(), PEER_RECONNECT_MS));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
   }
@@ -256,6 +258,8 @@ export class Host {
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
     if (this.detectTimer) clearTimeout(this.detectTimer);
+    if (this.heartbeatTimer) clearTimeout(this.heartbeatTimer);
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     this.hostsWatch?.close();
     // Replicas first: a host that retires because the store is away must not wait on it to stop them.
     await this.groups.stop();
@@ -334,8 +338,15 @@ export class Host {
    * (its registration did not change, so the store's watch says nothing).
    */
   private reconnectPeers(): void {
+    this.reconnectTimer = null;
     if (this.stopping) return;
     for (const peer of this.peers.values()) if (!peer.out && !peer.connecting) this.connectInBackground(peer);
+  }
+
+  /** Dials peers without a connection again in PEER_RECONNECT_MS; a cluster whose connections are all up has no timer for it. */
+  private scheduleReconnect(): void {
+    if (this.stopping || this.reconnectTimer) return;
+    this.reconnectTimer = setTimeout(() => this.reconnectPeers(), PEER_RECONNECT_MS);
   }
 
   private async connectPeer(peer: Peer): Promise<Connection | null> {
@@ -346,7 +357,9 @@ export class Host {
       const connection = await Connection.open(peer.address, `out:${peer.id}`, 1000, tls ? { material: tls, peer: peer.id } : null);
       connection.send(MSG.HELLO, { from: this.id });
       connection.on("close", () => {
-        if (peer.out === connection) peer.out = null;
+        if (peer.out !== connection) return;
+        peer.out = null;
+        this.scheduleReconnect();
       });
       // Replies to our requests come back on this connection; pushes from the peer come on its own.
       peer.out = connection;
@@ -359,6 +372,7 @@ export class Host {
       const e = error as NodeJS.ErrnoException;
       const take = e.code === "ECONNREFUSED" || /timed out/.test(e.message) ? null : this.dialLog.take(Date.now());
       if (take) this.log.warn({ peer: peer.id, address: peer.address, reason: e.message, ...(take.skipped ? { not_logged: take.skipped } : {}) }, "connecting to a peer failed");
+      this.scheduleReconnect();
       return null;
     } finally {
       peer.connecting = false;
@@ -368,6 +382,25 @@ export class Host {
   /** Opens a connection to `peer` without waiting for it (connectPeer answers null when the peer is unreachable). */
   private connectInBackground(peer: Peer): void {
     this.connectPeer(peer).catch((error: Error) => this.log.error({ err: error, peer: peer.id }, "connecting to a peer failed"));
+  }
+
+  /**
+   * Heartbeat ticks fall on the multiples of heartbeat_ms of the wall clock,
+   * on every host: a cluster's beats leave together, so a host reads its
+   * peers' beats in the wake-up that its own tick or the first of them
+   * caused rather than one wake-up per peer. An idle host's CPU is mostly
+   * wake-ups (each costs ~0.2 ms on a small virtual machine), and heartbeats
+   * are most of those.
+   */
+  private scheduleHeartbeat(): void {
+    if (this.stopping) return;
+    const now = Date.now();
+    const interval_ms = this.options.heartbeat_ms;
+    const due_ms = (Math.floor(now / interval_ms) + 1) * interval_ms;
+    this.heartbeatTimer = setTimeout(() => {
+      this.heartbeat();
+      this.scheduleHeartbeat();
+    }, due_ms - now);
   }
 
   /**

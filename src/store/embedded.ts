@@ -36,13 +36,14 @@
  */
 import { procStatFields } from "../util/proc-stat.js";
 import { randomBytes } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import * as fsp from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { checkExpectedVersion, encodeValue, liveVersion, parseRecord, recordText, type StoredRecord } from "./record.js";
-import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix, pollingWatch, type Watch } from "./store.js";
+import { checkLeaseTtl, type CoordinationStore, isValidKey, type Lease, type PutOptions, StoreError, type Versioned, validateKey, validatePrefix, type Watch } from "./store.js";
+import { fileWatch } from "./file-watch.js";
 
 export interface EmbeddedStoreOptions {
   /** Largest JSON encoding of a value, in bytes (default 1 MiB). */
@@ -141,19 +142,29 @@ export class EmbeddedStore implements CoordinationStore {
 
   async list<T>(prefix: string): Promise<Versioned<T>[]> {
     validatePrefix(prefix);
-    return this.op(`list ${prefix}`, async () => {
-      const keys: string[] = [];
-      for (const name of await fsp.readdir(this.dir)) {
-        if (!name.endsWith(".json")) continue;
-        const key = decodeKey(name.slice(0, -".json".length));
-        if (!key.startsWith(prefix) || !isValidKey(key)) continue;
-        keys.push(key);
-      }
-      const recs = await Promise.all(keys.map((k) => this.read(k)));
-      const out: Versioned<T>[] = [];
-      for (const rec of recs) if (rec !== null && !rec.deleted) out.push({ key: rec.key, value: rec.value as T, version: rec.version });
-      return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
-    });
+    return this.op(`list ${prefix}`, async () => (await this.listLive(prefix)).map(({ rec }) => ({ key: rec.key, value: rec.value as T, version: rec.version })));
+  }
+
+  /** The live records under `prefix`, sorted by key, each with the expiry of the lease it lives by (if any). */
+  private async listLive(prefix: string): Promise<{ rec: LiveRecord; lease?: { id: string; expires_at_ms: number } }[]> {
+    const keys: string[] = [];
+    for (const name of await fsp.readdir(this.dir)) {
+      if (!name.endsWith(".json")) continue;
+      const key = decodeKey(name.slice(0, -".json".length));
+      if (!key.startsWith(prefix) || !isValidKey(key)) continue;
+      keys.push(key);
+    }
+    const found = await Promise.all(
+      keys.map(async (key) => {
+        const rec = await this.readRecord(key);
+        if (rec === null || rec.deleted) return null;
+        if (rec.lease === undefined) return { rec };
+        const expires_at_ms = await this.leaseExpiry(rec.lease);
+        return expires_at_ms !== null && expires_at_ms > Date.now() ? { rec, lease: { id: rec.lease, expires_at_ms } } : null;
+      }),
+    );
+    const out = found.filter((f) => f !== null);
+    return out.sort((a, b) => (a.rec.key < b.rec.key ? -1 : a.rec.key > b.rec.key ? 1 : 0));
   }
 
   async delete(key: string): Promise<void> {
@@ -170,7 +181,25 @@ export class EmbeddedStore implements CoordinationStore {
   }
 
   watch(prefix: string, onChange: () => void): Watch {
-    return pollingWatch(this, prefix, onChange);
+    validatePrefix(prefix);
+    // The directory must exist to be watched (the store makes it lazily, on its first operation).
+    mkdirSync(this.dir, { recursive: true });
+    return fileWatch(
+      {
+        dir: this.dir,
+        record_prefix: encodeKey(prefix),
+        list: (p) => this.list(p),
+        scan: () =>
+          this.op(`watch ${prefix}`, async () => {
+            const live = await this.listLive(prefix);
+            const leases = new Map<string, number>();
+            for (const { lease } of live) if (lease) leases.set(lease.id, Math.min(leases.get(lease.id) ?? Infinity, lease.expires_at_ms));
+            return { signature: live.map(({ rec }) => `${rec.key}@${rec.version}`).join(","), leases };
+          }),
+      },
+      prefix,
+      onChange,
+    );
   }
 
   async close(): Promise<void> {
@@ -252,18 +281,24 @@ export class EmbeddedStore implements CoordinationStore {
 
   /** Whether lease `id` exists and has not expired (an unreadable lease file counts as lapsed). */
   private async leaseAlive(id: string): Promise<boolean> {
+    const expires_at_ms = await this.leaseExpiry(id);
+    return expires_at_ms !== null && expires_at_ms > Date.now();
+  }
+
+  /** When lease `id` lapses (wall clock), or null if it is gone or unreadable. */
+  private async leaseExpiry(id: string): Promise<number | null> {
     let text: string;
     try {
       text = await fsp.readFile(this.leasePath(id), "utf8");
     } catch (e) {
-      if (isErrno(e) && e.code === "ENOENT") return false;
+      if (isErrno(e) && e.code === "ENOENT") return null;
       throw e;
     }
     try {
       const doc = JSON.parse(text) as { expires_at_ms?: unknown };
-      return typeof doc.expires_at_ms === "number" && doc.expires_at_ms > Date.now();
+      return typeof doc.expires_at_ms === "number" ? doc.expires_at_ms : null;
     } catch {
-      return false;
+      return null;
     }
   }
 
@@ -306,6 +341,8 @@ export class EmbeddedStore implements CoordinationStore {
     }
   }
 }
+
+type LiveRecord = Extract<StoredRecord, { deleted: false }>;
 
 function encodeKey(key: string): string {
   return key.replaceAll("/", "~");
