@@ -226,6 +226,37 @@ describe("cut 0 means booted", () => {
     const backup = BackupImage.fromImage(guest, opts, decodeImage(imageBytes(vm)));
     expect(backup.promote().invoke("started", [])).toBe(1);
   });
+
+  it("a primary rolled back to cut 0 gives cut 0's image, unbooted, though it booted again since (a recovery's image for a new backup)", async () => {
+    const guest = await guestOf(fixtureBytes("segments"));
+    const opts = options();
+    const vm = VmCore.boot(guest, opts);
+    vm.invoke("poke", [100, 0]);
+    vm.capture(); // cut 1, not committed
+    vm.invoke("poke", [200, 7]);
+    vm.rollback(0); // boots again: epoch 1 has written the active segment
+    const image = vm.image();
+    const blank = BackupImage.blank(guest, opts, RESERVED_WASM_PAGES + guest.info.guest_initial_pages).image();
+    // Cut 0's memory is the module's before its active segments are written (a blank backup's); its
+    // globals are the module's initial ones, which a blank backup leaves to the instance.
+    expect({ ...image, runtime_state: null, globals: null }).toEqual({ ...blank, runtime_state: null, globals: null });
+    expect(decodeRuntimeState(image.runtime_state).booted).toBe(false);
+    // A backup installed from it boots when promoted, as the primary did.
+    const promoted = BackupImage.fromImage(guest, opts, image).promote();
+    expect(promoted.invoke("started", [])).toBe(1);
+    expect(Buffer.from([100, 101, 102, 103, 104, 105].map((a) => promoted.invoke("load8", [a]) as number)).toString()).toBe("active");
+  });
+
+  it("an image is its cut's whatever the guest did since", async () => {
+    const guest = await guestOf(fixtureBytes("segments"));
+    const vm = VmCore.boot(guest, options());
+    vm.invoke("poke", [100, 0]);
+    vm.capture();
+    const atCut = vm.image();
+    vm.invoke("poke", [200, 7]);
+    vm.invoke("poke", [4096 * 3 + 5, 9]);
+    expect(vm.image()).toEqual(atCut);
+  });
 });
 
 /** kv requests as the guest's clients would send them. */

@@ -74,6 +74,18 @@ export class UndoLog {
     }
   }
 
+  /** Each saved page's pre-image, by page number: views into the log's chunks, valid until release(). */
+  preImages(): Map<number, Uint8Array> {
+    assert(!this.released, "pre-images of a released undo log");
+    const out = new Map<number, Uint8Array>();
+    for (let slot = 0; slot < this.pages.length; slot++) {
+      const chunk = this.chunks[Math.floor(slot / UNDO_CHUNK_PAGES)];
+      const at = (slot % UNDO_CHUNK_PAGES) * PAGE_BYTES;
+      if (!out.has(this.pages[slot])) out.set(this.pages[slot], chunk.subarray(at, at + PAGE_BYTES));
+    }
+    return out;
+  }
+
   /** The log is no longer needed (its epoch committed, or it was restored): its chunks go back to the pool. */
   release(): void {
     assert(!this.released, "undo log released twice");

@@ -607,12 +607,21 @@ export class VmCore implements AbiHost {
     return { pages_restored: pages };
   }
 
-  /** Full image of the VM as of the last capture (no guest call since). For re-protection and tests. */
+  /**
+   * Full image of the VM as of its last cut (the start of the current
+   * epoch): pages written since come from the epoch's undo log, globals and
+   * runtime state from the epoch's start record. Guest calls since the cut
+   * change nothing in it. A recovery ships this to a member's new backup;
+   * a primary rolled back to cut 0 has booted again by then (its boot is
+   * part of epoch 1), and the image is still cut 0's, unbooted. For
+   * re-protection and tests.
+   */
   image(): ImageParts {
-    assert(this.tracker.dirtyCount === 0, "image() between a capture and the next guest call");
     const record = this.epochs.get(this.state.epoch);
     assert(record, "start record of the current epoch");
-    return imageOf(this.tracker.bytes(), this.state.epoch - 1, this.guest.hash, record.globals, record.state);
+    const mem = this.tracker.bytes().subarray(0, record.memory_pages * WASM_PAGE_BYTES);
+    const preImages = this.tracker.dirtyCount > 0 ? this.tracker.undo.preImages() : undefined;
+    return imageOf(mem, this.state.epoch - 1, this.guest.hash, record.globals, record.state, preImages);
   }
 
   // ---- AbiHost -----------------------------------------------------------
@@ -754,22 +763,24 @@ export function newMemory(info: ModuleInfo, limits: VmLimits, initial_pages: num
 }
 
 /** Image of a whole memory: only pages that are not all zero are stored. O(memory): for full copies only. */
-export function imageOf(mem: Uint8Array, epoch: number, module_hash: Uint8Array, globals: Uint8Array, runtime_state: Uint8Array): ImageParts {
+function nonZeroWords(words: BigUint64Array, from: number, count: number): boolean {
+  for (let w = from; w < from + count; w++) if (words[w] !== 0n) return true;
+  return false;
+}
+
+/** `preImages`: pages to take from there rather than from `mem` (what they held at the image's cut). */
+export function imageOf(mem: Uint8Array, epoch: number, module_hash: Uint8Array, globals: Uint8Array, runtime_state: Uint8Array, preImages?: Map<number, Uint8Array>): ImageParts {
+  const pageOf = (page: number): Uint8Array => preImages?.get(page) ?? mem.subarray(page * PAGE_BYTES, (page + 1) * PAGE_BYTES);
   const words = new BigUint64Array(mem.buffer, mem.byteOffset, mem.length / 8);
-  const indices: number[] = [];
   const wordsPerPage = PAGE_BYTES / 8;
+  const indices: number[] = [];
   // The hypervisor region is not part of the image: the dirty map is per-replica and globals travel separately.
   for (let page = BASE_BYTES / PAGE_BYTES; page < mem.length / PAGE_BYTES; page++) {
-    const base = page * wordsPerPage;
-    for (let w = 0; w < wordsPerPage; w++) {
-      if (words[base + w] !== 0n) {
-        indices.push(page);
-        break;
-      }
-    }
+    const pre = preImages?.get(page);
+    if (pre ? pre.some((b) => b !== 0) : nonZeroWords(words, page * wordsPerPage, wordsPerPage)) indices.push(page);
   }
   const page_data = new Uint8Array(indices.length * PAGE_BYTES);
-  indices.forEach((page, i) => page_data.set(mem.subarray(page * PAGE_BYTES, (page + 1) * PAGE_BYTES), i * PAGE_BYTES));
+  indices.forEach((page, i) => page_data.set(pageOf(page), i * PAGE_BYTES));
   return {
     epoch,
     memory_pages: mem.length / WASM_PAGE_BYTES,
