@@ -38,6 +38,8 @@ import { parseManifest } from "../src/cluster/manifest.js";
 import { guestPath } from "../src/guest/examples.js";
 import { Connection } from "../src/host/connection.js";
 import { MSG } from "../src/host/messages.js";
+import { encodeBeat } from "../src/host/beat-wire.js";
+import { createSocket } from "node:dgram";
 import { dialTls, requestAny, sleep } from "../src/cli/client.js";
 import type { HostStatus } from "../src/host/api.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
@@ -387,7 +389,7 @@ describe("bad frames sent to live hosts", () => {
 
     // Control frames: the wrong shape closes that connection only.
     for (const [type, header] of [
-      [MSG.HEARTBEAT, { from: 7 }],
+      [2, { from: "fake", sent_ms: Date.now() }], // heartbeats left peer connections for datagrams
       [MSG.REQUEST, { id: "x", op: "status" }],
       [MSG.REPLY, { id: 1, ok: "yes" }],
       [MSG.LOG, { vm: "tick-0", records: [] }],
@@ -396,6 +398,16 @@ describe("bad frames sent to live hosts", () => {
     ] as [number, Record<string, unknown>][]) {
       expect(await send(L, type, header), `control frame ${type} of the wrong shape closes its connection`).toBe(true);
     }
+
+    // Heartbeat datagrams to the leader's port: garbage, truncated, untagged, and tagged with a key of
+    // no connection (a host that claims to be the leader's peer). Each refused, and nobody fails over.
+    const [lhost, lport] = address(L).split(":");
+    const udp = createSocket("udp4");
+    const forged = (from: string, key: Uint8Array | null) => encodeBeat({ from, sent_ms: Date.now() }, key);
+    const datagrams = [Buffer.from(garbage.subarray(0, 1200)), Buffer.alloc(3), forged(p1.primary, null).subarray(0, 10), forged(p1.primary, null), forged(p1.primary, randomBytes(32)), forged("fake", randomBytes(32))];
+    for (let i = 0; i < 50; i++) for (const d of datagrams) await new Promise<void>((resolve) => udp.send(d, Number(lport), lhost, () => resolve()));
+    udp.close();
+    await waitFor(async () => (await readFile(join(c.state_dir, "logs", `${L}.log`), "utf8")).includes("heartbeats refused"), 10_000, "the refused heartbeats logged");
 
     // Both groups kept going: the bank commits further, the ticker releases further.
     await waitFor(async () => (await bankCommitted()) >= start.bank + 10 && (await tickReleased()) >= start.tick + 10, 15_000, "both groups progressing after the bad frames");

@@ -95,7 +95,7 @@ describe("control frame versions", () => {
     const newer = () => checkControl(MSG.REQUEST, { v: CONTROL_VERSION + 1, id: 1, op: "ping", args: {}, future_field: true });
     expect(newer).toThrow(ControlFrameError);
     expect(newer).toThrow(`REQUEST frame version ${CONTROL_VERSION + 1} is newer than this host's ${CONTROL_VERSION}`);
-    expect(() => checkControl(MSG.HEARTBEAT, { v: 9, from: "h2", sent_ms: 0 })).toThrow(/^HEARTBEAT frame version 9 is newer/);
+    expect(() => checkControl(MSG.HELLO, { v: 9, from: "h2" })).toThrow(/^HELLO frame version 9 is newer/);
     expect(() => checkControl(MSG.LOG, { v: 3, vm: "t-0", records: [] })).toThrow(/^LOG frame version 3 is newer/);
   });
 
@@ -107,21 +107,6 @@ describe("control frame versions", () => {
     // A failed request's REPLY has no value; a REQUEST without args is the op's to refuse.
     expect(() => checkControl(MSG.REPLY, { v: CONTROL_VERSION, id: 3, ok: false, error: { code: "BadArguments", message: "..." } })).not.toThrow();
     expect(() => checkControl(MSG.REQUEST, { v: CONTROL_VERSION, id: 3, op: "ping" })).not.toThrow();
-  });
-
-  it("a heartbeat passes the quick check only as the schema would pass it", () => {
-    expect(() => checkControl(MSG.HEARTBEAT, { v: CONTROL_VERSION, from: "h2", sent_ms: 1_700_000_000_000 })).not.toThrow();
-    for (const bad of [
-      { v: CONTROL_VERSION, from: "h2", sent_ms: 1, extra: true },
-      { v: CONTROL_VERSION, from: "", sent_ms: 1 },
-      { v: CONTROL_VERSION, from: "h".repeat(257), sent_ms: 1 },
-      { v: CONTROL_VERSION, from: 2, sent_ms: 1 },
-      { v: CONTROL_VERSION, from: "h2", sent_ms: "1" },
-      { v: CONTROL_VERSION, from: "h2", sent_ms: Number.POSITIVE_INFINITY },
-      { from: "h2", sent_ms: 1 },
-    ]) {
-      expect(() => checkControl(MSG.HEARTBEAT, bad), JSON.stringify(bad)).toThrow(/malformed HEARTBEAT frame/);
-    }
   });
 
   it("over TCP: a newer REQUEST closes only its connection, with the reason; others keep being answered", async () => {

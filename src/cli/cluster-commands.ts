@@ -123,7 +123,7 @@ export function registerClusterCommands(program: Command): void {
       .description("run one host daemon (normally started by `cohort up`)")
       .requiredOption("--id <id>", "host id, e.g. h1 (a restarted host takes part as h1.2, h1.3, ...: a new participant)")
       .option("--listen <address>", "address to listen on", "127.0.0.1")
-      .option("--port <port>", "TCP port for peer traffic (0 = any free port)", int("--port"), 0)
+      .option("--port <port>", "TCP port for peer traffic, and the UDP port of the same number for heartbeats (0 = any free pair)", int("--port"), 0)
       .option("--heartbeat-ms <ms>", `interval between heartbeats to each peer (default: ${HOST_DEFAULTS.heartbeat_ms}, or a quarter of a shorter --detect-ms)`, int("--heartbeat-ms"))
       .option("--detect-ms <ms>", `a peer silent this long is considered failed (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
       .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds): a host that cannot renew it for this long (the store away, or the host cut off) stops its replicas and rejoins as a fresh host", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
@@ -161,6 +161,18 @@ export function registerClusterCommands(program: Command): void {
     };
     process.once("SIGTERM", () => shutdown("SIGTERM"));
     process.once("SIGINT", () => shutdown("SIGINT"));
+    // Fault injection (tests of the failure detector): with $COHORT_FAULT_BLOCK_MAIN_MS set, SIGUSR2 holds
+    // this process's main thread busy that long, a wedged main loop, while its other threads run on.
+    const block_ms = Number(process.env.COHORT_FAULT_BLOCK_MAIN_MS ?? 0);
+    if (block_ms > 0) {
+      process.on("SIGUSR2", () => {
+        log.warn({ block_ms }, "fault injection: the main thread is held busy");
+        const end = Date.now() + block_ms;
+        while (Date.now() < end) {
+          // busy on purpose
+        }
+      });
+    }
     await hostProcess.start();
   });
 

@@ -10,8 +10,12 @@ import { createHistogram, type RecordableHistogram } from "node:perf_hooks";
 import { mutualTlsServer, type TlsMaterial } from "../tls/context.js";
 import { pino, type Logger } from "pino";
 import { join } from "node:path";
-import { Connection } from "./connection.js";
-import { MSG, type Heartbeat, type LogPush, type Request } from "./messages.js";
+import { Connection, splitAddress } from "./connection.js";
+import { MSG, type LogPush, type Request } from "./messages.js";
+import { BeatThread, mainLoopWedgedMs } from "./beat-thread.js";
+import { HOST_ID_RE, hostNameOf } from "./instance.js";
+import { BEAT_KEY_BYTES, BEAT_KEY_LABEL } from "./beat-wire.js";
+import type { TLSSocket } from "node:tls";
 import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type HostStatus, type LocalOp } from "./api.js";
 import type { ReleasedRecord } from "../core/frames.js";
 import { logPages, OutputLog } from "./output-log.js";
@@ -77,7 +81,11 @@ interface Peer {
   address: string;
   out: Connection | null;
   connecting: boolean;
+  /** When its heartbeat was last heard, as the heartbeat thread wrote it in `slot` (or a fresh window after a stall). */
   last_seen_ms: number;
+  slot: number;
+  /** With TLS: the heartbeat key of `out` (see beat-wire.ts). */
+  key_out: Uint8Array | null;
   failed: boolean;
   /** Group frames sent while no connection was open, flushed in order once one is. */
   queue: { header: GroupFrame; body?: Uint8Array; done?: () => void }[];
@@ -95,9 +103,12 @@ export const VM_REQUEST_TIMEOUT_MS = 5000;
 
 export class Host {
   private server!: Server;
+  private beats!: BeatThread;
   private address = "";
   readonly log: Logger;
   private readonly peers = new Map<string, Peer>();
+  /** With TLS: by host id, the heartbeat keys of its connections to this host, newest first (two at most). */
+  private readonly keysIn = new Map<string, { connection: Connection; key: Uint8Array }[]>();
   private readonly incoming = new Set<Connection>();
   /** Guest modules by sha-256 of their bytes, instrumented and compiled (or being): one per module for every VM, backup and promotion here. */
   private readonly modules = new Map<string, Promise<GuestBundle>>();
@@ -110,6 +121,7 @@ export class Host {
   private readonly tlsLog = new LogLimit();
   private readonly dialLog = new LogLimit(1, 5000);
   private readonly storeLog = new LogLimit(1, 5000);
+  private readonly beatLog = new LogLimit(1, 5000);
   private storeDown = false;
   /** The lease `hosts/<id>` lives by, and when it was last renewed. */
   private lease: Lease | null = null;
@@ -184,13 +196,8 @@ export class Host {
   async start(): Promise<void> {
     const tls = this.options.tls;
     this.server = tls ? mutualTlsServer(tls, (socket, peer) => this.accept(socket, peer), (address, reason) => this.refused(address, reason)) : createServer((socket) => this.accept(socket));
-    await new Promise<void>((resolve, reject) => {
-      this.server.once("error", reject);
-      this.server.listen(this.options.port, this.options.listen_host, () => resolve());
-    });
-    const addr = this.server.address();
-    if (!addr || typeof addr === "string") throw new Error("server has no TCP address");
-    this.address = `${this.options.listen_host}:${addr.port}`;
+    const port = await this.listen();
+    this.address = `${this.options.listen_host}:${port}`;
     const record: HostRecord = { id: this.id, address: this.address, pid: process.pid, started_at_ms: Date.now() };
     await this.register(record);
     const lease_ms = this.options.lease_ms ?? HOST_DEFAULTS.lease_ms;
@@ -213,6 +220,44 @@ export class Host {
     this.timers.push(setInterval(refresh, PEER_RESYNC_MS));
     await this.refreshPeers();
     this.log.info({ address: this.address, pid: process.pid, tls: tls !== null }, "host listening");
+  }
+
+  /**
+   * The host port: TCP for peer frames and, with the same number, UDP for
+   * heartbeats (the heartbeat thread's socket). With port 0 the kernel picks
+   * a TCP port whose UDP twin may be taken; a few picks find a free pair.
+   */
+  private async listen(): Promise<number> {
+    for (let attempt = 1; ; attempt++) {
+      await new Promise<void>((resolve, reject) => {
+        this.server.once("error", reject);
+        this.server.listen(this.options.port, this.options.listen_host, () => resolve());
+      });
+      const addr = this.server.address();
+      if (!addr || typeof addr === "string") throw new Error("server has no TCP address");
+      try {
+        this.beats = await BeatThread.start({
+          id: this.id,
+          bind_host: this.options.listen_host,
+          port: addr.port,
+          heartbeat_ms: this.options.heartbeat_ms,
+          detect_ms: this.options.detect_ms,
+          wedged_ms: mainLoopWedgedMs(this.options.detect_ms),
+          secure: this.options.tls !== null,
+        });
+      } catch (error) {
+        await new Promise<void>((resolve) => this.server.close(() => resolve()));
+        if (this.options.port === 0 && (error as NodeJS.ErrnoException).code === "EADDRINUSE" && attempt < 5) continue;
+        throw error;
+      }
+      this.beats.on("heard", (id) => this.onHeard(id));
+      this.beats.on("refused", (address, reason, count) => {
+        const take = this.beatLog.take(Date.now());
+        if (take) this.log.warn({ peer: address, reason, refused: count }, "heartbeats refused");
+      });
+      this.beats.on("error", (message) => this.log.error({ reason: message }, "heartbeat thread failed"));
+      return addr.port;
+    }
   }
 
   /** Puts `hosts/<id>` with a fresh lease. */
@@ -266,6 +311,7 @@ export class Host {
     await this.lease?.revoke().catch(() => undefined); // the registration goes now rather than after its TTL
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
+    await this.beats.stop();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     await this.store.close();
     this.log.info("host stopped");
@@ -285,7 +331,7 @@ export class Host {
       if (take) this.log.warn({ connection: connection.label, reason, ...(take.skipped ? { closes_not_logged: take.skipped } : {}) }, "connection closed");
     });
     connection.on("message", (type, header, body) => {
-      this.onMessage(connection, type, header, body).catch((error: Error) => {
+      this.onMessage(connection, type, header, body, peer).catch((error: Error) => {
         this.log.error({ err: error, type }, "message handling failed");
       });
     });
@@ -324,9 +370,13 @@ export class Host {
       let peer = this.peers.get(value.id);
       if (!peer || peer.address !== value.address) {
         peer?.out?.close("address changed");
-        if (peer) this.dropQueue(peer);
-        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, failed: false, queue: [] };
+        if (peer) {
+          this.dropQueue(peer);
+          this.beats.giveSlot(peer.slot);
+        }
+        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, slot: this.beats.takeSlot(), key_out: null, failed: false, queue: [] };
         this.peers.set(value.id, peer);
+        this.beatPeersChanged();
       }
       if (!peer.out && !peer.connecting) this.connectInBackground(peer);
     }
@@ -359,10 +409,14 @@ export class Host {
       connection.on("close", () => {
         if (peer.out !== connection) return;
         peer.out = null;
+        peer.key_out = null;
+        this.beatPeersChanged();
         this.scheduleReconnect();
       });
       // Replies to our requests come back on this connection; pushes from the peer come on its own.
       peer.out = connection;
+      peer.key_out = tls ? heartbeatKey(connection) : null;
+      this.beatPeersChanged();
       const queued = peer.queue;
       peer.queue = [];
       for (const { header, body, done } of queued) connection.send(MSG.GROUP, header, body, done);
@@ -385,12 +439,10 @@ export class Host {
   }
 
   /**
-   * Heartbeat ticks fall on the multiples of heartbeat_ms of the wall clock,
-   * on every host: a cluster's beats leave together, so a host reads its
-   * peers' beats in the wake-up that its own tick or the first of them
-   * caused rather than one wake-up per peer. An idle host's CPU is mostly
-   * wake-ups (each costs ~0.2 ms on a small virtual machine), and heartbeats
-   * are most of those.
+   * The main loop's tick, every heartbeat_ms on the wall clock's grid (as
+   * the heartbeat thread's: an idle host's CPU is mostly wake-ups, ~0.2 ms
+   * each on a small virtual machine, and ticks that fall together share
+   * them).
    */
   private scheduleHeartbeat(): void {
     if (this.stopping) return;
@@ -404,18 +456,22 @@ export class Host {
   }
 
   /**
-   * The heartbeat tick: beats to every peer, and this host's own pulse. A
-   * tick that comes more than the detection timeout after the last one means
-   * this host stalled (SIGSTOP, a long synchronous step): the silence its
-   * detector would measure now is its own. Every peer gets a fresh window;
-   * one that is really gone is found a timeout later. (Deciding on that
-   * silence made a resumed host declare every live peer failed before their
-   * heartbeats, queued in its sockets, were read.) After a stall every
-   * expired timer runs in the same timers phase, this one included, before
-   * the detector's run in the check phase that follows (armDetect).
+   * The main loop's tick: its pulse to the heartbeat thread (which beats
+   * only while the pulse is fresh, see beat-thread.ts) and the measure of
+   * its lateness. A tick that comes more than the detection timeout after
+   * the last one means this host stalled (SIGSTOP, a long synchronous step):
+   * the heartbeat thread stalled with it if the whole process was stopped,
+   * and the silence the detector would measure now is its own. Every peer
+   * gets a fresh window; one that is really gone is found a timeout later.
+   * (Deciding on that silence made a resumed host declare every live peer
+   * failed before their heartbeats, queued in its sockets, were read.) After
+   * a stall every expired timer runs in the same timers phase, this one
+   * included, before the detector's run in the check phase that follows
+   * (armDetect).
    */
   private heartbeat(): void {
     const now = Date.now();
+    this.beats.pulse(now);
     const gap_ms = this.lastTick_ms > 0 ? now - this.lastTick_ms : this.options.heartbeat_ms;
     this.lastTick_ms = now;
     this.stallMax_ms = Math.max(this.stallMax_ms, gap_ms);
@@ -424,8 +480,49 @@ export class Host {
       for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
       this.log.warn({ stalled_ms: gap_ms }, "this host stalled; its peers get a fresh detection window");
     }
-    const beat: Heartbeat = { from: this.id, sent_ms: now };
-    for (const peer of this.peers.values()) peer.out?.send(MSG.HEARTBEAT, beat);
+  }
+
+  /** Takes what the heartbeat thread heard (a fresh window given after a stall is kept if later). */
+  private syncHeard(): void {
+    for (const peer of this.peers.values()) {
+      const heard_ms = this.beats.lastHeard(peer.slot);
+      if (heard_ms > peer.last_seen_ms) peer.last_seen_ms = heard_ms;
+    }
+  }
+
+  /**
+   * A peer heard for the first time, or again after half a timeout of
+   * silence (the heartbeat thread says so at once): the detector updates who
+   * is heard now, and watches it from here.
+   */
+  private onHeard(id: string): void {
+    const peer = this.peers.get(id);
+    if (!peer || this.stopping) return;
+    const joined = peer.last_seen_ms === 0;
+    const now = Date.now();
+    peer.last_seen_ms = Math.max(peer.last_seen_ms, this.beats.lastHeard(peer.slot));
+    this.armDetect(now);
+    if (peer.failed) {
+      peer.failed = false;
+      this.log.info({ peer: peer.id }, "peer is back");
+      this.onLivenessChanged(peer.id);
+    } else if (joined) {
+      // A host heard from for the first time (started, or restarted as a new participant): groups
+      // waiting for a host to place backups on see it now.
+      this.log.info({ peer: peer.id }, "peer joined");
+      this.onLivenessChanged(peer.id);
+    }
+  }
+
+  /** The heartbeat thread's list of peers: whom to beat (those this host has a connection to), with which keys. */
+  private beatPeersChanged(): void {
+    this.beats.setPeers(
+      [...this.peers.values()].map((p) => {
+        const [host, port] = splitAddress(p.address);
+        const keys_in = (this.keysIn.get(p.id) ?? []).map((k) => k.key);
+        return { id: p.id, slot: p.slot, host, port, send: p.out !== null && (this.options.tls === null || p.key_out !== null), key_out: p.key_out, keys_in };
+      }),
+    );
   }
 
   /**
@@ -450,6 +547,7 @@ export class Host {
 
   private detect(): void {
     if (this.stopping) return; // an immediate queued by the last tick
+    this.syncHeard();
     const now = Date.now();
     // This host's own stall (heartbeat()) refreshed every window; the heartbeat tick, as late, ran first.
     for (const peer of this.peers.values()) {
@@ -489,6 +587,7 @@ export class Host {
 
   /** This host and the peers not failed that were heard from within `window_ms`, sorted. */
   private heardWithin(window_ms: number): string[] {
+    this.syncHeard();
     const now = Date.now();
     const heard = [...this.peers.values()].filter((p) => !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= window_ms).map((p) => p.id);
     return [this.id, ...heard].sort();
@@ -543,35 +642,11 @@ export class Host {
 
   // ---- messages ------------------------------------------------------------------
 
-  private async onMessage(connection: Connection, type: number, header: Record<string, unknown>, body: Uint8Array): Promise<void> {
+  /** `certified`: the host id in the peer's certificate (TLS), undefined on plain TCP. */
+  private async onMessage(connection: Connection, type: number, header: Record<string, unknown>, body: Uint8Array, certified?: string): Promise<void> {
     switch (type) {
       case MSG.HELLO:
-        return;
-      case MSG.HEARTBEAT: {
-        const peer = this.peers.get(String(header.from));
-        // A heartbeat that sat in a socket buffer (this host was paused) says nothing about the present.
-        // Compares the sender's clock with ours: fine on one machine, and within NTP skew across machines.
-        const age_ms = Date.now() - Number(header.sent_ms);
-        // One from the future (by more than the detector's timeout) is a broken clock or a forgery: it proves nothing.
-        if (peer && age_ms < this.options.detect_ms && age_ms > -this.options.detect_ms) {
-          const joined = peer.last_seen_ms === 0;
-          const now = Date.now();
-          // Heard again after a silence (or for the first time): the detector updates who is heard now, and watches it from here.
-          if (joined || peer.failed || now - peer.last_seen_ms > this.options.detect_ms / 2) this.armDetect(now);
-          peer.last_seen_ms = now;
-          if (peer.failed) {
-            peer.failed = false;
-            this.log.info({ peer: peer.id }, "peer is back");
-            this.onLivenessChanged(peer.id);
-          } else if (joined) {
-            // A host heard from for the first time (started, or restarted as a new participant): groups
-            // waiting for a host to place backups on see it now.
-            this.log.info({ peer: peer.id }, "peer joined");
-            this.onLivenessChanged(peer.id);
-          }
-        }
-        return;
-      }
+        return this.onHello(connection, String(header.from), certified);
       case MSG.REQUEST:
         return this.onRequest(connection, header as unknown as Request, body);
       case MSG.GROUP:
@@ -579,6 +654,27 @@ export class Host {
       default:
         connection.close(`unknown message type ${type}`);
     }
+  }
+
+  /**
+   * A peer's connection to this host says who it is. With TLS, a host whose
+   * certificate names it (or the host it is an instance of) gives the connection's heartbeat key: its beats to
+   * this host carry it. The newest two are kept (a beat sent just before the
+   * peer reconnected may still arrive); a closed connection's goes.
+   */
+  private onHello(connection: Connection, from: string, certified: string | undefined): void {
+    // A certificate names a host (h1); its instances (h1.2, ...) take part under it.
+    if (certified === undefined || !HOST_ID_RE.test(from) || hostNameOf(from) !== certified || this.options.tls === null) return;
+    // Kept by host id: a peer may dial this host before this host has read its registration.
+    const keys = [{ connection, key: heartbeatKey(connection) }, ...(this.keysIn.get(from) ?? []).filter((k) => !k.connection.isClosed)].slice(0, 2);
+    this.keysIn.set(from, keys);
+    connection.once("close", () => {
+      const left = (this.keysIn.get(from) ?? []).filter((k) => k.connection !== connection);
+      if (left.length > 0) this.keysIn.set(from, left);
+      else this.keysIn.delete(from);
+      this.beatPeersChanged();
+    });
+    this.beatPeersChanged();
   }
 
   private onGroupFrame(connection: Connection, header: unknown, body: Uint8Array): void {
@@ -799,7 +895,7 @@ export class Host {
       address: this.address,
       pid: process.pid,
       lease: this.lease ? { ttl_ms: this.lease.ttl_ms, renewed_ms_ago: now - this.leaseRenewed_ms } : null,
-      peers: [...this.peers.values()].map((p) => ({ id: p.id, alive: !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms, silent_ms: p.last_seen_ms ? now - p.last_seen_ms : null })),
+      peers: (this.syncHeard(), [...this.peers.values()]).map((p) => ({ id: p.id, alive: !p.failed && p.last_seen_ms > 0 && now - p.last_seen_ms <= this.options.detect_ms, silent_ms: p.last_seen_ms ? now - p.last_seen_ms : null })),
       primaries: [...this.groups.values()].flatMap((g) =>
         g.status().primaries.map((m) => ({
           vm: m.vm,
@@ -826,4 +922,9 @@ export class Host {
       },
     };
   }
+}
+
+/** Both ends of a TLS connection export the same key from its session: the heartbeats of the dialing host to the other carry it. */
+function heartbeatKey(connection: Connection): Uint8Array {
+  return (connection.socket as TLSSocket).exportKeyingMaterial(BEAT_KEY_BYTES, BEAT_KEY_LABEL, Buffer.alloc(0));
 }

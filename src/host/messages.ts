@@ -22,7 +22,7 @@ import { assert } from "../util/assert.js";
 export const MSG = {
   /** First frame on a connection: who is calling. */
   HELLO: 1,
-  HEARTBEAT: 2,
+  // 2 carried heartbeats before they moved to datagrams of the heartbeat thread (src/host/beat-wire.ts): not reused.
   /** CLI or host asks a host to do something; answered by REPLY with the same id. */
   REQUEST: 3,
   REPLY: 4,
@@ -46,11 +46,6 @@ export function msgName(type: number): string {
 
 export interface Hello {
   from: string; // host id, or "cli"
-}
-
-export interface Heartbeat {
-  from: string;
-  sent_ms: number;
 }
 
 export interface Request {
@@ -128,7 +123,6 @@ const replySchema: z.ZodType<Reply> = z.strictObject({
 
 const controlSchemas: Record<number, z.ZodType> = {
   [MSG.HELLO]: z.strictObject({ v: version, from: name }),
-  [MSG.HEARTBEAT]: z.strictObject({ v: version, from: name, sent_ms: z.number() }),
   [MSG.REQUEST]: z.strictObject({ v: version, id: count, op: z.string().max(64), args: z.unknown().optional() }),
   [MSG.REPLY]: replySchema,
   [MSG.LOG]: logPushSchema,
@@ -151,7 +145,6 @@ export class ControlFrameError extends Error {
  * their receiver refuses them.
  */
 export function checkControl(type: number, header: Record<string, unknown>): void {
-  if (type === MSG.HEARTBEAT && isPlainHeartbeat(header)) return;
   const schema = controlSchemas[type];
   if (schema) checked(type, schema, header);
   else checkVersion(type, header);
@@ -165,17 +158,6 @@ export function parseLogPush(header: Record<string, unknown>): LogPush {
 /** A REPLY header, checked as `checkControl` does. */
 export function parseReply(header: Record<string, unknown>): Reply {
   return checked(MSG.REPLY, replySchema, header);
-}
-
-/**
- * A well-formed heartbeat of this version, checked by hand: heartbeats are
- * most of the frames an idle cluster exchanges (20 a second from each peer),
- * and zod's parse of each was a tenth of an idle host's CPU. Anything else
- * takes the schema's path, which says what is wrong.
- */
-function isPlainHeartbeat(header: Record<string, unknown>): boolean {
-  const { v, from, sent_ms } = header;
-  return Object.keys(header).length === 3 && v === CONTROL_VERSION && typeof from === "string" && from.length >= 1 && from.length <= 256 && typeof sent_ms === "number" && Number.isFinite(sent_ms);
 }
 
 function checkVersion(type: number, header: Record<string, unknown>): void {
