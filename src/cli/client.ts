@@ -289,6 +289,11 @@ export class LogFollower {
 
   private async followOn(host: string, address: string): Promise<void> {
     const connection = await Connection.open(address, `logs→${host}`, 500, dialTls(this.cluster, host));
+    // Stopped while it dialed: nobody would close this connection, and run() would wait on it for ever.
+    if (this.stopped) {
+      connection.close("follower stopped");
+      return;
+    }
     this.connection = connection;
     const closed = new Promise<void>((resolve) => connection.once("close", () => resolve()));
     // Pushes can be handled before the reply's continuation runs (a resolved promise runs later):

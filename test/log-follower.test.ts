@@ -1,0 +1,55 @@
+/**
+ * A log follower stopped at any moment ends: `cohort logs --follow` and the
+ * demos stop theirs and wait for them. A real TCP server on loopback stands
+ * in for a host: it answers `locate` (after a delay) and `logs`, and keeps
+ * every follow connection open, as a live primary would.
+ */
+import { createServer, type Server } from "node:net";
+import { afterEach, describe, expect, it } from "vitest";
+import { LogFollower, sleep } from "../src/cli/client.js";
+import { Connection } from "../src/host/connection.js";
+import { MSG, type Request } from "../src/host/messages.js";
+import type { HostRecord } from "../src/cluster/local-cluster.js";
+
+const servers: Server[] = [];
+afterEach(async () => {
+  for (const s of servers.splice(0)) {
+    s.closeAllConnections?.();
+    await new Promise((r) => s.close(r));
+  }
+});
+
+async function fakePrimary(locateDelay_ms: number): Promise<string> {
+  const server = createServer((socket) => {
+    const connection = new Connection(socket, "fake-host");
+    connection.on("message", (type, header) => {
+      if (type !== MSG.REQUEST) return;
+      const request = header as unknown as Request;
+      if (request.op === "locate") {
+        const vm = { vm: "t-0", group: "t", rank: 0, primary: "h1", backup: "h2", incarnation: 1 };
+        setTimeout(() => connection.reply(request.id, { ok: true, value: { vm } }), locateDelay_ms);
+      } else if (request.op === "logs") {
+        connection.reply(request.id, { ok: true, value: { vm: "t-0", role: "primary", first_seq: 1, records: [], more: false } });
+      }
+    });
+    socket.on("error", () => undefined);
+  });
+  servers.push(server);
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return `127.0.0.1:${(server.address() as { port: number }).port}`;
+}
+
+describe("LogFollower.stop", () => {
+  it("ends run() whether it lands while the follower asks where the VM is, dials, or follows", async () => {
+    const address = await fakePrimary(100);
+    const access = { hosts: [{ id: "h1", address } as HostRecord], tls: null };
+    for (const stopAfter_ms of [20, 100, 105, 110, 300]) {
+      const follower = new LogFollower(access, "t-0", 1, () => undefined);
+      const running = follower.run();
+      await sleep(stopAfter_ms);
+      follower.stop();
+      const ended = await Promise.race([running.then(() => true), sleep(3000).then(() => false)]);
+      expect(ended, `stopped ${stopAfter_ms} ms after it started`).toBe(true);
+    }
+  });
+});
