@@ -4,7 +4,7 @@
  * in for a host: it answers `locate` (after a delay) and `logs`, and keeps
  * every follow connection open, as a live primary would.
  */
-import { createServer, type Server } from "node:net";
+import { createServer, type Server, type Socket } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { LogFollower, sleep } from "../src/cli/client.js";
 import { Connection } from "../src/host/connection.js";
@@ -12,15 +12,15 @@ import { MSG, type Request } from "../src/host/messages.js";
 import type { HostRecord } from "../src/cluster/local-cluster.js";
 
 const servers: Server[] = [];
+const sockets: Socket[] = [];
 afterEach(async () => {
-  for (const s of servers.splice(0)) {
-    s.closeAllConnections?.();
-    await new Promise((r) => s.close(r));
-  }
+  for (const s of sockets.splice(0)) s.destroy();
+  for (const s of servers.splice(0)) await new Promise((r) => s.close(r));
 });
 
 async function fakePrimary(locateDelay_ms: number): Promise<string> {
   const server = createServer((socket) => {
+    sockets.push(socket);
     const connection = new Connection(socket, "fake-host");
     connection.on("message", (type, header) => {
       if (type !== MSG.REQUEST) return;
