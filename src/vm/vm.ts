@@ -198,6 +198,34 @@ async function within<T>(promise: Promise<T>, ms: number, what: string): Promise
 }
 
 /**
+ * Periodic checks that share one timer per interval in this process: every
+ * VM thread's watchdog polls at the same interval (a quarter of the default
+ * call budget), and one wake-up for all of them costs an idle host less than
+ * one per thread (an idle host's CPU is mostly wake-ups). Returns the
+ * function that removes `check`.
+ */
+const shared = new Map<number, { timer: NodeJS.Timeout; checks: Set<() => void> }>();
+function everyMs(interval_ms: number, check: () => void): () => void {
+  let entry = shared.get(interval_ms);
+  if (!entry) {
+    const checks = new Set<() => void>();
+    const timer = setInterval(() => {
+      for (const c of checks) c();
+    }, interval_ms);
+    timer.unref();
+    entry = { timer, checks };
+    shared.set(interval_ms, entry);
+  }
+  entry.checks.add(check);
+  return () => {
+    const e = shared.get(interval_ms);
+    if (!e || !e.checks.delete(check) || e.checks.size > 0) return;
+    clearInterval(e.timer);
+    shared.delete(interval_ms);
+  };
+}
+
+/**
  * One VM worker thread and the replicas on it: it routes their requests and
  * events, and watches their guest calls. Request ids are the thread's; each
  * request names its replica.
@@ -205,7 +233,7 @@ async function within<T>(promise: Promise<T>, ms: number, what: string): Promise
 class VmThread {
   private readonly worker: Worker;
   private readonly watchdog: Int32Array;
-  private readonly watchdogTimer: NodeJS.Timeout;
+  private readonly stopWatchdog: () => void;
   private readonly replicas = new Map<number, VmWorker>();
   /** Requests in flight, by id. */
   private readonly pending = new Map<number, Pending>();
@@ -229,7 +257,7 @@ class VmThread {
     let cpuSince_ms: number | null = null;
     // Polls at a quarter of the budget. A call is first seen busy up to one poll after it began, so a
     // runaway call is stopped after between 1x and 1.25x its budget of CPU, plus one poll.
-    this.watchdogTimer = setInterval(() => {
+    this.stopWatchdog = everyMs(Math.max(5, Math.floor(call_cpu_ms / 4)), () => {
       const seq = Atomics.load(this.watchdog, WATCHDOG_SEQ);
       const busy = Atomics.load(this.watchdog, WATCHDOG_BUSY) === 1;
       if (!busy || seq !== lastSeq) {
@@ -247,8 +275,7 @@ class VmThread {
       // Where the thread's CPU time cannot be read (not Linux), wall time is the budget.
       const used_ms = cpu_ms !== null && cpuSince_ms !== null ? cpu_ms - cpuSince_ms : Date.now() - since_ms;
       if (used_ms > budget_ms) this.runaway(culprit, budget_ms);
-    }, Math.max(5, Math.floor(call_cpu_ms / 4)));
-    this.watchdogTimer.unref();
+    });
   }
 
   /**
@@ -356,7 +383,7 @@ class VmThread {
 
   private end(reason: string): void {
     this.gone = reason;
-    clearInterval(this.watchdogTimer);
+    this.stopWatchdog();
     for (const p of this.pending.values()) p.reject(new VmGoneError(reason));
     this.pending.clear();
     this.replicas.clear();
