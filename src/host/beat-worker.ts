@@ -64,7 +64,9 @@ function tick(): void {
   for (const p of peers.values()) {
     if (!p.send) continue;
     const datagram = encodeBeat({ from: init.id, sent_ms: now }, p.key_out);
-    socket.send(datagram, p.port, p.host);
+    // A peer out of reach (its link down, its port closed) is the detector's business, not an error of
+    // this socket: without a callback each failed send would be emitted as one.
+    socket.send(datagram, p.port, p.host, () => undefined);
   }
 }
 

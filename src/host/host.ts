@@ -311,7 +311,7 @@ export class Host {
     await this.lease?.revoke().catch(() => undefined); // the registration goes now rather than after its TTL
     for (const peer of this.peers.values()) peer.out?.close("host stopping");
     for (const c of this.incoming) c.close("host stopping");
-    await this.beats.stop();
+    await (this.beats as BeatThread | undefined)?.stop(); // none if the host never listened
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     await this.store.close();
     this.log.info("host stopped");

@@ -50,7 +50,7 @@ export interface Watch {
   close(): void;
 }
 
-/** How often a store without change notifications (files, memory) looks for changes under a watched prefix. */
+/** How often a store without change notifications (the memory store; the file store where the kernel gives none) looks for changes under a watched prefix. */
 export const WATCH_POLL_MS = 250;
 
 /**
