@@ -204,9 +204,9 @@ async function within<T>(promise: Promise<T>, ms: number, what: string): Promise
  * one per thread (an idle host's CPU is mostly wake-ups). Returns the
  * function that removes `check`.
  */
-const shared = new Map<number, { timer: NodeJS.Timeout; checks: Set<() => void> }>();
+const sharedTimers = new Map<number, { timer: NodeJS.Timeout; checks: Set<() => void> }>();
 function everyMs(interval_ms: number, check: () => void): () => void {
-  let entry = shared.get(interval_ms);
+  let entry = sharedTimers.get(interval_ms);
   if (!entry) {
     const checks = new Set<() => void>();
     const timer = setInterval(() => {
@@ -214,14 +214,14 @@ function everyMs(interval_ms: number, check: () => void): () => void {
     }, interval_ms);
     timer.unref();
     entry = { timer, checks };
-    shared.set(interval_ms, entry);
+    sharedTimers.set(interval_ms, entry);
   }
   entry.checks.add(check);
   return () => {
-    const e = shared.get(interval_ms);
+    const e = sharedTimers.get(interval_ms);
     if (!e || !e.checks.delete(check) || e.checks.size > 0) return;
     clearInterval(e.timer);
-    shared.delete(interval_ms);
+    sharedTimers.delete(interval_ms);
   };
 }
 
