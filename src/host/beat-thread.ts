@@ -5,7 +5,7 @@
  * Heartbeats sent and read by the main thread measured the main thread, not
  * the host: on a machine with more busy threads than cores (a 256-VM group
  * deploying over 4 hosts on 2 cores) a host's main thread waited for a core
- * for 500-750 ms at a time, its beats left late, and its peers failed over a
+ * for 430-750 ms at a time (`cohort bench scale --sizes 256`, `stall_ms_max`), its beats left late, and its peers failed over a
  * live host; the failover's own work then stalled the next one. A thread
  * that does nothing but beat needs a core for microseconds and the
  * scheduler gives it one at once (a sleeper's claim), so a host's beats keep

@@ -440,8 +440,7 @@ export class Host {
 
   /**
    * The main loop's tick, every heartbeat_ms on the wall clock's grid (as
-   * the heartbeat thread's: an idle host's CPU is mostly wake-ups, ~0.2 ms
-   * each on a small virtual machine, and ticks that fall together share
+   * the heartbeat thread's: an idle host's CPU is mostly wake-ups, and ticks that fall together share
    * them).
    */
   private scheduleHeartbeat(): void {
