@@ -115,6 +115,10 @@ describe("VM worker", () => {
     const pool = { name: "test/shared", threads_max: 2 };
     const vms = await Promise.all(Array.from({ length: 6 }, (_, rank) => boot(guest, { ...opts(), rank, thread: pool })));
     expect(threadNices().size - threadsBefore).toBe(2);
+    // Placed all at once, they are spread evenly over the pool's threads.
+    const perThread = new Map<number, number>();
+    for (const vm of vms) perThread.set(vm.thread_id, (perThread.get(vm.thread_id) ?? 0) + 1);
+    expect([...perThread.values()]).toEqual([3, 3]);
     // Each replica keeps its own state: a value put in one is not seen by the others.
     for (const [i, vm] of vms.entries()) await vm.request("request", { session: 1, request_id: 1, payload: Buffer.from(`put k ${i}`) });
     for (const [i, vm] of vms.entries()) {

@@ -232,6 +232,10 @@ function everyMs(interval_ms: number, check: () => void): () => void {
  */
 class VmThread {
   private readonly worker: Worker;
+  /** The worker thread's id, unique in this process. */
+  get thread_id(): number {
+    return this.worker.threadId;
+  }
   private readonly watchdog: Int32Array;
   private readonly stopWatchdog: () => void;
   private readonly replicas = new Map<number, VmWorker>();
@@ -391,8 +395,18 @@ class VmThread {
   }
 }
 
+/**
+ * A thread of a pool, or one being started; `coming` counts the replicas
+ * placed on it that are not added to it yet.
+ */
+interface PoolThread {
+  thread: Promise<VmThread>;
+  started: VmThread | null;
+  coming: number;
+}
+
 /** Threads of each pool on this host (WorkerVmOptions.thread), and those being started. */
-const pools = new Map<string, { thread: Promise<VmThread>; started: VmThread | null }[]>();
+const pools = new Map<string, PoolThread[]>();
 
 function forgetPoolThread(pool: string, thread: VmThread): void {
   const list = pools.get(pool);
@@ -402,36 +416,61 @@ function forgetPoolThread(pool: string, thread: VmThread): void {
   if (list.length === 0) pools.delete(pool);
 }
 
+/** A thread picked for a replica, and what to call once the replica is added to it (or not placed after all). */
+interface Placement {
+  thread: VmThread;
+  placed: () => void;
+}
+
 /**
  * The thread a new replica goes to: a thread of its own without a pool; else
  * a new thread while the pool has fewer than `threads_max`, then the pool's
- * thread with the fewest replicas.
+ * thread with the fewest replicas, counting those on their way to it. The
+ * pick is made at once, before any wait: replicas placed together (a
+ * deploy's) all saw the same loads when they picked after a wait, and 62 of
+ * a host's 64 bank primaries went to one of its two threads.
  */
-async function threadFor(options: WorkerVmOptions): Promise<VmThread> {
+async function threadFor(options: WorkerVmOptions): Promise<Placement> {
   const share = options.thread;
-  if (!share) return VmThread.start(null, options.limits.call_cpu_ms);
+  if (!share) return { thread: await VmThread.start(null, options.limits.call_cpu_ms), placed: () => undefined };
   assert(Number.isSafeInteger(share.threads_max) && share.threads_max >= 1, "a thread pool has at least one thread");
   let list = pools.get(share.name);
   if (!list) pools.set(share.name, (list = []));
-  if (list.length < share.threads_max) {
-    const entry: { thread: Promise<VmThread>; started: VmThread | null } = { thread: VmThread.start(share.name, options.limits.call_cpu_ms), started: null };
-    list.push(entry);
-    entry.thread.then(
-      (t) => (entry.started = t),
+  const weight = (e: PoolThread) => (e.started?.load ?? 0) + e.coming;
+  const live = list.filter((e) => !e.started?.isGone);
+  const fresh = live.length < share.threads_max;
+  let entry: PoolThread;
+  if (fresh) {
+    const created: PoolThread = { thread: VmThread.start(share.name, options.limits.call_cpu_ms), started: null, coming: 0 };
+    entry = created;
+    list.push(created);
+    created.thread.then(
+      (t) => (created.started = t),
       () => {
         // A pool thread that did not start leaves room for another.
         const l = pools.get(share.name);
-        const i = l?.indexOf(entry) ?? -1;
+        const i = l?.indexOf(created) ?? -1;
         if (l && i >= 0) l.splice(i, 1);
       },
     );
-    return entry.thread;
+  } else {
+    entry = live.reduce((a, b) => (weight(b) < weight(a) ? b : a));
   }
-  // Fewest replicas first; a thread still starting counts as it will hold them.
-  const settled = await Promise.allSettled(list.map((e) => e.thread));
-  const live = settled.flatMap((s) => (s.status === "fulfilled" && !s.value.isGone ? [s.value] : []));
-  if (live.length === 0) return threadFor(options);
-  return live.reduce((a, b) => (b.load < a.load ? b : a));
+  entry.coming++;
+  let done = false;
+  const placed = () => {
+    if (done) return;
+    done = true;
+    entry.coming--;
+  };
+  try {
+    return { thread: await entry.thread, placed };
+  } catch (error) {
+    placed();
+    // Its own new thread failed: say so. A thread others started failed: place this one again.
+    if (fresh) throw error;
+    return threadFor(options);
+  }
 }
 
 export class VmWorker extends EventEmitter<VmEvents> {
@@ -448,6 +487,11 @@ export class VmWorker extends EventEmitter<VmEvents> {
     readonly call_cpu_ms: number,
   ) {
     super();
+  }
+
+  /** The thread it runs on (a pool's replicas share one): replicas on one thread exchange group messages without a channel. */
+  get thread_id(): number {
+    return this.thread.thread_id;
   }
 
   /** Keeps `count` idle VM threads ready (a host daemon calls this; idle threads do not keep a process alive). */
@@ -475,11 +519,15 @@ export class VmWorker extends EventEmitter<VmEvents> {
    * must not hold up a deploy or a failover forever. On failure it is dropped.
    */
   private static async start(options: WorkerVmOptions, first: (vm: VmWorker) => Promise<unknown>): Promise<VmWorker> {
-    let thread = await threadFor(options);
+    let placement = await threadFor(options);
     // The pool's thread picked may have ended meanwhile (its last replica left): pick again.
-    while (thread.isGone) thread = await threadFor(options);
+    while (placement.thread.isGone) {
+      placement.placed();
+      placement = await threadFor(options);
+    }
     // Synchronous from the check on: once the replica is added, the thread is not ended by another's leaving.
-    const vm = thread.add(options.limits.call_cpu_ms);
+    const vm = placement.thread.add(options.limits.call_cpu_ms);
+    placement.placed();
     try {
       await within(first(vm), VM_START_TIMEOUT_MS, `VM did not start within ${VM_START_TIMEOUT_MS} ms`);
       return vm;
