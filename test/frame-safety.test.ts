@@ -22,7 +22,7 @@ import { planRecovery } from "../src/core/recovery.js";
 import { scheduleFor } from "../src/sim/campaign.js";
 import { simulate } from "../src/sim/simulator.js";
 import type { CoreAction } from "../src/core/events.js";
-import { protectionKey, type ProtectionRecord } from "../src/core/types.js";
+import { GROUP_SIZE_MAX, protectionKey, type ProtectionRecord } from "../src/core/types.js";
 import { protectionRecord } from "./support/record.js";
 import { MessagePath } from "../src/vm/message-path.js";
 import { encodeDelta, encodeImage } from "../src/checkpoint/format.js";
@@ -78,6 +78,32 @@ function runningCore(): { core: GroupCore; now: () => number; tick: (ms: number)
 }
 
 const steps = (actions: CoreAction[]) => actions.filter((a) => a.type === "vm" || a.type === "backup" || a.type === "members");
+
+describe("delivered vectors and matrices are refused by their shape", () => {
+  const header = (fields: Record<string, unknown>) => ({ v: 1, g: RECORD.group, from: "h2", inc: RECORD.incarnation, ...fields });
+  const badVectors: [string, unknown][] = [
+    ["a negative count", [0, -1]],
+    ["a fraction", [0, 1.5]],
+    ["NaN", [0, Number.NaN]],
+    ["a count past 2^53", [0, 2 ** 53]],
+    ["a string", [0, "1"]],
+    ["null", [0, null]],
+    ["not an array", { 0: 0 }],
+    ["too long", new Array(GROUP_SIZE_MAX + 1).fill(0)],
+  ];
+  for (const [what, d] of badVectors) {
+    it(`a vector with ${what}, alone or in a matrix`, () => {
+      expect(() => parseFrame(header({ k: "delta", rank: 1, e: 1, d }))).toThrow(/malformed group frame: d:/);
+      expect(() => parseFrame(header({ k: "commit", c: 1, d: [[0, 0], d] }))).toThrow(/malformed group frame: d:/);
+    });
+  }
+
+  it("a matrix with too many rows is refused, a full-size one taken as it is", () => {
+    expect(() => parseFrame(header({ k: "commit", c: 1, d: new Array(GROUP_SIZE_MAX + 1).fill([0]) }))).toThrow(/malformed/);
+    const d = Array.from({ length: 256 }, (_, r) => Array.from({ length: 256 }, (_, s) => r * 1000 + s));
+    expect(parseFrame(header({ k: "commit", c: 3, d }))).toEqual(header({ k: "commit", c: 3, d }));
+  });
+});
 
 describe("the group core refuses bad frames of every kind", () => {
   const bad: [string, string, Record<string, unknown>, number?][] = [
