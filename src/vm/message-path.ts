@@ -1,8 +1,10 @@
 /**
  * The group message data path of one primary VM, run on the VM's thread:
  * what the guest sends goes straight from this thread to the receiving VM's
- * thread, over TCP to another host or over a MessageChannel on this host
- * (docs/PROTOCOL.md "Messages inside a group": sent directly, same host in process).
+ * thread, over TCP to another host, over a MessageChannel to another VM
+ * thread of this host, or handed over on the thread itself to a VM of the
+ * same thread (docs/PROTOCOL.md "Messages inside a group": sent directly,
+ * same host in process).
  * The host's main thread is not on this path at all; it only sets the routes
  * and the state (frozen during a recovery, running otherwise).
  *
@@ -85,6 +87,8 @@ export interface PathOptions {
 
 /** Arrivals kept while frozen or refused: beyond this they are dropped (re-sent only by a recovery). */
 export const PATH_INBOX_MAX = 65536;
+/** Messages between the VMs of one thread waiting for the next turn of its event loop. */
+export const LOCAL_MESSAGES_MAX = 65536;
 /** Bytes queued for one receiver (connecting, or a slow peer) before the link is dropped. */
 export const PATH_SEND_BUFFER_MAX_BYTES = 64 * 1024 * 1024;
 /** One frame carries at most this many payload bytes; larger batches are split. */
@@ -336,6 +340,49 @@ export class PathEndpoint {
     return null;
   }
 
+  /** Whether the VM with route token `token` is on this thread. */
+  hosts(token: string): boolean {
+    return this.paths.has(token);
+  }
+
+  /**
+   * Messages to a VM of this thread: handed over on a later turn of the event
+   * loop, as a MessageChannel would, so that a guest's send never runs
+   * another guest's handler inside it; in order. Each message is a copy
+   * (the sender keeps its own in its log). Bounded by LOCAL_MESSAGES_MAX:
+   * past it the batch is dropped and counted, as the receiver's full inbox
+   * would drop it.
+   */
+  deliverHere(token: string, messages: GroupMessage[]): boolean {
+    if (this.localCount + messages.length > LOCAL_MESSAGES_MAX) {
+      this.problem(`${messages.length} message(s) between VMs of this thread dropped: ${LOCAL_MESSAGES_MAX} already waiting`);
+      return false;
+    }
+    this.local.push({ token, messages: messages.map((m) => ({ ...m })) });
+    this.localCount += messages.length;
+    if (this.local.length === 1) setImmediate(() => this.handOverLocal());
+    return true;
+  }
+
+  private local: { token: string; messages: GroupMessage[] }[] = [];
+  private localCount = 0;
+
+  private handOverLocal(): void {
+    const batches = this.local;
+    this.local = [];
+    this.localCount = 0;
+    for (const { token, messages } of batches) {
+      const path = this.paths.get(token);
+      // A VM that left the thread since: dropped, as a closed channel drops what it still held.
+      if (!path) continue;
+      try {
+        path.arrived(messages);
+      } catch (error) {
+        path.reportProblem(`messages from a VM on this thread refused: ${(error as Error).message}`);
+      }
+    }
+  }
+
   /** A batch for one VM; a token of no VM here (it left the thread, a stale route) drops the batch, not the link. */
   private arrived(token: string, messages: GroupMessage[]): void {
     const path = this.paths.get(token);
@@ -521,6 +568,10 @@ export class MessagePath {
       return;
     }
     const route = this.routes[rank];
+    if (route && this.endpoint.hosts(route.token)) {
+      if (!this.endpoint.deliverHere(route.token, list)) this.stats.dropped += list.length;
+      return;
+    }
     const token = this.tokens[rank];
     const link = route ? this.endpoint.linkTo(route, this) : null;
     if (!route || !token || !link) {

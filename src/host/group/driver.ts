@@ -595,15 +595,20 @@ export class GroupDriver {
 
   /**
    * Gives every member here the routes to its peers: TCP to the ranks on
-   * other hosts, a fresh MessageChannel to each rank on this host (the
-   * in-process path). Earlier channels are closed by the VM threads.
+   * other hosts, a fresh MessageChannel to each rank on another VM thread of
+   * this host (the in-process path); ranks on the same VM thread reach each
+   * other through the thread itself (src/vm/message-path.ts), with no
+   * channel: creating one per pair held the main loop 140 ms at 64
+   * primaries a host. Earlier channels are closed by the VM threads.
    */
   private async setRoutes(routes: (Route | null)[]): Promise<void> {
     const locals = new Map<number, { rank: number; port: MessagePort }[]>();
     const ranks = [...this.members.keys()];
+    const thread = new Map(ranks.map((r) => [r, this.members.get(r)!.vm.thread_id]));
     for (const r of ranks) locals.set(r, []);
     for (let i = 0; i < ranks.length; i++) {
       for (let j = i + 1; j < ranks.length; j++) {
+        if (thread.get(ranks[i]) === thread.get(ranks[j])) continue;
         const { port1, port2 } = new MessageChannel();
         locals.get(ranks[i])!.push({ rank: ranks[j], port: port1 });
         locals.get(ranks[j])!.push({ rank: ranks[i], port: port2 });
