@@ -277,7 +277,7 @@ async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBank
       connections: counted?.total ?? null,
       connections_per_host_pair_max: counted?.pair_max ?? null,
       // Lines every rank released before the kill, over the time they had (followers start as the deploy returns).
-      rounds_per_s: round(report.rounds_before_kill / (options.bank_before_kill_ms / 1000), 1),
+      rounds_per_s: round(report.rounds_before_kill / (report.ran_before_kill_ms / 1000), 1),
       failover_ms: report.failover_ms,
       checks_ok: Object.values(report.checks).every(Boolean),
       error: null,

@@ -228,6 +228,21 @@ export async function readLog(cluster: ClusterAccess, vm: string, from_seq: numb
 
 /** A host that does not answer `locate` within this is passed over (it may be paused). */
 const LOCATE_TIMEOUT_MS = 500;
+/**
+ * A follower whose stream brought nothing for WATCH_SILENCE_MS asks where the
+ * VM is (its host may be paused); silent on, it asks again after twice that
+ * wait, and so on up to WATCH_SILENCE_MAX_MS between questions. Looked at
+ * every WATCH_TICK_MS.
+ */
+const WATCH_SILENCE_MS = 500;
+/** A follower's retries: FOLLOW_RETRY_MS, doubled per attempt that failed slowly (after FOLLOW_SLOW_ATTEMPT_MS), at most FOLLOW_RETRY_MAX_MS, jittered ±50%. */
+const FOLLOW_RETRY_MS = 50;
+const FOLLOW_RETRY_MAX_MS = 2000;
+const FOLLOW_SLOW_ATTEMPT_MS = 250;
+/** Longest wait of a follower's attempt for one answer, however slow the ones before were. */
+const FOLLOW_TIMEOUT_MAX_MS = 8000;
+const WATCH_SILENCE_MAX_MS = 4000;
+const WATCH_TICK_MS = 100;
 
 export interface FollowedRecord extends ReleasedRecord {
   received_ms: number;
@@ -261,16 +276,29 @@ export class LogFollower {
 
   async run(): Promise<void> {
     let lastHost = "";
+    // Attempts in a row that failed slowly (a timeout: the hosts are busy, or one is paused). Each
+    // waits twice as long before the next, so that many followers of a loaded cluster do not keep
+    // it busier with handshakes that time out; an attempt refused at once (a dead host) waits little.
+    let slow = 0;
+    const retry = async (started_ms: number) => {
+      if (Date.now() - started_ms >= FOLLOW_SLOW_ATTEMPT_MS) slow++;
+      const base_ms = Math.min(FOLLOW_RETRY_MAX_MS, FOLLOW_RETRY_MS * 2 ** slow);
+      await sleep(base_ms * (0.5 + Math.random()));
+    };
     while (!this.stopped) {
-      const record = await locateVm(this.cluster, this.vm, { timeout_ms: LOCATE_TIMEOUT_MS }).catch(() => undefined);
+      const started_ms = Date.now();
+      // A cluster slow to answer gets longer to answer, too: handshakes that keep timing out never end.
+      this.timeout_ms = Math.min(FOLLOW_TIMEOUT_MAX_MS, LOCATE_TIMEOUT_MS * 2 ** slow);
+      const record = await locateVm(this.cluster, this.vm, { timeout_ms: this.timeout_ms }).catch(() => undefined);
       if (record === null) throw new Error(`no VM named ${this.vm}`);
       const address = record ? await hostAddress(this.cluster, record.primary).catch(() => null) : null;
       const host = record && address ? { id: record.primary, address } : undefined;
       if (!record || !host) {
         // no host answered: look again shortly
-        await sleep(50);
+        await retry(started_ms);
         continue;
       }
+      this.streaming = false;
       try {
         if (lastHost && host.id !== lastHost) this.onNotice(`-- ${this.vm} now on ${host.id} (incarnation ${record.incarnation})`);
         await this.followOn(host.id, host.address);
@@ -278,9 +306,18 @@ export class LogFollower {
         // the host went away or does not run the VM (yet): look again shortly
       }
       lastHost = host.id;
-      if (!this.stopped) await sleep(10);
+      if (this.stopped) break;
+      if (this.streaming) {
+        slow = 0;
+        await sleep(10);
+      } else await retry(started_ms);
     }
   }
+
+  /** Whether the current attempt got the primary's first page (it was streaming, not refused or timed out). */
+  private streaming = false;
+  /** How long the current attempt waits for each answer (a dial, a locate, the first page). */
+  private timeout_ms = LOCATE_TIMEOUT_MS;
 
   stop(): void {
     this.stopped = true;
@@ -288,7 +325,7 @@ export class LogFollower {
   }
 
   private async followOn(host: string, address: string): Promise<void> {
-    const connection = await Connection.open(address, `logs→${host}`, 500, dialTls(this.cluster, host));
+    const connection = await Connection.open(address, `logs→${host}`, this.timeout_ms, dialTls(this.cluster, host));
     // Stopped while it dialed: nobody would close this connection, and run() would wait on it for ever.
     if (this.stopped) {
       connection.close("follower stopped");
@@ -306,20 +343,28 @@ export class LogFollower {
       else this.deliver(host, records);
     });
     connection.send(MSG.HELLO, { from: "cli" });
-    const reply = await connection.request("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, 2000);
+    const reply = await connection.request("logs", { vm: this.vm, from_seq: this.nextSeq, follow: true }, undefined, Math.max(2000, this.timeout_ms));
     if (reply.role !== "primary") {
       connection.close("not the primary");
       throw new Error("not the primary");
     }
+    this.streaming = true;
     this.deliver(host, reply.records);
     for (const records of early) this.deliver(host, records);
     early = null;
-    // A paused host keeps its sockets open: watch the VM's record through the other hosts, and leave
-    // when another host takes over. One question at a time.
+    // A paused host keeps its sockets open: once the stream has been silent a while, ask the other
+    // hosts where the VM is, and leave when another host took over. Only while silent, and less
+    // often the longer it stays so: each question is a connection of its own (a TLS handshake),
+    // and 256 followers asking every 100 ms kept a cluster's hosts too busy to run the group they
+    // followed. One question at a time.
     let asking = false;
+    let wait_ms = WATCH_SILENCE_MS;
+    let askAt_ms = Date.now() + wait_ms;
     const watch = setInterval(() => {
-      if (asking) return;
+      if (asking || Date.now() < askAt_ms) return;
       asking = true;
+      wait_ms = Math.min(2 * wait_ms, WATCH_SILENCE_MAX_MS);
+      askAt_ms = Date.now() + wait_ms;
       locateVm(this.cluster, this.vm, { exclude: host, timeout_ms: LOCATE_TIMEOUT_MS })
         .then(
           (record) => {
@@ -328,16 +373,25 @@ export class LogFollower {
           () => undefined,
         )
         .finally(() => (asking = false));
-    }, 100);
+    }, WATCH_TICK_MS);
+    this.onHeard = () => {
+      wait_ms = WATCH_SILENCE_MS;
+      askAt_ms = Date.now() + wait_ms;
+    };
     try {
       await closed;
     } finally {
       clearInterval(watch);
+      this.onHeard = () => undefined;
     }
   }
 
+  /** Called when the stream brings records (the watch of followOn waits again). */
+  private onHeard: () => void = () => undefined;
+
   private deliver(host: string, records: ReleasedRecord[]): void {
     const now = Date.now();
+    if (records.length) this.onHeard();
     for (const r of records) {
       if (r.seq < this.nextSeq) continue; // already delivered (re-released after a failover)
       if (r.seq > this.nextSeq) this.onNotice(`-- gap: expected output ${this.nextSeq}, got ${r.seq}`);

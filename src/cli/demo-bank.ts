@@ -18,8 +18,12 @@ import { withDemoCluster } from "./demo.js";
 export interface BankDemoOptions {
   hosts: number;
   size: number;
+  /** At least this long before the kill, and until every rank released a line (at most `wait_max_ms`). */
   run_before_kill_ms: number;
+  /** At least this long after the kill, and until every rank released a line produced after the recovery (at most `wait_max_ms`). */
   run_after_kill_ms: number;
+  /** Longest wait for those lines, before and after the kill (default BANK_WAIT_MAX_MS); past it the checks say what did not happen. */
+  wait_max_ms?: number;
   detect_ms: number;
   /** Coordination store of the demo's cluster (src/store/open.ts). */
   store: string;
@@ -30,6 +34,13 @@ export interface BankDemoOptions {
 /** examples/bank: accounts per rank and their starting balance. */
 const ACCOUNTS = 8;
 const INITIAL_BALANCE = 1000;
+/**
+ * Longest wait for every rank's lines: a round of a 256-rank group is 65,280
+ * transfers and takes seconds on a small machine, so fixed windows that suit
+ * 4 ranks left big groups no time to finish a round and reported them
+ * stuck.
+ */
+export const BANK_WAIT_MAX_MS = 60_000;
 const LINE = /^bank round=(\d+) rank=(\d+) balance=(\d+) recv=(\d+) dup=(\d+) total=(\d+)$/;
 
 export interface BankDemoReport {
@@ -46,6 +57,8 @@ export interface BankDemoReport {
   recovery_cut: number | null;
   images: number[];
   detect_ms: number;
+  /** From the deploy's return to the kill. */
+  ran_before_kill_ms: number;
   released: number;
   rounds_before_kill: number;
   rounds_after_kill: number;
@@ -79,7 +92,11 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
         followers.push(follower);
         return follower.run().catch((error: Error) => say(`follower ${vm}: ${error.message}`));
       });
+      const wait_max_ms = options.wait_max_ms ?? BANK_WAIT_MAX_MS;
+      const followedAt = Date.now();
       await sleep(options.run_before_kill_ms);
+      await until(() => records.every((list) => list.length > 0), followedAt + wait_max_ms);
+      const ran_before_kill_ms = Date.now() - followedAt;
       options.before_kill?.(cluster);
       const victimId = before[0].primary;
       const victim = cluster.hosts.find((h) => h.id === victimId)!;
@@ -90,6 +107,11 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
       process.kill(victim.pid, "SIGKILL");
       say(`killed ${victim.id} (pid ${victim.pid}) with SIGKILL; it held the primaries of ranks ${promoted.join(", ")}`);
       await sleep(options.run_after_kill_ms);
+      // Until every rank released a line of an epoch past the recovery cut: produced after the group resumed.
+      await until(async () => {
+        const cut = (await recoveryFromLogs(state_dir, cluster.hosts.map((h) => h.id)))?.cut;
+        return cut != null && records.every((list, rank) => list.slice(countAtKill[rank]).some((r) => r.epoch > cut));
+      }, killedAt + wait_max_ms);
       for (const f of followers) f.stop();
       await Promise.all(running);
       const after = await Promise.all(vms.map(async (vm) => (await locateVm(cluster, vm))!));
@@ -145,6 +167,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
         recovery_cut: recovery?.cut ?? null,
         images: recovery?.images ?? [],
         detect_ms: options.detect_ms,
+        ran_before_kill_ms,
         released: records.reduce((n, list) => n + list.length, 0),
         rounds_before_kill: Math.min(...countAtKill),
         rounds_after_kill: Math.min(...records.map((list, rank) => list.length - countAtKill[rank])),
@@ -165,6 +188,11 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
       for (const f of followers) f.stop();
     }
   });
+}
+
+/** Polls `done` every 250 ms until it holds or `deadline_ms` (wall clock) passes. */
+async function until(done: () => boolean | Promise<boolean>, deadline_ms: number): Promise<void> {
+  while (!(await done()) && Date.now() < deadline_ms) await sleep(250);
 }
 
 /** The coordinator's "recovery: cut chosen" line (pino JSON) from the hosts' logs. */
