@@ -46,7 +46,7 @@ function hosts(h2Fails: () => Error): { calls: GroupStartCalls; seen: string[] }
 describe("starting a deployed group", () => {
   it("a host whose connection closed while it prepared costs an attempt, even if it is heard again by then", async () => {
     const { calls, seen } = hosts(() => new ConnectionClosedError("out:h2: connection closed (peer failed)"));
-    const lost = await startGroup({ store: new MemoryStore(), calls, self: "h1", liveHosts: () => ["h1", "h2", "h3"] }, record, new Uint8Array(0));
+    const lost = await startGroup({ store: new MemoryStore(), calls, self: "h1", liveHosts: () => ["h1", "h2", "h3"], loadModule: async () => undefined }, record, new Uint8Array(0));
     expect(lost).toEqual(["h2"]);
     // Nothing ran; every host, the flapping one too, stops what it prepared.
     expect(seen.filter((s) => s.startsWith("run"))).toEqual([]);
@@ -55,14 +55,48 @@ describe("starting a deployed group", () => {
 
   it("a live host that refuses to prepare ends the deploy with its error", async () => {
     const { calls, seen } = hosts(() => new Error("the guest trapped at boot"));
-    await expect(startGroup({ store: new MemoryStore(), calls, self: "h1", liveHosts: () => ["h1", "h2", "h3"] }, record, new Uint8Array(0))).rejects.toThrow(/trapped at boot/);
+    await expect(startGroup({ store: new MemoryStore(), calls, self: "h1", liveHosts: () => ["h1", "h2", "h3"], loadModule: async () => undefined }, record, new Uint8Array(0))).rejects.toThrow(/trapped at boot/);
     expect(seen.filter((s) => s.startsWith("run"))).toEqual([]);
   });
 
   it("with every host prepared, every host runs the group", async () => {
     const { calls, seen } = hosts(() => new Error("unused"));
     const ok = { ...calls, prepare: async (h: string, r: ProtectionRecord, m: Uint8Array) => (h === "h2" ? { routes: { 1: { address: "127.0.0.1:1001", token: "h2" } } } : calls.prepare(h, r, m)) };
-    expect(await startGroup({ store: new MemoryStore(), calls: ok, self: "h1", liveHosts: () => ["h1", "h2", "h3"] }, record, new Uint8Array(0))).toEqual([]);
+    expect(await startGroup({ store: new MemoryStore(), calls: ok, self: "h1", liveHosts: () => ["h1", "h2", "h3"], loadModule: async () => undefined }, record, new Uint8Array(0))).toEqual([]);
     expect(seen.filter((s) => s.startsWith("run")).sort()).toEqual(["run h1", "run h2", "run h3"]);
+  });
+
+  it("loads the module once before any host prepares; then every host prepares at once", async () => {
+    const seen: string[] = [];
+    let preparing = 0;
+    let preparing_max = 0;
+    const calls: GroupStartCalls = {
+      prepare: async (h) => {
+        seen.push(`prepare ${h}`);
+        preparing_max = Math.max(preparing_max, ++preparing);
+        await new Promise((r) => setTimeout(r, 20));
+        preparing--;
+        const rank = Number(h.slice(1)) - 1;
+        return { routes: { [rank]: { address: `127.0.0.1:${1000 + rank}`, token: h } } };
+      },
+      run: async (h) => void seen.push(`run ${h}`),
+      abort: async (h) => void seen.push(`abort ${h}`),
+    };
+    const loadModule = async () => {
+      await new Promise((r) => setTimeout(r, 20));
+      seen.push("load");
+    };
+    expect(await startGroup({ store: new MemoryStore(), calls, self: "h1", liveHosts: () => ["h1", "h2", "h3"], loadModule }, record, new Uint8Array(0))).toEqual([]);
+    expect(seen[0]).toBe("load");
+    expect(preparing_max).toBe(3);
+  });
+
+  it("a module that cannot be loaded ends the start before any host prepares", async () => {
+    const { calls, seen } = hosts(() => new Error("unused"));
+    const loadModule = async () => {
+      throw new Error("malformed module: not WebAssembly");
+    };
+    await expect(startGroup({ store: new MemoryStore(), calls, self: "h1", liveHosts: () => ["h1", "h2", "h3"], loadModule }, record, new Uint8Array(0))).rejects.toThrow(/not WebAssembly/);
+    expect(seen.filter((s) => s.startsWith("prepare") || s.startsWith("run"))).toEqual([]);
   });
 });

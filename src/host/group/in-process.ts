@@ -85,6 +85,8 @@ export class InProcessCluster {
         store: this.store,
         self: null,
         liveHosts: () => [...this.live].sort(),
+        // Compiled once, given (InProcessOptions.guest).
+        loadModule: async () => undefined,
         calls: {
           prepare: async (h, r, body) => table(h).prepare(r, body),
           run: async (h, group, routes) => {
