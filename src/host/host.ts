@@ -28,7 +28,7 @@ import type { HostRecord } from "../cluster/local-cluster.js";
 import { compileGuest, instrumentCached, sha256 } from "../guest/module-cache.js";
 import type { GuestBundle } from "../vm/protocol.js";
 import { VmWorker } from "../vm/vm.js";
-import type { GroupHostApi } from "./group/driver.js";
+import { GROUP_BACKUP_THREADS_MAX, GROUP_PRIMARY_THREADS_MAX, type GroupHostApi } from "./group/driver.js";
 import { GroupTable } from "./group/table.js";
 import { FrameError, parseFrame, type GroupFrame, type Route } from "../core/frames.js";
 
@@ -73,8 +73,14 @@ export const DETECT_MS_MIN = 100;
 export function heartbeatFor(detect_ms: number): number {
   return Math.max(10, Math.min(HOST_DEFAULTS.heartbeat_ms, Math.floor(detect_ms / 4)));
 }
-/** Idle VM threads kept ready, so a promotion's new backup or a deploy does not wait for a thread to start. */
-export const VM_THREADS_PREWARMED = 2;
+/**
+ * Idle VM threads kept ready, so a deploy or a promotion's new backup does
+ * not wait for a thread to start: as many as one group's replicas use on a
+ * host (its primaries' pool and its backups'). With one fewer, every host of
+ * an 8-VM deploy started a thread during it, 800 ms each with four hosts
+ * starting theirs on two cores, and the deploy took that much longer.
+ */
+export const VM_THREADS_PREWARMED = GROUP_PRIMARY_THREADS_MAX + GROUP_BACKUP_THREADS_MAX;
 
 interface Peer {
   id: string;
@@ -807,6 +813,11 @@ export class Host {
    * <state dir>/cache) and compiled once; concurrent requests for it wait for the same one. A
    * failure is not kept: the next request tries again.
    */
+  /** The module instrumented (or read from the cache) and compiled here, as a deploy does before any host prepares (src/host/group/start.ts). */
+  loadGuest(bytes: Uint8Array): Promise<GuestBundle> {
+    return this.guestFor(bytes);
+  }
+
   private guestFor(bytes: Uint8Array): Promise<GuestBundle> {
     const key = Buffer.from(sha256(bytes)).toString("hex");
     let guest = this.modules.get(key);

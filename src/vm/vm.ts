@@ -177,11 +177,27 @@ function takeThread(): Thread {
   const spare = spares.shift();
   if (spare) {
     spare.worker.ref();
-    // Replace it in the background, off the path of whoever is waiting now.
-    setImmediate(() => VmWorker.prewarm(sparesWanted));
+    refillLater();
     return spare;
   }
   return spawnThread();
+}
+
+/**
+ * Spares taken are replaced once no spare was taken for SPARES_REFILL_QUIET_MS:
+ * a thread's start costs 60-100 ms of CPU, more on a loaded machine, and one
+ * started at once competed with the deploy or failover that took the spare.
+ */
+export const SPARES_REFILL_QUIET_MS = 1000;
+let refillTimer: NodeJS.Timeout | null = null;
+function refillLater(): void {
+  if (refillTimer) clearTimeout(refillTimer);
+  refillTimer = setTimeout(() => {
+    refillTimer = null;
+    VmWorker.prewarm(sparesWanted);
+  }, SPARES_REFILL_QUIET_MS);
+  // A process with nothing else to do does not stay up for its spares.
+  refillTimer.unref();
 }
 
 /** Rejects with VmGoneError(`what`) if `promise` has not settled within `ms`. */
