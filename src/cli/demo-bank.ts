@@ -14,11 +14,12 @@ import { guestPath } from "../guest/examples.js";
 import { vmName } from "../host/records.js";
 import { locateVm, LogFollower, requestAny, sleep, type FollowedRecord } from "./client.js";
 import { withDemoCluster } from "./demo.js";
+import { round } from "../util/stats.js";
 
 export interface BankDemoOptions {
   hosts: number;
   size: number;
-  /** At least this long before the kill, and until every rank released a line (at most `wait_max_ms`). */
+  /** Before the kill: until every rank released a line (at most `wait_max_ms`), then this long. */
   run_before_kill_ms: number;
   /** At least this long after the kill, and until every rank released a line produced after the recovery (at most `wait_max_ms`). */
   run_after_kill_ms: number;
@@ -59,6 +60,8 @@ export interface BankDemoReport {
   detect_ms: number;
   /** From the deploy's return to the kill. */
   ran_before_kill_ms: number;
+  /** Rounds every rank completed per second, over the `run_before_kill_ms` before the kill (from when every rank had released a line). */
+  rounds_per_s: number;
   released: number;
   rounds_before_kill: number;
   rounds_after_kill: number;
@@ -94,9 +97,13 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
       });
       const wait_max_ms = options.wait_max_ms ?? BANK_WAIT_MAX_MS;
       const followedAt = Date.now();
-      await sleep(options.run_before_kill_ms);
+      // Running: every rank released its first line (the group started, every follower follows).
       await until(() => records.every((list) => list.length > 0), followedAt + wait_max_ms);
+      const markedAt = Date.now();
+      const roundsAtMark = Math.min(...records.map((list) => list.length));
+      await sleep(options.run_before_kill_ms);
       const ran_before_kill_ms = Date.now() - followedAt;
+      const rounds_per_s = round(((Math.min(...records.map((list) => list.length)) - roundsAtMark) * 1000) / (Date.now() - markedAt), 2);
       options.before_kill?.(cluster);
       const victimId = before[0].primary;
       const victim = cluster.hosts.find((h) => h.id === victimId)!;
@@ -168,6 +175,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
         images: recovery?.images ?? [],
         detect_ms: options.detect_ms,
         ran_before_kill_ms,
+        rounds_per_s,
         released: records.reduce((n, list) => n + list.length, 0),
         rounds_before_kill: Math.min(...countAtKill),
         rounds_after_kill: Math.min(...records.map((list, rank) => list.length - countAtKill[rank])),

@@ -228,7 +228,7 @@ benchGroupOptions(
   .option("--sizes <list>", "group sizes", intList("--sizes"), SCALE_BENCH_DEFAULTS.sizes)
   .option("--settle-ms <ms>", "how long the group runs after its deploy before the hosts are read", int("--settle-ms"), SCALE_BENCH_DEFAULTS.settle_ms)
   .option("--idle-ms <ms>", "window over which the hosts' CPU is measured, the group deployed and idle", int("--idle-ms"), SCALE_BENCH_DEFAULTS.idle_ms)
-  .option("--bank-ms <ms>", "how long at least the bank group runs before the kill, and again after it (then until every rank released a line, at most 60 s)", int("--bank-ms"), SCALE_BENCH_DEFAULTS.bank_before_kill_ms)
+  .option("--bank-ms <ms>", "how long the bank group runs before the kill (once every rank released a line) and at least after it (then until every rank released a line of the resumed group; each wait at most 60 s)", int("--bank-ms"), SCALE_BENCH_DEFAULTS.bank_before_kill_ms)
   .action(async (opts: { json?: boolean; sizes: number[]; hosts: number; guest: string; mode: "group" | "vm" | "none"; settleMs: number; idleMs: number; bankMs: number }) => {
     const { runScaleBench } = await import("../bench/scale.js");
     const report = await runScaleBench({
