@@ -39,6 +39,7 @@ import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import type { HostStatus } from "../host/api.js";
 import { round } from "../util/stats.js";
+import { lateMaxSince } from "../util/lateness-log.js";
 import { HOST_DEFAULTS } from "../host/host.js";
 import { runBankDemo, type BankDemoReport } from "../cli/demo-bank.js";
 import { connectionsBetween, type ConnectionCount } from "./tcp-connections.js";
@@ -70,10 +71,12 @@ export interface ScaleHost {
   rss_mib_after: number;
   threads_before: number;
   threads_after: number;
-  /** Longest gap between two runs of the failure detector since the host started. */
+  /** Longest gap between two main-loop ticks since the host started (its own start included). */
   stall_ms_max: number;
-  /** Worst lateness of the main loop's timers since the host started. */
+  /** Worst lateness of the main loop's tick since the host started (its own start included). */
   delay_ms_max: number;
+  /** Worst lateness of the main loop's tick from the deploy request to the hosts being read (deploy, settle, idle window). */
+  late_ms_max_from_deploy: number;
 }
 
 export interface ScaleRun {
@@ -90,7 +93,7 @@ export interface ScaleRun {
   healthy: boolean;
   /** (Sum over the hosts of VmRSS after - before) / size. */
   rss_mib_per_vm: number;
-  /** (Sum over the hosts of threads after - before) / size. */
+  /** (Sum over the hosts of threads after - before) / size: the group's threads come from the hosts' spares, which are replaced SPARES_REFILL_QUIET_MS after the last was taken, so a settle shorter than that counts too few. */
   threads_per_vm: number;
   /** The hosts' CPU (all their threads, % of one core, summed) over `idle_ms` after the settle, the group deployed and idle. */
   idle_cpu_pct: number;
@@ -108,6 +111,8 @@ export interface ScaleBankRun {
   connections_per_host_pair_max: number | null;
   failover_ms: number | null;
   checks_ok: boolean;
+  /** Worst lateness of a surviving host's main-loop tick from the bank group's deploy to the end of its run (the failover and re-protection included). */
+  late_ms_max: number | null;
   error: string | null;
   report: BankDemoReport | null;
 }
@@ -127,8 +132,16 @@ export interface ScaleSummary {
   connections: number | null;
   connections_per_host_pair_max: number | null;
   idle_cpu_pct: number;
-  /** Longest main-loop stall of any host in the cold and cached runs, deploy and settle included (the bank run's hosts are not read: one is killed). */
+  /**
+   * Worst lateness of any host's main-loop tick in the cold and cached runs
+   * (from the deploy request to the end of the idle window) and, on the
+   * surviving hosts, in the bank run (from its deploy to the end of its run,
+   * failover and re-protection included). The hosts' own starts are not in
+   * it (the per-host figures since start are in `runs`).
+   */
   host_main_thread_stall_ms_max: number;
+  /** The same for the bank run alone (null when it did not run). */
+  bank_main_thread_stall_ms_max: number | null;
   /** VMs that failed over with nothing killed, in the cold and cached runs. */
   false_failovers: number;
 }
@@ -185,6 +198,7 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
     const manifest = parseManifest(`group: scale\nmode: ${options.mode}\nsize: ${size}\nmodule: ${JSON.stringify(guestPath(options.guest))}\n`, { source: "bench", base_dir: "/" });
     const module = new Uint8Array(await readFile(manifest.module));
     const start = performance.now();
+    const deployAt_ms = Date.now();
     let deploy_ms: number | null = null;
     let error: string | null = null;
     try {
@@ -195,7 +209,7 @@ async function measure(options: ScaleBenchOptions, size: number, cache_from: str
     }
     await sleep(options.settle_ms);
     try {
-      return { run: await readHosts(options, size, cluster, before, { deploy_ms, error }, state_dir), state_dir };
+      return { run: await readHosts(options, size, cluster, before, { deploy_ms, error, at_ms: deployAt_ms }, state_dir), state_dir };
     } catch (e) {
       // A host that went away meanwhile (declared failed under load, it rejoined as a fresh host elsewhere) is a result too.
       const why = `reading the hosts after the deploy failed: ${(e as Error).message}`;
@@ -215,7 +229,7 @@ async function readHosts(
   size: number,
   cluster: ClusterFile,
   before: Map<string, { rss_mib: number; threads: number }>,
-  deployed: { deploy_ms: number | null; error: string | null },
+  deployed: { deploy_ms: number | null; error: string | null; at_ms: number },
   state_dir: string,
 ): Promise<ScaleRun> {
   const { deploy_ms, error } = deployed;
@@ -248,6 +262,7 @@ async function readHosts(
       threads_after: a.threads,
       stall_ms_max: s.main_loop.stall_ms_max,
       delay_ms_max: s.main_loop.delay_ms_max,
+      late_ms_max_from_deploy: lateMaxSince(s.main_loop.late_seconds, deployed.at_ms),
     });
   }
   if (seen.size !== size) healthy = false;
@@ -259,6 +274,7 @@ async function readHosts(
 /** The bank scenario with a group of `size` on `options.hosts` fresh hosts (default detector, embedded store). */
 async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBankRun> {
   let links: ConnectionCount | null = null;
+  let late_ms_max: number | null = null;
   try {
     const report = await runBankDemo(
       {
@@ -269,6 +285,10 @@ async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBank
         detect_ms: HOST_DEFAULTS.detect_ms,
         store: "embedded",
         before_kill: (cluster) => (links = connectionsBetween(cluster.hosts.map((h) => h.pid))),
+        after_run: async (cluster, deployAt_ms) => {
+          const survivors = await Promise.all(cluster.hosts.map((h) => requestAny(cluster, "status", {}, undefined, h.id, { timeout_ms: 2000 }).catch(() => null)));
+          late_ms_max = Math.max(0, ...survivors.flatMap((s) => (s ? [lateMaxSince(s.main_loop.late_seconds, deployAt_ms)] : [])));
+        },
       },
       () => undefined,
     );
@@ -279,11 +299,12 @@ async function bank(options: ScaleBenchOptions, size: number): Promise<ScaleBank
       rounds_per_s: report.rounds_per_s,
       failover_ms: report.failover_ms,
       checks_ok: Object.values(report.checks).every(Boolean),
+      late_ms_max,
       error: null,
       report,
     };
   } catch (error) {
-    return { rounds_per_s: null, connections: null, connections_per_host_pair_max: null, failover_ms: null, checks_ok: false, error: (error as Error).message, report: null };
+    return { rounds_per_s: null, connections: null, connections_per_host_pair_max: null, failover_ms: null, checks_ok: false, late_ms_max, error: (error as Error).message, report: null };
   }
 }
 
@@ -300,7 +321,8 @@ function summary(size: number, cold: ScaleRun, cached: ScaleRun, bankRun: ScaleB
     connections: bankRun.connections,
     connections_per_host_pair_max: bankRun.connections_per_host_pair_max,
     idle_cpu_pct: cached.idle_cpu_pct,
-    host_main_thread_stall_ms_max: Math.max(0, ...[...cold.hosts, ...cached.hosts].map((h) => h.stall_ms_max)),
+    host_main_thread_stall_ms_max: Math.max(bankRun.late_ms_max ?? 0, ...[...cold.hosts, ...cached.hosts].map((h) => h.late_ms_max_from_deploy)),
+    bank_main_thread_stall_ms_max: bankRun.late_ms_max,
     false_failovers: cold.vms_failed_over + cached.vms_failed_over,
   };
 }

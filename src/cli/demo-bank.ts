@@ -30,6 +30,8 @@ export interface BankDemoOptions {
   store: string;
   /** Called with the running cluster just before the kill (a benchmark reads the hosts then). */
   before_kill?: (cluster: ClusterFile) => void;
+  /** Called once the run is over, before the cluster is stopped, with when the deploy was asked for (wall clock). */
+  after_run?: (cluster: ClusterFile, deployAt_ms: number) => Promise<void>;
 }
 
 /** examples/bank: accounts per rank and their starting balance. */
@@ -86,6 +88,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
     const vms = Array.from({ length: size }, (_, r) => vmName("bank", r));
     try {
       const manifest = parseManifest(`group: bank\nmode: group\nsize: ${size}\nmodule: ${JSON.stringify(guestPath("bank"))}\n`, { source: "demo", base_dir: "/" });
+      const deployAt_ms = Date.now();
       await requestAny(cluster, "deploy", { manifest }, new Uint8Array(await readFile(manifest.module)));
       const before = await Promise.all(vms.map(async (vm) => (await locateVm(cluster, vm))!));
       for (const r of before) say(`${r.vm}: primary ${r.primary}, backup ${r.backup}`);
@@ -121,6 +124,7 @@ export function runBankDemo(options: BankDemoOptions, say: (line: string) => voi
       }, killedAt + wait_max_ms);
       for (const f of followers) f.stop();
       await Promise.all(running);
+      await options.after_run?.(cluster, deployAt_ms);
       const after = await Promise.all(vms.map(async (vm) => (await locateVm(cluster, vm))!));
 
       const total = size * ACCOUNTS * INITIAL_BALANCE;

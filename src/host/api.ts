@@ -35,6 +35,7 @@ import { GROUP_SIZE_MAX, type ProtectionRecord } from "../core/types.js";
 import type { GroupStatus } from "./group/driver.js";
 import type { HostRecord } from "../cluster/local-cluster.js";
 import type { GroupRecord, VmRecord } from "./records.js";
+import type { LateSecond } from "../util/lateness-log.js";
 
 /** Longest request text `vm_request` carries to a VM. */
 export const VM_REQUEST_TEXT_CHARS_MAX = 64 * 1024;
@@ -194,7 +195,9 @@ export interface HostStatus {
    * heartbeats are late, and a lateness near the detection timeout reads as
    * a failure to the peers. `stall_ms_max`: the longest gap between two
    * ticks (a gap longer than the detection timeout is this host's own stall:
-   * its detector gives every peer a fresh window).
+   * its detector gives every peer a fresh window). `late_seconds`: for the
+   * last ten minutes, each second in which a tick ran 10 ms late or more,
+   * with its worst lateness (how late the loop was during a given window).
    */
-  main_loop: { delay_ms_p99: number; delay_ms_max: number; stall_ms_max: number };
+  main_loop: { delay_ms_p99: number; delay_ms_max: number; stall_ms_max: number; late_seconds: LateSecond[] };
 }

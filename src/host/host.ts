@@ -20,6 +20,7 @@ import { BadArgumentsError, checkArgs, errorReply, isHostOp, type HostOps, type 
 import type { ReleasedRecord } from "../core/frames.js";
 import { logPages, OutputLog } from "./output-log.js";
 import { LogLimit } from "../util/log-limit.js";
+import { LatenessLog } from "../util/lateness-log.js";
 import { round } from "../util/stats.js";
 import { hostKey, vmKey, type GroupRecord, type VmRecord } from "./records.js";
 import { deployGroup } from "./deploy.js";
@@ -80,6 +81,8 @@ export function heartbeatFor(detect_ms: number): number {
  * an 8-VM deploy started a thread during it, 800 ms each with four hosts
  * starting theirs on two cores, and the deploy took that much longer.
  */
+/** A tick later than this is kept in the per-second lateness log of `status` (main_loop.late_seconds). */
+const LATE_LOGGED_MS = 10;
 export const VM_THREADS_PREWARMED = GROUP_PRIMARY_THREADS_MAX + GROUP_BACKUP_THREADS_MAX;
 
 interface Peer {
@@ -152,6 +155,8 @@ export class Host {
   private readonly loopLateness_us: RecordableHistogram = createHistogram();
   /** The longest gap between two heartbeat ticks. */
   private stallMax_ms = 0;
+  /** The worst lateness of the main loop's tick per second (of at least LATE_LOGGED_MS), for the last ten minutes. */
+  private readonly lateSeconds = new LatenessLog(LATE_LOGGED_MS);
   /** When the heartbeat tick last ran: a gap longer than the detection timeout means this host stalled. */
   private lastTick_ms = 0;
   /** heardHosts() as detect() last told the groups. */
@@ -481,6 +486,7 @@ export class Host {
     this.lastTick_ms = now;
     this.stallMax_ms = Math.max(this.stallMax_ms, gap_ms);
     this.loopLateness_us.record(Math.max(1, Math.round((gap_ms - this.options.heartbeat_ms) * 1000)));
+    this.lateSeconds.record(now, Math.round(gap_ms - this.options.heartbeat_ms));
     if (gap_ms > this.options.detect_ms) {
       for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
       this.log.warn({ stalled_ms: gap_ms }, "this host stalled; its peers get a fresh detection window");
@@ -929,6 +935,7 @@ export class Host {
         delay_ms_p99: round(this.loopLateness_us.percentile(99) / 1000, 1),
         delay_ms_max: round(this.loopLateness_us.max / 1000, 1),
         stall_ms_max: this.stallMax_ms,
+        late_seconds: this.lateSeconds.list(),
       },
     };
   }
