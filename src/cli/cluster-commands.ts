@@ -124,7 +124,7 @@ export function registerClusterCommands(program: Command): void {
       .requiredOption("--id <id>", "host id, e.g. h1 (a restarted host takes part as h1.2, h1.3, ...: a new participant)")
       .option("--listen <address>", "address to listen on", "127.0.0.1")
       .option("--port <port>", "TCP port for peer traffic, and the UDP port of the same number for heartbeats (0 = any free pair)", int("--port"), 0)
-      .option("--heartbeat-ms <ms>", `interval between heartbeats to each peer (default: ${HOST_DEFAULTS.heartbeat_ms}, or a quarter of a shorter --detect-ms)`, int("--heartbeat-ms"))
+      .option("--heartbeat-ms <ms>", `interval between heartbeats to each peer (default: ${HOST_DEFAULTS.heartbeat_ms}, or a third of a shorter --detect-ms)`, int("--heartbeat-ms"))
       .option("--detect-ms <ms>", `a peer silent this long is considered failed (>= ${DETECT_MS_MIN})`, atLeast("--detect-ms", DETECT_MS_MIN), HOST_DEFAULTS.detect_ms)
       .option("--lease-ms <ms>", "TTL of the lease this host's registration lives by (>= 1000; etcd rounds up to whole seconds): a host that cannot renew it for this long (the store away, or the host cut off) stops its replicas and rejoins as a fresh host", atLeast("--lease-ms", LEASE_TTL_MS_MIN), HOST_DEFAULTS.lease_ms)
       .option("--record-core-events <dir>", "record each group core's events and actions in <dir> for `cohort sim --replay-recording` (default: $COHORT_RECORD_CORE_EVENTS; off)")

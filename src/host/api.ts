@@ -191,7 +191,7 @@ export interface HostStatus {
   group_frames_refused: number;
   /**
    * How late the host's main loop ran its heartbeat tick since this instance
-   * started (every heartbeat interval, 50 ms by default): while it is late,
+   * started (every heartbeat interval, 100 ms by default): while it is late,
    * heartbeats are late, and a lateness near the detection timeout reads as
    * a failure to the peers. `stall_ms_max`: the longest gap between two
    * ticks (a gap longer than the detection timeout is this host's own stall:
