@@ -9,12 +9,15 @@ export const GROUP_BENCH_DEFAULTS = { measure_ms: 3000, warmup_ms: 3000, hosts: 
 
 /**
  * `cohort bench idle`: an idle 8-VM kv group (mode group) on 3 hosts against
- * the same hosts with nothing deployed. settle_ms: for several seconds after
- * a deploy the hosts still work it off (V8 compiling and collecting in every
- * VM thread): 3 to 8 s after it an idle group measured about 5 % of a core
- * above the floor, 20 to 25 s after it the same as the floor.
+ * the same hosts with nothing deployed. settle_ms: for a while after a
+ * deploy (and after a host's start) the hosts still work it off: V8
+ * compiles, and shrinks the heap of every isolate (main, heartbeat and VM
+ * threads) in rounds of garbage collection seconds apart. 3 to 8 s after a
+ * deploy an idle group measured about 5 % of a core above the floor; 15 s
+ * after it, floor and group were still 1 % above where they settle; a
+ * minute after it, both had (`--settle-ms 15000` against the default).
  */
-export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 15000, hosts: 3, size: 8, guest: "kv", mode: "group" as const, repeat: 3 };
+export const IDLE_BENCH_DEFAULTS = { measure_ms: 5000, settle_ms: 60000, hosts: 3, size: 8, guest: "kv", mode: "group" as const, repeat: 3 };
 
 /**
  * `cohort bench scale`: a `kv` group per size on 4 hosts, as a new user would
