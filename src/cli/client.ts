@@ -235,14 +235,14 @@ const LOCATE_TIMEOUT_MS = 500;
  * every WATCH_TICK_MS.
  */
 const WATCH_SILENCE_MS = 500;
+const WATCH_SILENCE_MAX_MS = 4000;
+const WATCH_TICK_MS = 100;
 /** A follower's retries: FOLLOW_RETRY_MS, doubled per attempt that failed slowly (after FOLLOW_SLOW_ATTEMPT_MS), at most FOLLOW_RETRY_MAX_MS, jittered ±50%. */
 const FOLLOW_RETRY_MS = 50;
 const FOLLOW_RETRY_MAX_MS = 2000;
 const FOLLOW_SLOW_ATTEMPT_MS = 250;
 /** Longest wait of a follower's attempt for one answer, however slow the ones before were. */
 const FOLLOW_TIMEOUT_MAX_MS = 8000;
-const WATCH_SILENCE_MAX_MS = 4000;
-const WATCH_TICK_MS = 100;
 
 export interface FollowedRecord extends ReleasedRecord {
   received_ms: number;

@@ -72,8 +72,7 @@ export const DETECT_MS_MIN = 100;
 
 /**
  * The heartbeat interval for a detection timeout: a third of it (3 beats per
- * window: a peer is failed after 2 beats in a row did not come, nor the third
- * in time), at most the default 100 ms. Beats every 50 ms cost an idle host's
+ * window), at most the default 100 ms. Beats every 50 ms cost an idle host's
  * heartbeat thread 1 % of a core (three wake-ups per beat: its own and two
  * peers' datagrams), every 100 ms half that.
  */
@@ -87,9 +86,9 @@ export function heartbeatFor(detect_ms: number): number {
  * an 8-VM deploy started a thread during it, 800 ms each with four hosts
  * starting theirs on two cores, and the deploy took that much longer.
  */
+export const VM_THREADS_PREWARMED = GROUP_PRIMARY_THREADS_MAX + GROUP_BACKUP_THREADS_MAX;
 /** A tick later than this is kept in the per-second lateness log of `status` (main_loop.late_seconds). */
 const LATE_LOGGED_MS = 10;
-export const VM_THREADS_PREWARMED = GROUP_PRIMARY_THREADS_MAX + GROUP_BACKUP_THREADS_MAX;
 
 interface Peer {
   id: string;
