@@ -287,18 +287,47 @@ describe("message path over TCP", () => {
     expect(b2.offered).toHaveLength(1);
   });
 
-  it("uses a MessageChannel for a rank on the same host", async () => {
+  it("uses one MessageChannel per pair of threads for ranks on other threads of the same host", async () => {
+    // Two threads' endpoints: a on one, b and c on the other; the port reaches b's thread through b alone.
     const a = testPath(0);
-    const b = testPath(1);
-    paths.push(a.path, b.path);
+    const other = new PathEndpoint("127.0.0.1", null);
+    const b = testPath(1, { endpoint: other });
+    const c = testPath(2, { endpoint: other });
+    paths.push(a.path, b.path, c.path);
+    const routes = [a, b, c].map((p) => ({ address: "127.0.0.1:1", token: p.path.token }));
     const { port1, port2 } = new MessageChannel();
-    a.path.setRoutes([null, null], [{ rank: 1, port: port1 }]);
-    b.path.setRoutes([null, null], [{ rank: 0, port: port2 }]);
+    a.path.setRoutes(routes, [{ rank: 1, thread: 2 }, { rank: 2, thread: 2 }], [{ thread: 2, port: port1 }]);
+    b.path.setRoutes(routes, [{ rank: 0, thread: 1 }], [{ thread: 1, port: port2 }]);
+    c.path.setRoutes(routes, [{ rank: 0, thread: 1 }]);
+    for (const p of [a, b, c]) p.path.run();
+    a.path.send([message(0, 1, 1), message(0, 2, 1), message(0, 1, 2)]);
+    await until(() => b.offered.length === 2 && c.offered.length === 1, "messages over the channel");
+    expect(b.offered.map((m) => new TextDecoder().decode(m.bytes))).toEqual(["m1", "m2"]);
+    // c answers over the port its thread got through b; nobody dialed a connection.
+    c.path.send([message(2, 0, 1)]);
+    await until(() => a.offered.length === 1, "the answer");
+    expect(a.offered[0].from).toBe(2);
+    expect(a.path.counters.links_dialed + b.path.counters.links_dialed + c.path.counters.links_dialed).toBe(0);
+  });
+
+  it("hands messages between VMs of one thread over on the thread itself, in order, copies", async () => {
+    const shared = new PathEndpoint("127.0.0.1", null);
+    const a = testPath(0, { endpoint: shared });
+    const b = testPath(1, { endpoint: shared });
+    paths.push(a.path, b.path);
+    const routes = [a, b].map((p) => ({ address: "127.0.0.1:1", token: p.path.token }));
+    a.path.setRoutes(routes, []);
+    b.path.setRoutes(routes, []);
     a.path.run();
     b.path.run();
-    a.path.send([message(0, 1, 1), message(0, 1, 2)]);
-    await until(() => b.offered.length === 2, "messages over the channel");
-    expect(b.offered.map((m) => new TextDecoder().decode(m.bytes))).toEqual(["m1", "m2"]);
+    const sent = [message(0, 1, 1), message(0, 1, 2), message(0, 1, 3)];
+    a.path.send(sent);
+    // Not inside the sender's call: on a later turn.
+    expect(b.offered).toHaveLength(0);
+    await until(() => b.offered.length === 3, "messages on the thread");
+    expect(b.offered.map((m) => m.seq)).toEqual([1, 2, 3]);
+    expect(b.offered[0]).not.toBe(sent[0]);
+    expect(shared.connections).toBe(0);
   });
 
   it("drops (and counts) messages to a rank without a route", async () => {
@@ -406,8 +435,8 @@ describe("the marker rule across real VM threads", () => {
     const [vm0, vm1] = await Promise.all([VmWorker.boot(guest, options(0)), VmWorker.boot(guest, options(1))]);
     vms.push(vm0, vm1);
     const routes = await Promise.all([vm0, vm1].map((vm) => vm.request("path_open", { bind_host: "127.0.0.1", hold_until_commit: false, tls: null })));
-    await vm0.request("path_routes", { routes, locals: [] });
-    await vm1.request("path_routes", { routes, locals: [] });
+    await vm0.request("path_routes", { routes, locals: [], ports: [] });
+    await vm1.request("path_routes", { routes, locals: [], ports: [] });
     const captured1: CaptureResult[] = [];
     vm1.on("captured", (c) => captured1.push(c));
     await vm1.request("run", {});

@@ -1,9 +1,9 @@
 /**
  * The group message data path of one primary VM, run on the VM's thread:
  * what the guest sends goes straight from this thread to the receiving VM's
- * thread, over TCP to another host, over a MessageChannel to another VM
- * thread of this host, or handed over on the thread itself to a VM of the
- * same thread (docs/PROTOCOL.md "Messages inside a group": sent directly,
+ * thread, over TCP to another host, over the MessageChannel between this
+ * thread and another VM thread of this host (one per pair of threads), or
+ * handed over on the thread itself to a VM of the same thread (docs/PROTOCOL.md "Messages inside a group": sent directly,
  * same host in process).
  * The host's main thread is not on this path at all; it only sets the routes
  * and the state (frozen during a recovery, running otherwise).
@@ -296,6 +296,8 @@ export class PathEndpoint {
     if (this.paths.size > 0 || this.closed) return;
     this.closed = true;
     this.server?.close();
+    for (const port of this.threadPorts.values()) port.close();
+    this.threadPorts.clear();
     for (const l of [...this.open]) l.close("closed");
     this.byAddress.clear();
   }
@@ -339,6 +341,32 @@ export class PathEndpoint {
     if (!current || current.closedAt !== null) this.byAddress.set(hello.address, link);
     return null;
   }
+
+  /** A MessageChannel port to another VM thread of this host, for every VM of this one: replaces (closes) the earlier port to that thread. */
+  setThreadPort(thread: number, port: MessagePort): void {
+    this.threadPorts.get(thread)?.close();
+    port.on("message", ({ token, messages }: { token: string; messages: GroupMessage[] }) => {
+      const path = this.paths.get(token);
+      // A VM that left this thread since: dropped, as a closed channel drops what it still held.
+      if (!path) return;
+      try {
+        path.arrived(messages);
+      } catch (error) {
+        path.reportProblem(`messages from a VM on another thread of this host refused: ${(error as Error).message}`);
+      }
+    });
+    this.threadPorts.set(thread, port);
+  }
+
+  /** Messages to the VM with route token `token` on VM thread `thread` of this host; false if this thread has no port to it. */
+  toThread(thread: number, token: string, messages: GroupMessage[]): boolean {
+    const port = this.threadPorts.get(thread);
+    if (!port) return false;
+    port.postMessage({ token, messages });
+    return true;
+  }
+
+  private readonly threadPorts = new Map<number, MessagePort>();
 
   /** Whether the VM with route token `token` is on this thread. */
   hosts(token: string): boolean {
@@ -406,7 +434,8 @@ export class MessagePath {
   private routes: (Route | null)[] = [];
   /** Each route's token as batch frames carry it. */
   private tokens: (Uint8Array | null)[] = [];
-  private locals = new Map<number, MessagePort>();
+  /** The VM thread of each rank on another thread of this host. */
+  private locals = new Map<number, number>();
   /** Arrived while frozen. */
   private inbox: GroupMessage[] = [];
   /** Refused "full" / "early" by the VM. */
@@ -448,21 +477,19 @@ export class MessagePath {
   }
 
   /**
-   * Where each rank's primary listens (null: none, or this VM), and the
-   * MessageChannel ports to ranks on this host. Replaces earlier routes. A
+   * Where each rank's primary listens (null: none, or this VM), which ranks
+   * run on other VM threads of this host and on which, and (through one VM
+   * of each thread) the MessageChannel ports to those threads, which the
+   * thread's endpoint keeps for all its VMs. Replaces earlier routes. A
    * receiver that moved is reached at its new address; connections are the
    * thread's and stay for the other VMs (a batch names its VM's token, so one
    * to a VM gone from a thread is dropped there).
    */
-  setRoutes(routes: (Route | null)[], locals: { rank: number; port: MessagePort }[]): void {
+  setRoutes(routes: (Route | null)[], locals: { rank: number; thread: number }[], ports: { thread: number; port: MessagePort }[] = []): void {
     this.routes = routes;
     this.tokens = routes.map((r) => (r ? encodeToken(r.token) : null));
-    for (const port of this.locals.values()) port.close();
-    this.locals = new Map();
-    for (const { rank, port } of locals) {
-      port.on("message", (messages: GroupMessage[]) => this.arrivedSafely(messages, `rank ${rank} on this host`));
-      this.locals.set(rank, port);
-    }
+    this.locals = new Map(locals.map((l) => [l.rank, l.thread]));
+    for (const { thread, port } of ports) this.endpoint.setThreadPort(thread, port);
   }
 
   freeze(): void {
@@ -538,7 +565,6 @@ export class MessagePath {
   close(): void {
     this.closed = true;
     this.endpoint.unregister(this);
-    for (const p of this.locals.values()) p.close();
     this.locals.clear();
   }
 
@@ -562,12 +588,12 @@ export class MessagePath {
   }
 
   private transmitTo(rank: number, list: GroupMessage[]): void {
-    const local = this.locals.get(rank);
-    if (local) {
-      local.postMessage(list);
+    const thread = this.locals.get(rank);
+    const route = this.routes[rank];
+    if (thread !== undefined) {
+      if (!route || !this.endpoint.toThread(thread, route.token, list)) this.stats.dropped += list.length;
       return;
     }
-    const route = this.routes[rank];
     if (route && this.endpoint.hosts(route.token)) {
       if (!this.endpoint.deliverHere(route.token, list)) this.stats.dropped += list.length;
       return;

@@ -143,8 +143,13 @@ export interface WorkerOps {
    * VM thread only for its sockets: never in a status, event or error.
    */
   path_open: { args: { bind_host: string; hold_until_commit: boolean; tls: TlsMaterial | null }; result: Route };
-  /** Where every rank listens (null: nowhere / this VM) and MessageChannel ports to the ranks on this host (transferred). */
-  path_routes: { args: { routes: (Route | null)[]; locals: { rank: number; port: MessagePort }[] }; result: null };
+  /**
+   * Where every rank listens (null: nowhere / this VM); the ranks on other VM
+   * threads of this host and the thread each is on; and MessageChannel ports
+   * to other VM threads (transferred; one per pair of threads, given through
+   * one VM of each: its thread's message endpoint keeps them for every VM on it).
+   */
+  path_routes: { args: { routes: (Route | null)[]; locals: { rank: number; thread: number }[]; ports: { thread: number; port: MessagePort }[] }; result: null };
   /** Recovery: timers stopped, nothing sent, arrivals kept for later. */
   freeze: { args: Record<string, never>; result: VmStatus };
   /** Timers on, kept arrivals offered, what the guest sent meanwhile (e.g. in `start`) sent. */

@@ -505,8 +505,8 @@ const handlers: Handlers = {
     const port = await opened.listen();
     return { address: `${bind_host}:${port}`, token: opened.token };
   },
-  path_routes(r, { routes, locals }) {
-    r.needPath().setRoutes(routes, locals);
+  path_routes(r, { routes, locals, ports }) {
+    r.needPath().setRoutes(routes, locals, ports);
     return null;
   },
   freeze(r) {

@@ -595,26 +595,31 @@ export class GroupDriver {
 
   /**
    * Gives every member here the routes to its peers: TCP to the ranks on
-   * other hosts, a fresh MessageChannel to each rank on another VM thread of
-   * this host (the in-process path); ranks on the same VM thread reach each
-   * other through the thread itself (src/vm/message-path.ts), with no
-   * channel: creating one per pair held the main loop 140 ms at 64
-   * primaries a host. Earlier channels are closed by the VM threads.
+   * other hosts; to the ranks on this host, the VM thread each runs on, with
+   * one fresh MessageChannel per pair of VM threads (the in-process path),
+   * handed to one member of each thread; ranks on the same VM thread reach
+   * each other through the thread itself (src/vm/message-path.ts). A
+   * channel per pair of ranks held the main loop 100-270 ms at 64 primaries
+   * a host. Earlier channels are closed by the VM threads.
    */
   private async setRoutes(routes: (Route | null)[]): Promise<void> {
-    const locals = new Map<number, { rank: number; port: MessagePort }[]>();
-    const ranks = [...this.members.keys()];
-    const thread = new Map(ranks.map((r) => [r, this.members.get(r)!.vm.thread_id]));
-    for (const r of ranks) locals.set(r, []);
-    for (let i = 0; i < ranks.length; i++) {
-      for (let j = i + 1; j < ranks.length; j++) {
-        if (thread.get(ranks[i]) === thread.get(ranks[j])) continue;
+    const members = [...this.members];
+    const locals = members.map(([rank, m]) => ({ rank, thread: m.vm.thread_id }));
+    const threads = [...new Set(locals.map((l) => l.thread))];
+    // The member that carries its thread's ports: the first one on it.
+    const carrier = new Map<number, number>();
+    for (const { rank, thread } of locals) if (!carrier.has(thread)) carrier.set(thread, rank);
+    const ports = new Map<number, { thread: number; port: MessagePort }[]>();
+    for (let i = 0; i < threads.length; i++) {
+      for (let j = i + 1; j < threads.length; j++) {
         const { port1, port2 } = new MessageChannel();
-        locals.get(ranks[i])!.push({ rank: ranks[j], port: port1 });
-        locals.get(ranks[j])!.push({ rank: ranks[i], port: port2 });
+        const a = carrier.get(threads[i])!;
+        const b = carrier.get(threads[j])!;
+        ports.set(a, [...(ports.get(a) ?? []), { thread: threads[j], port: port1 }]);
+        ports.set(b, [...(ports.get(b) ?? []), { thread: threads[i], port: port2 }]);
       }
     }
-    await Promise.all([...this.members].map(([rank, m]) => m.setRoutes(routes, locals.get(rank)!)));
+    await Promise.all(members.map(([rank, m]) => m.setRoutes(routes, locals.filter((l) => l.thread !== m.vm.thread_id), ports.get(rank) ?? [])));
   }
 
   /** Store failures repeat every STORE_RETRY_MS while the store is down: one log line per 5 s, saying how many were left out. */

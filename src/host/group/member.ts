@@ -93,10 +93,10 @@ export class GroupMember extends EventEmitter<MemberEvents> {
     });
   }
 
-  /** Every rank's route, and ports of MessageChannels to the ranks on this host (transferred to the VM thread). */
-  setRoutes(routes: (Route | null)[], locals: { rank: number; port: MessagePort }[]): Promise<void> {
+  /** Every rank's route, the VM threads of the ranks on this host, and ports of MessageChannels to other VM threads (transferred to the VM thread). */
+  setRoutes(routes: (Route | null)[], locals: { rank: number; thread: number }[], ports: { thread: number; port: MessagePort }[]): Promise<void> {
     return this.step("path_routes", async () => {
-      await this.vm.request("path_routes", { routes, locals }, locals.map((l) => l.port));
+      await this.vm.request("path_routes", { routes, locals, ports }, ports.map((p) => p.port));
     });
   }
 
