@@ -168,8 +168,12 @@ export class BackupReplica {
     while (n < this.staged.length && this.staged[n].epoch <= epoch) n++;
     if (n === 0) return;
     const batch = this.staged.splice(0, n);
-    // Copied to the worker, not transferred: the bytes may be views into socket chunks.
-    const { output } = await this.worker.request("apply_batch", { deltas: batch.map((b) => b.delta) });
+    const deltas = batch.map((b) => b.delta);
+    // Handed to the VM thread, not copied, where a delta owns its whole buffer (the driver stages copies,
+    // and nothing here reads a delta once folded): a host backing up 64 VMs cloned hundreds of deltas
+    // on its main thread at each commit. A view into a larger buffer (a socket chunk) is copied.
+    const transfer = [...new Set(deltas.filter((d) => d.byteOffset === 0 && d.byteLength === d.buffer.byteLength).map((d) => d.buffer as ArrayBuffer))];
+    const { output } = await this.worker.request("apply_batch", { deltas }, transfer);
     this.cut = batch[n - 1].epoch;
     this.mirror(output, Math.max(this.committed, this.cut));
   }
