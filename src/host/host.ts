@@ -72,9 +72,10 @@ export const DETECT_MS_MIN = 100;
 
 /**
  * The heartbeat interval for a detection timeout: a third of it (3 beats per
- * window), at most the default 100 ms. Beats every 50 ms cost an idle host's
- * heartbeat thread 1 % of a core (three wake-ups per beat: its own and two
- * peers' datagrams), every 100 ms half that.
+ * window), at most the default 100 ms. An idle host's CPU is mostly these
+ * wake-ups (each beat wakes the heartbeat thread for its own and for every
+ * peer's datagram): beats every 50 ms, a quarter of the timeout, cost twice
+ * as much for one more beat per window.
  */
 export function heartbeatFor(detect_ms: number): number {
   return Math.max(10, Math.min(HOST_DEFAULTS.heartbeat_ms, Math.floor(detect_ms / 3)));
