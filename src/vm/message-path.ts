@@ -243,6 +243,11 @@ export class PathEndpoint {
   private readonly open = new Set<Link>();
   /** The link to each endpoint by its address (dialed, or accepted from it), also a closed one for a while (RECONNECT_AFTER_MS). */
   private readonly byAddress = new Map<string, Link>();
+  /** A MessageChannel port to each other VM thread of this host it exchanges messages with, by thread id. */
+  private readonly threadPorts = new Map<number, MessagePort>();
+  /** Messages between VMs of this thread waiting for its next turn (deliverHere), and how many. */
+  private local: { token: string; messages: GroupMessage[] }[] = [];
+  private localCount = 0;
   private readonly handlers: LinkHandlers = {
     hello: (link, hello) => this.greeted(link, hello),
     messages: (token, messages) => this.arrived(token, messages),
@@ -345,16 +350,7 @@ export class PathEndpoint {
   /** A MessageChannel port to another VM thread of this host, for every VM of this one: replaces (closes) the earlier port to that thread. */
   setThreadPort(thread: number, port: MessagePort): void {
     this.threadPorts.get(thread)?.close();
-    port.on("message", ({ token, messages }: { token: string; messages: GroupMessage[] }) => {
-      const path = this.paths.get(token);
-      // A VM that left this thread since: dropped, as a closed channel drops what it still held.
-      if (!path) return;
-      try {
-        path.arrived(messages);
-      } catch (error) {
-        path.reportProblem(`messages from a VM on another thread of this host refused: ${(error as Error).message}`);
-      }
-    });
+    port.on("message", ({ token, messages }: { token: string; messages: GroupMessage[] }) => this.handOver(token, messages, "another thread of this host"));
     this.threadPorts.set(thread, port);
   }
 
@@ -365,8 +361,6 @@ export class PathEndpoint {
     port.postMessage({ token, messages });
     return true;
   }
-
-  private readonly threadPorts = new Map<number, MessagePort>();
 
   /** Whether the VM with route token `token` is on this thread. */
   hosts(token: string): boolean {
@@ -392,22 +386,25 @@ export class PathEndpoint {
     return true;
   }
 
-  private local: { token: string; messages: GroupMessage[] }[] = [];
-  private localCount = 0;
-
   private handOverLocal(): void {
     const batches = this.local;
     this.local = [];
     this.localCount = 0;
-    for (const { token, messages } of batches) {
-      const path = this.paths.get(token);
-      // A VM that left the thread since: dropped, as a closed channel drops what it still held.
-      if (!path) continue;
-      try {
-        path.arrived(messages);
-      } catch (error) {
-        path.reportProblem(`messages from a VM on this thread refused: ${(error as Error).message}`);
-      }
+    for (const { token, messages } of batches) this.handOver(token, messages, "this thread");
+  }
+
+  /**
+   * Messages from a VM of this host (this thread or another) to the VM with
+   * `token`; one that left this thread since gets nothing, as a closed
+   * channel drops what it still held. A malformed one is reported through its receiver.
+   */
+  private handOver(token: string, messages: GroupMessage[], from: string): void {
+    const path = this.paths.get(token);
+    if (!path) return;
+    try {
+      path.arrived(messages);
+    } catch (error) {
+      path.reportProblem(`messages from a VM on ${from} refused: ${(error as Error).message}`);
     }
   }
 
