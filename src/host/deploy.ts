@@ -131,7 +131,7 @@ async function startProtectedGroup(host: Host, manifest: Manifest, records: VmRe
       store: host.store,
       self: host.id,
       liveHosts: () => host.liveHosts(),
-      loadModule: (m) => host.loadGuest(m),
+      loadModule: (m) => host.guestFor(m),
       calls: {
         prepare: (h, record, body) => call(h, "group_prepare", { record }, body),
         run: (h, group, routes) => call(h, "group_run", { group, routes }),

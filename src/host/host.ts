@@ -825,12 +825,7 @@ export class Host {
    * <state dir>/cache) and compiled once; concurrent requests for it wait for the same one. A
    * failure is not kept: the next request tries again.
    */
-  /** The module instrumented (or read from the cache) and compiled here, as a deploy does before any host prepares (src/host/group/start.ts). */
-  loadGuest(bytes: Uint8Array): Promise<GuestBundle> {
-    return this.guestFor(bytes);
-  }
-
-  private guestFor(bytes: Uint8Array): Promise<GuestBundle> {
+  guestFor(bytes: Uint8Array): Promise<GuestBundle> {
     const key = Buffer.from(sha256(bytes)).toString("hex");
     let guest = this.modules.get(key);
     if (!guest) {
