@@ -19,6 +19,7 @@ import { hostCommand } from "../src/cli/demo.js";
 import { fixtureBytes } from "./support/guests.js";
 import { startCluster, stopClusters, waitFor } from "./support/cluster.js";
 import { HOST_DEFAULTS, heartbeatFor } from "../src/host/host.js";
+import { lateMaxSince } from "../src/util/lateness-log.js";
 
 const run = promisify(execFile);
 // The product's default detector: a deploy that starts many VM threads must not look like a crash.
@@ -318,6 +319,7 @@ describe("single-VM protection across host processes", () => {
     const f = follow(c, "ticker-0");
     await waitFor(() => f.records.length >= 10, 5000, "output");
     // A host holding only a backup is decided on one more period after it is suspected: it wakes up first.
+    const pausedAt_ms = Date.now();
     process.kill(backup.pid, "SIGSTOP");
     await sleep(1.5 * DETECT_MS);
     process.kill(backup.pid, "SIGCONT");
@@ -337,6 +339,9 @@ describe("single-VM protection across host processes", () => {
     const paused = await requestAny(c, "status", {}, undefined, backup.id);
     expect(paused.main_loop.stall_ms_max).toBeGreaterThanOrEqual(1.2 * DETECT_MS);
     expect(paused.main_loop.delay_ms_max).toBeGreaterThanOrEqual(1.2 * DETECT_MS - heartbeatFor(DETECT_MS));
+    // And its per-second log places it in the pause's window (what `bench scale` reads per window).
+    expect(lateMaxSince(paused.main_loop.late_seconds, pausedAt_ms)).toBeGreaterThanOrEqual(1.2 * DETECT_MS - heartbeatFor(DETECT_MS));
+    expect(lateMaxSince(paused.main_loop.late_seconds, Date.now() + 1000)).toBe(0);
     f.follower.stop();
     await f.done;
     expectContiguous(f.records);
