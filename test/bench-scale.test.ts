@@ -12,9 +12,16 @@ import { GROUP_BACKUP_THREADS_MAX, GROUP_PRIMARY_THREADS_MAX } from "../src/host
 // The group's threads come from the hosts' spares, replaced once none was taken for this long: counted after it.
 import { SPARES_REFILL_QUIET_MS } from "../src/vm/vm.js";
 
+/**
+ * The idle window: /proc counts CPU in 10 ms ticks, and three idle hosts use
+ * about 1.5 % of a core each (docs/SIZING.md), about 2 ticks in 500 ms,
+ * sometimes none: long enough to count some.
+ */
+const IDLE_MS = 2000;
+
 describe("bench scale", () => {
   it("deploys a group cold and cached, and reports its replicas, memory, threads, stalls and failovers per host", async () => {
-    const report = await runScaleBench({ sizes: [2], hosts: 3, guest: "kv", mode: "group", settle_ms: SPARES_REFILL_QUIET_MS + 500, idle_ms: 500, bank_before_kill_ms: 1500, bank_after_kill_ms: 2000, progress: () => undefined });
+    const report = await runScaleBench({ sizes: [2], hosts: 3, guest: "kv", mode: "group", settle_ms: SPARES_REFILL_QUIET_MS + 500, idle_ms: IDLE_MS, bank_before_kill_ms: 1500, bank_after_kill_ms: 2000, progress: () => undefined });
     const { cold, cached, bank } = report.runs.vms_2;
     for (const run of [cold, cached]) {
       expect(run.error).toBeNull();
