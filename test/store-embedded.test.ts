@@ -1,4 +1,5 @@
-import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { setTimeout as sleep } from "node:timers/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -63,6 +64,27 @@ describe("EmbeddedStore: files (the contract itself: test/store-contract.test.ts
     expect(await s.list("")).toEqual([{ key: "a", value: 1, version: 1 }]);
   });
 
+  it("a renewal moves the lease file's modification time and rewrites nothing; the lease lapses its TTL after the last renewal, for another client too", async () => {
+    const owner = open();
+    const reader = open();
+    const lease = await owner.grantLease(1000);
+    await owner.put("hosts/h1", 1, { lease });
+    const file = join(owner.dir, `${lease.id}.lease`);
+    const before = await stat(file);
+    const text = await readFile(file, "utf8");
+    await sleep(600);
+    await lease.keepAlive();
+    const after = await stat(file);
+    expect(after.ino).toBe(before.ino); // not a new file renamed over it
+    expect(await readFile(file, "utf8")).toBe(text);
+    expect(after.mtimeMs - before.mtimeMs).toBeGreaterThanOrEqual(550);
+    // 1.0 s after the grant the key would be gone without the renewal; it lives until 1.0 s after it.
+    await sleep(600);
+    expect(await reader.get("hosts/h1")).toEqual({ key: "hosts/h1", value: 1, version: 1 });
+    await sleep(600);
+    expect(await reader.get("hosts/h1")).toBeNull();
+    await rejectsWith(lease.keepAlive(), "LeaseLost");
+  });
 });
 
 describe("EmbeddedStore: across processes", () => {

@@ -8,7 +8,8 @@
  *   <state_dir>/store/<enc>.json      one record per key: {"key","version","value"}
  *                                      or a tombstone {"key","version","deleted":true}
  *   <state_dir>/store/<enc>.lock      the key's write lock while a put/cas/delete runs
- *   <state_dir>/store/<id>.lease      a lease: {"id","ttl_ms","expires_at_ms"} (wall clock of this machine)
+ *   <state_dir>/store/<id>.lease      a lease: {"id","ttl_ms"}; it lapses ttl_ms after the file's
+ *                                      modification time (wall clock of this machine)
  *   <state_dir>/store/*.tmp           files being written (ignored by readers)
  *
  * `<enc>` is the key with "/" replaced by "~" (a character keys cannot
@@ -63,6 +64,9 @@ export const EMBEDDED_STORE_DEFAULTS = {
   fsync: true,
 } as const satisfies Required<EmbeddedStoreOptions>;
 
+/** Lease TTLs an EmbeddedStore remembers before it forgets them all and reads them again. */
+const LEASE_TTLS_KNOWN_MAX = 1024;
+
 export class EmbeddedStore implements CoordinationStore {
   /** The directory holding the records: `<state_dir>/store`. */
   readonly dir: string;
@@ -70,6 +74,8 @@ export class EmbeddedStore implements CoordinationStore {
   private closed = false;
   private readonly inflight = new Set<Promise<unknown>>();
   private dir_ready: Promise<unknown> | null = null;
+  /** TTL of each lease seen, by id (see leaseTtl). */
+  private readonly leaseTtls = new Map<string, number>();
 
   constructor(state_dir: string, options: EmbeddedStoreOptions = {}) {
     this.dir = path.join(path.resolve(state_dir), "store");
@@ -109,11 +115,24 @@ export class EmbeddedStore implements CoordinationStore {
     });
   }
 
-  /** @internal EmbeddedLease.keepAlive */
-  async renewLease(id: string, ttl_ms: number): Promise<void> {
+  /**
+   * @internal EmbeddedLease.keepAlive. A renewal moves the lease file's
+   * modification time: two system calls (a stat, then utimes), where
+   * rewriting the file took eight (read it, write a new one, rename it). Every
+   * host renews once a second, so this is most of an idle host's store work;
+   * and a renewal changes only the file's metadata, which watches ignore.
+   */
+  async renewLease(id: string, _ttl_ms: number): Promise<void> {
     return this.op(`keep lease ${id} alive`, async () => {
       if (!(await this.leaseAlive(id))) throw new StoreError("LeaseLost", `lease ${id} lapsed`);
-      await this.writeLease(id, ttl_ms);
+      const now = new Date();
+      try {
+        await fsp.utimes(this.leasePath(id), now, now);
+      } catch (e) {
+        // Revoked between the two calls.
+        if (isErrno(e) && e.code === "ENOENT") throw new StoreError("LeaseLost", `lease ${id} lapsed`);
+        throw e;
+      }
     });
   }
 
@@ -275,8 +294,12 @@ export class EmbeddedStore implements CoordinationStore {
   private async writeLease(id: string, ttl_ms: number): Promise<void> {
     const file = this.leasePath(id);
     const tmp = `${file}.${process.pid}.${nonce()}.tmp`;
-    await fsp.writeFile(tmp, JSON.stringify({ id, ttl_ms, expires_at_ms: Date.now() + ttl_ms }));
+    await fsp.writeFile(tmp, JSON.stringify({ id, ttl_ms }));
+    // The kernel stamps a new file with its coarse clock (a tick behind): the lease runs from now.
+    const now = new Date();
+    await fsp.utimes(tmp, now, now);
     await fsp.rename(tmp, file);
+    this.leaseTtls.set(id, ttl_ms);
   }
 
   /** Whether lease `id` exists and has not expired (an unreadable lease file counts as lapsed). */
@@ -287,6 +310,21 @@ export class EmbeddedStore implements CoordinationStore {
 
   /** When lease `id` lapses (wall clock), or null if it is gone or unreadable. */
   private async leaseExpiry(id: string): Promise<number | null> {
+    let modified_ms: number;
+    try {
+      modified_ms = (await fsp.stat(this.leasePath(id))).mtimeMs;
+    } catch (e) {
+      if (isErrno(e) && e.code === "ENOENT") return null;
+      throw e;
+    }
+    const ttl_ms = await this.leaseTtl(id);
+    return ttl_ms === null ? null : modified_ms + ttl_ms;
+  }
+
+  /** A lease's TTL (it never changes: read from its file once), or null if the file is gone or unreadable. */
+  private async leaseTtl(id: string): Promise<number | null> {
+    const known = this.leaseTtls.get(id);
+    if (known !== undefined) return known;
     let text: string;
     try {
       text = await fsp.readFile(this.leasePath(id), "utf8");
@@ -294,12 +332,17 @@ export class EmbeddedStore implements CoordinationStore {
       if (isErrno(e) && e.code === "ENOENT") return null;
       throw e;
     }
+    let ttl_ms: unknown;
     try {
-      const doc = JSON.parse(text) as { expires_at_ms?: unknown };
-      return typeof doc.expires_at_ms === "number" ? doc.expires_at_ms : null;
+      ttl_ms = (JSON.parse(text) as { ttl_ms?: unknown }).ttl_ms;
     } catch {
       return null;
     }
+    if (typeof ttl_ms !== "number" || !(ttl_ms > 0)) return null;
+    // Bounded: lease ids are random, one per registration; a long-lived host sees few.
+    if (this.leaseTtls.size >= LEASE_TTLS_KNOWN_MAX) this.leaseTtls.clear();
+    this.leaseTtls.set(id, ttl_ms);
+    return ttl_ms;
   }
 
   /** The stored record of `key`, or null if there is no file; a value whose lease lapsed reads as deleted. */

@@ -9,9 +9,10 @@
  * What makes a watched prefix change, and how each is seen:
  *   - a record under the prefix written (put, cas, delete): its file
  *     `<enc>.json` is renamed into place, an event with its name;
- *   - a lease revoked: its file `<id>.lease` removed, an event with its name
- *     (a renewal renames a new file over it: same name, so the watch checks
- *     whether the file is still there rather than listing again);
+ *   - a lease revoked: its file `<id>.lease` removed, a "rename" event with
+ *     its name (the watch checks whether the file is still there rather than
+ *     listing again); a renewal moves only the file's modification time, a
+ *     "change" event the watch ignores;
  *   - a lease lapsing: no file changes, so a timer runs at the earliest
  *     expiry among the leases the last listing saw (renewed meanwhile, the
  *     listing finds the same keys and the timer moves on).
@@ -94,12 +95,12 @@ export function fileWatch(source: FileWatchSource, prefix: string, onChange: () 
 
   let watcher: FSWatcher;
   try {
-    watcher = fsWatch(source.dir, { persistent: false }, (_event, name) => {
+    watcher = fsWatch(source.dir, { persistent: false }, (event, name) => {
       if (closed) return;
       if (name === null) return look(); // the kernel did not say which file: assume it mattered
       const file = String(name);
       if (file.startsWith(source.record_prefix) && file.endsWith(".json")) return look();
-      if (file.endsWith(".lease")) {
+      if (file.endsWith(".lease") && event === "rename") {
         const id = file.slice(0, -".lease".length);
         if (leases.has(id)) leaseGone(id);
       }
