@@ -45,4 +45,5 @@ export type FromBeatThread =
   | { kind: "ready" }
   | { kind: "error"; message: string }
   | { kind: "heard"; id: string }
+  | { kind: "quiet"; id: string }
   | { kind: "refused"; address: string; reason: string; count: number };

@@ -34,8 +34,15 @@ export function mainLoopWedgedMs(detect_ms: number): number {
 }
 
 export interface BeatThreadEvents {
-  /** A peer heard for the first time, or again after half a detection timeout of silence. */
+  /** A peer heard for the first time, or again after half a detection timeout of silence (or after `quiet`). */
   heard: [id: string];
+  /**
+   * A peer heard before has been silent for half a detection timeout (or
+   * will reach the timeout before the thread's next beat): said once per
+   * silence, at a beat of this thread, so the main thread needs no timer of
+   * its own to watch peers that keep beating.
+   */
+  quiet: [id: string];
   /** Datagrams refused (malformed, a wrong tag): `count` since the last report, the last one's reason. */
   refused: [address: string, reason: string, count: number];
   error: [message: string];
@@ -55,6 +62,7 @@ export class BeatThread extends EventEmitter<BeatThreadEvents> {
     this.shared = new BigInt64Array(buffer);
     worker.on("message", (m: FromBeatThread) => {
       if (m.kind === "heard") this.emit("heard", m.id);
+      else if (m.kind === "quiet") this.emit("quiet", m.id);
       else if (m.kind === "refused") this.emit("refused", m.address, m.reason, m.count);
       else if (m.kind === "error") this.emit("error", m.message);
     });

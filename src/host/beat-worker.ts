@@ -17,6 +17,8 @@ const shared = new BigInt64Array(init.shared);
 const post = (message: FromBeatThread): void => port.postMessage(message);
 
 let peers = new Map<string, BeatPeer>();
+/** Peers said to be quiet (see the `quiet` message) and not heard since. */
+const quiet = new Set<string>();
 let lastTick_ms = 0;
 let timer: NodeJS.Timeout | null = null;
 
@@ -32,6 +34,7 @@ port.on("message", (message: ToBeatThread) => {
   switch (message.kind) {
     case "peers":
       peers = new Map(message.peers.map((p) => [p.id, p]));
+      for (const id of quiet) if (!peers.has(id)) quiet.delete(id);
       return;
     case "stop":
       if (timer) clearTimeout(timer);
@@ -56,8 +59,10 @@ function tick(): void {
   // socket, unread, so their silence is this host's own. Every peer heard before gets a fresh window.
   if (lastTick_ms > 0 && now - lastTick_ms > init.detect_ms) {
     for (const p of peers.values()) if (Atomics.load(shared, slotIndex(p.slot)) > 0n) Atomics.store(shared, slotIndex(p.slot), BigInt(now));
+    quiet.clear(); // their silence starts again from now, and is said again when it is long
   }
   lastTick_ms = now;
+  sayQuiet(now);
   // A main loop wedged past the bound stops this host's beats: its peers fail it over, as they would a dead one.
   const pulse_ms = Number(Atomics.load(shared, BEAT_SLOT_PULSE));
   if (now - pulse_ms > init.wedged_ms) return;
@@ -67,6 +72,24 @@ function tick(): void {
     // A peer out of reach (its link down, its port closed) is the detector's business, not an error of
     // this socket: without a callback each failed send would be emitted as one.
     socket.send(datagram, p.port, p.host, () => undefined);
+  }
+}
+
+/**
+ * Tells the main thread of each peer whose silence passed half the
+ * detection timeout, or whose timeout comes before this thread's next beat;
+ * the main thread then watches that peer to the millisecond (host.ts,
+ * armDetect). Once per silence: a beat heard ends it.
+ */
+function sayQuiet(now: number): void {
+  for (const p of peers.values()) {
+    if (quiet.has(p.id)) continue;
+    const heard_ms = Number(Atomics.load(shared, slotIndex(p.slot)));
+    if (heard_ms === 0) continue;
+    if (now - heard_ms > init.detect_ms / 2 || heard_ms + init.detect_ms <= now + init.heartbeat_ms) {
+      quiet.add(p.id);
+      post({ kind: "quiet", id: p.id });
+    }
   }
 }
 
@@ -98,6 +121,7 @@ function onDatagram(datagram: Buffer, address: string): void {
   if (age_ms >= init.detect_ms || age_ms <= -init.detect_ms) return;
   const before = Number(Atomics.load(shared, slotIndex(peer.slot)));
   Atomics.store(shared, slotIndex(peer.slot), BigInt(now));
-  // Heard for the first time, or again after a silence: the main thread looks now rather than at its next tick.
-  if (before === 0 || now - before > init.detect_ms / 2) post({ kind: "heard", id: peer.id });
+  // Heard for the first time, or again after a silence: the main thread looks now.
+  const wasQuiet = quiet.delete(peer.id);
+  if (before === 0 || wasQuiet || now - before > init.detect_ms / 2) post({ kind: "heard", id: peer.id });
 }

@@ -102,6 +102,8 @@ interface Peer {
   /** With TLS: the heartbeat key of `out` (see beat-wire.ts). */
   key_out: Uint8Array | null;
   failed: boolean;
+  /** Silent for half a detection timeout, as the heartbeat thread said (its `quiet`), and not heard since: the detector watches it. */
+  quiet: boolean;
   /** Group frames sent while no connection was open, flushed in order once one is. */
   queue: { header: GroupFrame; body?: Uint8Array; done?: () => void }[];
 }
@@ -268,6 +270,7 @@ export class Host {
         throw error;
       }
       this.beats.on("heard", (id) => this.onHeard(id));
+      this.beats.on("quiet", (id) => this.onQuiet(id));
       this.beats.on("refused", (address, reason, count) => {
         const take = this.beatLog.take(Date.now());
         if (take) this.log.warn({ peer: address, reason, refused: count }, "heartbeats refused");
@@ -320,7 +323,7 @@ export class Host {
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
     if (this.detectTimer) clearTimeout(this.detectTimer);
-    if (this.heartbeatTimer) clearTimeout(this.heartbeatTimer);
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
     this.hostsWatch?.close();
     // Replicas first: a host that retires because the store is away must not wait on it to stop them.
@@ -391,7 +394,7 @@ export class Host {
           this.dropQueue(peer);
           this.beats.giveSlot(peer.slot);
         }
-        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, slot: this.beats.takeSlot(), key_out: null, failed: false, queue: [] };
+        peer = { id: value.id, address: value.address, out: null, connecting: false, last_seen_ms: 0, slot: this.beats.takeSlot(), key_out: null, failed: false, quiet: false, queue: [] };
         this.peers.set(value.id, peer);
         this.beatPeersChanged();
       }
@@ -456,19 +459,13 @@ export class Host {
   }
 
   /**
-   * The main loop's tick, every heartbeat_ms on the wall clock's grid (as
-   * the heartbeat thread's: an idle host's CPU is mostly wake-ups, and ticks that fall together share
-   * them).
+   * The main loop's tick, every heartbeat_ms. An interval timer: Node
+   * re-arms it from the moment it runs, so the gap between two runs is the
+   * interval plus this one's lateness (heartbeat()).
    */
   private scheduleHeartbeat(): void {
     if (this.stopping) return;
-    const now = Date.now();
-    const interval_ms = this.options.heartbeat_ms;
-    const due_ms = (Math.floor(now / interval_ms) + 1) * interval_ms;
-    this.heartbeatTimer = setTimeout(() => {
-      this.heartbeat();
-      this.scheduleHeartbeat();
-    }, due_ms - now);
+    this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeat_ms);
   }
 
   /**
@@ -496,6 +493,8 @@ export class Host {
     if (gap_ms > this.options.detect_ms) {
       for (const peer of this.peers.values()) if (!peer.failed && peer.last_seen_ms > 0) peer.last_seen_ms = now;
       this.log.warn({ stalled_ms: gap_ms }, "this host stalled; its peers get a fresh detection window");
+      // The quiet peers' timers measured the old windows: they are armed again from the new ones.
+      this.armDetect(now);
     }
   }
 
@@ -518,6 +517,7 @@ export class Host {
     const joined = peer.last_seen_ms === 0;
     const now = Date.now();
     peer.last_seen_ms = Math.max(peer.last_seen_ms, this.beats.lastHeard(peer.slot));
+    peer.quiet = false;
     this.armDetect(now);
     if (peer.failed) {
       peer.failed = false;
@@ -529,6 +529,14 @@ export class Host {
       this.log.info({ peer: peer.id }, "peer joined");
       this.onLivenessChanged(peer.id);
     }
+  }
+
+  /** A peer silent for half a detection timeout (the heartbeat thread says so): the detector watches it from here. */
+  private onQuiet(id: string): void {
+    const peer = this.peers.get(id);
+    if (!peer || this.stopping) return;
+    peer.quiet = true;
+    this.armDetect(Date.now());
   }
 
   /** The heartbeat thread's list of peers: whom to beat (those this host has a connection to), with which keys. */
@@ -543,13 +551,16 @@ export class Host {
   }
 
   /**
-   * Runs the detector at `due_ms` unless it runs sooner already. It runs only
-   * when a peer's silence can cross a threshold (half the timeout: no longer
-   * heard; the timeout: failed), not on a fixed tick: peers that keep beating
-   * cost no wake-ups. Judged after the loop's next poll (setImmediate runs in
-   * the check phase, timers before poll): heartbeats that reached the socket
-   * while this thread waited for the CPU are read before the silence they end
-   * is counted against their sender.
+   * Runs the detector at `due_ms` unless it runs sooner already. It runs
+   * when the heartbeat thread says a peer went quiet (half a timeout of
+   * silence, seen at one of its beats: at most a heartbeat interval late)
+   * or was heard again, and then, while some peer is quiet, 1 ms after that
+   * peer's timeout: a failure is decided to the millisecond, and peers that
+   * keep beating cost this thread no wake-up at all (an idle host's CPU is
+   * mostly wake-ups). Judged after the loop's next poll (setImmediate runs
+   * in the check phase, timers before poll): heartbeats that reached the
+   * socket while this thread waited for the CPU are read before the silence
+   * they end is counted against their sender.
    */
   private armDetect(due_ms: number): void {
     if (this.stopping || due_ms >= this.detectDue_ms) return;
@@ -582,12 +593,13 @@ export class Host {
       this.lastHeard = heard;
       this.groups.hostsChanged();
     }
-    // The next moment a peer's silence crosses half the timeout or the timeout (1 ms past: the tests are strict).
+    // The first moment a quiet peer's silence crosses the timeout (1 ms past: the tests are strict). A
+    // peer past half the timeout that the heartbeat thread has not called quiet yet (it says so at its
+    // next beat) is watched already too.
     let next = Infinity;
     for (const peer of this.peers.values()) {
       if (peer.failed || peer.last_seen_ms === 0) continue;
-      const half = peer.last_seen_ms + this.options.detect_ms / 2;
-      next = Math.min(next, (half >= now ? half : peer.last_seen_ms + this.options.detect_ms) + 1);
+      if (peer.quiet || now - peer.last_seen_ms > this.options.detect_ms / 2) next = Math.min(next, peer.last_seen_ms + this.options.detect_ms + 1);
     }
     if (next < Infinity) this.armDetect(next);
   }
