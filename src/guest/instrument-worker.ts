@@ -11,7 +11,7 @@
  * so a refused module costs no load.
  */
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
-import { yieldCpuToMainThread } from "../util/thread-priority.js";
+import { createLowered, yieldCpuToMainThread } from "../util/thread-priority.js";
 import { fileURLToPath } from "node:url";
 import { describeThrown, InstrumenterError, InvalidModuleError, ModuleLimitError, UnsupportedModuleError } from "./errors.js";
 import { checkModuleLimits } from "./limits.js";
@@ -110,7 +110,7 @@ export class InstrumenterThread {
   }
 
   private start(): Worker {
-    const worker = new Worker(fileURLToPath(SELF), { workerData: { instrumenter: true } });
+    const worker = createLowered(() => new Worker(fileURLToPath(SELF), { workerData: { instrumenter: true } }));
     this.worker = worker;
     this.started++;
     const finish = (settle: (job: Job) => void) => {

@@ -17,6 +17,7 @@ import { availableParallelism } from "node:os";
 import { bulkhead, BulkheadRejectedError } from "cockatiel";
 import { sealDelta } from "../checkpoint/format.js";
 import { threadCpuMs } from "../util/thread-cpu.js";
+import { createLowered } from "../util/thread-priority.js";
 import { assert } from "../util/assert.js";
 import {
   WATCHDOG_BUSY,
@@ -93,7 +94,7 @@ interface Thread {
 
 function spawnThread(): Thread {
   const watchdog = new SharedArrayBuffer(WATCHDOG_WORDS * 4);
-  return { worker: new Worker(fileURLToPath(WORKER_URL), { workerData: { watchdog } }), watchdog };
+  return { worker: createLowered(() => new Worker(fileURLToPath(WORKER_URL), { workerData: { watchdog } })), watchdog };
 }
 
 /**
