@@ -156,6 +156,13 @@ describe("VM worker", () => {
     expect(await next.request("invoke", { name: "bump", args: [] })).toBe(1);
   });
 
+  it("the watchdog of a thread that makes no guest call stops polling, and still stops a runaway call that comes later", async () => {
+    const vm = await boot(await bundle(HOSTILE), opts({ call_cpu_ms: 40 })); // polls every 10 ms
+    expect(await vm.request("invoke", { name: "bump", args: [] })).toBe(1);
+    await expect.poll(() => vm.watchdog_parked, { timeout: 5000 }).toBe(true);
+    await expect(vm.request("invoke", { name: "spin", args: [] })).rejects.toThrow(/cpu limit exceeded/);
+  });
+
   it("a backup promoted on a thread it shares with another backup runs there, and the other still folds deltas", async () => {
     const guest = await bundle(builtBytes("kv"));
     const pool = { name: "test/backups", threads_max: 1 };

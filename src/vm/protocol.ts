@@ -207,17 +207,22 @@ export type WorkerEvent =
 export type WorkerResponse =
   | { kind: "result"; id: number; ok: true; value: unknown }
   | { kind: "result"; id: number; ok: false; error: SerializedError }
-  | { kind: "event"; vm: number; body: WorkerEvent };
+  | { kind: "event"; vm: number; body: WorkerEvent }
+  /** A guest call began while the host's watchdog was parked (WATCHDOG_PARKED): it watches again. */
+  | { kind: "watch" };
 
 /**
  * Shared call watchdog: the worker marks each guest call in a SharedArrayBuffer
  * (word 0: busy flag, word 1: call counter, word 2: the worker thread's kernel
  * id, 0 where unknown, word 3: the replica whose guest runs), so the host
  * thread can stop a call that runs past its CPU budget without a message per
- * call, and say whose call it was.
+ * call, and say whose call it was. Word 4: 1 while the host does not poll
+ * (the thread made no call for a while; polls are wake-ups of an idle
+ * host); the call that finds it 1 sets it to 0 and says so (`watch`).
  */
 export const WATCHDOG_BUSY = 0;
 export const WATCHDOG_SEQ = 1;
 export const WATCHDOG_TID = 2;
 export const WATCHDOG_VM = 3;
-export const WATCHDOG_WORDS = 4;
+export const WATCHDOG_PARKED = 4;
+export const WATCHDOG_WORDS = 5;

@@ -23,6 +23,7 @@ import {
   WATCHDOG_BUSY,
   WATCHDOG_SEQ,
   WATCHDOG_VM,
+  WATCHDOG_PARKED,
   WATCHDOG_WORDS,
   WATCHDOG_TID,
   type CaptureResult,
@@ -48,6 +49,14 @@ const WORKER_URL = import.meta.url.endsWith(".ts")
 
 /** Budget for a VM thread to start and answer, and then for a replica's first request on it (boot, restore, backup install). */
 export const VM_START_TIMEOUT_MS = 10_000;
+
+/**
+ * Watchdog polls that find a thread idle (no guest call since the last one)
+ * before the host stops polling it until its next call (VmThread.parkWatchdog):
+ * 2 s at the default budget. A deployed group that does nothing then costs
+ * its hosts no wake-up for its VM threads.
+ */
+export const WATCHDOG_IDLE_POLLS_TO_PARK = 8;
 
 /** Requests queued to one worker at once; a host that outruns its VM gets an error, not unbounded memory. */
 export const VM_QUEUE_MAX = 10_000;
@@ -253,8 +262,15 @@ class VmThread {
   get thread_id(): number {
     return this.worker.threadId;
   }
+
+  get watchdog_parked(): boolean {
+    return this.watchdogParked;
+  }
   private readonly watchdog: Int32Array;
-  private readonly stopWatchdog: () => void;
+  private stopWatchdog: () => void = () => undefined;
+  /** Starts polling the watchdog flags (the constructor, and again after a park). */
+  private readonly watchdogCheck: () => void;
+  private watchdogParked = false;
   private readonly replicas = new Map<number, VmWorker>();
   /** Requests in flight, by id. */
   private readonly pending = new Map<number, Pending>();
@@ -276,12 +292,16 @@ class VmThread {
     let lastSeq = -1;
     let since_ms = Date.now();
     let cpuSince_ms: number | null = null;
+    let idlePolls = 0;
+    const interval_ms = Math.max(5, Math.floor(call_cpu_ms / 4));
     // Polls at a quarter of the budget. A call is first seen busy up to one poll after it began, so a
     // runaway call is stopped after between 1x and 1.25x its budget of CPU, plus one poll.
-    this.stopWatchdog = everyMs(Math.max(5, Math.floor(call_cpu_ms / 4)), () => {
+    const check = (): void => {
       const seq = Atomics.load(this.watchdog, WATCHDOG_SEQ);
       const busy = Atomics.load(this.watchdog, WATCHDOG_BUSY) === 1;
+      if (!busy && seq === lastSeq && ++idlePolls >= WATCHDOG_IDLE_POLLS_TO_PARK) return this.parkWatchdog(seq);
       if (!busy || seq !== lastSeq) {
+        if (seq !== lastSeq) idlePolls = 0;
         lastSeq = seq;
         since_ms = Date.now();
         cpuSince_ms = busy ? this.threadCpu_ms() : null;
@@ -296,7 +316,30 @@ class VmThread {
       // Where the thread's CPU time cannot be read (not Linux), wall time is the budget.
       const used_ms = cpu_ms !== null && cpuSince_ms !== null ? cpu_ms - cpuSince_ms : Date.now() - since_ms;
       if (used_ms > budget_ms) this.runaway(culprit, budget_ms);
-    });
+    };
+    this.watchdogCheck = () => {
+      idlePolls = 0;
+      this.stopWatchdog = everyMs(interval_ms, check);
+    };
+    this.watchdogCheck();
+  }
+
+  /**
+   * Stops polling a thread that made no guest call for WATCHDOG_IDLE_POLLS_TO_PARK
+   * polls: its next call says so (`watch`) and polling resumes, so a runaway
+   * call is stopped as late as before plus that message. The parked flag is
+   * set before the last look at the thread's flags, and the thread sets its
+   * busy flag before it looks at the parked one (sequentially consistent
+   * atomics): a call that began meanwhile is seen by one side or the other.
+   */
+  private parkWatchdog(seq: number): void {
+    Atomics.store(this.watchdog, WATCHDOG_PARKED, 1);
+    const busy = Atomics.load(this.watchdog, WATCHDOG_BUSY) === 1;
+    if ((busy || Atomics.load(this.watchdog, WATCHDOG_SEQ) !== seq) && Atomics.compareExchange(this.watchdog, WATCHDOG_PARKED, 1, 0) === 1) return; // a call began: keep polling
+    // Either nothing began, or the thread took the flag back and its `watch` is on the way (then polling resumes twice: harmless, see onMessage).
+    if (Atomics.load(this.watchdog, WATCHDOG_PARKED) === 0) return;
+    this.stopWatchdog();
+    this.watchdogParked = true;
   }
 
   /**
@@ -374,6 +417,13 @@ class VmThread {
   }
 
   private onMessage(message: WorkerResponse): void {
+    if (message.kind === "watch") {
+      if (this.watchdogParked && !this.gone) {
+        this.watchdogParked = false;
+        this.watchdogCheck();
+      }
+      return;
+    }
     if (message.kind === "event") {
       this.replicas.get(message.vm)?.onEvent(message.body);
       return;
@@ -509,6 +559,11 @@ export class VmWorker extends EventEmitter<VmEvents> {
   /** The thread it runs on (a pool's replicas share one): replicas on one thread exchange group messages without a channel. */
   get thread_id(): number {
     return this.thread.thread_id;
+  }
+
+  /** Whether its thread's watchdog stopped polling for now (no guest call for a while; see VmThread.parkWatchdog). */
+  get watchdog_parked(): boolean {
+    return this.thread.watchdog_parked;
   }
 
   /** Keeps `count` idle VM threads ready (a host daemon calls this; idle threads do not keep a process alive). */

@@ -16,6 +16,7 @@ import type { TlsMaterial } from "../tls/context.js";
 import { decodeOutputRecords, packOutput, type OutputRecord, type PackedOutput } from "./runtime-state.js";
 import {
   WATCHDOG_BUSY,
+  WATCHDOG_PARKED,
   WATCHDOG_SEQ,
   WATCHDOG_TID,
   WATCHDOG_VM,
@@ -153,6 +154,8 @@ class Replica {
     Atomics.add(watchdog, WATCHDOG_SEQ, 1);
     Atomics.store(watchdog, WATCHDOG_VM, this.id);
     Atomics.store(watchdog, WATCHDOG_BUSY, 1);
+    // After the busy flag (the host parks, then looks at the flag: one of the two sees the other).
+    if (Atomics.load(watchdog, WATCHDOG_PARKED) === 1 && Atomics.compareExchange(watchdog, WATCHDOG_PARKED, 1, 0) === 1) post({ kind: "watch" });
     try {
       return body();
     } finally {
