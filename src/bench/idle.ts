@@ -6,9 +6,10 @@
  * vm or none mode instead: nobody sends
  * it a request) is what protection adds when nothing happens.
  *
- * CPU is read from /proc/<pid>/stat (utime + stime, every thread of the host
- * process: main, VM threads, backups) of every host at the start and end of
- * the measured window, summed, as % of one core. From the hosts' `status`:
+ * CPU is each host process's time on a CPU, every thread of it counted
+ * (main, heartbeat, VM threads: src/util/proc-stat.ts processCpuNs, exact
+ * where /proc's utime and stime are sampled at 10 ms ticks), at the start
+ * and end of the measured window, summed over the hosts, as % of one core. From the hosts' `status`:
  * the leader's committed cut (epochs/s), the deltas each host shipped and
  * their bytes (summed over the hosts), and the checkpoints the backups
  * staged.
@@ -27,7 +28,7 @@ import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import type { HostStatus } from "../host/api.js";
 import { round } from "../util/stats.js";
-import { procStatFields } from "../util/proc-stat.js";
+import { processCpuNs } from "../util/proc-stat.js";
 
 export interface IdleBenchOptions {
   measure_ms: number;
@@ -68,26 +69,14 @@ export interface IdleReport {
   measure_ms: number;
   settle_ms: number;
   repeat: number;
-  /** Clock ticks per second used to read /proc (USER_HZ). */
-  clock_ticks_per_s: number;
   results: { floor: IdleCase; idle_group: IdleCase };
   /** idle_group CPU over the floor's (medians); and what the group adds, in % of one core. */
   ratios: { idle_group_vs_floor: number; added_cpu_percent: number };
 }
 
-/** USER_HZ: 100 on every Linux architecture Node runs on (the kernel scales /proc times to it). */
-export const CLOCK_TICKS_PER_S = 100;
-
-/** utime + stime of a process (all its threads), in clock ticks. */
-export function cpuTicks(pid: number): number {
-  const fields = procStatFields(pid);
-  if (fields === null) throw new Error(`host process ${pid} is gone`);
-  return Number(fields[14 - 3]) + Number(fields[15 - 3]); // utime, stime
-}
-
 interface Counters {
   at_ms: number;
-  ticks: number;
+  cpu_ns: number;
   committed: number;
   deltas: number;
   delta_bytes: number;
@@ -98,8 +87,8 @@ async function counters(cluster: ClusterFile): Promise<Counters> {
   const statuses: HostStatus[] = [];
   for (const h of cluster.hosts) statuses.push(await requestAny(cluster, "status", {}, undefined, h.id));
   const at_ms = performance.now();
-  let ticks = 0;
-  for (const s of statuses) ticks += cpuTicks(s.pid);
+  let cpu_ns = 0;
+  for (const s of statuses) cpu_ns += processCpuNs(s.pid);
   let committed = 0;
   let deltas = 0;
   let delta_bytes = 0;
@@ -112,7 +101,7 @@ async function counters(cluster: ClusterFile): Promise<Counters> {
       for (const b of g.backups) staged += b.staged;
     }
   }
-  return { at_ms, ticks, committed, deltas, delta_bytes, staged };
+  return { at_ms, cpu_ns, committed, deltas, delta_bytes, staged };
 }
 
 async function measure(options: IdleBenchOptions, withGroup: boolean): Promise<IdleSample> {
@@ -132,7 +121,7 @@ async function measure(options: IdleBenchOptions, withGroup: boolean): Promise<I
     const b = await counters(cluster);
     const s = (b.at_ms - a.at_ms) / 1000;
     return {
-      cpu_percent: round(((b.ticks - a.ticks) / CLOCK_TICKS_PER_S / s) * 100, 1),
+      cpu_percent: round(((b.cpu_ns - a.cpu_ns) / 1e9 / s) * 100, 2),
       epochs_per_s: round((b.committed - a.committed) / s, 1),
       deltas_per_s: round((b.deltas - a.deltas) / s, 1),
       delta_bytes_per_s: Math.round((b.delta_bytes - a.delta_bytes) / s),
@@ -172,7 +161,6 @@ export async function runIdleBench(options: IdleBenchOptions): Promise<IdleRepor
     measure_ms: options.measure_ms,
     settle_ms: options.settle_ms,
     repeat: options.repeat,
-    clock_ticks_per_s: CLOCK_TICKS_PER_S,
     results,
     ratios: { idle_group_vs_floor: round(g / Math.max(f, 0.1), 2), added_cpu_percent: round(g - f, 1) },
   };

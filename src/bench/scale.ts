@@ -43,7 +43,7 @@ import { lateMaxSince } from "../util/lateness-log.js";
 import { HOST_DEFAULTS } from "../host/host.js";
 import { runBankDemo, type BankDemoReport } from "../cli/demo-bank.js";
 import { connectionsBetween, type ConnectionCount } from "./tcp-connections.js";
-import { cpuTicks, CLOCK_TICKS_PER_S } from "./idle.js";
+import { processCpuNs } from "../util/proc-stat.js";
 
 export interface ScaleBenchOptions {
   sizes: number[];
@@ -233,10 +233,10 @@ async function readHosts(
   state_dir: string,
 ): Promise<ScaleRun> {
   const { deploy_ms, error } = deployed;
-  const ticksOf = () => cluster.hosts.reduce((n, h) => n + cpuTicks(h.pid), 0);
-  const idleFrom = { at_ms: performance.now(), ticks: ticksOf() };
+  const cpuNsOf = () => cluster.hosts.reduce((n, h) => n + processCpuNs(h.pid), 0);
+  const idleFrom = { at_ms: performance.now(), cpu_ns: cpuNsOf() };
   await sleep(options.idle_ms);
-  const idle_cpu_pct = round(((ticksOf() - idleFrom.ticks) / CLOCK_TICKS_PER_S / ((performance.now() - idleFrom.at_ms) / 1000)) * 100, 1);
+  const idle_cpu_pct = round(((cpuNsOf() - idleFrom.cpu_ns) / 1e9 / ((performance.now() - idleFrom.at_ms) / 1000)) * 100, 2);
   const links = connectionsBetween(cluster.hosts.map((h) => h.pid));
   const hosts: ScaleHost[] = [];
   let vms_failed_over = 0;

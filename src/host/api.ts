@@ -190,10 +190,11 @@ export interface HostStatus {
   /** Group frames no group here took: a malformed or newer header (its connection closed), for a group with no replica here, in this host's own name, a join the store does not back. */
   group_frames_refused: number;
   /**
-   * How late the host's main loop ran its heartbeat tick since this instance
-   * started (every heartbeat interval, 100 ms by default): while it is late,
-   * heartbeats are late, and a lateness near the detection timeout reads as
-   * a failure to the peers. `stall_ms_max`: the longest gap between two
+   * How late the host's main loop ran its tick since this instance started
+   * (every heartbeat interval, 100 ms by default): while it is late, so is
+   * everything the host does (commits, group frames, failover steps); its
+   * heartbeats leave from a thread of their own and stop only when the loop
+   * is wedged (2 s at the default detector, see src/host/beat-thread.ts). `stall_ms_max`: the longest gap between two
    * ticks (a gap longer than the detection timeout is this host's own stall:
    * its detector gives every peer a fresh window). `late_seconds`: for the
    * last ten minutes, each second in which a tick ran 10 ms late or more,
