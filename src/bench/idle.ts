@@ -14,11 +14,22 @@
  * their bytes (summed over the hosts), and the checkpoints the backups
  * staged.
  *
+ * The third case, `beats_only`, is the floor under the floor: as many
+ * processes as hosts that run nothing but a host's heartbeat thread and
+ * beat each other (src/bench/beats-only.ts), settled at most
+ * BEATS_ONLY_SETTLE_MS. On a machine where a thread's wake-up is dear, it
+ * shows how much of the hosts' floor the heartbeats alone cost.
+ *
  * Each case is measured `repeat` times, the cases interleaved (floor, group,
- * floor, ...); the median sample is reported with every sample, since the
- * machine may be shared.
+ * beats only, floor, ...); the median sample is reported with every sample,
+ * since the machine may be shared.
  */
+import { spawn, type ChildProcess } from "node:child_process";
+import { createSocket } from "node:dgram";
+import { once } from "node:events";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { down, up, type ClusterFile } from "../cluster/local-cluster.js";
@@ -27,6 +38,7 @@ import { guestPath } from "../guest/examples.js";
 import { requestAny, sleep } from "../cli/client.js";
 import { hostCommand } from "../cli/demo.js";
 import type { HostStatus } from "../host/api.js";
+import { HOST_DEFAULTS } from "../host/host.js";
 import { round } from "../util/stats.js";
 import { processCpuNs } from "../util/proc-stat.js";
 
@@ -69,9 +81,9 @@ export interface IdleReport {
   measure_ms: number;
   settle_ms: number;
   repeat: number;
-  results: { floor: IdleCase; idle_group: IdleCase };
-  /** idle_group CPU over the floor's (medians); and what the group adds, in % of one core. */
-  ratios: { idle_group_vs_floor: number; added_cpu_percent: number };
+  results: { floor: IdleCase; idle_group: IdleCase; beats_only: IdleCase };
+  /** idle_group CPU over the floor's (medians) and what the group adds, in % of one core; the floor over beats_only. */
+  ratios: { idle_group_vs_floor: number; added_cpu_percent: number; floor_vs_beats_only: number };
 }
 
 interface Counters {
@@ -137,6 +149,80 @@ async function measure(options: IdleBenchOptions, withGroup: boolean): Promise<I
   }
 }
 
+/** Settle of the beats-only processes: they load little and have no heap to shrink. */
+export const BEATS_ONLY_SETTLE_MS = 10_000;
+/** How long the beats-only processes may take to start and hear each other. */
+const BEATS_ONLY_READY_MS = 10_000;
+const BEATS_ONLY_SCRIPT = import.meta.url.endsWith(".ts") ? new URL("../../dist/src/bench/beats-only.js", import.meta.url) : new URL("./beats-only.js", import.meta.url);
+
+/** A UDP port free on loopback now. */
+async function freeUdpPort(): Promise<number> {
+  const socket = createSocket("udp4");
+  await new Promise<void>((resolve) => socket.bind(0, "127.0.0.1", () => resolve()));
+  const { port } = socket.address();
+  await new Promise<void>((resolve) => socket.close(() => resolve()));
+  return port;
+}
+
+/** Starts `count` beats-only processes that beat each other; resolves once each has heard all the others. */
+async function startBeatsOnly(count: number, heartbeat_ms: number, detect_ms: number): Promise<ChildProcess[]> {
+  const ids = Array.from({ length: count }, (_, i) => `b${i + 1}`);
+  const ports: number[] = [];
+  for (let i = 0; i < count; i++) ports.push(await freeUdpPort());
+  const children: ChildProcess[] = [];
+  const allHeard: Promise<void>[] = [];
+  for (const [i, id] of ids.entries()) {
+    const peers = ids.flatMap((p, j) => (j === i ? [] : [{ id: p, port: ports[j] }]));
+    const child = spawn(process.execPath, [fileURLToPath(BEATS_ONLY_SCRIPT), JSON.stringify({ id, port: ports[i], peers, heartbeat_ms, detect_ms })], { stdio: ["ignore", "pipe", "inherit"] });
+    children.push(child);
+    allHeard.push(
+      new Promise<void>((resolve, reject) => {
+        const heard = new Set<string>();
+        createInterface({ input: child.stdout! }).on("line", (line) => {
+          if (line.startsWith("heard ")) heard.add(line.slice("heard ".length));
+          if (heard.size === peers.length) resolve();
+        });
+        child.once("exit", (code) => reject(new Error(`beats-only process ${id} exited (code ${code})`)));
+      }),
+    );
+  }
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([Promise.all(allHeard), new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`beats-only processes did not hear each other within ${BEATS_ONLY_READY_MS} ms`)), BEATS_ONLY_READY_MS)))]);
+  } catch (error) {
+    await stopAll(children);
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+  return children;
+}
+
+async function stopAll(children: ChildProcess[]): Promise<void> {
+  await Promise.all(
+    children.map(async (c) => {
+      if (c.exitCode !== null || c.signalCode !== null) return;
+      c.kill("SIGTERM");
+      await once(c, "exit");
+    }),
+  );
+}
+
+async function measureBeatsOnly(options: IdleBenchOptions): Promise<IdleSample> {
+  const children = await startBeatsOnly(options.hosts, HOST_DEFAULTS.heartbeat_ms, HOST_DEFAULTS.detect_ms);
+  try {
+    await sleep(Math.min(options.settle_ms, BEATS_ONLY_SETTLE_MS));
+    const cpuNs = () => children.reduce((n, c) => n + processCpuNs(c.pid!), 0);
+    const a = { at_ms: performance.now(), cpu_ns: cpuNs() };
+    await sleep(options.measure_ms);
+    const b = { at_ms: performance.now(), cpu_ns: cpuNs() };
+    const s = (b.at_ms - a.at_ms) / 1000;
+    return { cpu_percent: round(((b.cpu_ns - a.cpu_ns) / 1e9 / s) * 100, 2), epochs_per_s: 0, deltas_per_s: 0, delta_bytes_per_s: 0, staged_per_s: 0, window_ms: Math.round(b.at_ms - a.at_ms) };
+  } finally {
+    await stopAll(children);
+  }
+}
+
 function summarise(samples: IdleSample[]): IdleCase {
   const sorted = [...samples].sort((x, y) => x.cpu_percent - y.cpu_percent);
   return { median: sorted[Math.floor((sorted.length - 1) / 2)], samples };
@@ -145,13 +231,16 @@ function summarise(samples: IdleSample[]): IdleCase {
 export async function runIdleBench(options: IdleBenchOptions): Promise<IdleReport> {
   const floor: IdleSample[] = [];
   const group: IdleSample[] = [];
+  const beatsOnly: IdleSample[] = [];
   for (let i = 1; i <= options.repeat; i++) {
     options.progress(`run ${i}/${options.repeat}: floor: ${options.hosts} hosts, nothing deployed`);
     floor.push(await measure(options, false));
     options.progress(`run ${i}/${options.repeat}: idle group: ${options.size} ${options.guest} VMs (mode ${options.mode}) on ${options.hosts} hosts`);
     group.push(await measure(options, true));
+    options.progress(`run ${i}/${options.repeat}: beats only: ${options.hosts} processes that only run a host's heartbeat thread`);
+    beatsOnly.push(await measureBeatsOnly(options));
   }
-  const results = { floor: summarise(floor), idle_group: summarise(group) };
+  const results = { floor: summarise(floor), idle_group: summarise(group), beats_only: summarise(beatsOnly) };
   const f = results.floor.median.cpu_percent;
   const g = results.idle_group.median.cpu_percent;
   return {
@@ -162,6 +251,10 @@ export async function runIdleBench(options: IdleBenchOptions): Promise<IdleRepor
     settle_ms: options.settle_ms,
     repeat: options.repeat,
     results,
-    ratios: { idle_group_vs_floor: round(g / Math.max(f, 0.1), 2), added_cpu_percent: round(g - f, 1) },
+    ratios: {
+      idle_group_vs_floor: round(g / Math.max(f, 0.1), 2),
+      added_cpu_percent: round(g - f, 1),
+      floor_vs_beats_only: round(f / Math.max(results.beats_only.median.cpu_percent, 0.01), 2),
+    },
   };
 }

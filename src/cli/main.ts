@@ -197,7 +197,7 @@ const benchGroupOptions = (command: Command, defaults: { hosts: number; guest: s
 benchGroupOptions(
   bench
     .command("idle")
-    .description("host CPU of an idle group (8 kv VMs, mode group unless --mode, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second"),
+    .description("host CPU of an idle group (8 kv VMs, mode group unless --mode, on 3 hosts) against the same hosts with nothing deployed, with epochs, deltas and delta bytes per second, and against as many processes that only run a host's heartbeat thread"),
   IDLE_BENCH_DEFAULTS,
 )
   .option("--measure-ms <ms>", "measured window per case", int("--measure-ms"), IDLE_BENCH_DEFAULTS.measure_ms)
