@@ -1,7 +1,7 @@
-import { createSocket } from "node:dgram";
 import { setTimeout as sleep } from "node:timers/promises";
 import { afterEach, describe, expect, it } from "vitest";
 import { BeatThread } from "../src/host/beat-thread.js";
+import { freeUdpPort } from "../src/util/udp-port.js";
 
 const HEARTBEAT_MS = 100;
 /** Long enough that a beat thread of this noisy machine waiting for a core is not called quiet. */
@@ -14,14 +14,6 @@ afterEach(async () => {
   for (const p of pulses.splice(0)) clearInterval(p);
   await Promise.all(threads.splice(0).map((t) => t.stop()));
 });
-
-async function freeUdpPort(): Promise<number> {
-  const socket = createSocket("udp4");
-  await new Promise<void>((resolve) => socket.bind(0, "127.0.0.1", () => resolve()));
-  const { port } = socket.address();
-  await new Promise<void>((resolve) => socket.close(() => resolve()));
-  return port;
-}
 
 async function start(id: string, port: number): Promise<BeatThread> {
   const t = await BeatThread.start({ id, bind_host: "127.0.0.1", port, heartbeat_ms: HEARTBEAT_MS, detect_ms: DETECT_MS, wedged_ms: 4 * DETECT_MS, secure: false });

@@ -25,7 +25,6 @@
  * since the machine may be shared.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { createSocket } from "node:dgram";
 import { once } from "node:events";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { createInterface } from "node:readline";
@@ -41,6 +40,7 @@ import type { HostStatus } from "../host/api.js";
 import { HOST_DEFAULTS } from "../host/host.js";
 import { round } from "../util/stats.js";
 import { processCpuNs } from "../util/proc-stat.js";
+import { freeUdpPort } from "../util/udp-port.js";
 
 export interface IdleBenchOptions {
   measure_ms: number;
@@ -154,15 +154,6 @@ export const BEATS_ONLY_SETTLE_MS = 10_000;
 /** How long the beats-only processes may take to start and hear each other. */
 const BEATS_ONLY_READY_MS = 10_000;
 const BEATS_ONLY_SCRIPT = import.meta.url.endsWith(".ts") ? new URL("../../dist/src/bench/beats-only.js", import.meta.url) : new URL("./beats-only.js", import.meta.url);
-
-/** A UDP port free on loopback now. */
-async function freeUdpPort(): Promise<number> {
-  const socket = createSocket("udp4");
-  await new Promise<void>((resolve) => socket.bind(0, "127.0.0.1", () => resolve()));
-  const { port } = socket.address();
-  await new Promise<void>((resolve) => socket.close(() => resolve()));
-  return port;
-}
 
 /** Starts `count` beats-only processes that beat each other; resolves once each has heard all the others. */
 async function startBeatsOnly(count: number, heartbeat_ms: number, detect_ms: number): Promise<ChildProcess[]> {
