@@ -335,8 +335,12 @@ class VmThread {
   private parkWatchdog(seq: number): void {
     Atomics.store(this.watchdog, WATCHDOG_PARKED, 1);
     const busy = Atomics.load(this.watchdog, WATCHDOG_BUSY) === 1;
-    if ((busy || Atomics.load(this.watchdog, WATCHDOG_SEQ) !== seq) && Atomics.compareExchange(this.watchdog, WATCHDOG_PARKED, 1, 0) === 1) return; // a call began: keep polling
-    // Either nothing began, or the thread took the flag back and its `watch` is on the way (then polling resumes twice: harmless, see onMessage).
+    if (busy || Atomics.load(this.watchdog, WATCHDOG_SEQ) !== seq) {
+      // A call began: keep polling. If the thread took the flag back first, its `watch` finds the watchdog not parked and is ignored.
+      Atomics.compareExchange(this.watchdog, WATCHDOG_PARKED, 1, 0);
+      return;
+    }
+    // A call that began since the look above took the flag back: keep polling (its `watch` is ignored).
     if (Atomics.load(this.watchdog, WATCHDOG_PARKED) === 0) return;
     this.stopWatchdog();
     this.watchdogParked = true;
